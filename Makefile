@@ -1,0 +1,42 @@
+# Switchboard: the two commands a newcomer needs are `make run` and `make test`.
+# Every target creates the virtual environment first if it is missing or stale.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+PACKAGES := libs/common services/gateway services/router services/scheduler services/generator tools
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: run test venv protos protos-check experts lint clean
+
+run: venv experts  ## Start the whole stack locally (gateway on 127.0.0.1:50051).
+	$(BIN)/switchboard up
+
+test: venv experts  ## Run every test (unit, cross-service, deployment checks).
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+venv: $(STAMP)
+
+$(STAMP): requirements/*.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=24" "setuptools>=68" wheel
+	$(PY) -m pip install -q -c requirements/constraints.txt -r requirements/dev.txt
+	$(PY) -m pip install -q --no-build-isolation --no-deps $(foreach p,$(PACKAGES),-e $(p))
+	touch $(STAMP)
+
+protos: venv  ## Regenerate the Python code of protos/ into libs/common.
+	$(PY) scripts/gen_protos.py
+
+protos-check: venv  ## Fail if the checked-in generated code is stale.
+	$(PY) scripts/gen_protos.py --check
+
+experts: venv  ## Build the demo experts into the cache (no-op when cached).
+	$(BIN)/switchboard experts build
+
+lint: venv
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache

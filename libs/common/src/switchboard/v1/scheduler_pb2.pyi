@@ -1,0 +1,166 @@
+from switchboard.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ReplicaState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REPLICA_STATE_UNSPECIFIED: _ClassVar[ReplicaState]
+    REPLICA_STATE_READY: _ClassVar[ReplicaState]
+    REPLICA_STATE_DRAINING: _ClassVar[ReplicaState]
+REPLICA_STATE_UNSPECIFIED: ReplicaState
+REPLICA_STATE_READY: ReplicaState
+REPLICA_STATE_DRAINING: ReplicaState
+
+class ReplicaLoad(_message.Message):
+    __slots__ = ("running", "waiting", "kv_blocks_used", "kv_blocks_total", "tokens_per_second", "cached_block_hashes")
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    CACHED_BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    tokens_per_second: float
+    cached_block_hashes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., cached_block_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Replica(_message.Message):
+    __slots__ = ("replica_id", "expert", "address", "device", "model_name", "max_model_len", "load", "state", "seconds_since_heartbeat", "inflight")
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SINCE_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    INFLIGHT_FIELD_NUMBER: _ClassVar[int]
+    replica_id: str
+    expert: str
+    address: str
+    device: str
+    model_name: str
+    max_model_len: int
+    load: ReplicaLoad
+    state: ReplicaState
+    seconds_since_heartbeat: float
+    inflight: int
+    def __init__(self, replica_id: _Optional[str] = ..., expert: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., load: _Optional[_Union[ReplicaLoad, _Mapping]] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., seconds_since_heartbeat: _Optional[float] = ..., inflight: _Optional[int] = ...) -> None: ...
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("replica_id", "expert", "address", "device", "model_name", "max_model_len", "load")
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    replica_id: str
+    expert: str
+    address: str
+    device: str
+    model_name: str
+    max_model_len: int
+    load: ReplicaLoad
+    def __init__(self, replica_id: _Optional[str] = ..., expert: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., load: _Optional[_Union[ReplicaLoad, _Mapping]] = ...) -> None: ...
+
+class RegisterResponse(_message.Message):
+    __slots__ = ("heartbeat_interval_seconds", "expiry_seconds")
+    HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    heartbeat_interval_seconds: float
+    expiry_seconds: float
+    def __init__(self, heartbeat_interval_seconds: _Optional[float] = ..., expiry_seconds: _Optional[float] = ...) -> None: ...
+
+class ReportLoadRequest(_message.Message):
+    __slots__ = ("replica_id", "load", "draining")
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    replica_id: str
+    load: ReplicaLoad
+    draining: bool
+    def __init__(self, replica_id: _Optional[str] = ..., load: _Optional[_Union[ReplicaLoad, _Mapping]] = ..., draining: _Optional[bool] = ...) -> None: ...
+
+class ReportLoadResponse(_message.Message):
+    __slots__ = ("known",)
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
+    known: bool
+    def __init__(self, known: _Optional[bool] = ...) -> None: ...
+
+class DeregisterRequest(_message.Message):
+    __slots__ = ("replica_id",)
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    replica_id: str
+    def __init__(self, replica_id: _Optional[str] = ...) -> None: ...
+
+class DeregisterResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PlaceRequest(_message.Message):
+    __slots__ = ("request_id", "expert", "prompt_tokens", "max_tokens", "exclude_replica_ids", "max_alternates")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_REPLICA_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ALTERNATES_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    expert: str
+    prompt_tokens: int
+    max_tokens: int
+    exclude_replica_ids: _containers.RepeatedScalarFieldContainer[str]
+    max_alternates: int
+    def __init__(self, request_id: _Optional[str] = ..., expert: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., exclude_replica_ids: _Optional[_Iterable[str]] = ..., max_alternates: _Optional[int] = ...) -> None: ...
+
+class PlaceResponse(_message.Message):
+    __slots__ = ("replica", "alternates")
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    ALTERNATES_FIELD_NUMBER: _ClassVar[int]
+    replica: Replica
+    alternates: _containers.RepeatedCompositeFieldContainer[Replica]
+    def __init__(self, replica: _Optional[_Union[Replica, _Mapping]] = ..., alternates: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ...) -> None: ...
+
+class SchedulerCompleteRequest(_message.Message):
+    __slots__ = ("request_id", "replica_id", "success", "finish_reason", "usage", "time_to_first_token_seconds", "latency_seconds")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    TIME_TO_FIRST_TOKEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    replica_id: str
+    success: bool
+    finish_reason: _common_pb2.FinishReason
+    usage: _common_pb2.Usage
+    time_to_first_token_seconds: float
+    latency_seconds: float
+    def __init__(self, request_id: _Optional[str] = ..., replica_id: _Optional[str] = ..., success: _Optional[bool] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., time_to_first_token_seconds: _Optional[float] = ..., latency_seconds: _Optional[float] = ...) -> None: ...
+
+class SchedulerCompleteResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetClusterRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetClusterResponse(_message.Message):
+    __slots__ = ("replicas",)
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    replicas: _containers.RepeatedCompositeFieldContainer[Replica]
+    def __init__(self, replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ...) -> None: ...

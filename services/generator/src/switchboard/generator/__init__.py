@@ -1,0 +1,1 @@
+"""Switchboard generator service."""
