@@ -1,0 +1,1 @@
+"""Model definitions of the architectures the generator serves (torch, HF key names)."""
