@@ -1,0 +1,222 @@
+"""The replica registry: which generator replicas exist, their last load, health and in-flight work.
+
+Replicas register, send heartbeats (`ReportLoad`) and deregister. A replica whose last heartbeat
+is older than the expiry is considered dead and dropped by `expire()`, which the service calls
+from a periodic sweep task. The registry also counts the requests placed on each replica and not
+yet completed (`inflight`): that count moves at once with every placement, while the load a
+replica reports only arrives with its next heartbeat, so placing by it avoids sending a burst of
+requests to the replica that looked idlest a second ago.
+
+Everything runs on one asyncio event loop, so no locks are needed. The clock is injectable so the
+domain logic can be tested without sleeping.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class ReplicaState(Enum):
+    """The scheduler's view of a replica's health (mirrors `switchboard.v1.ReplicaState`)."""
+
+    READY = "ready"
+    DRAINING = "draining"
+
+
+@dataclass(frozen=True)
+class LoadSnapshot:
+    """One replica's self-reported load (mirrors `switchboard.v1.ReplicaLoad`)."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    tokens_per_second: float = 0.0
+    cached_block_hashes: tuple[int, ...] = ()
+
+    @property
+    def kv_utilization(self) -> float:
+        """Fraction of the KV-cache pool in use, 0 when the replica reported no pool."""
+        if self.kv_blocks_total <= 0:
+            return 0.0
+        return self.kv_blocks_used / self.kv_blocks_total
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    """What a replica announces about itself when it registers."""
+
+    replica_id: str
+    expert: str
+    address: str
+    device: str = ""
+    model_name: str = ""
+    max_model_len: int = 0
+
+
+@dataclass
+class ReplicaRecord:
+    """The registry's entry for one replica."""
+
+    info: ReplicaInfo
+    load: LoadSnapshot
+    state: ReplicaState
+    last_heartbeat: float
+    registered_at: float
+    # request_id -> time of placement, for requests placed here and not yet completed.
+    placements: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def replica_id(self) -> str:
+        """The replica's unique id."""
+        return self.info.replica_id
+
+    @property
+    def expert(self) -> str:
+        """The expert pool it serves."""
+        return self.info.expert
+
+    @property
+    def inflight(self) -> int:
+        """Requests placed on this replica and not yet completed."""
+        return len(self.placements)
+
+
+class ReplicaRegistry:
+    """Holds every known replica; all mutations go through its methods.
+
+    `expiry_seconds`: a replica silent for longer is dropped by `expire()`.
+    `placement_ttl_seconds`: a placement never reported complete (its gateway died) stops counting
+    as in-flight after this long, so a lost `Complete` cannot inflate a replica's load forever.
+    """
+
+    def __init__(
+        self,
+        expiry_seconds: float,
+        placement_ttl_seconds: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if expiry_seconds <= 0:
+            raise ValueError(f"expiry_seconds must be > 0, got {expiry_seconds}")
+        self.expiry_seconds = expiry_seconds
+        self.placement_ttl_seconds = placement_ttl_seconds
+        self._clock = clock
+        self._replicas: dict[str, ReplicaRecord] = {}
+        # request_id -> replica_id, so Complete finds the replica even without its id.
+        self._request_index: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self._replicas)
+
+    def __contains__(self, replica_id: object) -> bool:
+        return replica_id in self._replicas
+
+    def get(self, replica_id: str) -> ReplicaRecord | None:
+        """The record of one replica, or None when unknown."""
+        return self._replicas.get(replica_id)
+
+    def register(self, info: ReplicaInfo, load: LoadSnapshot | None = None) -> bool:
+        """Add a replica or refresh an existing one; returns True when it was new.
+
+        A re-registration (same id, e.g. after the scheduler restarted or the replica expired)
+        keeps the placements still counted against it when it stays at the same address, and
+        resets the state to READY.
+        """
+        now = self._clock()
+        existing = self._replicas.get(info.replica_id)
+        placements: dict[str, float] = {}
+        if existing is not None and existing.info.address == info.address:
+            placements = existing.placements
+        elif existing is not None:
+            self._forget_placements(existing)
+        self._replicas[info.replica_id] = ReplicaRecord(
+            info=info,
+            load=load or LoadSnapshot(),
+            state=ReplicaState.READY,
+            last_heartbeat=now,
+            registered_at=existing.registered_at if existing is not None else now,
+            placements=placements,
+        )
+        return existing is None
+
+    def report_load(self, replica_id: str, load: LoadSnapshot, draining: bool = False) -> bool:
+        """Record a heartbeat; returns False when the replica is unknown (it must register again)."""
+        record = self._replicas.get(replica_id)
+        if record is None:
+            return False
+        record.load = load
+        record.last_heartbeat = self._clock()
+        if draining:
+            record.state = ReplicaState.DRAINING
+        return True
+
+    def deregister(self, replica_id: str) -> ReplicaRecord | None:
+        """Remove a replica; returns its record, or None when it was not known."""
+        record = self._replicas.pop(replica_id, None)
+        if record is not None:
+            self._forget_placements(record)
+        return record
+
+    def expire(self) -> list[ReplicaRecord]:
+        """Drop every replica silent for longer than the expiry (and stale placements); returns the dropped."""
+        now = self._clock()
+        expired = [r for r in self._replicas.values() if now - r.last_heartbeat > self.expiry_seconds]
+        for record in expired:
+            self.deregister(record.replica_id)
+        for record in self._replicas.values():
+            stale = [rid for rid, t in record.placements.items() if now - t > self.placement_ttl_seconds]
+            for request_id in stale:
+                del record.placements[request_id]
+                self._request_index.pop(request_id, None)
+        return expired
+
+    def is_healthy(self, record: ReplicaRecord) -> bool:
+        """READY and heard from within the expiry (the sweep may not have run yet)."""
+        fresh = self._clock() - record.last_heartbeat <= self.expiry_seconds
+        return record.state is ReplicaState.READY and fresh
+
+    def healthy_replicas(self, expert: str, exclude: Iterable[str] = ()) -> list[ReplicaRecord]:
+        """Healthy replicas of one expert, minus the excluded ids."""
+        excluded = set(exclude)
+        return [
+            r
+            for r in self._replicas.values()
+            if r.expert == expert and r.replica_id not in excluded and self.is_healthy(r)
+        ]
+
+    def replicas(self) -> list[ReplicaRecord]:
+        """Every known replica, ordered by expert then id."""
+        return sorted(self._replicas.values(), key=lambda r: (r.expert, r.replica_id))
+
+    def seconds_since_heartbeat(self, record: ReplicaRecord) -> float:
+        """Age of the replica's last heartbeat."""
+        return max(0.0, self._clock() - record.last_heartbeat)
+
+    def record_placement(self, request_id: str, replica_id: str) -> None:
+        """Count a request as in flight on a replica (until `complete`)."""
+        record = self._replicas.get(replica_id)
+        if record is None:
+            return
+        previous = self._request_index.get(request_id)
+        if previous is not None and previous in self._replicas:
+            # A retry of the same request on another replica: it no longer runs on the first one.
+            self._replicas[previous].placements.pop(request_id, None)
+        record.placements[request_id] = self._clock()
+        self._request_index[request_id] = replica_id
+
+    def complete(self, request_id: str, replica_id: str = "") -> ReplicaRecord | None:
+        """Stop counting a request as in flight; returns the replica it ran on, if known."""
+        owner = self._request_index.pop(request_id, None) or replica_id
+        record = self._replicas.get(owner)
+        if record is not None:
+            record.placements.pop(request_id, None)
+        return record
+
+    def _forget_placements(self, record: ReplicaRecord) -> None:
+        for request_id in record.placements:
+            if self._request_index.get(request_id) == record.replica_id:
+                del self._request_index[request_id]
+        record.placements.clear()
