@@ -1,0 +1,145 @@
+"""One server bootstrap for every service: grpc.aio server, health, reflection,
+metrics, interceptors, graceful drain.
+
+`GrpcService.run` binds the port, marks every named service SERVING in the
+standard `grpc.health.v1` service, serves until SIGTERM/SIGINT (or `stop()`),
+then drains: health goes NOT_SERVING (so load balancers and the local stack stop
+sending), the `on_drain` callbacks run (e.g. deregister from the scheduler), and
+`server.stop(grace)` lets in-flight calls finish within the drain period before
+cancelling them. `run_service` is the `main()` of every service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from switchboard.common.interceptors import ErrorInterceptor, MetricsInterceptor
+from switchboard.common.logging import configure_logging, get_logger
+from switchboard.common.settings import ServerSettings, SettingsError
+from switchboard.common.telemetry import configure_tracing, server_interceptors, shutdown_tracing
+
+log = get_logger(__name__)
+S = TypeVar("S")
+
+# Keepalive and message limits shared by every server (a stream may idle while a
+# long prompt is prefilled; pings keep NATs and proxies from dropping it).
+SERVER_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.so_reuseport", 0),
+]
+
+
+class GrpcService:
+    """A grpc.aio server with the shared interceptors, health, reflection and drain."""
+
+    def __init__(
+        self, name: str, settings: ServerSettings, extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        interceptors = [*server_interceptors(), MetricsInterceptor(name), *extra_interceptors, ErrorInterceptor()]
+        self.server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = 0
+        self.started = asyncio.Event()
+        self.exit_code = 0
+        self._stop = asyncio.Event()
+        self._drain_callbacks: list[Callable[[], Awaitable[None]]] = []
+        self._service_names: list[str] = []
+
+    def on_drain(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run `callback` when draining starts (after NOT_SERVING, before the server stops)."""
+        self._drain_callbacks.append(callback)
+
+    def stop(self, exit_code: int = 0) -> None:
+        """Begin the drain; `exit_code` != 0 marks a fatal stop (the process exits with it)."""
+        self.exit_code = self.exit_code or exit_code
+        self._stop.set()
+
+    async def _set_health(self, status: int) -> None:
+        for service_name in ["", *self._service_names]:
+            await self.health.set(service_name, status)
+
+    async def run(self, service_names: Sequence[str], handle_signals: bool = True) -> None:
+        """Serve `service_names` (full names, e.g. 'switchboard.v1.Router') until stopped, then drain."""
+        self._service_names = list(service_names)
+        reflection.enable_server_reflection(
+            [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.server,
+        )
+        address = f"{self.settings.host}:{self.settings.port}"
+        self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise RuntimeError(f"{self.name}: cannot listen on {address} (port in use?)")
+        if self.settings.metrics_port:
+            start_http_server(self.settings.metrics_port, addr=self.settings.host)
+        await self.server.start()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if handle_signals:
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, self.stop)
+        log.info(
+            "serving", address=f"{self.settings.host}:{self.port}", metrics_port=self.settings.metrics_port, services=list(service_names)
+        )
+        self.started.set()
+        await self._stop.wait()
+        await self._drain()
+
+    async def _drain(self) -> None:
+        grace = self.settings.drain_seconds
+        log.info("draining", grace_seconds=grace)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        for callback in self._drain_callbacks:
+            try:
+                await asyncio.wait_for(callback(), timeout=max(grace, 1.0))
+            except Exception as exc:
+                log.warning("drain callback failed", error=repr(exc))
+        await self.server.stop(grace)
+        log.info("stopped")
+
+    async def aclose(self) -> None:
+        """Stop and wait until the server has drained (for tests that run it as a task)."""
+        self.stop()
+        await self.server.wait_for_termination()
+
+
+def run_service(
+    name: str, load: Callable[[], S], serve: Callable[[S], Awaitable[int | None]]
+) -> None:
+    """The main() of a service: settings, logging, tracing, then `serve` until drained.
+
+    A settings error prints one line naming the variable and exits 2; `serve`
+    returns the exit code (non-zero after a fatal error, so an orchestrator
+    restarts the process).
+    """
+    try:
+        settings = load()
+    except SettingsError as exc:
+        print(f"switchboard-{name}: configuration error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    server_settings = getattr(settings, "server", None)
+    configure_logging(name, server_settings.log_level if server_settings else "info")
+    configure_tracing(name)
+    code = 0
+    try:
+        code = asyncio.run(serve(settings)) or 0
+    except KeyboardInterrupt:
+        code = 0
+    finally:
+        shutdown_tracing()
+    sys.exit(code)

@@ -1,0 +1,220 @@
+"""Typed settings read once from environment variables (12-factor), validated at start.
+
+Each service declares one frozen dataclass whose fields are made with `setting()`,
+naming the variable, its default and what it means. `load_settings` reads the
+environment once, converts each value to the field's type, checks its bounds and
+raises `SettingsError` naming the variable and what to fix. `settings_reference`
+lists every variable with its default and meaning, so documentation and the
+deployment checks are generated from (or checked against) this one source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_ENV = "switchboard_env"
+_DOC = "switchboard_doc"
+_MIN = "switchboard_min"
+_MAX = "switchboard_max"
+_CHOICES = "switchboard_choices"
+
+
+class SettingsError(ValueError):
+    """A variable is missing or invalid; the message names it and says what to fix."""
+
+
+def setting(
+    env: str,
+    default: Any,
+    doc: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    choices: Sequence[str] | None = None,
+) -> Any:
+    """A settings field read from environment variable `env` (default used when unset)."""
+    metadata = {_ENV: env, _DOC: doc, _MIN: minimum, _MAX: maximum, _CHOICES: tuple(choices or ())}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError(f"{env}: use an immutable default (tuple), not {type(default).__name__}")
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What every gRPC service has: where it listens, its metrics port, its drain period.
+
+    Variables are prefixed by the service (GATEWAY_PORT, ROUTER_PORT, ...), so
+    one environment can hold the settings of every service of a local stack.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_port: int = 0
+    drain_seconds: float = 10.0
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class SettingDoc:
+    """One documented variable."""
+
+    env: str
+    default: str
+    doc: str
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _server_fields(prefix: str, default_port: int, default_metrics_port: int) -> list[tuple[str, str, Any, str, dict[str, Any]]]:
+    """(attribute, env, default, doc, bounds) of the ServerSettings variables for one service."""
+    return [
+        ("host", f"{prefix}_HOST", "127.0.0.1", "address to listen on (0.0.0.0 in containers)", {}),
+        ("port", f"{prefix}_PORT", default_port, "gRPC port (0 picks a free port)", {"minimum": 0, "maximum": 65535}),
+        (
+            "metrics_port",
+            f"{prefix}_METRICS_PORT",
+            default_metrics_port,
+            "Prometheus metrics HTTP port (0 disables)",
+            {"minimum": 0, "maximum": 65535},
+        ),
+        (
+            "drain_seconds",
+            f"{prefix}_DRAIN_SECONDS",
+            10.0,
+            "grace period for in-flight work on SIGTERM",
+            {"minimum": 0.0, "maximum": 3600.0},
+        ),
+        ("log_level", "LOG_LEVEL", "info", "log level: " + ", ".join(LOG_LEVELS), {"choices": LOG_LEVELS}),
+    ]
+
+
+def _parse(env: str, raw: str, kind: Any) -> Any:
+    """Convert one raw string to `kind`, or raise SettingsError naming the variable."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(kind) if a is not type(None)]
+        if raw.strip() == "":
+            return None
+        return _parse(env, raw, options[0])
+    if origin is tuple:
+        inner = typing.get_args(kind)[0]
+        return tuple(_parse(env, part.strip(), inner) for part in raw.split(",") if part.strip())
+    if origin is typing.Literal:
+        return raw
+    try:
+        if kind is bool:
+            lowered = raw.strip().lower()
+            if lowered in {"1", "true", "yes", "on"}:
+                return True
+            if lowered in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError("expected true/false")
+        if kind is int:
+            return int(raw.strip())
+        if kind is float:
+            return float(raw.strip())
+        if kind is Path:
+            return Path(raw.strip()).expanduser()
+        return raw
+    except ValueError as exc:
+        name = getattr(kind, "__name__", str(kind))
+        raise SettingsError(f"{env}: expected {name}, got {raw!r} ({exc})") from None
+
+
+def _check(env: str, value: Any, minimum: float | None, maximum: float | None, choices: Sequence[str]) -> None:
+    """Bounds and choices of one value; SettingsError names the variable."""
+    if choices and value not in choices:
+        raise SettingsError(f"{env}: must be one of {', '.join(choices)}; got {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if minimum is not None and value < minimum:
+            raise SettingsError(f"{env}: must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise SettingsError(f"{env}: must be <= {maximum}, got {value}")
+
+
+def _read(env: str, default: Any, kind: Any, environ: Mapping[str, str], bounds: dict[str, Any]) -> Any:
+    raw = environ.get(env)
+    value = default if raw is None or (raw == "" and kind is not str) else _parse(env, raw, kind)
+    if bounds.get("choices") and isinstance(value, str):
+        value = value.lower()  # choices are lower-case words; accept INFO as well as info
+    _check(env, value, bounds.get("minimum"), bounds.get("maximum"), bounds.get("choices", ()))
+    return value
+
+
+def load_server_settings(
+    prefix: str, default_port: int, default_metrics_port: int, environ: Mapping[str, str] | None = None
+) -> ServerSettings:
+    """ServerSettings of one service from `{prefix}_HOST`, `{prefix}_PORT`, ... and LOG_LEVEL."""
+    env = os.environ if environ is None else environ
+    hints = typing.get_type_hints(ServerSettings)
+    values = {
+        attr: _read(name, default, hints[attr], env, bounds)
+        for attr, name, default, _, bounds in _server_fields(prefix, default_port, default_metrics_port)
+    }
+    return ServerSettings(**values)
+
+
+def load_settings(
+    cls: type[T],
+    *,
+    server_prefix: str | None = None,
+    default_port: int = 0,
+    default_metrics_port: int = 0,
+    environ: Mapping[str, str] | None = None,
+) -> T:
+    """Read `cls` from the environment; a `server: ServerSettings` field is filled from `server_prefix`."""
+    env = os.environ if environ is None else environ
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if hints[f.name] is ServerSettings:
+            if server_prefix is None:
+                raise TypeError(f"{cls.__name__}.{f.name} needs server_prefix")
+            values[f.name] = load_server_settings(server_prefix, default_port, default_metrics_port, env)
+            continue
+        name = f.metadata.get(_ENV)
+        if name is None:
+            continue
+        bounds = {"minimum": f.metadata[_MIN], "maximum": f.metadata[_MAX], "choices": f.metadata[_CHOICES]}
+        values[f.name] = _read(name, f.default, hints[f.name], env, bounds)
+    return cls(**values)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return "" if value is None else str(value)
+
+
+def settings_reference(
+    cls: type, *, server_prefix: str | None = None, default_port: int = 0, default_metrics_port: int = 0
+) -> list[SettingDoc]:
+    """Every variable `cls` reads, with its default and meaning, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    docs: list[SettingDoc] = []
+    for f in dataclasses.fields(cls):
+        if hints[f.name] is ServerSettings and server_prefix is not None:
+            docs.extend(
+                SettingDoc(name, _show(default), doc)
+                for _, name, default, doc, _ in _server_fields(server_prefix, default_port, default_metrics_port)
+            )
+        elif _ENV in f.metadata:
+            docs.append(SettingDoc(f.metadata[_ENV], _show(f.default), f.metadata[_DOC]))
+    return docs
+
+
+def reference_markdown(docs: Sequence[SettingDoc]) -> str:
+    """A Markdown table of variables (for service READMEs)."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    lines += [f"| `{d.env}` | `{d.default}` | {d.doc} |" for d in docs]
+    return "\n".join(lines)
