@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from switchboard.scheduler.placement import LeastLoadedPolicy, PlacementQuery
 from switchboard.scheduler.registry import LoadSnapshot, ReplicaInfo, ReplicaRegistry, ReplicaState
 

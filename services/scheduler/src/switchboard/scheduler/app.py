@@ -1,0 +1,62 @@
+"""Wiring of the scheduler process: registry + policy + servicer on the shared gRPC server, plus the expiry sweep."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Collection
+
+from switchboard.common.logging import get_logger
+from switchboard.common.service import GrpcService
+from switchboard.scheduler.config import SchedulerSettings
+from switchboard.scheduler.placement import LeastLoadedPolicy, PlacementPolicy
+from switchboard.scheduler.registry import ReplicaRegistry
+from switchboard.scheduler.servicer import SchedulerServicer
+from switchboard.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+log = get_logger(__name__)
+
+SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
+
+
+def sweep_interval(settings: SchedulerSettings) -> float:
+    """How often to look for expired replicas: a quarter of the expiry, so one is dropped at most 25% late."""
+    return min(settings.heartbeat_seconds, settings.expiry_seconds / 4)
+
+
+class SchedulerApp:
+    """One scheduler: build it, `await run()` until drained; `service.port` is the bound port."""
+
+    def __init__(
+        self, settings: SchedulerSettings, experts: Collection[str], policy: PlacementPolicy | None = None
+    ) -> None:
+        self.settings = settings
+        self.registry = ReplicaRegistry(
+            expiry_seconds=settings.expiry_seconds, placement_ttl_seconds=settings.placement_ttl_seconds
+        )
+        self.servicer = SchedulerServicer(
+            self.registry,
+            experts,
+            policy or LeastLoadedPolicy(),
+            heartbeat_seconds=settings.heartbeat_seconds,
+            retry_after_seconds=settings.retry_after_seconds,
+        )
+        self.service = GrpcService("scheduler", settings.server)
+        scheduler_pb2_grpc.add_SchedulerServicer_to_server(self.servicer, self.service.server)
+
+    async def run(self, handle_signals: bool = True) -> int:
+        """Serve until SIGTERM/SIGINT or `service.stop()`, then drain; returns the exit code."""
+        sweeper = asyncio.create_task(self.servicer.run_sweeper(sweep_interval(self.settings)))
+        log.info(
+            "scheduler starting",
+            experts=sorted(self.servicer.experts),
+            policy=self.servicer.policy.name,
+            expiry_seconds=self.settings.expiry_seconds,
+        )
+        try:
+            await self.service.run([SERVICE_NAME], handle_signals=handle_signals)
+        finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+        return self.service.exit_code

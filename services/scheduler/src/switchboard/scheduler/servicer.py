@@ -1,0 +1,278 @@
+"""The `switchboard.v1.Scheduler` RPC handlers: validation, proto conversion, and calls into the registry.
+
+The handlers raise `switchboard.common.errors` exceptions; the shared server's interceptor turns
+them into canonical gRPC statuses with rich details (BadRequest, RetryInfo).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Collection
+
+import grpc
+from switchboard.common.errors import invalid_argument, not_found, unavailable
+from switchboard.common.logging import get_logger
+from switchboard.common.telemetry import SpanAttributes, get_tracer
+from switchboard.scheduler import metrics
+from switchboard.scheduler.placement import PlacementPolicy, PlacementQuery
+from switchboard.scheduler.registry import (
+    LoadSnapshot,
+    ReplicaInfo,
+    ReplicaRecord,
+    ReplicaRegistry,
+    ReplicaState,
+)
+from switchboard.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+log = get_logger(__name__)
+tracer = get_tracer(__name__)
+
+MAX_ID_LENGTH = 256
+MAX_ALTERNATES = 16
+
+_STATE_TO_PROTO = {
+    ReplicaState.READY: scheduler_pb2.REPLICA_STATE_READY,
+    ReplicaState.DRAINING: scheduler_pb2.REPLICA_STATE_DRAINING,
+}
+
+
+def address_problem(address: str) -> str | None:
+    """Why `address` is not a usable `host:port` (None when it is). IPv6 hosts go in brackets."""
+    if not address:
+        return "is required (host:port of the replica's Generator service)"
+    host, sep, port = address.rpartition(":")
+    if not sep or not host:
+        return f"must be host:port, got {address!r}"
+    if host.startswith("[") != host.endswith("]") or (":" in host and not host.startswith("[")):
+        return f"IPv6 hosts must be in brackets, e.g. [::1]:50061; got {address!r}"
+    if any(c.isspace() for c in host) or "/" in host:
+        return f"host must not contain spaces or '/', got {address!r}"
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        return f"port must be an integer in 1..65535, got {port!r}"
+    return None
+
+
+def load_from_proto(message: scheduler_pb2.ReplicaLoad) -> LoadSnapshot:
+    """The registry's view of a reported load."""
+    return LoadSnapshot(
+        running=message.running,
+        waiting=message.waiting,
+        kv_blocks_used=message.kv_blocks_used,
+        kv_blocks_total=message.kv_blocks_total,
+        tokens_per_second=message.tokens_per_second,
+        cached_block_hashes=tuple(message.cached_block_hashes),
+    )
+
+
+def load_to_proto(load: LoadSnapshot) -> scheduler_pb2.ReplicaLoad:
+    """The wire form of a load snapshot."""
+    return scheduler_pb2.ReplicaLoad(
+        running=load.running,
+        waiting=load.waiting,
+        kv_blocks_used=load.kv_blocks_used,
+        kv_blocks_total=load.kv_blocks_total,
+        tokens_per_second=load.tokens_per_second,
+        cached_block_hashes=list(load.cached_block_hashes),
+    )
+
+
+def _check_id(field: str, value: str) -> None:
+    if not value:
+        raise invalid_argument(field, "is required")
+    if len(value) > MAX_ID_LENGTH:
+        raise invalid_argument(field, f"must be at most {MAX_ID_LENGTH} characters, got {len(value)}")
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
+    """Serves the Scheduler service over one registry and one placement policy."""
+
+    def __init__(
+        self,
+        registry: ReplicaRegistry,
+        experts: Collection[str],
+        policy: PlacementPolicy,
+        heartbeat_seconds: float,
+        retry_after_seconds: float = 1.0,
+    ) -> None:
+        self.registry = registry
+        self.experts = frozenset(experts)
+        self.policy = policy
+        self.heartbeat_seconds = heartbeat_seconds
+        self.retry_after_seconds = retry_after_seconds
+        metrics.update_replica_gauges(self.experts, ())
+
+    def replica_to_proto(self, record: ReplicaRecord) -> scheduler_pb2.Replica:
+        """The wire form of one registry entry."""
+        info = record.info
+        return scheduler_pb2.Replica(
+            replica_id=info.replica_id,
+            expert=info.expert,
+            address=info.address,
+            device=info.device,
+            model_name=info.model_name,
+            max_model_len=info.max_model_len,
+            load=load_to_proto(record.load),
+            state=_STATE_TO_PROTO[record.state],
+            seconds_since_heartbeat=self.registry.seconds_since_heartbeat(record),
+            inflight=record.inflight,
+        )
+
+    def _changed(self) -> None:
+        metrics.update_replica_gauges(self.experts, self.registry.replicas())
+
+    async def Register(
+        self, request: scheduler_pb2.RegisterRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.RegisterResponse:
+        """Add or refresh a replica of a declared expert."""
+        _check_id("replica_id", request.replica_id)
+        if not request.expert:
+            raise invalid_argument("expert", "is required")
+        if request.expert not in self.experts:
+            known = ", ".join(sorted(self.experts)) or "(none)"
+            raise invalid_argument(
+                "expert", f"unknown expert {request.expert!r}; the experts config declares: {known}"
+            )
+        problem = address_problem(request.address)
+        if problem is not None:
+            raise invalid_argument("address", problem)
+        info = ReplicaInfo(
+            replica_id=request.replica_id,
+            expert=request.expert,
+            address=request.address,
+            device=request.device,
+            model_name=request.model_name,
+            max_model_len=request.max_model_len,
+        )
+        new = self.registry.register(info, load_from_proto(request.load))
+        self._changed()
+        log.info(
+            "replica registered" if new else "replica re-registered",
+            replica_id=info.replica_id,
+            expert=info.expert,
+            address=info.address,
+            device=info.device,
+            model=info.model_name,
+        )
+        return scheduler_pb2.RegisterResponse(
+            heartbeat_interval_seconds=self.heartbeat_seconds, expiry_seconds=self.registry.expiry_seconds
+        )
+
+    async def ReportLoad(
+        self, request: scheduler_pb2.ReportLoadRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.ReportLoadResponse:
+        """Record a heartbeat; known=false tells the replica to register again."""
+        _check_id("replica_id", request.replica_id)
+        record = self.registry.get(request.replica_id)
+        was_draining = record is not None and record.state is ReplicaState.DRAINING
+        known = self.registry.report_load(request.replica_id, load_from_proto(request.load), request.draining)
+        if known and request.draining and not was_draining:
+            log.info("replica draining", replica_id=request.replica_id)
+            self._changed()
+        return scheduler_pb2.ReportLoadResponse(known=known)
+
+    async def Deregister(
+        self, request: scheduler_pb2.DeregisterRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.DeregisterResponse:
+        """Remove a replica; removing an unknown one succeeds too (a drain after a scheduler restart)."""
+        _check_id("replica_id", request.replica_id)
+        record = self.registry.deregister(request.replica_id)
+        if record is not None:
+            self._changed()
+            log.info("replica deregistered", replica_id=record.replica_id, expert=record.expert)
+        return scheduler_pb2.DeregisterResponse()
+
+    async def Place(
+        self, request: scheduler_pb2.PlaceRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.PlaceResponse:
+        """Pick the best healthy replica of the expert and up to max_alternates others."""
+        if not request.expert:
+            raise invalid_argument("expert", "is required")
+        if len(request.request_id) > MAX_ID_LENGTH:
+            raise invalid_argument("request_id", f"must be at most {MAX_ID_LENGTH} characters")
+        if request.max_alternates > MAX_ALTERNATES:
+            raise invalid_argument(
+                "max_alternates", f"must be at most {MAX_ALTERNATES}, got {request.max_alternates}"
+            )
+        with tracer.start_as_current_span("scheduler.place") as span:
+            span.set_attribute(SpanAttributes.EXPERT, request.expert)
+            span.set_attribute(SpanAttributes.REQUEST_ID, request.request_id)
+            if request.expert not in self.experts:
+                metrics.PLACEMENTS.labels(expert="unknown", outcome="unknown_expert").inc()
+                known = ", ".join(sorted(self.experts)) or "(none)"
+                raise not_found(f"unknown expert {request.expert!r}; the experts config declares: {known}")
+            candidates = self.registry.healthy_replicas(request.expert, exclude=request.exclude_replica_ids)
+            if not candidates:
+                metrics.PLACEMENTS.labels(expert=request.expert, outcome="no_replica").inc()
+                excluded = (
+                    f" (excluding {len(request.exclude_replica_ids)} already tried)"
+                    if request.exclude_replica_ids
+                    else ""
+                )
+                raise unavailable(
+                    f"no healthy replica of expert {request.expert!r}{excluded}",
+                    retry_after_seconds=self.retry_after_seconds,
+                )
+            query = PlacementQuery(
+                request_id=request.request_id,
+                expert=request.expert,
+                prompt_tokens=request.prompt_tokens,
+                max_tokens=request.max_tokens,
+            )
+            ranked = self.policy.rank(query, candidates)
+            chosen = ranked[0]
+            if request.request_id:
+                self.registry.record_placement(request.request_id, chosen.replica_id)
+            span.set_attribute(SpanAttributes.REPLICA_ID, chosen.replica_id)
+            metrics.PLACEMENTS.labels(expert=request.expert, outcome="placed").inc()
+            self._changed()
+            return scheduler_pb2.PlaceResponse(
+                replica=self.replica_to_proto(chosen),
+                alternates=[self.replica_to_proto(r) for r in ranked[1 : 1 + request.max_alternates]],
+            )
+
+    async def Complete(
+        self, request: scheduler_pb2.SchedulerCompleteRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.SchedulerCompleteResponse:
+        """Stop counting a placed request as in flight; unknown requests are accepted (idempotent)."""
+        _check_id("request_id", request.request_id)
+        record = self.registry.complete(request.request_id, request.replica_id)
+        expert = record.expert if record is not None else "unknown"
+        metrics.COMPLETIONS.labels(expert=expert, success=str(request.success).lower()).inc()
+        self._changed()
+        log.debug(
+            "request completed",
+            request_id=request.request_id,
+            replica_id=request.replica_id,
+            success=request.success,
+            finish_reason=common_pb2.FinishReason.Name(request.finish_reason),
+        )
+        return scheduler_pb2.SchedulerCompleteResponse()
+
+    async def GetCluster(
+        self, request: scheduler_pb2.GetClusterRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.GetClusterResponse:
+        """Every known replica, grouped by expert."""
+        return scheduler_pb2.GetClusterResponse(
+            replicas=[self.replica_to_proto(r) for r in self.registry.replicas()]
+        )
+
+    def sweep_once(self) -> list[ReplicaRecord]:
+        """Drop the replicas whose heartbeats stopped; returns them."""
+        expired = self.registry.expire()
+        for record in expired:
+            metrics.EXPIRATIONS.labels(expert=record.expert).inc()
+            log.warning(
+                "replica expired",
+                replica_id=record.replica_id,
+                expert=record.expert,
+                address=record.info.address,
+                expiry_seconds=self.registry.expiry_seconds,
+            )
+        self._changed()
+        return expired
+
+    async def run_sweeper(self, interval_seconds: float) -> None:
+        """Sweep expired replicas every `interval_seconds` until cancelled."""
+        while True:
+            await asyncio.sleep(interval_seconds)
+            self.sweep_once()
