@@ -9,12 +9,12 @@ PACKAGES := libs/common services/gateway services/router services/scheduler serv
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test venv protos protos-check experts lint clean
+.PHONY: run test venv buf protos protos-check experts lint clean
 
 run: venv experts  ## Start the whole stack locally (gateway on 127.0.0.1:50051).
 	$(BIN)/switchboard up
 
-test: venv experts  ## Run every test (unit, cross-service, deployment checks).
+test: venv buf experts  ## Run every test (unit, cross-service, deployment checks).
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 venv: $(STAMP)
@@ -25,6 +25,14 @@ $(STAMP): requirements/*.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 	$(PY) -m pip install -q -c requirements/constraints.txt -r requirements/dev.txt
 	$(PY) -m pip install -q --no-build-isolation --no-deps $(foreach p,$(PACKAGES),-e $(p))
 	touch $(STAMP)
+
+BUF_VERSION := 1.75.0
+BUF := .cache/node/node_modules/.bin/buf
+
+buf: $(BUF)  ## Install buf (protobuf lint/format/breaking) from npm into .cache/node.
+
+$(BUF):
+	npm install --silent --no-audit --no-fund --prefix .cache/node @bufbuild/buf@$(BUF_VERSION)
 
 protos: venv  ## Regenerate the Python code of protos/ into libs/common.
 	$(PY) scripts/gen_protos.py

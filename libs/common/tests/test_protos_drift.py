@@ -30,3 +30,15 @@ def test_drift_is_detected(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "common_pb2.py" in result.stderr and "make protos" in result.stderr
+
+
+BUF = ROOT / ".cache" / "node" / "node_modules" / ".bin" / "buf"
+
+
+def test_buf_lint_and_format() -> None:
+    """The contracts pass `buf lint` (STANDARD rules) and are `buf format`-clean (installed by `make buf`)."""
+    assert BUF.exists(), "buf is missing: run `make buf` (make test does)"
+    lint = subprocess.run([str(BUF), "lint"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    fmt = subprocess.run([str(BUF), "format", "-d", "--exit-code"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert fmt.returncode == 0, fmt.stdout + fmt.stderr
