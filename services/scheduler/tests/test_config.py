@@ -49,3 +49,18 @@ def test_values_from_environment() -> None:
 def test_errors_name_the_variable(environ: dict[str, str], variable: str) -> None:
     with pytest.raises(SettingsError, match=variable):
         load(environ)
+
+
+def test_readme_documents_every_variable() -> None:
+    """The README's configuration table lists exactly the variables the settings read, with their defaults."""
+    from switchboard.common.settings import settings_reference
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    docs = settings_reference(
+        SchedulerSettings,
+        server_prefix=SERVER_PREFIX,
+        default_port=DEFAULT_PORT,
+        default_metrics_port=DEFAULT_METRICS_PORT,
+    )
+    for doc in docs:
+        assert f"| `{doc.env}` | `{doc.default}` |" in readme, doc.env
