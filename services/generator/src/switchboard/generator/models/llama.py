@@ -10,11 +10,14 @@ same submodules.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from switchboard.generator.engine.attention import AttentionContext
 
 
 @dataclass
@@ -175,6 +178,7 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
+        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits [batch, length, vocab] of a causal pass over whole sequences [batch, length]."""
@@ -183,4 +187,47 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin)
+        return self.lm_head(self.model.norm(x))
+
+    def _rope_tables(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for every position up to max_position_embeddings, built once per dtype/device.
+
+        Same float32 computation then cast as `rope_cos_sin`, so the paged path
+        matches the plain one bit for bit; indexing a table avoids per-step trig.
+        """
+        table = self._rope_table
+        if table is None or table[0].dtype != dtype or table[0].device != device:
+            positions = torch.arange(self.config.max_position_embeddings, device=device)
+            table = rope_cos_sin(self.inv_freq.to(device), positions, dtype)
+            self._rope_table = table
+        return table
+
+    def forward_step(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionContext,
+        logits_indices: torch.Tensor,
+    ) -> torch.Tensor:
+        """Paged engine step over the flattened tokens [N] of every scheduled sequence.
+
+        Keys/values go through `attn.attend`, which writes them into the paged KV
+        cache and attends over each sequence's cached prefix. Returns logits
+        [len(logits_indices), vocab] for the rows that sample.
+        """
+        n = input_ids.shape[0]
+        x = self.model.embed_tokens(input_ids)
+        cos_table, sin_table = self._rope_tables(x.dtype, x.device)
+        cos = cos_table[positions].unsqueeze(1)  # [N, 1, D] broadcasts over heads
+        sin = sin_table[positions].unsqueeze(1)
+        for index, layer in enumerate(self.model.layers):
+            a = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = a.q_proj(h).view(n, a.num_heads, a.head_dim)
+            k = a.k_proj(h).view(n, a.num_kv_heads, a.head_dim)
+            v = a.v_proj(h).view(n, a.num_kv_heads, a.head_dim)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            x = x + a.o_proj(attn.attend(index, q, k, v))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = x.index_select(0, logits_indices)
         return self.lm_head(self.model.norm(x))

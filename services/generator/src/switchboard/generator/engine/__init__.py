@@ -1,0 +1,31 @@
+"""The generator's inference engine: paged KV cache, continuous batching, prefix caching.
+
+Public API (what the gRPC servicer uses)::
+
+    engine = Engine(loaded_model, EngineConfig(...))
+    await engine.start()
+    async for out in engine.generate(EngineRequest(...)): ...
+    engine.load(); engine.info; await engine.stop()
+"""
+
+from switchboard.generator.engine.engine import Engine
+from switchboard.generator.engine.types import (
+    EngineConfig,
+    EngineInfo,
+    EngineLoad,
+    EngineOutput,
+    EngineRequest,
+    RequestRejected,
+    Usage,
+)
+
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "EngineInfo",
+    "EngineLoad",
+    "EngineOutput",
+    "EngineRequest",
+    "RequestRejected",
+    "Usage",
+]

@@ -1,0 +1,372 @@
+"""The engine: an asyncio-driven loop of continuous batching over the paged KV cache.
+
+One loop task per replica. Each iteration hands one step to a dedicated worker
+thread (so the event loop, and with it gRPC, stays responsive): take in new and
+cancelled requests, schedule, run the model once over every scheduled token,
+sample, detokenize, and check stop conditions. The loop then delivers the
+step's outputs to each request's queue. New requests join at the next step;
+finished and cancelled ones leave it and free their blocks there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import torch
+
+from switchboard.generator.engine.attention import AttentionContext, SequenceSlice
+from switchboard.generator.engine.kv_cache import BlockPool, KVCache, bytes_per_block
+from switchboard.generator.engine.output import OutputState
+from switchboard.generator.engine.scheduler import Scheduler, Sequence, SequenceStatus
+from switchboard.generator.engine.types import (
+    EngineConfig,
+    EngineInfo,
+    EngineLoad,
+    EngineOutput,
+    EngineRequest,
+    RequestRejected,
+    Usage,
+)
+from switchboard.generator.sampling import Sampler, make_generator
+
+DEFAULT_CPU_KV_BYTES = 1 << 30
+CUDA_KV_FRACTION = 0.6  # of the memory free after the weights are loaded
+
+
+def kv_geometry(config: Any) -> tuple[int, int, int]:
+    """(num_layers, num_kv_heads, head_dim) from a Llama- or GPT-2-style config."""
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_size", None) or getattr(config, "head_dim", None)
+    if not head_dim:
+        hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+        head_dim = hidden // heads
+    return int(layers), int(kv_heads), int(head_dim)
+
+
+class Engine:
+    """Continuous-batching inference engine for one loaded model (see engine_api.md)."""
+
+    def __init__(self, loaded: Any, config: EngineConfig | None = None) -> None:
+        self.loaded = loaded
+        self.config = config or EngineConfig()
+        self.model = loaded.model
+        self.device = torch.device(loaded.device)
+        self.dtype = loaded.dtype
+        self.tokenizer = loaded.tokenizer
+        self.eos_token_ids = set(loaded.eos_token_ids)
+        self.max_model_len = int(loaded.max_model_len)
+        self.vocab_size = int(self.model.config.vocab_size)
+        cfg = self.config
+        if cfg.block_size < 1 or cfg.max_num_seqs < 1 or cfg.max_tokens_per_step < 1:
+            raise ValueError("block_size, max_num_seqs and max_tokens_per_step must be positive")
+        layers, kv_heads, head_dim = kv_geometry(self.model.config)
+        per_block = bytes_per_block(layers, kv_heads, head_dim, cfg.block_size, self.dtype)
+        num_blocks = cfg.num_blocks or self._blocks_from_budget(per_block)
+        # No point holding more than every sequence slot at full length could use.
+        useful = cfg.max_num_seqs * ((self.max_model_len + cfg.block_size - 1) // cfg.block_size)
+        num_blocks = max(1, min(num_blocks, useful))
+        self.pool = BlockPool(num_blocks)
+        self.cache = KVCache(layers, num_blocks, cfg.block_size, kv_heads, head_dim, self.dtype, self.device)
+        self.scheduler = Scheduler(
+            self.pool, cfg.block_size, cfg.max_num_seqs, cfg.max_tokens_per_step, cfg.enable_prefix_caching
+        )
+        self.sampler = Sampler(self.eos_token_ids)
+        self.info = EngineInfo(
+            model_name=loaded.name,
+            architecture=loaded.architecture,
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+            max_model_len=self.max_model_len,
+            vocab_size=self.vocab_size,
+            block_size=cfg.block_size,
+            kv_blocks_total=num_blocks,
+            parameter_count=int(loaded.parameter_count),
+        )
+        self.failed: BaseException | None = None
+        self._inbox: collections.deque[Sequence] = collections.deque()
+        self._aborts: collections.deque[str] = collections.deque()
+        self._live: dict[str, Sequence] = {}
+        self._arrivals = 0
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._stopping = False
+        self._rate_window: collections.deque[tuple[float, int]] = collections.deque()
+        self._snapshot_lock = threading.Lock()
+        self._hash_snapshot: list[int] = []
+        self._snapshot_time = 0.0
+        self.steps = 0
+
+    def _blocks_from_budget(self, per_block: int) -> int:
+        budget = self.config.kv_cache_bytes
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = int(free * CUDA_KV_FRACTION)
+            else:
+                budget = DEFAULT_CPU_KV_BYTES
+        return budget // per_block
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Start the engine loop on the running event loop."""
+        if self._task is not None:
+            return
+        self._wake = asyncio.Event()
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="engine-loop")
+
+    async def stop(self) -> None:
+        """Cancel everything in flight and stop the loop."""
+        self._stopping = True
+        if self._wake is not None:
+            self._wake.set()
+        if self._task is not None:
+            try:
+                await self._task
+            finally:
+                self._task = None
+        for seq in list(self._live.values()):
+            self._deliver_error(seq, asyncio.CancelledError("engine stopped"))
+        self._live.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    # ------------------------------------------------------------------ requests
+
+    def _tokenize(self, request: EngineRequest) -> list[int]:
+        if request.prompt_token_ids is not None:
+            ids = [int(t) for t in request.prompt_token_ids]
+            bad = next((t for t in ids if t < 0 or t >= self.vocab_size), None)
+            if bad is not None:
+                raise RequestRejected("prompt_token_ids", f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+            return ids
+        if request.prompt is None:
+            raise RequestRejected("prompt", "a prompt or prompt_token_ids is required")
+        return list(self.tokenizer.encode(request.prompt))
+
+    def _validate(self, request: EngineRequest, prompt_ids: list[int]) -> None:
+        if not request.request_id:
+            raise RequestRejected("request_id", "must not be empty")
+        if request.request_id in self._live:
+            raise RequestRejected("request_id", f"{request.request_id!r} is already in flight")
+        if not prompt_ids:
+            raise RequestRejected("prompt", "the prompt is empty (it encodes to zero tokens)")
+        max_tokens = request.sampling.max_tokens
+        if max_tokens < 1:
+            raise RequestRejected("sampling.max_tokens", f"must be at least 1, got {max_tokens}")
+        total = len(prompt_ids) + max_tokens
+        if total > self.max_model_len:
+            raise RequestRejected(
+                "sampling.max_tokens",
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) = {total} exceeds the "
+                f"model's context length {self.max_model_len}",
+            )
+        # The last sampled token is never fed back, so it needs no KV slot.
+        blocks = self.scheduler.blocks_for(total - 1)
+        if blocks > self.pool.num_blocks:
+            raise RequestRejected(
+                "prompt",
+                f"prompt + max_tokens needs {blocks} KV blocks but the whole pool has {self.pool.num_blocks}",
+            )
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        """Stream the outputs of one request; leaving the loop early cancels it.
+
+        Raises RequestRejected before the first output for a request that can never run.
+        """
+        if self.failed is not None:
+            raise RuntimeError(f"engine failed: {self.failed!r}")
+        if self._task is None or self._stopping:
+            raise RuntimeError("engine is not running (call await engine.start())")
+        prompt_ids = self._tokenize(request)
+        self._validate(request, prompt_ids)
+        params = request.sampling
+        generator = make_generator(params.seed, self.device)
+        self._arrivals += 1
+        seq = Sequence(
+            request_id=request.request_id,
+            arrival=self._arrivals,
+            prompt_len=len(prompt_ids),
+            token_ids=list(prompt_ids),
+            params=params,
+            generator=generator,
+        )
+        state = OutputState(self.tokenizer, prompt_ids, params.stop)
+        seq.state = state
+        self._live[seq.request_id] = seq
+        self._inbox.append(seq)
+        assert self._wake is not None
+        self._wake.set()
+        done = False
+        try:
+            while True:
+                item = await state.queue.get()
+                if isinstance(item, BaseException):
+                    done = True
+                    raise item
+                if item.finish_reason is not None:
+                    done = True
+                yield item
+                if done:
+                    return
+        finally:
+            if not done:
+                self._aborts.append(seq.request_id)
+                if self._wake is not None:
+                    self._wake.set()
+
+    def _deliver_error(self, seq: Sequence, error: BaseException) -> None:
+        seq.state.queue.put_nowait(error)
+
+    # ------------------------------------------------------------------ load
+
+    def load(self) -> EngineLoad:
+        """Snapshot of the replica's load (safe to call from the event loop at any time)."""
+        now = time.monotonic()
+        window = list(self._rate_window)
+        tokens = sum(n for t, n in window if now - t <= 10.0)
+        span = min(10.0, now - window[0][0]) if window else 0.0
+        with self._snapshot_lock:
+            hashes = list(self._hash_snapshot)
+        return EngineLoad(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting) + len(self._inbox),
+            kv_blocks_used=self.pool.num_used,
+            kv_blocks_total=self.pool.num_blocks,
+            tokens_per_second=tokens / span if span > 0.5 else float(tokens),
+            cached_block_hashes=hashes,
+        )
+
+    def _refresh_snapshot(self, force: bool) -> None:
+        now = time.monotonic()
+        if not force and now - self._snapshot_time < 0.25:
+            return
+        hashes = self.pool.cached_hashes(self.config.max_reported_hashes)
+        with self._snapshot_lock:
+            self._hash_snapshot = hashes
+        self._snapshot_time = now
+
+    # ------------------------------------------------------------------ loop
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._wake is not None
+        while not self._stopping:
+            if not self.scheduler.has_work() and not self._inbox and not self._aborts:
+                await self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                outputs = await loop.run_in_executor(self._executor, self._step)
+            except Exception as exc:  # a fatal step error (e.g. CUDA OOM) fails every request
+                self.failed = exc
+                for seq in list(self._live.values()):
+                    self._deliver_error(seq, RuntimeError(f"engine failed: {exc!r}"))
+                self._live.clear()
+                return
+            for seq, out in outputs:
+                seq.state.queue.put_nowait(out)
+                if out.finish_reason is not None:
+                    self._live.pop(seq.request_id, None)
+        # Stopping: free what is still held.
+        await loop.run_in_executor(self._executor, self._drain_all)
+
+    def _drain_all(self) -> None:
+        while self._inbox:
+            self.scheduler.add(self._inbox.popleft())
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self.scheduler.finish(seq, "cancelled")
+
+    def _take_inbox(self) -> None:
+        while self._inbox:
+            self.scheduler.add(self._inbox.popleft())
+        while self._aborts:
+            seq = self._live.pop(self._aborts.popleft(), None)
+            if seq is not None and seq.status is not SequenceStatus.FINISHED:
+                self.scheduler.finish(seq, "cancelled")
+
+    @torch.inference_mode()
+    def _step(self) -> list[tuple[Sequence, EngineOutput]]:
+        """One engine iteration (runs in the worker thread)."""
+        self._take_inbox()
+        plan = self.scheduler.schedule()
+        if not plan.entries:
+            self._refresh_snapshot(force=True)
+            return []
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slices: list[SequenceSlice] = []
+        logits_rows: list[int] = []
+        samplers: list[Sequence] = []
+        for seq, num_new in plan.entries:
+            start = seq.num_computed
+            input_ids.extend(seq.token_ids[start : start + num_new])
+            positions.extend(range(start, start + num_new))
+            slices.append(SequenceSlice(seq.block_table, start, num_new))
+            if start + num_new == len(seq.token_ids):
+                logits_rows.append(len(input_ids) - 1)
+                samplers.append(seq)
+        device = self.device
+        ids_t = torch.tensor(input_ids, dtype=torch.long).to(device, non_blocking=True)
+        pos_t = torch.tensor(positions, dtype=torch.long).to(device, non_blocking=True)
+        rows_t = torch.tensor(logits_rows, dtype=torch.long).to(device, non_blocking=True)
+        attn = AttentionContext(self.cache, slices, device)
+        logits = self.model.forward_step(ids_t, pos_t, attn, rows_t)
+        for seq, num_new in plan.entries:
+            self.scheduler.after_step(seq, num_new)
+        self.steps += 1
+        results: list[tuple[Sequence, EngineOutput]] = []
+        if samplers:
+            tokens = self.sampler.sample(
+                logits,
+                [s.params for s in samplers],
+                [s.generator for s in samplers],
+                [s.token_ids for s in samplers],
+                [s.num_generated for s in samplers],
+            ).tolist()
+            for seq, token in zip(samplers, tokens):
+                out = self._advance(seq, int(token))
+                if out is not None:
+                    results.append((seq, out))
+            self._rate_window.append((time.monotonic(), len(samplers)))
+            while len(self._rate_window) > 4096:
+                self._rate_window.popleft()
+        self._refresh_snapshot(force=False)
+        return results
+
+    def _advance(self, seq: Sequence, token: int) -> EngineOutput | None:
+        """Append a sampled token, update text and stop state; returns the output to stream."""
+        seq.token_ids.append(token)
+        params = seq.params
+        state: OutputState = seq.state
+        reason: str | None = None
+        if token in self.eos_token_ids and not params.ignore_eos:
+            reason = "eos"
+            text = state.finish()
+        else:
+            text, stopped = state.push(token)
+            if stopped:
+                reason = "stop_sequence"
+            elif seq.num_generated >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
+                reason = "length"
+                text += state.finish()
+        usage = None
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            usage = Usage(
+                prompt_tokens=seq.prompt_len,
+                completion_tokens=seq.num_generated,
+                cached_prompt_tokens=seq.cached_prompt_tokens or 0,
+            )
+        return EngineOutput(seq.request_id, text, [token], reason, usage)

@@ -1,0 +1,91 @@
+"""Public value types of the engine API (what the servicer passes in and gets back)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from switchboard.generator.sampling import SamplingParams
+
+
+class RequestRejected(Exception):
+    """A request that can never run on this replica; raised before its first output.
+
+    `field` names the offending request field (e.g. "prompt", "sampling.max_tokens").
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine sizing. `kv_cache_bytes=None` picks a default for the device (see `Engine`)."""
+
+    block_size: int = 16
+    kv_cache_bytes: int | None = None
+    max_num_seqs: int = 64
+    max_tokens_per_step: int = 512
+    enable_prefix_caching: bool = True
+    # Exact pool size in blocks; overrides kv_cache_bytes (tests use tiny pools).
+    num_blocks: int | None = None
+    # How many prefix-cache hashes a load snapshot carries at most.
+    max_reported_hashes: int = 4096
+
+
+@dataclass
+class EngineRequest:
+    """One generation request: text or token ids, plus sampling parameters."""
+
+    request_id: str
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of a finished request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class EngineOutput:
+    """One streamed increment: new text (whole UTF-8 characters) and the new token ids."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # None | "length" | "eos" | "stop_sequence" | "cancelled"
+    usage: Usage | None = None  # set on the last output
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """Load snapshot reported to the scheduler."""
+
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    tokens_per_second: float
+    cached_block_hashes: list[int]
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """Static facts about the replica's model and cache."""
+
+    model_name: str
+    architecture: str
+    device: str
+    dtype: str
+    max_model_len: int
+    vocab_size: int
+    block_size: int
+    kv_blocks_total: int
+    parameter_count: int
