@@ -1,13 +1,96 @@
-"""Shared fixtures of the router tests."""
+"""Fixtures: a real scheduler and a real router, in-process on free ports, and a stub to the router."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from switchboard.common.channels import open_channel
+from switchboard.common.experts_config import load_experts_config
+from switchboard.common.service import GrpcService
+from switchboard.common.settings import ServerSettings
+from switchboard.router.config import RouterSettings
+from switchboard.router.server import serve
+from switchboard.scheduler.app import SchedulerApp
+from switchboard.scheduler.config import SchedulerSettings
+from switchboard.v1 import router_pb2_grpc, scheduler_pb2_grpc
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+EXPERTS_CONFIG = REPO_ROOT / "config" / "experts.yaml"
 
 
 @pytest.fixture
 def repo_root() -> Path:
     """The repository root (where config/experts.yaml lives)."""
-    return Path(__file__).resolve().parents[3]
+    return REPO_ROOT
+
+
+async def _started(task: asyncio.Task[int], event: asyncio.Event) -> None:
+    """Wait until a server is up, or raise its startup error."""
+    waiter = asyncio.create_task(event.wait())
+    done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        waiter.cancel()
+        raise RuntimeError(f"server exited during startup with {task.result()}")
+
+
+@dataclass
+class Stack:
+    """A running scheduler + router pair."""
+
+    scheduler: SchedulerApp
+    scheduler_stub: scheduler_pb2_grpc.SchedulerStub
+    router: router_pb2_grpc.RouterStub
+    router_service: GrpcService
+
+
+@asynccontextmanager
+async def running_stack(max_alternates: int = 2, scheduler_alive: bool = True) -> AsyncIterator[Stack]:
+    """Scheduler and router on loopback; scheduler_alive=False stops the scheduler before yielding."""
+    experts = [spec.name for spec in load_experts_config(EXPERTS_CONFIG)]
+    scheduler = SchedulerApp(
+        SchedulerSettings(server=ServerSettings(port=0, metrics_port=0, drain_seconds=0.2)), experts
+    )
+    scheduler_task = asyncio.create_task(scheduler.run(handle_signals=False))
+    await _started(scheduler_task, scheduler.service.started)
+    settings = RouterSettings(
+        server=ServerSettings(port=0, metrics_port=0, drain_seconds=0.2),
+        scheduler_addr=f"127.0.0.1:{scheduler.service.port}",
+        experts_config=EXPERTS_CONFIG,
+        max_alternates=max_alternates,
+        scheduler_timeout_seconds=1.0,
+    )
+    service = GrpcService("router", settings.server)
+    router_task = asyncio.create_task(serve(settings, service, handle_signals=False))
+    await _started(router_task, service.started)
+    sched_channel = open_channel(f"127.0.0.1:{scheduler.service.port}")
+    router_channel = open_channel(f"127.0.0.1:{service.port}")
+    try:
+        if not scheduler_alive:
+            scheduler.service.stop()
+            await scheduler_task
+        yield Stack(
+            scheduler,
+            scheduler_pb2_grpc.SchedulerStub(sched_channel),
+            router_pb2_grpc.RouterStub(router_channel),
+            service,
+        )
+    finally:
+        await router_channel.close()
+        await sched_channel.close()
+        service.stop()
+        await router_task
+        if not scheduler_task.done():
+            scheduler.service.stop()
+            await scheduler_task
+
+
+@pytest.fixture
+async def stack() -> AsyncIterator[Stack]:
+    """Scheduler + router with default settings."""
+    async with running_stack() as running:
+        yield running
