@@ -1,0 +1,38 @@
+"""Shared fixtures for the bench tests: real corpus text and a byte-level BPE trained on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from switchboard.bench.corpus import load_corpus
+
+TRACES = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "traces"
+
+
+@pytest.fixture(scope="session")
+def corpus_text() -> str:
+    """300 k characters of the demo corpus (Shakespeare and Milton)."""
+    text, _source = load_corpus(max_chars=300_000)
+    return text
+
+
+def train_tokenizer(text: str, vocab_size: int = 500) -> Tokenizer:
+    """A byte-level BPE like the demo experts' tokenizer, trained on `text`."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(text.splitlines(), trainer=trainer)
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tokenizer_json(tmp_path_factory: pytest.TempPathFactory, corpus_text: str) -> Path:
+    """A tokenizer.json trained on the corpus (saved like an expert's)."""
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    train_tokenizer(corpus_text[:100_000]).save(str(path))
+    return path
