@@ -1,0 +1,98 @@
+"""`switchboard generate "prompt"`: send a prompt to the gateway and print tokens as they stream.
+
+The API key comes from --key or SWITCHBOARD_API_KEY (or the dev key that
+`switchboard up` saved in the cache). Usage (prompt and completion tokens, the
+expert that served) goes to stderr at the end, so stdout is just the text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import grpc
+
+from switchboard.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+
+def resolve_key(explicit: str | None) -> str | None:
+    """--key, else SWITCHBOARD_API_KEY, else the dev key saved by `switchboard up`."""
+    if explicit:
+        return explicit
+    if os.environ.get("SWITCHBOARD_API_KEY"):
+        return os.environ["SWITCHBOARD_API_KEY"]
+    cache = Path(os.environ.get("SWITCHBOARD_CACHE_DIR") or Path.home() / ".cache" / "switchboard").expanduser()
+    saved = cache / "dev-api-key"
+    return saved.read_text().strip() if saved.is_file() else None
+
+
+def build_request(args: argparse.Namespace) -> gateway_pb2.GenerateRequest:
+    """The GenerateRequest for the parsed command line."""
+    sampling = common_pb2.SamplingParams(max_tokens=args.max_tokens)
+    if args.temperature is not None:
+        sampling.temperature = args.temperature
+    if args.top_p is not None:
+        sampling.top_p = args.top_p
+    if args.top_k:
+        sampling.top_k = args.top_k
+    if args.seed is not None:
+        sampling.seed = args.seed
+    sampling.stop.extend(args.stop or [])
+    return gateway_pb2.GenerateRequest(prompt=args.prompt, sampling=sampling, model=args.model or "")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Stream one completion to stdout; exit 1 with the status on error."""
+    key = resolve_key(args.key)
+    if not key:
+        print("switchboard generate: no API key: pass --key or set SWITCHBOARD_API_KEY", file=sys.stderr)
+        return 2
+    request = build_request(args)
+    with grpc.insecure_channel(args.addr) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        call = stub.Generate(request, metadata=[("authorization", f"Bearer {key}")], timeout=args.timeout)
+        model, last = "", None
+        try:
+            if args.echo:
+                sys.stdout.write(args.prompt)
+            for message in call:
+                model = model or message.model
+                sys.stdout.write(message.text)
+                sys.stdout.flush()
+                last = message
+        except grpc.RpcError as error:
+            print(f"\nerror: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            call.cancel()
+            print("\ncancelled", file=sys.stderr)
+            return 130
+    print()
+    if last is not None:
+        reason = common_pb2.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
+        print(
+            f"[{model}] prompt_tokens={last.usage.prompt_tokens} completion_tokens={last.usage.completion_tokens} "
+            f"finish={reason} request_id={last.request_id}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register `switchboard generate`."""
+    parser = subparsers.add_parser("generate", help="send a prompt to the gateway and stream the answer", description=__doc__)
+    parser.add_argument("prompt", help="the prompt text")
+    parser.add_argument("--model", default=None, help="pin an expert (default: the router chooses)")
+    parser.add_argument("--max-tokens", type=int, default=0, help="tokens to generate (0: the gateway default)")
+    parser.add_argument("--temperature", type=float, default=None, help="0 is greedy; default 1.0")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 disables)")
+    parser.add_argument("--seed", type=int, default=None, help="sampler seed (same seed, same text)")
+    parser.add_argument("--stop", action="append", help="stop string (repeatable)")
+    parser.add_argument("--key", default=None, help="API key (default: SWITCHBOARD_API_KEY or the dev key)")
+    parser.add_argument("--addr", default=os.environ.get("SWITCHBOARD_ADDR", "127.0.0.1:50051"), help="gateway host:port")
+    parser.add_argument("--timeout", type=float, default=120.0, help="request deadline in seconds")
+    parser.add_argument("--echo", action="store_true", help="print the prompt before the completion")
+    parser.set_defaults(func=run)

@@ -1,0 +1,234 @@
+"""The local stack: scheduler, router, generators and gateway as processes on loopback.
+
+`LocalStack` plans the environment of every service from the experts config
+(one generator per replica of each expert), starts them in dependency order
+with `ProcessGroup`, waits for grpc.health.v1 SERVING and for every generator
+to be registered with the scheduler, and stops them all on exit. `switchboard
+up` and the cross-service tests both use it, so the tests run the stack a
+newcomer runs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+
+from switchboard.cli.processes import ProcessGroup, ServiceSpec, StartupError, free_port
+from switchboard.common.experts_config import ExpertSpec, load_experts_config
+from switchboard.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+# Default ports of `switchboard up` (the documented ones).
+GATEWAY_PORT, ROUTER_PORT, SCHEDULER_PORT, FIRST_GENERATOR_PORT = 50051, 50052, 50053, 50061
+GATEWAY_METRICS, ROUTER_METRICS, SCHEDULER_METRICS, FIRST_GENERATOR_METRICS = 9101, 9102, 9103, 9111
+
+
+@dataclass(frozen=True)
+class GeneratorPlan:
+    """One generator replica to start."""
+
+    expert: str
+    model: str  # folder path or demo expert name (GENERATOR_MODEL)
+    replica_id: str
+    port: int
+    metrics_port: int
+
+
+@dataclass
+class StackPlan:
+    """Every port and path of one local stack."""
+
+    experts_config: Path
+    keys_file: Path
+    gateway_port: int = GATEWAY_PORT
+    router_port: int = ROUTER_PORT
+    scheduler_port: int = SCHEDULER_PORT
+    gateway_metrics: int = GATEWAY_METRICS
+    router_metrics: int = ROUTER_METRICS
+    scheduler_metrics: int = SCHEDULER_METRICS
+    generators: list[GeneratorPlan] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # added to every service (OTEL_*, LOG_LEVEL, ...)
+    generator_env: dict[str, str] = field(default_factory=dict)  # added to every generator
+
+    @property
+    def gateway_addr(self) -> str:
+        """Where clients connect."""
+        return f"127.0.0.1:{self.gateway_port}"
+
+    @property
+    def scheduler_addr(self) -> str:
+        """The scheduler's address."""
+        return f"127.0.0.1:{self.scheduler_port}"
+
+    @property
+    def router_addr(self) -> str:
+        """The router's address."""
+        return f"127.0.0.1:{self.router_port}"
+
+
+def plan_stack(
+    experts_config: Path,
+    keys_file: Path,
+    *,
+    models: Mapping[str, str] | None = None,
+    free_ports: bool = False,
+    metrics: bool = True,
+) -> StackPlan:
+    """Plan a stack: one generator per configured replica of each expert.
+
+    models: {expert: model folder} overriding each expert's `model` from the config
+    (e.g. the built demo expert folders). free_ports: pick free ports instead of the
+    documented defaults (tests, or a second stack on one machine). metrics=False
+    disables the metrics endpoints.
+    """
+    experts: list[ExpertSpec] = load_experts_config(experts_config)
+    plan = StackPlan(experts_config=experts_config.resolve(), keys_file=keys_file)
+    if free_ports:
+        plan.gateway_port, plan.router_port, plan.scheduler_port = free_port(), free_port(), free_port()
+        plan.gateway_metrics, plan.router_metrics, plan.scheduler_metrics = free_port(), free_port(), free_port()
+    if not metrics:
+        plan.gateway_metrics = plan.router_metrics = plan.scheduler_metrics = 0
+    index = 0
+    for spec in experts:
+        for replica in range(spec.replicas):
+            port = free_port() if free_ports else FIRST_GENERATOR_PORT + index
+            metrics_port = (free_port() if free_ports else FIRST_GENERATOR_METRICS + index) if metrics else 0
+            model = (models or {}).get(spec.name, spec.model)
+            plan.generators.append(GeneratorPlan(spec.name, model, f"{spec.name}-{replica}", port, metrics_port))
+            index += 1
+    return plan
+
+
+def service_specs(plan: StackPlan) -> dict[str, ServiceSpec]:
+    """The ServiceSpec of every process, keyed by name, in start order."""
+    shared = {
+        "SWITCHBOARD_EXPERTS_CONFIG": str(plan.experts_config),
+        "SCHEDULER_ADDR": plan.scheduler_addr,
+        "ROUTER_ADDR": plan.router_addr,
+        **plan.env,
+    }
+    specs = {
+        "scheduler": ServiceSpec(
+            "scheduler",
+            "switchboard.scheduler",
+            plan.scheduler_port,
+            {**shared, "SCHEDULER_PORT": str(plan.scheduler_port), "SCHEDULER_METRICS_PORT": str(plan.scheduler_metrics)},
+            plan.scheduler_metrics,
+        ),
+        "router": ServiceSpec(
+            "router",
+            "switchboard.router",
+            plan.router_port,
+            {**shared, "ROUTER_PORT": str(plan.router_port), "ROUTER_METRICS_PORT": str(plan.router_metrics)},
+            plan.router_metrics,
+        ),
+    }
+    for generator in plan.generators:
+        name = f"generator-{generator.replica_id}"
+        specs[name] = ServiceSpec(
+            name,
+            "switchboard.generator",
+            generator.port,
+            {
+                **shared,
+                "GENERATOR_PORT": str(generator.port),
+                "GENERATOR_METRICS_PORT": str(generator.metrics_port),
+                "GENERATOR_MODEL": generator.model,
+                "GENERATOR_EXPERT": generator.expert,
+                "GENERATOR_REPLICA_ID": generator.replica_id,
+                **plan.generator_env,
+            },
+            generator.metrics_port,
+        )
+    specs["gateway"] = ServiceSpec(
+        "gateway",
+        "switchboard.gateway",
+        plan.gateway_port,
+        {
+            **shared,
+            "GATEWAY_PORT": str(plan.gateway_port),
+            "GATEWAY_METRICS_PORT": str(plan.gateway_metrics),
+            "GATEWAY_KEYS_FILE": str(plan.keys_file),
+        },
+        plan.gateway_metrics,
+    )
+    return specs
+
+
+def registered_replicas(scheduler_addr: str, timeout: float = 1.0) -> dict[str, int]:
+    """{replica_id: state} as the scheduler sees them ({} when it does not answer)."""
+    with grpc.insecure_channel(scheduler_addr) as channel:
+        try:
+            cluster = scheduler_pb2_grpc.SchedulerStub(channel).GetCluster(
+                scheduler_pb2.GetClusterRequest(), timeout=timeout
+            )
+        except grpc.RpcError:
+            return {}
+    return {replica.replica_id: int(replica.state) for replica in cluster.replicas}
+
+
+class LocalStack:
+    """Start a planned stack; a context manager that always stops every process."""
+
+    def __init__(
+        self,
+        plan: StackPlan,
+        log_dir: Path,
+        base_env: Mapping[str, str] | None = None,
+        grace: float = 10.0,
+        start_timeout: float = 180.0,
+    ) -> None:
+        """log_dir receives one `<service>.log` per process (its JSON log lines)."""
+        self.plan = plan
+        self.start_timeout = start_timeout
+        self.specs = service_specs(plan)
+        self.group = ProcessGroup(log_dir, base_env if base_env is not None else os.environ, grace=grace)
+
+    def start(self, timeout: float = 180.0) -> None:
+        """Start everything in order, waiting for health and registrations (StartupError on failure)."""
+        deadline = time.monotonic() + timeout
+        self.group.start(self.specs["scheduler"])
+        self.group.wait_healthy(["scheduler"], timeout=deadline - time.monotonic())
+        later = [name for name in self.specs if name not in ("scheduler", "gateway")]
+        for name in later:
+            self.group.start(self.specs[name])
+        self.group.start(self.specs["gateway"])
+        self.group.wait_healthy(timeout=deadline - time.monotonic())
+        self.wait_registered([g.replica_id for g in self.plan.generators], deadline - time.monotonic())
+
+    def wait_registered(self, replica_ids: list[str], timeout: float) -> None:
+        """Poll the scheduler until every named replica is READY (generators register after loading)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            seen = registered_replicas(self.plan.scheduler_addr)
+            missing = [r for r in replica_ids if seen.get(r) != scheduler_pb2.REPLICA_STATE_READY]
+            if not missing:
+                return
+            dead = list(self.group.dead())
+            if dead:
+                raise StartupError(f"{dead[0].spec.name} exited during startup:\n{dead[0].log_tail()}")
+            if time.monotonic() > deadline:
+                raise StartupError(f"replicas never registered with the scheduler: {', '.join(missing)}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        """Stop every process (SIGTERM, grace period, SIGKILL)."""
+        self.group.stop_all()
+
+    def __enter__(self) -> LocalStack:
+        try:
+            self.start(self.start_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

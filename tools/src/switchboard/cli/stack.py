@@ -1,0 +1,144 @@
+"""`switchboard up`: start the whole stack on 127.0.0.1 and keep it running until Ctrl-C.
+
+It builds the demo experts if they are missing (switchboard.experts), makes sure a
+dev API key exists (the key in `<cache>/dev-api-key`, its hash in the gateway's keys
+file `<cache>/gateway-keys.jsonl`), starts the scheduler, the router, one generator
+per replica in the experts config and the gateway as separate processes (each
+`python -m switchboard.<service>`, as in the Dockerfiles), waits until every one
+answers grpc.health.v1 SERVING and every generator is registered, prints the
+endpoints, the metrics URLs and the key, then waits. Ctrl-C (or SIGTERM) stops all
+of them (SIGTERM, grace period, SIGKILL); if one dies, the rest are stopped and
+the command exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+from switchboard.cli.processes import StartupError
+
+
+def cache_dir() -> Path:
+    """`$SWITCHBOARD_CACHE_DIR`, default ~/.cache/switchboard."""
+    return Path(os.environ.get("SWITCHBOARD_CACHE_DIR") or Path.home() / ".cache" / "switchboard").expanduser()
+
+
+def default_experts_config() -> Path:
+    """SWITCHBOARD_EXPERTS_CONFIG, else ./config/experts.yaml, else the repository's copy."""
+    configured = os.environ.get("SWITCHBOARD_EXPERTS_CONFIG")
+    if configured:
+        return Path(configured)
+    local = Path("config/experts.yaml")
+    if local.is_file():
+        return local
+    return Path(__file__).resolve().parents[4] / "config" / "experts.yaml"
+
+
+def ensure_dev_key(directory: Path, keys_file: Path, tenant: str = "dev") -> str:
+    """The stable dev API key: reuse `<dir>/dev-api-key` if its hash is in the keys file, else make one."""
+    from switchboard.gateway.auth import hash_key, parse_keys
+    from switchboard.gateway.keys import append_key, new_key
+
+    key_path = directory / "dev-api-key"
+    if key_path.is_file() and keys_file.is_file():
+        key = key_path.read_text().strip()
+        digest = bytes.fromhex(hash_key(key))
+        if key and any(hmac.compare_digest(digest, r.sha256) for r in parse_keys(keys_file.read_text().splitlines())):
+            return key
+    key = new_key()
+    append_key(keys_file, tenant, key)
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key + "\n")
+    return key
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start the stack, print how to use it, wait for Ctrl-C or a dead service."""
+    from switchboard.cli.localstack import LocalStack, plan_stack
+    from switchboard.common.experts_config import ExpertsConfigError, load_experts_config
+
+    experts_config = Path(args.experts_config or default_experts_config())
+    try:
+        experts = load_experts_config(experts_config)
+    except ExpertsConfigError as exc:
+        print(f"switchboard up: {exc}", file=sys.stderr)
+        return 2
+    models: dict[str, str] = {}
+    demo = [spec.model for spec in experts if not Path(spec.model).expanduser().exists()]
+    if demo:
+        from switchboard.experts import DEMO_EXPERTS, ensure_experts
+
+        unknown = [name for name in demo if name not in DEMO_EXPERTS]
+        if unknown:
+            print(f"switchboard up: model {unknown[0]!r} is neither a folder nor a demo expert", file=sys.stderr)
+            return 2
+        print(f"checking demo experts {', '.join(sorted(set(demo)))} (built into the cache on first use)...", flush=True)
+        folders = ensure_experts(sorted(set(demo)))
+        models = {spec.name: str(folders[spec.model]) for spec in experts if spec.model in folders}
+    cache = cache_dir()
+    keys_file = Path(os.environ.get("GATEWAY_KEYS_FILE") or cache / "gateway-keys.jsonl")
+    key = ensure_dev_key(cache, keys_file)
+    plan = plan_stack(experts_config, keys_file, models=models)
+    log_dir = Path(args.log_dir or cache / "logs")
+    stack = LocalStack(plan, log_dir, start_timeout=args.timeout)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        print(f"starting scheduler, router, {len(plan.generators)} generator(s), gateway (logs in {log_dir})...", flush=True)
+        started = time.monotonic()
+        stack.start(args.timeout)
+        print(f"\nSwitchboard is up ({time.monotonic() - started:.1f}s)\n")
+        print(f"  gateway    {plan.gateway_addr}   metrics http://127.0.0.1:{plan.gateway_metrics}/metrics")
+        print(f"  router     {plan.router_addr}   metrics http://127.0.0.1:{plan.router_metrics}/metrics")
+        print(f"  scheduler  {plan.scheduler_addr}   metrics http://127.0.0.1:{plan.scheduler_metrics}/metrics")
+        for g in plan.generators:
+            print(f"  generator  127.0.0.1:{g.port}   metrics http://127.0.0.1:{g.metrics_port}/metrics   {g.expert} ({g.replica_id})")
+        print(f"\n  dev API key: {key}")
+        print(f"  export SWITCHBOARD_API_KEY={key}")
+        print('  switchboard generate "To be, or not to be"')
+        print(f"  grpcurl -plaintext {plan.gateway_addr} list")
+        print(f"\n  logs: {log_dir}/<service>.log   traces: set OTEL_EXPORTER_OTLP_ENDPOINT before `switchboard up`")
+        print("\nCtrl-C stops everything.", flush=True)
+        while True:
+            dead = next(iter(stack.group.dead()), None)
+            if dead is not None:
+                print(
+                    f"\n{dead.spec.name} exited with code {dead.popen.returncode}; stopping the stack. "
+                    f"Last log lines ({dead.log_path}):\n{dead.log_tail(15)}",
+                    file=sys.stderr,
+                )
+                return 1
+            time.sleep(0.5)
+    except StartupError as exc:
+        print(f"switchboard up: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopping...", flush=True)
+        return 0
+    finally:
+        # Ignore further Ctrl-C while children drain, so none is left behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stack.stop()
+        print("stopped.", flush=True)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register `switchboard up`."""
+    parser = subparsers.add_parser("up", help="start all four services locally and wait until healthy", description=__doc__)
+    parser.add_argument("--experts-config", default=None, help="experts config (default: config/experts.yaml)")
+    parser.add_argument("--log-dir", default=None, help="service logs folder (default: <cache>/logs)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the stack to become healthy")
+    parser.set_defaults(func=run)
