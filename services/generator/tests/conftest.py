@@ -56,12 +56,27 @@ def tiny_hf_model(kind: str, **overrides: Any) -> Any:
 
     torch.manual_seed(0)
     if kind == "gpt2":
-        cfg = dict(vocab_size=VOCAB_SIZE, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0)
+        cfg = dict(
+            vocab_size=VOCAB_SIZE,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=128,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
         cfg.update(overrides)
         return transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg)).eval()
     base = dict(
-        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128, bos_token_id=0, eos_token_id=0,
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=0,
         rope_theta=10000.0,
     )
     if kind == "llama":
@@ -91,7 +106,9 @@ def tiny_hf_model(kind: str, **overrides: Any) -> Any:
 def make_model_dir(tmp_path: Path, bpe_tokenizer: tokenizers.Tokenizer) -> Callable[..., tuple[Path, Any]]:
     """Factory: save a tiny HF model (+ tokenizer.json) to a fresh folder; returns (folder, hf_model)."""
 
-    def make(kind: str, name: str | None = None, safe_serialization: bool = True, **overrides: Any) -> tuple[Path, Any]:
+    def make(
+        kind: str, name: str | None = None, safe_serialization: bool = True, **overrides: Any
+    ) -> tuple[Path, Any]:
         hf = tiny_hf_model(kind, **overrides)
         folder = tmp_path / (name or kind)
         hf.save_pretrained(folder, safe_serialization=safe_serialization)

@@ -12,8 +12,13 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
-from switchboard.generator.loader import ModelLoadError, cpu_supports_bfloat16, load_model, main, resolve_dtype
+from switchboard.generator.loader import (
+    ModelLoadError,
+    cpu_supports_bfloat16,
+    load_model,
+    main,
+    resolve_dtype,
+)
 
 Maker = Callable[..., tuple[Path, Any]]
 
@@ -52,16 +57,24 @@ def test_sharded_safetensors(make_model_dir: Maker) -> None:
     state = load_file(folder / "model.safetensors")
     (folder / "model.safetensors").unlink()
     keys = sorted(state)
-    halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2], "model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}
+    halves = {
+        "model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+        "model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
+    }
     weight_map = {}
     for name, part in halves.items():
         save_file({k: state[k] for k in part}, str(folder / name))
         weight_map.update({k: name for k in part})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     loaded = load_model(folder, dtype="float32")
     torch.testing.assert_close(logits_of(loaded.model, IDS), logits_of(hf, IDS), rtol=1e-4, atol=1e-4)
     (folder / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(ModelLoadError, match=r"weight shards listed in .*model\.safetensors\.index\.json are missing: model-00002-of-00002\.safetensors"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"weight shards listed in .*model\.safetensors\.index\.json are missing: model-00002-of-00002\.safetensors",
+    ):
         load_model(folder, dtype="float32")
 
 
@@ -76,7 +89,11 @@ def test_pytorch_model_bin(make_model_dir: Maker) -> None:
 def test_gpt2_checkpoint_without_prefix_and_with_mask_buffers(make_model_dir: Maker) -> None:
     """The layout of the original `gpt2` checkpoint: keys saved from GPT2Model, causal-mask buffers kept."""
     folder, hf = make_model_dir("gpt2")
-    state = {k.removeprefix("transformer."): v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    state = {
+        k.removeprefix("transformer."): v.contiguous()
+        for k, v in hf.state_dict().items()
+        if k != "lm_head.weight"
+    }
     for i in range(hf.config.n_layer):
         state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 128, 128))
         state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
@@ -96,7 +113,7 @@ def test_bfloat16_load(make_model_dir: Maker) -> None:
 
 
 def test_bf16_checkpoint_loads_as_float32(make_model_dir: Maker) -> None:
-    folder, hf = make_model_dir("gpt2")
+    folder, _ = make_model_dir("gpt2")
     state = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(folder / "model.safetensors").items()}
     save_file(state, str(folder / "model.safetensors"))
     loaded = load_model(folder, dtype="float32")
@@ -112,7 +129,10 @@ def test_dtype_resolution() -> None:
     assert resolve_dtype("bf16", cpu) == torch.bfloat16
     assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
     assert resolve_dtype("float16", torch.device("cuda")) == torch.float16
-    with pytest.raises(ModelLoadError, match=r"dtype 'float16' is not supported on cpu; choose one of: auto, float32, bfloat16"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"dtype 'float16' is not supported on cpu; choose one of: auto, float32, bfloat16",
+    ):
         resolve_dtype("float16", cpu)
     with pytest.raises(ModelLoadError, match=r"dtype 'int8' is not supported on cuda"):
         resolve_dtype("int8", torch.device("cuda"))
@@ -145,14 +165,18 @@ def test_config_missing_a_required_field(make_model_dir: Maker) -> None:
     config = json.loads((folder / "config.json").read_text())
     del config["hidden_size"]
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match=rf"config\.json in {folder} is missing or has invalid fields: .*hidden_size"):
+    with pytest.raises(
+        ModelLoadError, match=rf"config\.json in {folder} is missing or has invalid fields: .*hidden_size"
+    ):
         load_model(folder)
 
 
 def test_missing_weights(make_model_dir: Maker) -> None:
     folder, _ = make_model_dir("llama")
     (folder / "model.safetensors").unlink()
-    with pytest.raises(ModelLoadError, match=rf"no weights in model folder {folder}: expected model\.safetensors"):
+    with pytest.raises(
+        ModelLoadError, match=rf"no weights in model folder {folder}: expected model\.safetensors"
+    ):
         load_model(folder)
 
 
@@ -179,13 +203,17 @@ def test_corrupt_tokenizer(make_model_dir: Maker) -> None:
 
 def test_tokenizer_larger_than_vocab(make_model_dir: Maker) -> None:
     folder, _ = make_model_dir("gpt2", vocab_size=300)
-    with pytest.raises(ModelLoadError, match=r"tokenizer\.json in .* has 384 tokens but the model's vocab_size is 300"):
+    with pytest.raises(
+        ModelLoadError, match=r"tokenizer\.json in .* has 384 tokens but the model's vocab_size is 300"
+    ):
         load_model(folder)
 
 
 def test_unknown_architecture(make_model_dir: Maker) -> None:
     folder, _ = make_model_dir("gpt2")
-    (folder / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert"}))
+    (folder / "config.json").write_text(
+        json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert"})
+    )
     with pytest.raises(ModelLoadError) as info:
         load_model(folder)
     message = str(info.value)
@@ -274,6 +302,9 @@ def test_cli_reports_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 
 def test_cli_help() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "switchboard.generator.loader", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "switchboard.generator.loader", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "Load a Hugging Face-format model folder" in result.stdout

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from switchboard.generator.engine.attention import AttentionContext, SequenceSlice
 from switchboard.generator.engine.kv_cache import KVCache
 from switchboard.generator.loader import load_model
@@ -32,7 +31,9 @@ def test_forward_matches_transformers(kind: str, make_model_dir: Callable[..., t
     folder, hf = make_model_dir(kind)
     loaded = load_model(folder, dtype="float32")
     for length in (1, 7, 40):
-        ids = torch.randint(0, loaded.model.config.vocab_size, (2, length), generator=torch.Generator().manual_seed(length))
+        ids = torch.randint(
+            0, loaded.model.config.vocab_size, (2, length), generator=torch.Generator().manual_seed(length)
+        )
         with torch.no_grad():
             ours = loaded.model(ids)
             ref = hf(ids).logits
@@ -41,7 +42,9 @@ def test_forward_matches_transformers(kind: str, make_model_dir: Callable[..., t
 
 def paged_step(model: Any, cache: KVCache, seqs: list[dict], chunks: list[int]) -> torch.Tensor:
     """One engine-like step: seqs[i] contributes chunks[i] new tokens; returns last-token logits per seq."""
-    order = sorted(range(len(seqs)), key=lambda i: chunks[i] != 1)  # decodes first, as the engine lays them out
+    order = sorted(
+        range(len(seqs)), key=lambda i: chunks[i] != 1
+    )  # decodes first, as the engine lays them out
     ids: list[int] = []
     positions: list[int] = []
     slices: list[SequenceSlice] = []
@@ -63,15 +66,23 @@ def paged_step(model: Any, cache: KVCache, seqs: list[dict], chunks: list[int]) 
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama-gqa", "qwen2"])
-def test_forward_step_matches_transformers(kind: str, make_model_dir: Callable[..., tuple[Path, Any]]) -> None:
+def test_forward_step_matches_transformers(
+    kind: str, make_model_dir: Callable[..., tuple[Path, Any]]
+) -> None:
     folder, hf = make_model_dir(kind)
     loaded = load_model(folder, dtype="float32")
     c = loaded.model.config
-    cache = KVCache(c.num_hidden_layers, 32, BLOCK, c.num_key_value_heads, c.head_size, torch.float32, torch.device("cpu"))
+    cache = KVCache(
+        c.num_hidden_layers, 32, BLOCK, c.num_key_value_heads, c.head_size, torch.float32, torch.device("cpu")
+    )
     gen = torch.Generator().manual_seed(0)
     lengths = [13, 6]
     seqs = [
-        {"ids": torch.randint(0, c.vocab_size, (n,), generator=gen).tolist(), "done": 0, "table": list(range(i * 8, i * 8 + 8))}
+        {
+            "ids": torch.randint(0, c.vocab_size, (n,), generator=gen).tolist(),
+            "done": 0,
+            "table": list(range(i * 8, i * 8 + 8)),
+        }
         for i, n in enumerate(lengths)
     ]
     refs = [reference_logits(hf, s["ids"]) for s in seqs]
@@ -89,7 +100,14 @@ def test_gpt2_module_matches_transformers_directly() -> None:
 
     torch.manual_seed(0)
     hf_cfg = transformers.GPT2Config(
-        vocab_size=97, n_embd=48, n_layer=3, n_head=3, n_positions=64, n_inner=80, bos_token_id=0, eos_token_id=0
+        vocab_size=97,
+        n_embd=48,
+        n_layer=3,
+        n_head=3,
+        n_positions=64,
+        n_inner=80,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
     ours = GPT2LMHeadModel(GPT2Config.from_hf_dict(hf_cfg.to_dict())).eval()
@@ -104,6 +122,14 @@ def test_gpt2_module_matches_transformers_directly() -> None:
 
 def test_gpt2_config_exposes_kv_geometry() -> None:
     c = GPT2Config(vocab_size=10, n_embd=64, n_layer=3, n_head=4, n_positions=32)
-    assert (c.num_layers, c.num_kv_heads, c.head_dim, c.max_position_embeddings, c.inner_size) == (3, 4, 16, 32, 256)
+    assert (c.num_layers, c.num_kv_heads, c.head_dim, c.max_position_embeddings, c.inner_size) == (
+        3,
+        4,
+        16,
+        32,
+        256,
+    )
     assert c.unsupported() == []
-    assert "activation_function='relu'" in GPT2Config(10, 64, 3, 4, activation_function="relu").unsupported()[0]
+    assert (
+        "activation_function='relu'" in GPT2Config(10, 64, 3, 4, activation_function="relu").unsupported()[0]
+    )

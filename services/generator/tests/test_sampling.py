@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from switchboard.generator.sampling import Sampler, SamplingParams, make_generator
+from switchboard.v1 import common_pb2
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
@@ -13,9 +15,6 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
-
-from switchboard.generator.sampling import Sampler, SamplingParams, make_generator
-from switchboard.v1 import common_pb2
 
 VOCAB = 50
 
@@ -53,8 +52,10 @@ def test_processing_matches_transformers(params: SamplingParams) -> None:
     previous = [[1, 2, 3, 3], [10, 11], [], [5, 49, 0]]
     ours = Sampler().process_logits(logits, [params] * 4, previous)
     for row in range(4):
-        ref = hf_process(logits[row], params, previous[row]) if previous[row] else hf_process(
-            logits[row], SamplingParams(**{**params.__dict__, "repetition_penalty": 1.0}), []
+        ref = (
+            hf_process(logits[row], params, previous[row])
+            if previous[row]
+            else hf_process(logits[row], SamplingParams(**{**params.__dict__, "repetition_penalty": 1.0}), [])
         )
         assert torch.equal(torch.isinf(ours[row]), torch.isinf(ref)), row
         finite = ~torch.isinf(ref)
@@ -64,7 +65,11 @@ def test_processing_matches_transformers(params: SamplingParams) -> None:
 def test_mixed_batch_processes_each_row_with_its_own_params() -> None:
     torch.manual_seed(2)
     logits = torch.randn(3, VOCAB)
-    params = [SamplingParams(top_k=3), SamplingParams(temperature=0.0), SamplingParams(top_p=0.5, temperature=0.8)]
+    params = [
+        SamplingParams(top_k=3),
+        SamplingParams(temperature=0.0),
+        SamplingParams(top_p=0.5, temperature=0.8),
+    ]
     ours = Sampler().process_logits(logits, params, [[1], [1], [1]])
     assert (~torch.isinf(ours[0])).sum() == 3
     torch.testing.assert_close(ours[1], logits[1])  # greedy row untouched
@@ -95,7 +100,8 @@ def test_sampling_frequencies_follow_the_distribution() -> None:
     sampler, gen = Sampler(), make_generator(7)
     draws = 4000
     counts = torch.bincount(
-        torch.cat([sampler.sample(logits, [SamplingParams()], [gen], [[]]) for _ in range(draws)]), minlength=10
+        torch.cat([sampler.sample(logits, [SamplingParams()], [gen], [[]]) for _ in range(draws)]),
+        minlength=10,
     )
     freq = counts[:3].float() / draws
     # 4000 draws: the standard error of each frequency is below 0.008; 0.04 is five of them.
@@ -112,7 +118,8 @@ def test_seed_gives_the_same_tokens_whatever_the_batch() -> None:
     g_req, g_other1, g_other2 = make_generator(42), make_generator(1), make_generator(2)
     batch_params = [SamplingParams(seed=1), p, SamplingParams(seed=2, top_k=3)]
     batched = [
-        int(sampler.sample(logits, batch_params, [g_other1, g_req, g_other2], [[], [], []])[1]) for _ in range(20)
+        int(sampler.sample(logits, batch_params, [g_other1, g_req, g_other2], [[], [], []])[1])
+        for _ in range(20)
     ]
     assert alone == batched
     g_diff = make_generator(43)
@@ -165,20 +172,36 @@ def test_from_proto_defaults_and_values() -> None:
     empty = SamplingParams.from_proto(common_pb2.SamplingParams(), default_max_tokens=32)
     assert empty == SamplingParams(max_tokens=32)
     msg = common_pb2.SamplingParams(
-        max_tokens=5, temperature=0.0, top_p=0.5, top_k=3, repetition_penalty=1.25, stop=["\n\n", "END"],
-        seed=2**64 - 1, min_tokens=2, ignore_eos=True,
+        max_tokens=5,
+        temperature=0.0,
+        top_p=0.5,
+        top_k=3,
+        repetition_penalty=1.25,
+        stop=["\n\n", "END"],
+        seed=2**64 - 1,
+        min_tokens=2,
+        ignore_eos=True,
     )
     p = SamplingParams.from_proto(msg, default_max_tokens=32)
     assert p == SamplingParams(
-        max_tokens=5, temperature=0.0, top_p=0.5, top_k=3, repetition_penalty=1.25, stop=("\n\n", "END"),
-        seed=2**64 - 1, min_tokens=2, ignore_eos=True,
+        max_tokens=5,
+        temperature=0.0,
+        top_p=0.5,
+        top_k=3,
+        repetition_penalty=1.25,
+        stop=("\n\n", "END"),
+        seed=2**64 - 1,
+        min_tokens=2,
+        ignore_eos=True,
     )
     assert p.greedy
     make_generator(p.seed)  # the full uint64 range seeds a generator
 
 
 def test_from_proto_rejects_bad_fields() -> None:
-    with pytest.raises(ValueError, match=r"^sampling\.max_tokens: must be at least 1 \(0 means the default\), got -1"):
+    with pytest.raises(
+        ValueError, match=r"^sampling\.max_tokens: must be at least 1 \(0 means the default\), got -1"
+    ):
         SamplingParams.from_proto(common_pb2.SamplingParams(max_tokens=-1), 16)
     with pytest.raises(ValueError, match=r"^sampling\.temperature: must be in \[0, 2\], got 3\.5"):
         SamplingParams.from_proto(common_pb2.SamplingParams(temperature=3.5), 16)

@@ -23,17 +23,22 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from torch import nn
-
 from switchboard.generator.models.registry import ModelFamily, UnsupportedModelError, resolve_family
 from switchboard.generator.tokenizer import Tokenizer
+from torch import nn
 
 #: dtype names accepted by `load_model`, per device type.
 SUPPORTED_DTYPES: dict[str, dict[str, torch.dtype]] = {
     "cpu": {"float32": torch.float32, "bfloat16": torch.bfloat16},
     "cuda": {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32},
 }
-_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
+_DTYPE_ALIASES = {
+    "fp32": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "half": "float16",
+    "float": "float32",
+}
 
 
 class ModelLoadError(RuntimeError):
@@ -64,7 +69,9 @@ def cpu_supports_bfloat16() -> bool:
         return False
 
 
-def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: torch.dtype | None = None) -> torch.dtype:
+def resolve_dtype(
+    dtype: str, device: torch.device, checkpoint_dtype: torch.dtype | None = None
+) -> torch.dtype:
     """The torch dtype to load into; ModelLoadError for a dtype the device does not support.
 
     "auto" is bfloat16 on CUDA; on CPU bfloat16 where the CPU has native bf16
@@ -159,7 +166,12 @@ def _checkpoint_dtype(files: list[Path]) -> torch.dtype | None:
 
 
 def _load_weights(
-    model: nn.Module, family: ModelFamily, config: Any, files: list[Path], device: torch.device, dtype: torch.dtype
+    model: nn.Module,
+    family: ModelFamily,
+    config: Any,
+    files: list[Path],
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> None:
     """Read, check and assign every tensor into the meta-built `model`; strict."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
@@ -193,13 +205,19 @@ def _load_weights(
         if missing:
             parts.append(f"missing tensors: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
         if unexpected:
-            parts.append(f"unexpected tensors: {', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else ""))
-        raise ModelLoadError(f"checkpoint in {files[0].parent} does not match config.json: " + "; ".join(parts))
+            parts.append(
+                f"unexpected tensors: {', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else "")
+            )
+        raise ModelLoadError(
+            f"checkpoint in {files[0].parent} does not match config.json: " + "; ".join(parts)
+        )
     model.load_state_dict(loaded, strict=False, assign=True)
     family.finalize(model, device)
     still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if still_meta:
-        raise ModelLoadError(f"tensors left unloaded after reading {files[0].parent}: {', '.join(still_meta)}")
+        raise ModelLoadError(
+            f"tensors left unloaded after reading {files[0].parent}: {', '.join(still_meta)}"
+        )
 
 
 def _parameter_count(model: nn.Module) -> int:
@@ -235,7 +253,7 @@ def load_model(path: Path | str, device: str | torch.device = "cpu", dtype: str 
         tokenizer = Tokenizer.from_dir(path, config_json)
     except Exception as exc:  # tokenizers raises a bare Exception for malformed files
         raise ModelLoadError(f"cannot read tokenizer.json in {path}: {exc}") from exc
-    vocab = getattr(config, "vocab_size")
+    vocab = config.vocab_size
     if tokenizer.vocab_size > vocab:
         raise ModelLoadError(
             f"tokenizer.json in {path} has {tokenizer.vocab_size} tokens but the model's vocab_size is {vocab}"
@@ -282,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("path", type=Path, help="model folder (config.json, weights, tokenizer.json)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
-    parser.add_argument("--prompt", default=None, help="also run one greedy step on this prompt and print the next token")
+    parser.add_argument(
+        "--prompt", default=None, help="also run one greedy step on this prompt and print the next token"
+    )
     args = parser.parse_args(argv)
     try:
         loaded = load_model(args.path, args.device, args.dtype)

@@ -129,7 +129,7 @@ class Sampler:
         batch, vocab = scores.shape
         device = scores.device
         # Repetition penalty (CTRL / HF): divide positive, multiply negative scores of seen tokens.
-        for row, (p, seen) in enumerate(zip(params, previous_tokens)):
+        for row, (p, seen) in enumerate(zip(params, previous_tokens, strict=True)):
             if p.repetition_penalty != 1.0 and len(seen):
                 index = torch.as_tensor(list(set(seen)), dtype=torch.long, device=device)
                 picked = scores[row, index]
@@ -186,7 +186,9 @@ class Sampler:
         `generators[i]`: row i's generator (unused, may be None, for greedy rows).
         """
         if logits.dim() != 2 or logits.shape[0] != len(params):
-            raise ValueError(f"logits must be [batch, vocab] with batch={len(params)}, got {tuple(logits.shape)}")
+            raise ValueError(
+                f"logits must be [batch, vocab] with batch={len(params)}, got {tuple(logits.shape)}"
+            )
         scores = self.process_logits(logits, params, previous_tokens, num_generated)
         tokens = scores.argmax(dim=-1)
         sampled = [r for r, p in enumerate(params) if not p.greedy]
@@ -198,7 +200,9 @@ class Sampler:
             for i, r in enumerate(sampled):
                 generator = generators[r]
                 if generator is None:
-                    raise ValueError(f"row {r} samples (temperature {params[r].temperature}) but has no generator")
+                    raise ValueError(
+                        f"row {r} samples (temperature {params[r].temperature}) but has no generator"
+                    )
                 noise[i].exponential_(generator=generator)
             tokens[sampled] = (probs / noise).argmax(dim=-1)
         return tokens

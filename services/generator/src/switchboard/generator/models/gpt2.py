@@ -139,7 +139,7 @@ class Conv1D(nn.Module):
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape[:-1] + (self.weight.shape[1],)
+        shape = (*x.shape[:-1], self.weight.shape[1])
         return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(shape)
 
 
@@ -156,7 +156,7 @@ class GPT2Attention(nn.Module):
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v each shaped [..., heads, head_dim] for inputs [..., n_embd]."""
         q, k, v = self.c_attn(x).split(self.num_heads * self.head_dim, dim=-1)
-        shape = x.shape[:-1] + (self.num_heads, self.head_dim)
+        shape = (*x.shape[:-1], self.num_heads, self.head_dim)
         return q.reshape(shape), k.reshape(shape), v.reshape(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

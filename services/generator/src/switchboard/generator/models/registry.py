@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
-
 from switchboard.generator.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from switchboard.generator.models.llama import LlamaConfig, LlamaForCausalLM, rope_inverse_frequencies
+from torch import nn
 
 
 class UnsupportedModelError(ValueError):
@@ -166,4 +165,6 @@ def resolve_family(config_json: dict[str, Any]) -> ModelFamily:
     if not architectures and model_type in MODEL_TYPES:
         return MODEL_TYPES[model_type]
     found = f"architectures={architectures!r}, model_type={model_type!r}"
-    raise UnsupportedModelError(f"unknown architecture ({found}); supported: {', '.join(sorted(ARCHITECTURES))}")
+    raise UnsupportedModelError(
+        f"unknown architecture ({found}); supported: {', '.join(sorted(ARCHITECTURES))}"
+    )
