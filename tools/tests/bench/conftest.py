@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
 from switchboard.bench.corpus import load_corpus
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 TRACES = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "traces"
 

@@ -12,12 +12,11 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from switchboard.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-
 from switchboard.bench.records import RequestRecord
 from switchboard.bench.runner import replay
 from switchboard.bench.targets.gateway_grpc import GatewayTarget
 from switchboard.bench.workload import TraceRequest
+from switchboard.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 KEY = "test-key"
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from switchboard.bench.prompts import PromptSynthesizer
 from switchboard.bench.runner import replay
 from switchboard.bench.targets.openai_sse import OpenAITarget, parse_sse

@@ -6,7 +6,6 @@ import random
 from pathlib import Path
 
 import pytest
-
 from switchboard.bench.prompts import PromptSynthesizer
 from switchboard.bench.workload import TraceRequest
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from switchboard.bench.records import RequestRecord
 from switchboard.bench.stats import SLO, distribution, percentile, summarize
 

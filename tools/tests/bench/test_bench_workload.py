@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
-
 from switchboard.bench.transform import WorkloadShape, fit_factor, scale_lengths, shape
 from switchboard.bench.workload import LengthDist, TraceError, TraceRequest, load_trace, synthetic
 
@@ -65,7 +65,7 @@ def test_real_azure_traces_load() -> None:
     code = load_trace(TRACES / "azure_llm_2023_code.csv")
     assert len(conv) == 19366 and len(code) == 8819
     assert conv[0].arrival_s == 0.0 and conv[-1].arrival_s > 3000
-    assert all(a.arrival_s <= b.arrival_s for a, b in zip(conv, conv[1:], strict=False))
+    assert all(a.arrival_s <= b.arrival_s for a, b in pairwise(conv))
 
 
 def test_jsonl_with_hash_ids(tmp_path: Path) -> None:
@@ -115,7 +115,7 @@ def test_synthetic_poisson_and_gamma_are_seeded_and_have_the_asked_rate() -> Non
     assert a[-1].arrival_s / 1999 == pytest.approx(0.25, rel=0.1)
     assert all(10 <= r.input_tokens <= 20 and r.output_tokens == 5 for r in a)
     bursty = synthetic(4.0, 2000, dist_in, dist_out, 0.25, seed=3)
-    gaps = [y.arrival_s - x.arrival_s for x, y in zip(bursty, bursty[1:], strict=False)]
+    gaps = [y.arrival_s - x.arrival_s for x, y in pairwise(bursty)]
     mean = sum(gaps) / len(gaps)
     cv2 = sum((g - mean) ** 2 for g in gaps) / len(gaps) / mean**2
     # gamma with shape k has squared coefficient of variation 1/k = 4.

@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from switchboard.bench import plots, report, results
-from switchboard.bench.corpus import CorpusError, load_corpus
+from switchboard.bench.corpus import CorpusError, cache_dir, load_corpus
 from switchboard.bench.prompts import DEFAULT_BLOCK_SIZE, PromptError, PromptSynthesizer
 from switchboard.bench.records import STATUS_OK, STATUS_TIMEOUT, RequestRecord
 from switchboard.bench.runner import replay
@@ -36,7 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="OpenAI endpoint: /v1/completions or /v1/chat/completions (default completions)")
     t.add_argument("--model", default="", help="model / expert name (required by most OpenAI servers)")
     t.add_argument("--api-key", default=None,
-                   help="bearer key (default: $SWITCHBOARD_API_KEY for grpc, $OPENAI_API_KEY for http)")
+                   help="bearer key (default: grpc $SWITCHBOARD_API_KEY or the `switchboard up` dev key; http $OPENAI_API_KEY)")
     t.add_argument("--no-exact-output", action="store_true",
                    help="gRPC: do not set min_tokens/ignore_eos (let EOS end a request early)")
     t.add_argument("--openai-exact-output", choices=EXACT_OUTPUT_DIALECTS, default="none",
@@ -102,10 +102,18 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _default_gateway_key() -> str:
+    """$SWITCHBOARD_API_KEY, else the dev key that `switchboard up` keeps in `<cache>/dev-api-key`."""
+    if os.environ.get("SWITCHBOARD_API_KEY"):
+        return os.environ["SWITCHBOARD_API_KEY"]
+    dev_key = cache_dir() / "dev-api-key"
+    return dev_key.read_text().strip() if dev_key.is_file() else ""
+
+
 def _make_target(args: argparse.Namespace) -> Target:
     url: str = args.target
     if url.startswith("grpc://"):
-        key = args.api_key if args.api_key is not None else os.environ.get("SWITCHBOARD_API_KEY", "")
+        key = args.api_key if args.api_key is not None else _default_gateway_key()
         return GatewayTarget(url.removeprefix("grpc://"), key, args.model, not args.no_exact_output,
                              args.temperature, args.seed)
     if url.startswith(("http://", "https://")):
@@ -171,7 +179,7 @@ def run_command(args: argparse.Namespace) -> int:
     records = _run_with_progress(target, requests, prompts, args, console)
     summary = summarize(records, slo)
     report.print_table(report.summary_table(summary, f"{label}: {args.target}"), Console())
-    doc = results.build_results(sys.argv[:1] + sys.argv[1:], target.describe(), workload,
+    doc = results.build_results(list(sys.argv), target.describe(), workload,
                                 {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s}, summary, records)
     results.write_results(args.out, doc)
     print(f"results: {args.out}")
