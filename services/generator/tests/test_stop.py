@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from switchboard.generator.stop import StopMatcher
 
@@ -72,3 +74,22 @@ def test_after_a_match_nothing_more_is_emitted() -> None:
     assert matcher.matched == "x"
     assert matcher.feed("more") == ("", True)
     assert matcher.flush() == ""
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_streams_match_a_whole_text_search(seed: int) -> None:
+    """Against the obvious reference: cut the whole text at the earliest stop string."""
+    rng = random.Random(seed)
+    alphabet = "abc"
+    stops = [
+        "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))
+    ]
+    full = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+    hits = [full.find(s) for s in stops if full.find(s) >= 0]
+    expected = (full[: min(hits)], True) if hits else (full, False)
+    deltas, i = [], 0
+    while i < len(full):
+        n = rng.randint(1, 4)
+        deltas.append(full[i : i + n])
+        i += n
+    assert run(stops, deltas)[:2] == expected

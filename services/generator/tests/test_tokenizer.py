@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -93,3 +94,22 @@ def test_from_dir_reads_special_ids(tmp_path: Path, bpe_tokenizer: tokenizers.To
     assert tok.bos_token_id == 0
     assert tok.vocab_size == bpe_tokenizer.get_vocab_size()
     assert tok.decode(tok.encode("hello 日本")) == "hello 日本"
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_ids_stream_to_the_full_decode(bpe_tokenizer: tokenizers.Tokenizer, seed: int) -> None:
+    """Arbitrary id sequences, invalid UTF-8 included: the deltas always add up to the full decode,
+    and every delta but the final flush ends on a complete character."""
+    rng = random.Random(seed)
+    tok = Tokenizer(bpe_tokenizer)
+    ids = [rng.randrange(1, tok.vocab_size) for _ in range(120)]
+    detok = IncrementalDetokenizer(tok)
+    deltas = []
+    i = 0
+    while i < len(ids):
+        step = rng.randint(1, 3)
+        deltas.append(detok.add(ids[i : i + step]))
+        i += step
+    assert all(not d.endswith(REPLACEMENT_CHAR) for d in deltas)
+    deltas.append(detok.flush())
+    assert "".join(deltas) == tok.decode(ids)
