@@ -60,7 +60,7 @@ def test_run_compare_and_plot(gateway_address: str, tokenizer_json: Path, tmp_pa
     assert main(run_args(gateway_address, tokenizer_json, second, "--max-requests", "6")) == 0
     doc = json.loads(first.read_text())
     assert doc["schema"] == SCHEMA
-    assert doc["command_line"] == ["switchboard", *argv]
+    assert doc["command_line"] == ["switchboard", *[a if a != KEY else "<redacted>" for a in argv]]
     assert doc["target"]["kind"] == "grpc" and doc["target"]["api_key_set"] is True
     assert KEY not in first.read_text()  # the key is never written
     assert doc["workload"]["source"]["arrivals"] == "gamma"

@@ -102,6 +102,19 @@ def _fail(message: str) -> int:
     return 2
 
 
+def redact(argv: list[str]) -> list[str]:
+    """The command line with the value of --api-key replaced, so results files hold no secret."""
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        if i > 0 and argv[i - 1] == "--api-key":
+            out.append("<redacted>")
+        elif arg.startswith("--api-key="):
+            out.append("--api-key=<redacted>")
+        else:
+            out.append(arg)
+    return out
+
+
 def _default_gateway_key() -> str:
     """$SWITCHBOARD_API_KEY, else the dev key that `switchboard up` keeps in `<cache>/dev-api-key`."""
     if os.environ.get("SWITCHBOARD_API_KEY"):
@@ -179,7 +192,7 @@ def run_command(args: argparse.Namespace) -> int:
     records = _run_with_progress(target, requests, prompts, args, console)
     summary = summarize(records, slo)
     report.print_table(report.summary_table(summary, f"{label}: {args.target}"), Console())
-    doc = results.build_results(list(sys.argv), target.describe(), workload,
+    doc = results.build_results(redact(sys.argv), target.describe(), workload,
                                 {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s}, summary, records)
     results.write_results(args.out, doc)
     print(f"results: {args.out}")
