@@ -80,6 +80,7 @@ async def test_stream_parser_records_chunks_usage_and_exact_output(gateway: tupl
     assert [n for _, n in rec.chunks] == [2, 2, 1]
     assert rec.output_tokens == 5 and rec.prompt_tokens == 3 and rec.cached_prompt_tokens == 1
     assert rec.finish_reason == "FINISH_REASON_LENGTH"
+    assert rec.model == "m"
     assert rec.ttft is not None and rec.e2e is not None and rec.e2e >= rec.ttft >= 0
     sent = servicer.requests[0]
     assert (sent.sampling.max_tokens, sent.sampling.min_tokens, sent.sampling.ignore_eos) == (5, 5, True)

@@ -33,6 +33,7 @@ class RequestRecord:
     prompt_tokens: int | None = None  # as reported by the server (may include BOS/chat template)
     output_tokens: int = 0  # produced: server usage if reported, else counted from the stream
     cached_prompt_tokens: int | None = None
+    model: str = ""  # the model / expert that served the request, as the server names it
     # (arrival time relative to sent_s, tokens in that chunk) for every chunk carrying tokens.
     chunks: list[tuple[float, int]] = field(default_factory=list)
 

@@ -76,6 +76,7 @@ def summarize(records: Sequence[RequestRecord], slo: SLO) -> dict:
         "requests_timed_out": statuses.get(STATUS_TIMEOUT, 0),
         "requests_failed": len(sent) - len(ok) - statuses.get(STATUS_TIMEOUT, 0),
         "status_counts": dict(sorted(statuses.items())),
+        "completed_by_model": dict(sorted(Counter(r.model for r in ok).items())),
         "duration_s": duration,
         "request_throughput_rps": rate(len(ok)),
         "output_token_throughput_tps": rate(output_tokens),

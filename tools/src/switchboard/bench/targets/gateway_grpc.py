@@ -63,6 +63,8 @@ class GatewayTarget:
         call = self._stub.Generate(self.build_request(prompt, request), metadata=metadata, wait_for_ready=False)
         try:
             async for message in call:
+                if message.model and not record.model:
+                    record.model = message.model
                 tokens = message.token_count or (1 if message.text else 0)
                 if tokens:
                     record.add_chunk(self.clock_zero, tokens)

@@ -149,6 +149,8 @@ class OpenAITarget:
                 message = error.get("message", str(error)) if isinstance(error, dict) else str(error)
                 record.finish(self.clock_zero, "stream_error", message)
                 return
+            if not record.model and isinstance(event.get("model"), str):
+                record.model = event["model"]
             if chunk_text(event, self.chat):
                 record.add_chunk(self.clock_zero, 1)
             for choice in event.get("choices") or []:
