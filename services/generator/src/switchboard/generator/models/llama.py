@@ -179,6 +179,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._fused: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] | None = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits [batch, length, vocab] of a causal pass over whole sequences [batch, length]."""
@@ -202,6 +203,37 @@ class LlamaForCausalLM(nn.Module):
             self._rope_table = table
         return table
 
+    def _fused_projections(self, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+        """Per layer: q/k/v weights (and biases) concatenated, and gate/up concatenated.
+
+        Built once, so a step runs 2 matmuls instead of 5 per layer (at small
+        sizes per-op overhead, not arithmetic, dominates). The original
+        parameters are re-pointed to views of the fused tensors, so no memory is
+        duplicated and `forward` sees the same weights.
+        """
+        fused = self._fused
+        if fused is not None and fused[0][0].device == device:
+            return fused
+        fused = []
+        with torch.inference_mode(False), torch.no_grad():
+            for layer in self.model.layers:
+                a, mlp = layer.self_attn, layer.mlp
+                projections = (a.q_proj, a.k_proj, a.v_proj)
+                qkv = torch.cat([p.weight for p in projections])
+                bias = torch.cat([p.bias for p in projections]) if a.q_proj.bias is not None else None
+                sizes = [p.weight.shape[0] for p in projections]
+                for proj, w, b in zip(projections, qkv.split(sizes), bias.split(sizes) if bias is not None else (None,) * 3):
+                    proj.weight = nn.Parameter(w, requires_grad=False)
+                    if b is not None:
+                        proj.bias = nn.Parameter(b, requires_grad=False)
+                gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+                gate, up = gate_up.split([mlp.gate_proj.weight.shape[0], mlp.up_proj.weight.shape[0]])
+                mlp.gate_proj.weight = nn.Parameter(gate, requires_grad=False)
+                mlp.up_proj.weight = nn.Parameter(up, requires_grad=False)
+                fused.append((qkv, bias, gate_up))
+        self._fused = fused
+        return fused
+
     def forward_step(
         self,
         input_ids: torch.Tensor,
@@ -220,14 +252,17 @@ class LlamaForCausalLM(nn.Module):
         cos_table, sin_table = self._rope_tables(x.dtype, x.device)
         cos = cos_table[positions].unsqueeze(1)  # [N, 1, D] broadcasts over heads
         sin = sin_table[positions].unsqueeze(1)
+        fused = self._fused_projections(x.device)
+        cfg = self.config
+        heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
         for index, layer in enumerate(self.model.layers):
-            a = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = a.q_proj(h).view(n, a.num_heads, a.head_dim)
-            k = a.k_proj(h).view(n, a.num_kv_heads, a.head_dim)
-            v = a.v_proj(h).view(n, a.num_kv_heads, a.head_dim)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            x = x + a.o_proj(attn.attend(index, q, k, v))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            qkv_w, qkv_b, gate_up_w = fused[index]
+            qkv = F.linear(layer.input_layernorm(x), qkv_w, qkv_b).view(n, heads + 2 * kv_heads, dim)
+            # RoPE on queries and keys in one pass; values are the trailing heads.
+            qk = apply_rope(qkv[:, : heads + kv_heads], cos, sin)
+            out = attn.attend(index, qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :])
+            x = x + layer.self_attn.o_proj(out)
+            gate, up = F.linear(layer.post_attention_layernorm(x), gate_up_w).chunk(2, dim=-1)
+            x = x + layer.mlp.down_proj(F.silu(gate) * up)
         x = x.index_select(0, logits_indices)
         return self.lm_head(self.model.norm(x))
