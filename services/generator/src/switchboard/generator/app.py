@@ -1,0 +1,119 @@
+"""Wiring of one generator process: engine + servicer on the shared gRPC server + scheduler registration.
+
+Lifecycle: the engine starts, the server binds and goes SERVING, the replica registers. On
+SIGTERM the shared server sets health NOT_SERVING and runs `_drain`: new Generate calls are
+refused (UNAVAILABLE, so the gateway fails over), the replica deregisters, and in-flight streams
+get the drain period to finish before the server cancels them (which frees their KV blocks).
+A fatal engine error stops the server with exit code 1 so the orchestrator restarts the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from switchboard.common.logging import get_logger
+from switchboard.common.service import GrpcService
+from switchboard.generator import metrics
+from switchboard.generator.config import GeneratorSettings, default_advertise_addr, default_replica_id
+from switchboard.generator.engine import Engine, EngineConfig
+from switchboard.generator.registration import Registrar
+from switchboard.generator.servicer import GeneratorServicer, ReplicaIdentity
+from switchboard.v1 import generator_pb2, generator_pb2_grpc, scheduler_pb2
+
+log = get_logger(__name__)
+
+SERVICE_NAME = generator_pb2.DESCRIPTOR.services_by_name["Generator"].full_name
+ENGINE_FAILURE_EXIT_CODE = 1
+
+
+def engine_config(settings: GeneratorSettings) -> EngineConfig:
+    """The engine sizing the settings ask for."""
+    return EngineConfig(
+        block_size=settings.block_size,
+        kv_cache_bytes=settings.kv_cache_mb * (1 << 20) if settings.kv_cache_mb else None,
+        max_num_seqs=settings.max_num_seqs,
+        max_tokens_per_step=settings.max_tokens_per_step,
+        enable_prefix_caching=settings.prefix_caching,
+    )
+
+
+class GeneratorApp:
+    """One generator replica around an engine; `await run()` serves until drained and returns the exit code."""
+
+    def __init__(self, settings: GeneratorSettings, engine: Engine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.identity = ReplicaIdentity(
+            replica_id=settings.replica_id, expert=settings.expert or engine.info.model_name
+        )
+        self.servicer = GeneratorServicer(
+            engine, self.identity, settings.default_max_tokens, on_engine_failure=self._engine_failed
+        )
+        self.service = GrpcService("generator", settings.server)
+        generator_pb2_grpc.add_GeneratorServicer_to_server(self.servicer, self.service.server)
+        self.service.on_drain(self._drain)
+        self.registrar: Registrar | None = None
+        self.address = ""
+        # Set once the port is bound and the replica id and address are known.
+        self.ready = asyncio.Event()
+        metrics.bind_engine_gauges(engine.load)
+
+    def _engine_failed(self, error: BaseException) -> None:
+        log.error("engine failed; stopping so the replica is restarted", error=repr(error))
+        self.service.stop(exit_code=ENGINE_FAILURE_EXIT_CODE)
+
+    def announce(self) -> scheduler_pb2.RegisterRequest:
+        """What this replica tells the scheduler about itself."""
+        info = self.engine.info
+        return scheduler_pb2.RegisterRequest(
+            replica_id=self.identity.replica_id,
+            expert=self.identity.expert,
+            address=self.address,
+            device=info.device,
+            model_name=info.model_name,
+            max_model_len=info.max_model_len,
+        )
+
+    async def _drain(self) -> None:
+        self.servicer.draining = True
+        if self.registrar is not None:
+            await self.registrar.drain()
+
+    async def run(self, handle_signals: bool = True) -> int:
+        """Start the engine, serve, register; on stop drain, then stop the engine."""
+        await self.engine.start()
+        serving = asyncio.create_task(self.service.run([SERVICE_NAME], handle_signals=handle_signals))
+        started = asyncio.create_task(self.service.started.wait())
+        try:
+            await asyncio.wait({serving, started}, return_when=asyncio.FIRST_COMPLETED)
+            if started.done():
+                port = self.service.port
+                self.identity.replica_id = self.settings.replica_id or default_replica_id(port)
+                self.address = self.settings.advertise_addr or default_advertise_addr(
+                    self.settings.server.host, port
+                )
+                info = self.engine.info
+                log.info(
+                    "generator ready",
+                    replica_id=self.identity.replica_id,
+                    expert=self.identity.expert,
+                    address=self.address,
+                    model=info.model_name,
+                    device=info.device,
+                    dtype=info.dtype,
+                    kv_blocks=info.kv_blocks_total,
+                    max_model_len=info.max_model_len,
+                )
+                if self.settings.scheduler_addr:
+                    self.registrar = Registrar(self.settings.scheduler_addr, self.announce, self.engine.load)
+                    self.registrar.start()
+                self.ready.set()
+            await serving
+        finally:
+            started.cancel()
+            if self.registrar is not None:
+                await self.registrar.close()
+            await self.engine.stop()
+        if self.engine.failed is not None:
+            return self.service.exit_code or ENGINE_FAILURE_EXIT_CODE
+        return self.service.exit_code

@@ -1,0 +1,160 @@
+"""Generator settings: one typed object read from the environment once at start.
+
+Identity defaults (replica id, advertised address, expert) depend on the bound port and the
+loaded model, so they are resolved by the helpers below once those are known.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from switchboard.common.settings import ServerSettings, SettingsError, load_settings, setting
+
+SERVER_PREFIX = "GENERATOR"
+DEFAULT_PORT = 50061
+DEFAULT_METRICS_PORT = 9111
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+_WILDCARD_HOSTS = {"0.0.0.0", "::", "[::]", ""}
+
+
+@dataclass(frozen=True)
+class GeneratorSettings:
+    """Everything the generator reads from its environment."""
+
+    server: ServerSettings
+    model: str = setting(
+        "GENERATOR_MODEL",
+        "bard-small",
+        "model to serve: a Hugging Face model folder, or a demo expert name (bard-small, milton-small, scribe-large)",
+    )
+    expert: str = setting(
+        "GENERATOR_EXPERT", "", "expert pool this replica serves (empty: the model folder's name)"
+    )
+    replica_id: str = setting("GENERATOR_REPLICA_ID", "", "unique replica id (empty: <hostname>-<port>)")
+    advertise_addr: str = setting(
+        "GENERATOR_ADVERTISE_ADDR",
+        "",
+        "host:port the gateway dials, sent to the scheduler (empty: <host>:<port>, the hostname when host is 0.0.0.0)",
+    )
+    device: str = setting("GENERATOR_DEVICE", "auto", "auto (cuda when available), cpu, cuda or cuda:N")
+    dtype: str = setting(
+        "GENERATOR_DTYPE",
+        "auto",
+        "weight dtype: auto (bfloat16 on CUDA and on CPUs with native bf16, else float32), float32, bfloat16, float16",
+        choices=DTYPES,
+    )
+    kv_cache_mb: int = setting(
+        "GENERATOR_KV_CACHE_MB",
+        0,
+        "KV-cache pool size in MiB (0: 1024 on CPU, 60% of the free memory on CUDA)",
+        minimum=0,
+        maximum=1 << 24,
+    )
+    max_num_seqs: int = setting(
+        "GENERATOR_MAX_NUM_SEQS", 64, "most sequences in the running batch", minimum=1, maximum=4096
+    )
+    block_size: int = setting(
+        "GENERATOR_BLOCK_SIZE", 16, "tokens per KV-cache block", minimum=1, maximum=1024
+    )
+    max_tokens_per_step: int = setting(
+        "GENERATOR_MAX_TOKENS_PER_STEP",
+        512,
+        "token budget of one engine step (long prompts are prefilled in chunks of at most this)",
+        minimum=1,
+        maximum=1 << 20,
+    )
+    prefix_caching: bool = setting(
+        "GENERATOR_PREFIX_CACHING", True, "reuse the KV blocks of identical prompt prefixes"
+    )
+    default_max_tokens: int = setting(
+        "GENERATOR_DEFAULT_MAX_TOKENS",
+        64,
+        "max_tokens of a request that leaves it 0",
+        minimum=1,
+        maximum=1 << 20,
+    )
+    scheduler_addr: str = setting(
+        "SCHEDULER_ADDR", "127.0.0.1:50053", "host:port of the scheduler (empty: do not register)"
+    )
+
+    def __post_init__(self) -> None:
+        if not _DEVICE.match(self.device):
+            raise SettingsError(f"GENERATOR_DEVICE: must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        if not self.model.strip():
+            raise SettingsError("GENERATOR_MODEL: required (a model folder or a demo expert name)")
+        for env, value in (
+            ("GENERATOR_ADVERTISE_ADDR", self.advertise_addr),
+            ("SCHEDULER_ADDR", self.scheduler_addr),
+        ):
+            if value and not _looks_like_address(value):
+                raise SettingsError(f"{env}: must be host:port, got {value!r}")
+
+
+def _looks_like_address(value: str) -> bool:
+    host, sep, port = value.rpartition(":")
+    return bool(sep and host and port.isdigit() and 1 <= int(port) <= 65535)
+
+
+def load_generator_settings() -> GeneratorSettings:
+    """Read the generator's settings from the environment (raises SettingsError naming the variable)."""
+    return load_settings(
+        GeneratorSettings,
+        server_prefix=SERVER_PREFIX,
+        default_port=DEFAULT_PORT,
+        default_metrics_port=DEFAULT_METRICS_PORT,
+    )
+
+
+def resolve_model_path(value: str) -> Path:
+    """The model folder named by GENERATOR_MODEL: an existing path, or a demo expert's cache folder.
+
+    Raises SettingsError naming GENERATOR_MODEL when it is neither, or when the demo expert is not
+    built yet.
+    """
+    path = Path(value).expanduser()
+    if path.is_dir():
+        return path
+    looks_like_path = "/" in value or value.startswith(".") or value.startswith("~")
+    if looks_like_path:
+        raise SettingsError(f"GENERATOR_MODEL: model folder {path} does not exist")
+    # Imported lazily: the experts tooling is only needed when a demo name is given.
+    from switchboard.experts import expert_dir, is_built
+
+    try:
+        folder = expert_dir(value)
+    except KeyError as exc:
+        raise SettingsError(
+            f"GENERATOR_MODEL: {value!r} is neither a model folder nor a demo expert ({exc})"
+        ) from None
+    if not is_built(folder):
+        raise SettingsError(
+            f"GENERATOR_MODEL: demo expert {value!r} is not built yet ({folder}); run `switchboard experts build`"
+        )
+    return folder
+
+
+def resolve_device(value: str) -> str:
+    """`auto` becomes cuda when a GPU is visible, else cpu; other values pass through."""
+    if value != "auto":
+        return value
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_replica_id(port: int) -> str:
+    """`<hostname>-<port>`: unique per process on a host, stable across restarts on the same port."""
+    return f"{socket.gethostname()}-{port}"
+
+
+def default_advertise_addr(host: str, port: int) -> str:
+    """The address other services dial: the listen host, or this host's name when listening on all interfaces."""
+    if host in _WILDCARD_HOSTS:
+        host = socket.gethostname()
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"

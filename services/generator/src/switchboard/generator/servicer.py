@@ -1,0 +1,264 @@
+"""The `switchboard.v1.Generator` RPC handlers around the engine.
+
+`Generate` validates the request (INVALID_ARGUMENT naming the field), hands it to the engine and
+streams every engine output as one response message. Cancelling the call (or its deadline passing)
+cancels the handler task; the engine's stream is closed with `aclosing`, which takes the sequence
+out of the batch at the next step and returns its KV blocks to the pool.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+
+import grpc
+from opentelemetry import trace
+from switchboard.common.errors import invalid_argument, unavailable
+from switchboard.common.logging import bind_request, get_logger
+from switchboard.common.telemetry import SpanAttributes, get_tracer
+from switchboard.generator import metrics
+from switchboard.generator.engine import Engine, EngineOutput, EngineRequest, RequestRejected
+from switchboard.generator.sampling import SamplingParams
+from switchboard.v1 import common_pb2, generator_pb2, generator_pb2_grpc
+
+log = get_logger(__name__)
+tracer = get_tracer(__name__)
+
+MAX_REQUEST_ID_LENGTH = 256
+
+FINISH_REASONS = {
+    "length": common_pb2.FINISH_REASON_LENGTH,
+    "eos": common_pb2.FINISH_REASON_EOS,
+    "stop_sequence": common_pb2.FINISH_REASON_STOP_SEQUENCE,
+    "cancelled": common_pb2.FINISH_REASON_CANCELLED,
+}
+
+
+@dataclass
+class ReplicaIdentity:
+    """Who this replica is (known once the port is bound)."""
+
+    replica_id: str
+    expert: str
+
+
+def sampling_from_proto(message: common_pb2.SamplingParams, default_max_tokens: int) -> SamplingParams:
+    """Validated sampling parameters; a bad field becomes INVALID_ARGUMENT naming `sampling.<field>`."""
+    try:
+        return SamplingParams.from_proto(message, default_max_tokens)
+    except ValueError as exc:
+        text = str(exc)
+        field, sep, description = text.partition(": ")
+        if not sep or not field.startswith("sampling."):
+            field, description = "sampling", text
+        raise invalid_argument(field, description) from None
+
+
+def response_from_output(output: EngineOutput) -> generator_pb2.GeneratorGenerateResponse:
+    """One stream message from one engine output (finish reason and usage only on the last)."""
+    response = generator_pb2.GeneratorGenerateResponse(text=output.text, token_ids=output.token_ids)
+    if output.finish_reason is not None:
+        response.finish_reason = FINISH_REASONS.get(output.finish_reason, common_pb2.FINISH_REASON_ERROR)
+    if output.usage is not None:
+        response.usage.CopyFrom(
+            common_pb2.Usage(
+                prompt_tokens=output.usage.prompt_tokens,
+                completion_tokens=output.usage.completion_tokens,
+                cached_prompt_tokens=output.usage.cached_prompt_tokens,
+            )
+        )
+    return response
+
+
+class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
+    """Serves Generate and Info for one engine.
+
+    `on_engine_failure` is called once when the engine reports a fatal error, so the process can
+    stop and exit non-zero (the orchestrator then restarts it).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        identity: ReplicaIdentity,
+        default_max_tokens: int,
+        on_engine_failure: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.identity = identity
+        self.default_max_tokens = default_max_tokens
+        self.draining = False
+        self._on_engine_failure = on_engine_failure
+        self._failure_reported = False
+
+    def _engine_request(
+        self, request: generator_pb2.GeneratorGenerateRequest, request_id: str
+    ) -> EngineRequest:
+        if len(request.request_id) > MAX_REQUEST_ID_LENGTH:
+            raise invalid_argument("request_id", f"must be at most {MAX_REQUEST_ID_LENGTH} characters")
+        sampling = sampling_from_proto(request.sampling, self.default_max_tokens)
+        if request.prompt_token_ids:
+            return EngineRequest(
+                request_id, prompt_token_ids=list(request.prompt_token_ids), sampling=sampling
+            )
+        if not request.prompt:
+            raise invalid_argument("prompt", "is required (or send prompt_token_ids)")
+        return EngineRequest(request_id, prompt=request.prompt, sampling=sampling)
+
+    def _check_engine(self) -> None:
+        failure = self.engine.failed
+        if failure is not None:
+            if not self._failure_reported and self._on_engine_failure is not None:
+                self._failure_reported = True
+                self._on_engine_failure(failure)
+            raise unavailable(
+                f"replica {self.identity.replica_id} failed: {failure!r}", retry_after_seconds=None
+            )
+
+    async def Generate(
+        self, request: generator_pb2.GeneratorGenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[generator_pb2.GeneratorGenerateResponse]:
+        """Stream the completion of one prompt as its tokens are sampled."""
+        arrival = time.monotonic()
+        request_id = request.request_id or f"gen-{uuid.uuid4().hex}"
+        with bind_request(request_id):
+            if self.draining:
+                raise unavailable(f"replica {self.identity.replica_id} is draining", retry_after_seconds=0.0)
+            self._check_engine()
+            engine_request = self._engine_request(request, request_id)
+            sampling = engine_request.sampling
+            server_span = trace.get_current_span()
+            attributes = {
+                SpanAttributes.GEN_AI_OPERATION_NAME: "text_completion",
+                SpanAttributes.GEN_AI_REQUEST_MODEL: self.engine.info.model_name,
+                SpanAttributes.GEN_AI_REQUEST_MAX_TOKENS: sampling.max_tokens,
+                SpanAttributes.GEN_AI_REQUEST_TEMPERATURE: sampling.temperature,
+                SpanAttributes.GEN_AI_REQUEST_TOP_P: sampling.top_p,
+                SpanAttributes.GEN_AI_REQUEST_TOP_K: sampling.top_k,
+                SpanAttributes.REQUEST_ID: request_id,
+                SpanAttributes.EXPERT: self.identity.expert,
+                SpanAttributes.REPLICA_ID: self.identity.replica_id,
+            }
+            if sampling.seed is not None:
+                # OTel attributes are signed 64-bit; seeds may use the full unsigned range.
+                attributes[SpanAttributes.GEN_AI_REQUEST_SEED] = str(sampling.seed)
+            server_span.set_attributes(attributes)
+            load = self.engine.load()
+            server_span.set_attributes(
+                {
+                    "switchboard.engine.waiting_at_arrival": load.waiting,
+                    "switchboard.engine.running_at_arrival": load.running,
+                }
+            )
+            async for message in self._stream(engine_request, arrival, server_span):
+                yield message
+
+    async def _stream(
+        self,
+        engine_request: EngineRequest,
+        arrival: float,
+        server_span: trace.Span,
+    ) -> AsyncIterator[generator_pb2.GeneratorGenerateResponse]:
+        """Run the request on the engine and record spans and metrics however it ends."""
+        request_id = engine_request.request_id
+        decode_span: trace.Span | None = None
+        first_token_at: float | None = None
+        completion_tokens = 0
+        finish_reason = "cancelled"
+        usage = None
+        # The engine reports no admission time, so the prefill span runs from arrival to the
+        # first token and includes any wait for a batch slot (see README, "Observe").
+        prefill_span: trace.Span | None = tracer.start_span(
+            "generator.prefill", attributes={SpanAttributes.REQUEST_ID: request_id}
+        )
+        try:
+            async with aclosing(self.engine.generate(engine_request)) as outputs:
+                async for output in outputs:
+                    if first_token_at is None:
+                        first_token_at = time.monotonic()
+                        prefill_span.end()
+                        prefill_span = None
+                        server_span.set_attribute(
+                            SpanAttributes.TIME_TO_FIRST_TOKEN, first_token_at - arrival
+                        )
+                        decode_span = tracer.start_span(
+                            "generator.decode", attributes={SpanAttributes.REQUEST_ID: request_id}
+                        )
+                    completion_tokens += len(output.token_ids)
+                    if output.finish_reason is not None:
+                        finish_reason = output.finish_reason
+                        usage = output.usage
+                    yield response_from_output(output)
+        except RequestRejected as exc:
+            finish_reason = "rejected"
+            raise invalid_argument(exc.field, exc.message) from None
+        except RuntimeError as exc:
+            finish_reason = "error"
+            if self.engine.failed is not None:
+                self._check_engine()
+            log.error("generation failed", error=repr(exc))
+            raise unavailable(
+                f"generation failed on replica {self.identity.replica_id}", retry_after_seconds=None
+            ) from exc
+        finally:
+            if prefill_span is not None:
+                prefill_span.end()
+            if decode_span is not None:
+                decode_span.set_attribute(SpanAttributes.GEN_AI_USAGE_OUTPUT_TOKENS, completion_tokens)
+                decode_span.end()
+            self._record(finish_reason, arrival, first_token_at, completion_tokens, usage, server_span)
+
+    def _record(
+        self,
+        finish_reason: str,
+        arrival: float,
+        first_token_at: float | None,
+        completion_tokens: int,
+        usage: object,
+        server_span: trace.Span,
+    ) -> None:
+        prompt_tokens = getattr(usage, "prompt_tokens", 0)
+        cached = getattr(usage, "cached_prompt_tokens", 0)
+        completion_tokens = getattr(usage, "completion_tokens", completion_tokens)
+        total = time.monotonic() - arrival
+        ttft = None if first_token_at is None else first_token_at - arrival
+        metrics.record_finished(finish_reason, ttft, total, prompt_tokens, completion_tokens, cached)
+        server_span.set_attributes(
+            {
+                SpanAttributes.GEN_AI_RESPONSE_FINISH_REASONS: [finish_reason],
+                SpanAttributes.GEN_AI_USAGE_INPUT_TOKENS: prompt_tokens,
+                SpanAttributes.GEN_AI_USAGE_OUTPUT_TOKENS: completion_tokens,
+                SpanAttributes.CACHED_PROMPT_TOKENS: cached,
+            }
+        )
+        log.info(
+            "generate finished",
+            finish_reason=finish_reason,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cached_prompt_tokens=cached,
+            time_to_first_token_s=None if ttft is None else round(ttft, 4),
+            seconds=round(total, 4),
+        )
+
+    async def Info(
+        self, request: generator_pb2.InfoRequest, context: grpc.aio.ServicerContext
+    ) -> generator_pb2.InfoResponse:
+        """Describe the loaded model and this replica."""
+        info = self.engine.info
+        return generator_pb2.InfoResponse(
+            replica_id=self.identity.replica_id,
+            expert=self.identity.expert,
+            model_name=info.model_name,
+            architecture=info.architecture,
+            device=info.device,
+            dtype=info.dtype,
+            max_model_len=info.max_model_len,
+            vocab_size=info.vocab_size,
+            kv_block_size=info.block_size,
+            kv_blocks_total=info.kv_blocks_total,
+            parameter_count=info.parameter_count,
+        )
