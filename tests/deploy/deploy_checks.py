@@ -1,0 +1,665 @@
+"""Offline checks of the deployment files: Dockerfiles, compose, Kubernetes manifests.
+
+Every check takes the files it judges as arguments (so tests can hand it a broken
+copy in a temporary folder) and returns a list of problems, one readable line
+each; an empty list means the files pass. The external checkers are the
+project's own pinned tools in the virtualenv (hadolint, docker-compose, kubectl
+with kustomize, kubernetes-validate); what they cannot know (env vars the
+services really read, ports, probes, RBAC scope) is checked against each
+service's settings class, the one source of truth for its variables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import re
+import shlex
+import subprocess
+import sys
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from switchboard.common.settings import ServerSettings, SettingsError, load_settings, settings_reference
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+SERVICES = ("gateway", "router", "scheduler", "generator")
+KUBERNETES_VERSION = "1.34.0"
+HEALTHCHECK_MODULE = "switchboard.common.healthcheck"
+
+# Variables a container may set although no settings class declares them, and why.
+GENERIC_ENV = {
+    # Read by the OpenTelemetry SDK and switchboard.common.telemetry (standard names only).
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_INSECURE",
+    "OTEL_SERVICE_NAME",
+    "OTEL_RESOURCE_ATTRIBUTES",
+    "OTEL_TRACES_SAMPLER",
+    "OTEL_TRACES_SAMPLER_ARG",
+    # Read by the Python interpreter itself.
+    "PATH",
+    "PYTHONUNBUFFERED",
+    "PYTHONDONTWRITEBYTECODE",
+}
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class ServiceContract:
+    """What one service reads and listens on, taken from its settings module."""
+
+    name: str
+    prefix: str
+    port: int
+    metrics_port: int
+    settings_class: type
+    variables: frozenset[str]
+
+    @property
+    def port_env(self) -> str:
+        """The variable of its gRPC port."""
+        return f"{self.prefix}_PORT"
+
+    @property
+    def metrics_env(self) -> str:
+        """The variable of its metrics port."""
+        return f"{self.prefix}_METRICS_PORT"
+
+    @property
+    def drain_env(self) -> str:
+        """The variable of its drain period."""
+        return f"{self.prefix}_DRAIN_SECONDS"
+
+    @property
+    def host_env(self) -> str:
+        """The variable of its listen address."""
+        return f"{self.prefix}_HOST"
+
+    def port_in(self, env: Mapping[str, str]) -> int:
+        """Its gRPC port under `env` (the default when unset)."""
+        return int(env.get(self.port_env, self.port))
+
+    def metrics_port_in(self, env: Mapping[str, str]) -> int:
+        """Its metrics port under `env`."""
+        return int(env.get(self.metrics_env, self.metrics_port))
+
+    def drain_in(self, env: Mapping[str, str]) -> float:
+        """Its drain period in seconds under `env` (ServerSettings' default when unset)."""
+        return float(env.get(self.drain_env, ServerSettings.drain_seconds))
+
+
+def service_contract(name: str) -> ServiceContract:
+    """Import `switchboard.<name>.config` and read its settings dataclass and constants.
+
+    The settings class is the module's dataclass with a `server: ServerSettings`
+    field; SERVER_PREFIX, DEFAULT_PORT and DEFAULT_METRICS_PORT are the arguments
+    its load function passes to `load_settings`.
+    """
+    module = importlib.import_module(f"switchboard.{name}.config")
+    classes = [
+        obj
+        for obj in vars(module).values()
+        if isinstance(obj, type)
+        and dataclasses.is_dataclass(obj)
+        and obj.__module__ == module.__name__
+        and ServerSettings in typing.get_type_hints(obj).values()
+    ]
+    if len(classes) != 1:
+        raise AssertionError(f"switchboard.{name}.config: expected one settings dataclass, found {classes}")
+    cls = classes[0]
+    prefix, port, metrics = module.SERVER_PREFIX, module.DEFAULT_PORT, module.DEFAULT_METRICS_PORT
+    docs = settings_reference(cls, server_prefix=prefix, default_port=port, default_metrics_port=metrics)
+    return ServiceContract(name, prefix, port, metrics, cls, frozenset(d.env for d in docs))
+
+
+def contracts() -> dict[str, ServiceContract]:
+    """The contract of every service."""
+    return {name: service_contract(name) for name in SERVICES}
+
+
+def check_env(contract: ServiceContract, env: Mapping[str, str], where: str, placeholders: Iterable[str] = ()) -> list[str]:
+    """Every variable is one the service reads, and the values load through its settings class.
+
+    `placeholders` are helper variables that exist only to be substituted into
+    others (Kubernetes `$(POD_IP)`); they are allowed and not passed to the service.
+    """
+    problems = []
+    unknown = sorted(set(env) - contract.variables - GENERIC_ENV - set(placeholders))
+    for variable in unknown:
+        problems.append(f"{where}: {variable} is not read by the {contract.name} (not in its settings class)")
+    readable = {k: v for k, v in env.items() if k in contract.variables}
+    try:
+        load_settings(
+            contract.settings_class,
+            server_prefix=contract.prefix,
+            default_port=contract.port,
+            default_metrics_port=contract.metrics_port,
+            environ=readable,
+        )
+    except (SettingsError, ValueError) as exc:
+        problems.append(f"{where}: the {contract.name} rejects its environment: {exc}")
+    host = env.get(contract.host_env)
+    if host not in ("0.0.0.0", "::"):
+        problems.append(f"{where}: {contract.host_env} must be 0.0.0.0 in a container (got {host!r}); 127.0.0.1 is unreachable")
+    return problems
+
+
+# --------------------------------------------------------------------------- tools
+
+
+def run_tool(args: list[str], stdin: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run one of the venv's tools; the first argument is the tool's name in the venv's bin/."""
+    tool = BIN / args[0]
+    if not tool.exists():
+        raise AssertionError(f"{tool} is missing: run `make venv` (it is pinned in requirements/dev.txt)")
+    return subprocess.run(
+        [str(tool), *args[1:]], input=stdin, capture_output=True, text=True, cwd=cwd, timeout=120, check=False
+    )
+
+
+# --------------------------------------------------------------------------- Dockerfiles
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """One Dockerfile instruction, continuation lines joined."""
+
+    keyword: str
+    args: str
+    line: int
+
+
+def parse_dockerfile(path: Path) -> list[Instruction]:
+    """The instructions of a Dockerfile (comments dropped, `\\` continuations joined)."""
+    instructions: list[Instruction] = []
+    pending, start = "", 0
+    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+        stripped = raw.strip()
+        if not pending and (not stripped or stripped.startswith("#")):
+            continue
+        if pending and stripped.startswith("#"):
+            continue
+        if not pending:
+            start = number
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        text = pending + stripped
+        pending = ""
+        keyword, _, args = text.partition(" ")
+        instructions.append(Instruction(keyword.upper(), args.strip(), start))
+    return instructions
+
+
+def exec_form(args: str) -> list[str] | None:
+    """The argument list of a JSON exec-form instruction, or None for the shell form."""
+    try:
+        value = json.loads(args)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
+
+
+def _without_flags(args: str) -> list[str]:
+    """Words of a COPY/ADD after its --flags (exec or shell form)."""
+    words = exec_form(args) or shlex.split(args)
+    return [w for w in words if not w.startswith("--")]
+
+
+def dockerignore_patterns(context: Path) -> list[str]:
+    """The patterns of `<context>/.dockerignore`, in order."""
+    path = context / ".dockerignore"
+    if not path.exists():
+        return []
+    lines = (line.strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    """Docker's .dockerignore glob (`**` any depth, `*` within one segment) as a regex."""
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out + r"\Z")
+
+
+def dockerignored(relative: str, patterns: list[str]) -> bool:
+    """Whether the build context leaves out `relative` (the last matching pattern wins).
+
+    Like Docker, a pattern matches a path or any of its parent folders, and `!`
+    puts a path back.
+    """
+    parts = relative.strip("/").split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    excluded = False
+    for raw in patterns:
+        negate = raw.startswith("!")
+        pattern = raw[1:] if negate else raw
+        regex = _pattern_regex(pattern.strip().strip("/"))
+        if any(regex.match(c) for c in candidates):
+            excluded = not negate
+    return excluded
+
+
+def check_copy_sources(dockerfile: Path, context: Path) -> list[str]:
+    """Every COPY/ADD source from the build context exists there and is not left out by .dockerignore."""
+    problems = []
+    patterns = dockerignore_patterns(context)
+    for ins in parse_dockerfile(dockerfile):
+        if ins.keyword not in ("COPY", "ADD") or "--from" in ins.args:
+            continue
+        words = _without_flags(ins.args)
+        for source in words[:-1]:
+            if not (context / source).exists():
+                problems.append(f"{dockerfile}:{ins.line}: COPY source {source} does not exist in {context}")
+            elif dockerignored(source, patterns):
+                problems.append(f"{dockerfile}:{ins.line}: COPY source {source} is excluded by .dockerignore")
+    return problems
+
+
+def check_hadolint(dockerfile: Path, config: Path | None = None) -> list[str]:
+    """hadolint's findings (its exit status is 1 on any)."""
+    args = ["hadolint", "--no-color"]
+    if config is not None and config.exists():
+        args += ["--config", str(config)]
+    result = run_tool([*args, str(dockerfile)])
+    if result.returncode != 0:
+        return [line for line in (result.stdout + result.stderr).splitlines() if line.strip()] or [f"hadolint exit {result.returncode}"]
+    return []
+
+
+def _last_stage(instructions: list[Instruction]) -> list[Instruction]:
+    starts = [i for i, ins in enumerate(instructions) if ins.keyword == "FROM"]
+    return instructions[starts[-1] :] if starts else instructions
+
+
+def dockerfile_env(instructions: Iterable[Instruction]) -> dict[str, str]:
+    """ENV of the instructions given (`ENV A=1 B=2` form)."""
+    env: dict[str, str] = {}
+    for ins in instructions:
+        if ins.keyword == "ENV":
+            for word in shlex.split(ins.args):
+                key, sep, value = word.partition("=")
+                if sep:
+                    env[key] = value
+    return env
+
+
+def check_dockerfile_contract(dockerfile: Path, contract: ServiceContract, stack_command: list[str], repo: Path) -> list[str]:
+    """Multi-stage, non-root, CMD = the local stack's command, healthcheck/EXPOSE = the service's ports, known ENV."""
+    problems = []
+    instructions = parse_dockerfile(dockerfile)
+    final = _last_stage(instructions)
+    where = str(dockerfile)
+    if sum(ins.keyword == "FROM" for ins in instructions) < 2:
+        problems.append(f"{where}: not multi-stage (one FROM)")
+    users = [ins.args for ins in final if ins.keyword == "USER"]
+    if not users or users[-1].split(":")[0] in ("root", "0"):
+        problems.append(f"{where}: the runtime stage runs as root (needs a non-root USER)")
+    cmds = [exec_form(ins.args) for ins in final if ins.keyword == "CMD"]
+    if not cmds or cmds[-1] != stack_command:
+        problems.append(f"{where}: CMD {cmds[-1] if cmds else None} differs from the local stack's command {stack_command}")
+    env = dockerfile_env(final)
+    for variable in sorted(set(env) - contract.variables - GENERIC_ENV):
+        problems.append(f"{where}: ENV {variable} is not read by the {contract.name}")
+    if env.get(contract.host_env) not in ("0.0.0.0", "::"):
+        problems.append(f"{where}: ENV {contract.host_env}=0.0.0.0 missing (the default 127.0.0.1 is unreachable)")
+    port, metrics = contract.port_in(env), contract.metrics_port_in(env)
+    health = [ins.args for ins in final if ins.keyword == "HEALTHCHECK"]
+    expected_probe = ["python", "-m", HEALTHCHECK_MODULE, f"127.0.0.1:{port}"]
+    if not health or " CMD " not in f" {health[-1]} " or exec_form(health[-1].split(" CMD ", 1)[-1].strip()) != expected_probe:
+        problems.append(f"{where}: HEALTHCHECK must run {expected_probe} (the gRPC health service on the service's port)")
+    exposed = {int(word.split("/")[0]) for ins in final if ins.keyword == "EXPOSE" for word in ins.args.split()}
+    if exposed != {port, metrics}:
+        problems.append(f"{where}: EXPOSE {sorted(exposed)} differs from the service's ports {[port, metrics]}")
+    text = "\n".join(f"{ins.keyword} {ins.args}" for ins in instructions)  # comments may mention torch
+    model_pin = re.search(r"^torch==(\S+)", (repo / "requirements/model.txt").read_text(), re.MULTILINE)
+    if contract.name == "gateway":
+        if "model.txt" in text or "torch" in text.lower():
+            problems.append(f"{where}: the gateway image must not install torch or requirements/model.txt")
+    else:
+        args = {ins.args.split("=")[0]: ins.args.partition("=")[2] for ins in instructions if ins.keyword == "ARG"}
+        if "TORCH_VERSION" in args and model_pin and args["TORCH_VERSION"] != model_pin.group(1):
+            problems.append(
+                f"{where}: ARG TORCH_VERSION={args['TORCH_VERSION']} differs from requirements/model.txt torch=={model_pin.group(1)}"
+            )
+    return problems
+
+
+# --------------------------------------------------------------------------- compose
+
+
+def compose_config(files: list[Path], profiles: list[str], env_file: Path | None = None) -> tuple[dict[str, Any] | None, list[str]]:
+    """`docker-compose config` of the files under the profiles: (resolved model, problems)."""
+    args = ["docker-compose"]
+    for f in files:
+        args += ["-f", str(f)]
+    if env_file is not None:
+        args += ["--env-file", str(env_file)]
+    for profile in profiles:
+        args += ["--profile", profile]
+    quiet = run_tool([*args, "config", "-q"])
+    if quiet.returncode != 0:
+        return None, [f"docker-compose config -q failed: {quiet.stderr.strip() or quiet.stdout.strip()}"]
+    resolved = run_tool([*args, "config", "--format", "json"])
+    if resolved.returncode != 0:
+        return None, [f"docker-compose config failed: {resolved.stderr.strip()}"]
+    return json.loads(resolved.stdout), []
+
+
+def _duration_seconds(text: str) -> float:
+    """Compose's Go durations ('30s', '1m30s', '3m0s') in seconds."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    total = 0.0
+    for value, unit in re.findall(r"([\d.]+)(ms|h|m|s)", text):
+        total += float(value) * units[unit]
+    return total
+
+
+def compose_service_kind(service: Mapping[str, Any]) -> str | None:
+    """Which Switchboard service a compose service runs (from its build's Dockerfile), if any."""
+    dockerfile = (service.get("build") or {}).get("dockerfile", "")
+    match = re.fullmatch(r"services/(\w+)/Dockerfile", dockerfile)
+    return match.group(1) if match else None
+
+
+def _dns_names(name: str, service: Mapping[str, Any]) -> set[str]:
+    names = {name}
+    for network in (service.get("networks") or {}).values():
+        names.update((network or {}).get("aliases") or [])
+    return names
+
+
+def check_compose(model: dict[str, Any], contracts_: Mapping[str, ServiceContract], prometheus: Path | None) -> list[str]:
+    """Env, ports, healthchecks, dependencies, grace periods and scrape targets of a resolved compose model."""
+    problems = []
+    services: dict[str, Any] = model.get("services", {})
+    listening: dict[str, int] = {}  # dns name -> gRPC port
+    metrics_targets: list[tuple[set[str], int]] = []  # (dns names of one service, its metrics port)
+    for name, service in services.items():
+        kind = compose_service_kind(service)
+        if kind is None:
+            continue
+        contract = contracts_[kind]
+        env = {k: str(v) for k, v in (service.get("environment") or {}).items()}
+        where = f"compose service {name}"
+        problems += check_env(contract, env, where)
+        port = contract.port_in(env)
+        for dns in _dns_names(name, service):
+            listening[dns] = port
+        if contract.metrics_port_in(env):
+            metrics_targets.append((_dns_names(name, service), contract.metrics_port_in(env)))
+        test = (service.get("healthcheck") or {}).get("test") or []
+        expected = ["CMD", "python", "-m", HEALTHCHECK_MODULE, f"127.0.0.1:{port}"]
+        if test != expected:
+            problems.append(f"{where}: healthcheck {test} differs from {expected} ({contract.port_env}={port})")
+        grace = _duration_seconds(str(service.get("stop_grace_period", "10s")))
+        if grace <= contract.drain_in(env):
+            problems.append(f"{where}: stop_grace_period {grace}s must exceed {contract.drain_env}={contract.drain_in(env)}")
+        for dependency, spec in (service.get("depends_on") or {}).items():
+            if compose_service_kind(services.get(dependency, {})) and spec.get("condition") != "service_healthy":
+                problems.append(f"{where}: depends on {dependency} with {spec.get('condition')}, not service_healthy")
+        if kind == "generator":
+            problems += _check_compose_generator(where, env, service)
+    for name, service in services.items():
+        kind = compose_service_kind(service)
+        env = service.get("environment") or {}
+        for variable in ("ROUTER_ADDR", "SCHEDULER_ADDR", "GENERATOR_ADVERTISE_ADDR"):
+            if kind and variable in env:
+                host, _, port = str(env[variable]).rpartition(":")
+                if listening.get(host) != int(port):
+                    problems.append(
+                        f"compose service {name}: {variable}={env[variable]} names no service listening there "
+                        f"(known: {sorted(f'{h}:{p}' for h, p in listening.items())})"
+                    )
+    if prometheus is not None:
+        problems += check_prometheus_targets(prometheus, metrics_targets)
+    return problems
+
+
+def _check_compose_generator(where: str, env: Mapping[str, str], service: Mapping[str, Any]) -> list[str]:
+    problems = []
+    model = env.get("GENERATOR_MODEL", "")
+    mounts = [v.get("target", "") for v in service.get("volumes") or [] if v.get("read_only")]
+    if not any(model == t or model.startswith(t.rstrip("/") + "/") for t in mounts):
+        problems.append(f"{where}: GENERATOR_MODEL={model} is not inside a read-only mounted model folder {mounts}")
+    devices = ((service.get("deploy") or {}).get("resources") or {}).get("reservations", {}).get("devices") or []
+    gpu = any("gpu" in (d.get("capabilities") or []) for d in devices)
+    wants_cuda = env.get("GENERATOR_DEVICE", "auto").startswith("cuda")
+    if wants_cuda and not gpu:
+        problems.append(f"{where}: GENERATOR_DEVICE={env.get('GENERATOR_DEVICE')} but no NVIDIA device is reserved")
+    if gpu and not wants_cuda:
+        problems.append(f"{where}: reserves a GPU but GENERATOR_DEVICE is {env.get('GENERATOR_DEVICE', 'auto')}")
+    return problems
+
+
+def check_prometheus_targets(config: Path, metrics_targets: list[tuple[set[str], int]]) -> list[str]:
+    """Prometheus scrapes every service's metrics port (under its name or an alias), and nothing else."""
+    problems = []
+    parsed = yaml.safe_load(config.read_text())
+    targets = {
+        target
+        for job in parsed.get("scrape_configs", [])
+        for static in job.get("static_configs", [])
+        for target in static.get("targets", [])
+    }
+    for names, port in metrics_targets:
+        if not {f"{n}:{port}" for n in names} & targets:
+            problems.append(f"{config}: no scrape target {min(names, key=len)}:{port} (a service's metrics port)")
+    known = {f"{n}:{port}" for names, port in metrics_targets for n in names}
+    for target in sorted(targets - known):
+        problems.append(f"{config}: scrape target {target} is no running service's metrics port")
+    return problems
+
+
+# --------------------------------------------------------------------------- Kubernetes
+
+
+def kustomize(directory: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Render a kustomization with the venv's kubectl: (objects, problems)."""
+    result = run_tool(["kubectl", "kustomize", str(directory)])
+    if result.returncode != 0:
+        return [], [f"kubectl kustomize {directory} failed: {result.stderr.strip()}"]
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc], []
+
+
+def kubernetes_validate(objects: list[dict[str, Any]]) -> list[str]:
+    """kubernetes-validate --strict of every object against the Kubernetes schemas."""
+    text = yaml.safe_dump_all(objects, sort_keys=False)
+    result = run_tool(["kubernetes-validate", "--strict", "-k", KUBERNETES_VERSION, "--quiet", "-"], stdin=text)
+    if result.returncode != 0:
+        return [line for line in (result.stdout + result.stderr).splitlines() if line.strip()] or ["kubernetes-validate failed"]
+    return []
+
+
+def _by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o.get("kind") == kind]
+
+
+def _selects(selector: Mapping[str, Any] | None, labels: Mapping[str, str]) -> bool:
+    match = (selector or {}).get("matchLabels", selector or {})
+    return all(labels.get(k) == v for k, v in match.items())
+
+
+def _container_env(container: Mapping[str, Any]) -> tuple[dict[str, str], list[str], list[str]]:
+    """(env with placeholders for valueFrom and $(VAR) expanded, placeholder names, problems)."""
+    env: dict[str, str] = {}
+    problems = []
+    referenced: set[str] = set()
+    for entry in container.get("env") or []:
+        name = entry["name"]
+        if "valueFrom" in entry:
+            env[name] = "10.0.0.1" if "podIP" in json.dumps(entry["valueFrom"]) else "from-the-api"
+            continue
+        value = str(entry.get("value", ""))
+        for ref in re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", value):
+            if ref not in env:
+                problems.append(f"env {name} references $({ref}), which is not defined before it")
+            referenced.add(ref)
+            value = value.replace(f"$({ref})", env.get(ref, ""))
+        env[name] = value
+    return env, sorted(referenced), problems
+
+
+def check_kubernetes(objects: list[dict[str, Any]], contracts_: Mapping[str, ServiceContract], gpu: bool) -> list[str]:
+    """Security, probes, grace periods, env, companions, network policy and RBAC of rendered objects."""
+    problems: list[str] = []
+    deployments = _by_kind(objects, "Deployment")
+    services = _by_kind(objects, "Service")
+    service_ports = {s["metadata"]["name"]: {p["port"] for p in s["spec"].get("ports", [])} for s in services}
+    for deployment in deployments:
+        problems += _check_deployment(deployment, objects, contracts_, service_ports, gpu)
+    problems += _check_network_policies(objects, deployments)
+    problems += _check_rbac(objects, deployments)
+    hpas = _by_kind(objects, "HorizontalPodAutoscaler")
+    if not any(h["spec"]["scaleTargetRef"]["name"] == "gateway" for h in hpas):
+        problems.append("no HorizontalPodAutoscaler scales the gateway Deployment")
+    return problems
+
+
+def _check_deployment(
+    deployment: dict[str, Any],
+    objects: list[dict[str, Any]],
+    contracts_: Mapping[str, ServiceContract],
+    service_ports: Mapping[str, set[int]],
+    gpu: bool,
+) -> list[str]:
+    problems = []
+    name = deployment["metadata"]["name"]
+    pod = deployment["spec"]["template"]
+    labels = pod["metadata"].get("labels", {})
+    spec = pod["spec"]
+    kind = labels.get("app.kubernetes.io/name")
+    where = f"Deployment {name}"
+    if kind not in contracts_:
+        return [f"{where}: label app.kubernetes.io/name={kind} is not a Switchboard service"]
+    contract = contracts_[kind]
+    pod_security = spec.get("securityContext") or {}
+    if pod_security.get("runAsNonRoot") is not True:
+        problems.append(f"{where}: pod securityContext.runAsNonRoot must be true")
+    if (pod_security.get("seccompProfile") or {}).get("type") != "RuntimeDefault":
+        problems.append(f"{where}: pod seccompProfile must be RuntimeDefault")
+    account = spec.get("serviceAccountName")
+    if not any(o["kind"] == "ServiceAccount" and o["metadata"]["name"] == account for o in objects):
+        problems.append(f"{where}: serviceAccountName {account} has no ServiceAccount")
+    for companion in ("Service", "PodDisruptionBudget"):
+        if not any(o["kind"] == companion and _selects(o["spec"].get("selector"), labels) for o in objects):
+            problems.append(f"{where}: no {companion} selects its pods")
+    for container in spec.get("containers", []):
+        cwhere = f"{where} container {container['name']}"
+        env, placeholders, env_problems = _container_env(container)
+        problems += [f"{cwhere}: {p}" for p in env_problems]
+        problems += check_env(contract, env, cwhere, placeholders)
+        security = container.get("securityContext") or {}
+        if security.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{cwhere}: allowPrivilegeEscalation must be false")
+        if security.get("readOnlyRootFilesystem") is not True:
+            problems.append(f"{cwhere}: readOnlyRootFilesystem must be true")
+        if "ALL" not in ((security.get("capabilities") or {}).get("drop") or []):
+            problems.append(f"{cwhere}: capabilities must drop ALL")
+        resources = container.get("resources") or {}
+        for part in ("requests", "limits"):
+            if not {"cpu", "memory"} <= set(resources.get(part) or {}):
+                problems.append(f"{cwhere}: resources.{part} must set cpu and memory")
+        port = contract.port_in(env)
+        ports = {p["containerPort"] for p in container.get("ports", [])}
+        if ports != {port, contract.metrics_port_in(env)}:
+            problems.append(f"{cwhere}: containerPorts {sorted(ports)} differ from the service's {[port, contract.metrics_port_in(env)]}")
+        for probe in ("livenessProbe", "readinessProbe"):
+            grpc_probe = (container.get(probe) or {}).get("grpc")
+            if not grpc_probe or grpc_probe.get("port") != port:
+                problems.append(f"{cwhere}: {probe} must be a native grpc probe on port {port} ({contract.port_env})")
+        pre_stop = (((container.get("lifecycle") or {}).get("preStop") or {}).get("sleep") or {}).get("seconds", 0)
+        grace = spec.get("terminationGracePeriodSeconds", 30)
+        if grace <= contract.drain_in(env) + pre_stop:
+            problems.append(
+                f"{where}: terminationGracePeriodSeconds {grace} must exceed {contract.drain_env}={contract.drain_in(env)} "
+                f"+ preStop sleep {pre_stop}"
+            )
+        for variable in ("ROUTER_ADDR", "SCHEDULER_ADDR"):
+            if variable in env:
+                host, _, addr_port = env[variable].rpartition(":")
+                if int(addr_port) not in service_ports.get(host.split(".")[0], set()):
+                    problems.append(f"{cwhere}: {variable}={env[variable]} names no Service with that port")
+        if kind == "generator":
+            wants_gpu = "nvidia.com/gpu" in (resources.get("limits") or {})
+            if gpu and not (wants_gpu and spec.get("tolerations") and spec.get("nodeSelector")):
+                problems.append(f"{cwhere}: a GPU generator needs an nvidia.com/gpu limit, tolerations and a nodeSelector")
+            if gpu != wants_gpu:
+                problems.append(f"{cwhere}: nvidia.com/gpu limit {'missing' if gpu else 'set on a CPU overlay'}")
+            device = env.get("GENERATOR_DEVICE", "auto")
+            if gpu != device.startswith("cuda"):
+                problems.append(f"{cwhere}: GENERATOR_DEVICE={device} does not fit a {'GPU' if gpu else 'CPU'} overlay")
+    return problems
+
+
+def _check_network_policies(objects: list[dict[str, Any]], deployments: list[dict[str, Any]]) -> list[str]:
+    problems = []
+    policies = _by_kind(objects, "NetworkPolicy")
+    if not any(p["spec"].get("podSelector") in ({}, None) and "ingress" not in p["spec"] for p in policies):
+        problems.append("no default-deny ingress NetworkPolicy (podSelector {} with no ingress rules)")
+    for policy in policies:
+        for rule in policy["spec"].get("ingress") or []:
+            open_to_all = not rule.get("from") or any(
+                (peer.get("ipBlock") or {}).get("cidr") in ("0.0.0.0/0", "::/0") for peer in rule["from"]
+            )
+            if not open_to_all:
+                continue
+            selected = [
+                d["metadata"]["name"]
+                for d in deployments
+                if _selects(policy["spec"].get("podSelector"), d["spec"]["template"]["metadata"].get("labels", {}))
+            ]
+            if selected != ["gateway"]:
+                problems.append(f"NetworkPolicy {policy['metadata']['name']} opens {selected} to any source; only the gateway may be")
+    return problems
+
+
+def _check_rbac(objects: list[dict[str, Any]], deployments: list[dict[str, Any]]) -> list[str]:
+    problems = []
+    for kind in ("ClusterRole", "ClusterRoleBinding"):
+        for obj in _by_kind(objects, kind):
+            problems.append(f"{kind} {obj['metadata']['name']}: Switchboard needs no cluster-wide permission")
+    generators = {
+        d["metadata"]["name"] for d in deployments if d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/name") == "generator"
+    }
+    scalable: set[str] = set()
+    for role in _by_kind(objects, "Role"):
+        for rule in role.get("rules", []):
+            rwhere = f"Role {role['metadata']['name']}"
+            if set(rule.get("apiGroups", [])) != {"apps"} or not set(rule.get("resources", [])) <= {"deployments", "deployments/scale"}:
+                problems.append(f"{rwhere}: grants {rule.get('apiGroups')}/{rule.get('resources')}; only apps deployments(/scale)")
+            if not set(rule.get("verbs", [])) <= {"get", "list", "patch"}:
+                problems.append(f"{rwhere}: verbs {rule.get('verbs')} exceed get/list/patch")
+            if "patch" in rule.get("verbs", []):
+                names = set(rule.get("resourceNames") or [])
+                if not names or not names <= generators:
+                    problems.append(f"{rwhere}: patch must be limited to generator Deployments {sorted(generators)}, got {sorted(names) or 'all'}")
+                scalable |= names
+    missing = generators - scalable
+    if missing:
+        problems.append(f"the scheduler cannot scale generator Deployments {sorted(missing)}")
+    bindings = _by_kind(objects, "RoleBinding")
+    bound = {s["name"] for b in bindings for s in b.get("subjects", []) if s.get("kind") == "ServiceAccount"}
+    if bound != {"scheduler"}:
+        problems.append(f"RoleBindings grant permissions to service accounts {sorted(bound)}; only the scheduler needs any")
+    return problems

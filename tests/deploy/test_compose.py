@@ -1,0 +1,108 @@
+"""Compose: the files validate under every profile/overlay, and agree with what the services read."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import deploy_checks as dc
+import pytest
+
+from switchboard.common.experts_config import load_experts_config
+from switchboard.gateway.auth import parse_keys
+
+COMBINATIONS = [
+    (["compose.yaml"], []),
+    (["compose.yaml"], ["gpu"]),
+    (["compose.yaml", "compose.observability.yaml"], []),
+    (["compose.yaml", "compose.observability.yaml"], ["gpu"]),
+]
+
+
+def _check(compose_dir: Path, files: list[str], profiles: list[str], contracts: dict[str, dc.ServiceContract]) -> list[str]:
+    model, problems = dc.compose_config([compose_dir / f for f in files], profiles)
+    if model is None:
+        return problems
+    prometheus = compose_dir / "prometheus/prometheus.yml" if "prometheus" in model["services"] else None
+    return dc.check_compose(model, contracts, prometheus)
+
+
+@pytest.mark.parametrize(("files", "profiles"), COMBINATIONS, ids=lambda v: "+".join(v) or "default")
+def test_compose_validates_and_agrees_with_the_services(
+    files: list[str], profiles: list[str], repo: Path, contracts: dict[str, dc.ServiceContract]
+) -> None:
+    assert _check(repo / "compose", files, profiles, contracts) == []
+
+
+@pytest.mark.parametrize(("profiles", "suffix"), [([], ""), (["gpu"], "-gpu")])
+def test_one_generator_per_expert_in_each_profile(profiles: list[str], suffix: str, repo: Path) -> None:
+    model, problems = dc.compose_config([repo / "compose/compose.yaml"], profiles)
+    assert problems == []
+    experts = [spec.name for spec in load_experts_config(repo / "config/experts.yaml")]
+    generators = sorted(name for name, s in model["services"].items() if dc.compose_service_kind(s) == "generator")
+    assert generators == sorted(f"generator-{e}{suffix}" for e in experts)
+    for name in generators:
+        env = model["services"][name]["environment"]
+        assert env["GENERATOR_EXPERT"] in experts
+
+
+def test_observability_overlay_sends_traces_to_jaeger(repo: Path) -> None:
+    model, problems = dc.compose_config([repo / "compose/compose.yaml", repo / "compose/compose.observability.yaml"], [])
+    assert problems == []
+    jaeger = model["services"]["jaeger"]
+    assert any(p["target"] == 16686 for p in jaeger["ports"])
+    for name, service in model["services"].items():
+        if dc.compose_service_kind(service):
+            assert service["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317", name
+
+
+def test_dev_keys_file_is_a_valid_keys_file_and_matches_the_kubernetes_secret(repo: Path) -> None:
+    text = (repo / "compose/dev-keys.jsonl").read_text()
+    assert [r.tenant for r in parse_keys(text.splitlines())] == ["dev"]
+    assert (repo / "compose/k8s/base/gateway-keys.jsonl").read_text() == text
+
+
+# ----------------------------------------------------------------- broken copies must fail
+
+
+@pytest.fixture
+def compose_copy(repo: Path, tmp_path: Path) -> Path:
+    """A copy of compose/ (and the config it mounts) to break."""
+    shutil.copytree(repo / "compose", tmp_path / "compose", ignore=shutil.ignore_patterns("k8s", "models"))
+    shutil.copytree(repo / "config", tmp_path / "config")
+    return tmp_path / "compose"
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{path} no longer contains {old!r}"
+    path.write_text(text.replace(old, new, 1))
+
+
+def test_the_copy_passes_before_it_is_broken(compose_copy: Path, contracts: dict[str, dc.ServiceContract]) -> None:
+    assert _check(compose_copy, ["compose.yaml", "compose.observability.yaml"], [], contracts) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "old", "new", "expected"),
+    [
+        ("compose.yaml", "retries: 3", "retries: three", "docker-compose config -q failed"),
+        ("compose.yaml", "condition: service_healthy", "condition: service_ready", "docker-compose config -q failed"),
+        ("env/gateway.env", "GATEWAY_PORT=50051", "GATEWAY_PROT=50051", "GATEWAY_PROT is not read by the gateway"),
+        ("env/router.env", "ROUTER_PORT=50052", "ROUTER_PORT=50059", "healthcheck"),
+        ("env/router.env", "ROUTER_DRAIN_SECONDS=10", "ROUTER_MAX_ALTERNATES=99", "the router rejects its environment"),
+        ("env/scheduler.env", "SCHEDULER_HOST=0.0.0.0", "SCHEDULER_HOST=127.0.0.1", "must be 0.0.0.0"),
+        ("env/generator.env", "GENERATOR_DRAIN_SECONDS=20", "GENERATOR_DRAIN_SECONDS=45", "stop_grace_period 30.0s must exceed"),
+        ("env/gateway.env", "ROUTER_ADDR=router:50052", "ROUTER_ADDR=router:50053", "names no service listening there"),
+        ("compose.yaml", "GENERATOR_MODEL: /models/bard-small", "GENERATOR_MODEL: /weights/bard-small", "not inside a read-only mounted"),
+        ("compose.yaml", "condition: service_healthy", "condition: service_started", "not service_healthy"),
+        ("prometheus/prometheus.yml", "router:9102", "router:9120", "no scrape target router:9102"),
+        ("env/generator-cpu.env", "GENERATOR_DEVICE=cpu", "GENERATOR_DEVICE=cuda", "no NVIDIA device is reserved"),
+    ],
+)
+def test_broken_compose_fails(
+    path: str, old: str, new: str, expected: str, compose_copy: Path, contracts: dict[str, dc.ServiceContract]
+) -> None:
+    _edit(compose_copy / path, old, new)
+    problems = _check(compose_copy, ["compose.yaml", "compose.observability.yaml"], [], contracts)
+    assert any(expected in p for p in problems), problems
