@@ -277,3 +277,58 @@ def test_settings_defaults_and_errors(tmp_path: Path) -> None:
     assert default_advertise_addr("127.0.0.1", 50061) == "127.0.0.1:50061"
     assert default_advertise_addr("::1", 50061) == "[::1]:50061"
     assert not default_advertise_addr("0.0.0.0", 50061).startswith("0.0.0.0")
+
+
+def _span_exporter() -> object:
+    """An in-memory exporter on the process's SDK tracer provider (installing one if none is set)."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
+
+
+async def test_generate_spans_are_children_of_the_server_span(stub: generator_pb2_grpc.GeneratorStub) -> None:
+    from switchboard.common.telemetry import SpanAttributes
+
+    exporter = _span_exporter()
+    request = generator_pb2.GeneratorGenerateRequest(
+        request_id="traced", prompt=PROMPT, sampling=greedy(5, ignore_eos=True)
+    )
+    await collect(stub.Generate(request))
+    spans = [
+        s for s in exporter.get_finished_spans() if s.attributes.get(SpanAttributes.REQUEST_ID) == "traced"
+    ]  # type: ignore[attr-defined]
+    by_name = {s.name: s for s in spans}
+    server = next(s for s in spans if s.name.endswith("Generator/Generate"))
+    for child in ("generator.prefill", "generator.decode"):
+        assert by_name[child].parent is not None and by_name[child].parent.span_id == server.context.span_id
+        assert by_name[child].context.trace_id == server.context.trace_id
+    assert by_name["generator.prefill"].end_time <= by_name["generator.decode"].start_time
+    assert server.attributes[SpanAttributes.GEN_AI_REQUEST_MAX_TOKENS] == 5
+    assert server.attributes[SpanAttributes.GEN_AI_USAGE_OUTPUT_TOKENS] == 5
+    assert tuple(server.attributes[SpanAttributes.GEN_AI_RESPONSE_FINISH_REASONS]) == ("length",)
+    assert by_name["generator.decode"].attributes[SpanAttributes.GEN_AI_USAGE_OUTPUT_TOKENS] == 5
+
+
+def test_readme_documents_every_variable() -> None:
+    """The README's configuration table lists exactly the variables the settings read, with their defaults."""
+    from switchboard.common.settings import settings_reference
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    docs = settings_reference(
+        GeneratorSettings,
+        server_prefix=SERVER_PREFIX,
+        default_port=DEFAULT_PORT,
+        default_metrics_port=DEFAULT_METRICS_PORT,
+    )
+    for doc in docs:
+        shown = f"`{doc.default}`" if doc.default else "(empty)"
+        assert f"| `{doc.env}` | {shown} |" in readme, doc.env

@@ -13,7 +13,7 @@ from switchboard.generator.config import (
     resolve_model_path,
 )
 
-log = get_logger(__name__)
+log = get_logger("switchboard.generator.main")
 
 MODEL_LOAD_EXIT_CODE = 1
 

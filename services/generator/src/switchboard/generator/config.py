@@ -34,11 +34,11 @@ class GeneratorSettings:
     expert: str = setting(
         "GENERATOR_EXPERT", "", "expert pool this replica serves (empty: the model folder's name)"
     )
-    replica_id: str = setting("GENERATOR_REPLICA_ID", "", "unique replica id (empty: <hostname>-<port>)")
+    replica_id: str = setting("GENERATOR_REPLICA_ID", "", "unique replica id (empty: HOSTNAME-PORT)")
     advertise_addr: str = setting(
         "GENERATOR_ADVERTISE_ADDR",
         "",
-        "host:port the gateway dials, sent to the scheduler (empty: <host>:<port>, the hostname when host is 0.0.0.0)",
+        "host:port the gateway dials, sent to the scheduler (empty: GENERATOR_HOST:PORT, or HOSTNAME:PORT when listening on 0.0.0.0)",
     )
     device: str = setting("GENERATOR_DEVICE", "auto", "auto (cuda when available), cpu, cuda or cuda:N")
     dtype: str = setting(
