@@ -467,3 +467,22 @@ async def test_cuda_greedy_matches_cpu(llama_dir: Path, llama: LoadedModel) -> N
         finally:
             await engine.stop()
     assert [r[0] for r in results[0]] == [r[0] for r in results[1]]
+
+
+def test_profile_writes_a_cost_model(llama_dir: Path, tmp_path: Path, llama: LoadedModel) -> None:
+    """The profile command measures real steps and fits a non-negative linear cost model."""
+    import json
+
+    from switchboard.generator.engine.profile import CostModel, main, profile
+
+    engine = Engine(llama, EngineConfig(block_size=4, num_blocks=64))
+    result = profile(engine, repeats=1, prefill_tokens=(8, 32), decode_batches=(1, 4), decode_contexts=(16,))
+    kinds = [s["kind"] for s in result["samples"]]
+    assert kinds == ["prefill", "prefill", "decode", "decode"]
+    assert all(s["ms"] > 0 for s in result["samples"])
+    out = tmp_path / "cost.json"
+    assert main(["--model", str(llama_dir), "--out", str(out), "--dtype", "float32", "--repeats", "1"]) == 0
+    model = CostModel.load(out)
+    assert json.loads(out.read_text())["architecture"] == "llama"
+    assert min(model.base_ms, model.prefill_token_ms, model.decode_seq_ms, model.context_token_ms) >= 0
+    assert model.step_ms(prefill_tokens=64, decode_seqs=4, decode_context_tokens=64) > 0

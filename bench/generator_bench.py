@@ -1,0 +1,258 @@
+"""Generator engine benchmark: same process, same model, same CPU, against Hugging Face transformers.
+
+Prints three ratios:
+  (a) batch-1 decode tokens/s of the engine vs transformers `generate` (peer in its faster dtype)
+  (b) total output tokens/s of 16 concurrent streams vs transformers serving them one after another
+  (c) batch-1 decode of a ~0.5B-parameter random Llama as a fraction of the memory-bandwidth roofline
+      (weight bytes read per token vs a measured memory-copy bandwidth)
+
+Run: .venv/bin/python bench/generator_bench.py [--model DIR] [--json OUT]
+(a)/(b) use the demo expert scribe-large when it is built, else a random model of its shape.
+Measurements alternate engine and peer over several rounds and keep each one's best, because the
+machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from switchboard.generator.engine import Engine, EngineConfig, EngineRequest
+from switchboard.generator.loader import LoadedModel, load_model
+from switchboard.generator.models.llama import LlamaConfig, LlamaForCausalLM
+from switchboard.generator.sampling import SamplingParams
+from switchboard.generator.tokenizer import Tokenizer
+
+DECODE_TOKENS = 64
+STREAMS = 16
+PROMPT_LEN = 32
+
+
+def default_model_dir() -> Path | None:
+    """The built scribe-large demo expert, if any."""
+    try:
+        from switchboard.experts.cache import expert_dir, is_built
+    except ImportError:
+        return None
+    folder = expert_dir("scribe-large")
+    return folder if is_built(folder) else None
+
+
+def random_model_dir(root: Path) -> Path:
+    """A random Llama with scribe-large's shape, saved by transformers (not kept)."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig as HFLlamaConfig
+    from transformers import LlamaForCausalLM as HFLlama
+
+    folder = root / "random-scribe"
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["to be or not to be"] * 10, trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    torch.manual_seed(0)
+    config = HFLlamaConfig(
+        vocab_size=4096, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
+        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=1024,
+    )
+    HFLlama(config).save_pretrained(folder)
+    return folder
+
+
+async def engine_decode(loaded: LoadedModel, prompts: list[list[int]], max_tokens: int) -> tuple[float, float]:
+    """(batch-1 style decode tok/s of the first stream, total output tok/s) running `prompts` concurrently."""
+    engine = Engine(loaded, EngineConfig(enable_prefix_caching=False, max_num_seqs=max(16, len(prompts))))
+    await engine.start()
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+    async def one(i: int, ids: list[int]) -> tuple[float, float, int]:
+        first = 0.0
+        count = 0
+        async for out in engine.generate(EngineRequest(f"b{i}", prompt_token_ids=ids, sampling=params)):
+            count += len(out.token_ids)
+            if count == 1:
+                first = time.perf_counter()
+        return first, time.perf_counter(), count
+
+    try:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        total = time.perf_counter() - start
+    finally:
+        await engine.stop()
+    first, last, count = results[0]
+    return (count - 1) / (last - first), sum(r[2] for r in results) / total
+
+
+def hf_decode_rate(model: Any, prompt: list[int], max_tokens: int) -> float:
+    """transformers generate: decode tok/s (generate time minus a 1-token generate's time)."""
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, do_sample=False)
+        prefill = time.perf_counter() - t
+        t = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
+        total = time.perf_counter() - t
+    assert out.shape[1] == len(prompt) + max_tokens
+    return (max_tokens - 1) / max(total - prefill, 1e-9)
+
+
+def hf_sequential_rate(model: Any, prompts: list[list[int]], max_tokens: int) -> float:
+    """transformers serving the prompts one after another: total output tok/s."""
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for p in prompts:
+            model.generate(torch.tensor([p]), max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
+    return len(prompts) * max_tokens / (time.perf_counter() - start)
+
+
+def memcopy_bandwidth(nbytes: int = 512 << 20) -> float:
+    """Bytes/s of a large tensor copy, counting the bytes read and the bytes written (best of 5)."""
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
+def big_random_llama(dtype: torch.dtype) -> LoadedModel:
+    """A ~0.5B-parameter random-init Llama built directly in our module (never saved)."""
+    import tokenizers
+    from tokenizers import models, pre_tokenizers, trainers
+
+    config = LlamaConfig(
+        vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=16,
+        num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048,
+    )
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device="cpu").to(dtype)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(0.02))
+    from switchboard.generator.models.llama import rope_inverse_frequencies
+
+    model.inv_freq = rope_inverse_frequencies(config)
+    model.eval().requires_grad_(False)
+    inner = tokenizers.Tokenizer(models.BPE())
+    inner.pre_tokenizer = pre_tokenizers.ByteLevel()
+    inner.train_from_iterator(["a b c"], trainers.BpeTrainer(vocab_size=260, show_progress=False))
+    return LoadedModel(
+        model=model, tokenizer=Tokenizer(inner), architecture="llama", name="random-0.5b",
+        device=torch.device("cpu"), dtype=dtype, max_model_len=2048, eos_token_ids=set(),
+        parameter_count=sum(p.numel() for p in model.parameters()),
+    )
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of weights a decode step reads: every parameter except the embedding table (one row)."""
+    embed = model.model.embed_tokens.weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters() if p is not embed)
+    if any(p is embed for p in [model.lm_head.weight]):
+        total += embed.numel() * embed.element_size()
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the three measurements and print their ratios."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None, help="model folder for (a)/(b) (default: scribe-large or random)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per measurement (best kept)")
+    parser.add_argument("--roofline-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="dtype of the 0.5B model for (c); auto measures both and keeps the faster")
+    parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    args = parser.parse_args(argv)
+    from transformers import AutoModelForCausalLM
+
+    results: dict[str, Any] = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+                               "torch": torch.__version__}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.model or default_model_dir() or random_model_dir(Path(tmp))
+        results["model"] = str(folder)
+        prompts = [[(7 * i + 3 * j) % 250 + 5 for j in range(PROMPT_LEN + i)] for i in range(STREAMS)]
+
+        # (a) batch-1 decode, each side in each dtype; ratio of the bests.
+        best_engine: dict[str, float] = {}
+        best_peer: dict[str, float] = {}
+        for dtype in ("float32", "bfloat16"):
+            loaded = load_model(folder, "cpu", dtype)
+            peer = AutoModelForCausalLM.from_pretrained(folder, dtype=loaded.dtype).eval()
+            asyncio.run(engine_decode(loaded, prompts[:1], 8))  # warm-up
+            hf_decode_rate(peer, prompts[0], 8)
+            for _ in range(args.rounds):
+                rate, _ = asyncio.run(engine_decode(loaded, prompts[:1], DECODE_TOKENS))
+                best_engine[dtype] = max(best_engine.get(dtype, 0.0), rate)
+                best_peer[dtype] = max(best_peer.get(dtype, 0.0), hf_decode_rate(peer, prompts[0], DECODE_TOKENS))
+            del loaded, peer
+            gc.collect()
+        engine_dtype = max(best_engine, key=best_engine.__getitem__)
+        peer_dtype = max(best_peer, key=best_peer.__getitem__)
+        a = best_engine[engine_dtype] / best_peer[peer_dtype]
+        results["a"] = {"engine_tok_s": best_engine, "hf_generate_tok_s": best_peer, "engine_dtype": engine_dtype,
+                        "peer_dtype": peer_dtype, "ratio": a}
+        print(f"(a) batch-1 decode: engine {best_engine[engine_dtype]:.1f} tok/s ({engine_dtype}) vs "
+              f"transformers generate {best_peer[peer_dtype]:.1f} tok/s ({peer_dtype}): {a:.2f}x  (target >= 1.0x)")
+
+        # (b) 16 concurrent streams vs one after another, each in its faster dtype from (a).
+        loaded = load_model(folder, "cpu", engine_dtype)
+        peer = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, peer_dtype)).eval()
+        engine_total = 0.0
+        peer_total = 0.0
+        for _ in range(max(1, args.rounds - 1)):
+            engine_total = max(engine_total, asyncio.run(engine_decode(loaded, prompts, DECODE_TOKENS))[1])
+            peer_total = max(peer_total, hf_sequential_rate(peer, prompts, DECODE_TOKENS))
+        b = engine_total / peer_total
+        results["b"] = {"engine_tok_s": engine_total, "hf_sequential_tok_s": peer_total, "ratio": b}
+        print(f"(b) {STREAMS} streams x {DECODE_TOKENS} tokens: engine {engine_total:.1f} tok/s vs transformers "
+              f"one after another {peer_total:.1f} tok/s: {b:.2f}x  (target >= 5x)")
+        del loaded, peer
+        gc.collect()
+
+    # (c) roofline with a model whose weights dominate.
+    bandwidth = memcopy_bandwidth()
+    dtypes = ["float32", "bfloat16"] if args.roofline_dtype == "auto" else [args.roofline_dtype]
+    best_c: dict[str, Any] = {}
+    for name in dtypes:
+        big = big_random_llama(getattr(torch, name))
+        per_token = weight_bytes_per_token(big.model)
+        asyncio.run(engine_decode(big, [list(range(5, 37))], 3))  # warm-up
+        rate = max(asyncio.run(engine_decode(big, [list(range(5, 37))], 16))[0] for _ in range(2))
+        roofline = bandwidth / per_token
+        entry = {"dtype": name, "params": big.parameter_count, "weight_bytes_per_token": per_token,
+                 "engine_tok_s": rate, "roofline_tok_s": roofline, "fraction": rate / roofline}
+        print(f"    {name}: {big.parameter_count / 1e6:.0f}M params, {per_token / 1e9:.2f} GB/token, "
+              f"engine {rate:.2f} tok/s, roofline {roofline:.2f} tok/s -> {rate / roofline:.2f}")
+        if not best_c or entry["fraction"] > best_c["fraction"]:
+            best_c = entry
+        del big
+        gc.collect()
+    results["c"] = {**best_c, "memcopy_bytes_per_s": bandwidth}
+    print(f"(c) batch-1 decode at {best_c['fraction']:.2f} of the memory-bandwidth roofline "
+          f"({best_c['dtype']}, copy bandwidth {bandwidth / 1e9:.1f} GB/s read+write)  (target >= 0.5)")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
