@@ -332,3 +332,26 @@ def test_readme_documents_every_variable() -> None:
     for doc in docs:
         shown = f"`{doc.default}`" if doc.default else "(empty)"
         assert f"| `{doc.env}` | {shown} |" in readme, doc.env
+
+
+async def test_fatal_engine_error_fails_the_request_and_exits_non_zero(
+    loaded: LoadedModel, model_dir: Path
+) -> None:
+    """A step that raises (as CUDA OOM would) fails in-flight calls with UNAVAILABLE; the process exits 1."""
+    async with running_generator(loaded, generator_settings(str(model_dir))) as app:
+        # Fault injection: break the engine's KV cache so the next model step raises inside the loop.
+        app.engine.cache = None  # type: ignore[assignment]
+        channel = open_channel(f"127.0.0.1:{app.service.port}")
+        try:
+            stub = generator_pb2_grpc.GeneratorStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await collect(
+                    stub.Generate(generator_pb2.GeneratorGenerateRequest(prompt=PROMPT, sampling=greedy(4)))
+                )
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "failed" in (info.value.details() or "")
+        finally:
+            await channel.close()
+        exit_code = await app.run_task  # type: ignore[attr-defined]
+        assert exit_code == 1
+        assert app.engine.failed is not None
