@@ -11,7 +11,7 @@ import pytest
 # --import-mode=importlib does not put this folder on sys.path by itself.
 sys.path.insert(0, str(Path(__file__).parent))
 
-import deploy_checks  # noqa: E402
+import deploy_checks
 
 
 @pytest.fixture(scope="session")

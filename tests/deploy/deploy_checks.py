@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from switchboard.common.settings import ServerSettings, SettingsError, load_settings, settings_reference
 
 REPO = Path(__file__).resolve().parents[2]
@@ -663,3 +662,41 @@ def _check_rbac(objects: list[dict[str, Any]], deployments: list[dict[str, Any]]
     if bound != {"scheduler"}:
         problems.append(f"RoleBindings grant permissions to service accounts {sorted(bound)}; only the scheduler needs any")
     return problems
+
+
+# --------------------------------------------------------------------------- Prometheus
+
+
+PROMTOOL_CACHE = REPO / ".cache" / "tools" / "prometheus"
+
+
+def ensure_promtool(cache: Path = PROMTOOL_CACHE) -> Path:
+    """promtool from Debian's `prometheus` package, unpacked once into `cache` (no root needed).
+
+    No Prometheus release is on PyPI; apt is reachable wherever the project is
+    built (it is the documented way, /work/shared/TOOLS.md), and the package is
+    only downloaded and unpacked, never installed.
+    """
+    promtool = cache / "usr" / "bin" / "promtool"
+    if promtool.exists():
+        return promtool
+    cache.mkdir(parents=True, exist_ok=True)
+    download = subprocess.run(
+        ["apt-get", "download", "prometheus"], cwd=cache, capture_output=True, text=True, timeout=300, check=False
+    )
+    debs = sorted(cache.glob("prometheus_*.deb"))
+    if download.returncode != 0 or not debs:
+        raise AssertionError(f"cannot fetch promtool with `apt-get download prometheus`: {download.stderr.strip()}")
+    subprocess.run(["dpkg", "-x", str(debs[-1]), str(cache)], check=True, timeout=300)
+    debs[-1].unlink()
+    return promtool
+
+
+def promtool(args: list[str], cwd: Path | None = None) -> list[str]:
+    """Run promtool; its output lines as problems when it fails."""
+    result = subprocess.run(
+        [str(ensure_promtool()), *args], cwd=cwd, capture_output=True, text=True, timeout=120, check=False
+    )
+    if result.returncode != 0:
+        return [line for line in (result.stdout + result.stderr).splitlines() if line.strip()] or ["promtool failed"]
+    return []

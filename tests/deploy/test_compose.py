@@ -7,7 +7,6 @@ from pathlib import Path
 
 import deploy_checks as dc
 import pytest
-
 from switchboard.common.experts_config import load_experts_config
 from switchboard.gateway.auth import parse_keys
 

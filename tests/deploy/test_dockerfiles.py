@@ -7,7 +7,6 @@ from pathlib import Path
 
 import deploy_checks as dc
 import pytest
-
 from switchboard.cli.localstack import plan_stack, service_specs
 from switchboard.cli.processes import ProcessGroup, ServiceSpec
 

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 from grpc_health.v1 import health_pb2
-
 from switchboard.cli.processes import free_port
 from switchboard.common import healthcheck
 from switchboard.common.service import GrpcService

@@ -8,7 +8,6 @@ from pathlib import Path
 import deploy_checks as dc
 import pytest
 import yaml
-
 from switchboard.common.experts_config import load_experts_config
 
 OVERLAYS = {"cpu": False, "gpu": True}  # overlay -> generators on GPUs
