@@ -486,3 +486,35 @@ def test_profile_writes_a_cost_model(llama_dir: Path, tmp_path: Path, llama: Loa
     assert json.loads(out.read_text())["architecture"] == "llama"
     assert min(model.base_ms, model.prefill_token_ms, model.decode_seq_ms, model.context_token_ms) >= 0
     assert model.step_ms(prefill_tokens=64, decode_seqs=4, decode_context_tokens=64) > 0
+
+
+async def test_stop_ends_open_streams_as_cancelled(llama: LoadedModel) -> None:
+    """engine.stop() ends every open stream with finish_reason "cancelled" and usage."""
+    engine = await running_engine(llama)
+    stream = engine.generate(EngineRequest("s1", prompt=PROMPTS[0], sampling=greedy(200)))
+    await stream.__anext__()
+    await engine.stop()
+    outs = [out async for out in stream]
+    assert outs[-1].finish_reason == "cancelled" and outs[-1].usage is not None
+    assert engine.pool.num_used == 0
+    with pytest.raises(RuntimeError):
+        await engine.generate(EngineRequest("s2", prompt=PROMPTS[0])).__anext__()
+
+
+async def test_fatal_step_error_fails_requests_and_marks_engine(llama: LoadedModel) -> None:
+    """An exception inside a step (as a device OOM would raise) fails in-flight requests and sets engine.failed."""
+    engine = await running_engine(llama)
+
+    def failing_step(*args: Any, **kwargs: Any) -> torch.Tensor:
+        raise RuntimeError("simulated device out of memory")
+
+    engine.model.forward_step = failing_step
+    try:
+        with pytest.raises(RuntimeError, match="simulated device out of memory"):
+            await collect(engine, EngineRequest("f1", prompt=PROMPTS[0], sampling=greedy(5)))
+        assert isinstance(engine.failed, RuntimeError)
+        with pytest.raises(RuntimeError, match="engine failed"):
+            await engine.generate(EngineRequest("f2", prompt=PROMPTS[0])).__anext__()
+    finally:
+        del engine.model.forward_step  # back to the class method
+        await engine.stop()

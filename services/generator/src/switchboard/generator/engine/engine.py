@@ -135,8 +135,9 @@ class Engine:
                 await self._task
             finally:
                 self._task = None
+        # Streams still open end with finish_reason "cancelled".
         for seq in list(self._live.values()):
-            self._deliver_error(seq, asyncio.CancelledError("engine stopped"))
+            seq.state.queue.put_nowait(self._final_output(seq, "cancelled", ""))
         self._live.clear()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
@@ -336,16 +337,14 @@ class Engine:
                 [s.num_generated for s in samplers],
             ).tolist()
             for seq, token in zip(samplers, tokens):
-                out = self._advance(seq, int(token))
-                if out is not None:
-                    results.append((seq, out))
+                results.append((seq, self._advance(seq, int(token))))
             self._rate_window.append((time.monotonic(), len(samplers)))
             while len(self._rate_window) > 4096:
                 self._rate_window.popleft()
         self._refresh_snapshot(force=False)
         return results
 
-    def _advance(self, seq: Sequence, token: int) -> EngineOutput | None:
+    def _advance(self, seq: Sequence, token: int) -> EngineOutput:
         """Append a sampled token, update text and stop state; returns the output to stream."""
         seq.token_ids.append(token)
         params = seq.params
@@ -361,12 +360,15 @@ class Engine:
             elif seq.num_generated >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
                 reason = "length"
                 text += state.finish()
-        usage = None
-        if reason is not None:
-            self.scheduler.finish(seq, reason)
-            usage = Usage(
-                prompt_tokens=seq.prompt_len,
-                completion_tokens=seq.num_generated,
-                cached_prompt_tokens=seq.cached_prompt_tokens or 0,
-            )
-        return EngineOutput(seq.request_id, text, [token], reason, usage)
+        if reason is None:
+            return EngineOutput(seq.request_id, text, [token])
+        self.scheduler.finish(seq, reason)
+        return self._final_output(seq, reason, text, [token])
+
+    def _final_output(self, seq: Sequence, reason: str, text: str, token_ids: list[int] | None = None) -> EngineOutput:
+        usage = Usage(
+            prompt_tokens=seq.prompt_len,
+            completion_tokens=seq.num_generated,
+            cached_prompt_tokens=seq.cached_prompt_tokens or 0,
+        )
+        return EngineOutput(seq.request_id, text, token_ids or [], reason, usage)

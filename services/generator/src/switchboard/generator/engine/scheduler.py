@@ -1,7 +1,7 @@
 """Iteration-level scheduler: which sequences run in the next step, with how many tokens.
 
-Each step has a token budget. Running sequences go first, oldest first (a
-decode costs one token, an unfinished prefill gets the next chunk); then
+Each step has a token budget. Running sequences go first: decodes (one token
+each), then unfinished prefills (their next chunk), oldest first; then
 waiting sequences are admitted in arrival order while budget, sequence slots
 and KV blocks last (chunked prefill: a long prompt takes several steps). When a
 running sequence needs a block and none is free, the newest running sequence
@@ -158,13 +158,19 @@ class Scheduler:
         budget = self.max_tokens_per_step
         entries: list[tuple[Sequence, int]] = []
         preempted: list[Sequence] = []
-        index = 0
-        while index < len(self.running) and budget > 0:
-            seq = self.running[index]
+        scheduled: set[Sequence] = set()
+        # Decodes first (one token each, so a long prefill chunk cannot starve them), oldest first.
+        for seq in sorted(self.running, key=lambda s: (s.num_pending != 1, s.arrival)):
+            if budget <= 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this pass
             num_new = min(seq.num_pending, budget)
             need = self._new_blocks_needed(seq, num_new)
-            while need > self.pool.num_free and self.running[-1] is not seq:
-                victim = self.running[-1]
+            while need > self.pool.num_free:
+                victim = next((s for s in reversed(self.running) if s is not seq and s not in scheduled), None)
+                if victim is None:
+                    break
                 self._preempt(victim)
                 preempted.append(victim)
             if need > self.pool.num_free:
@@ -173,8 +179,8 @@ class Scheduler:
                 break
             self._grow(seq, num_new)
             entries.append((seq, num_new))
+            scheduled.add(seq)
             budget -= num_new
-            index += 1
 
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
