@@ -2,7 +2,7 @@
 
 `switchboard up` and the cross-service tests use this same code: each service runs
 as `python -m switchboard.<service>` (the command its Dockerfile runs), with its
-settings in environment variables, its stdout+stderr in a log file, and readiness
+settings in environment variables, its stdout (JSON log lines) and stderr in log files, and readiness
 decided by the standard `grpc.health.v1` Check RPC (never by sleeping).
 `ProcessGroup` is a context manager that always stops what it started: SIGTERM,
 wait for the grace period, then SIGKILL.
@@ -60,7 +60,8 @@ class ManagedProcess:
 
     spec: ServiceSpec
     popen: subprocess.Popen[bytes]
-    log_path: Path
+    log_path: Path  # stdout: the service's JSON log lines
+    stderr_path: Path  # stderr: tracebacks and library warnings, kept apart so stdout stays JSON
 
     @property
     def pid(self) -> int:
@@ -72,11 +73,16 @@ class ManagedProcess:
         return self.popen.poll() is None
 
     def log_tail(self, lines: int = 30) -> str:
-        """The last lines of its log (for error messages)."""
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        """The last lines of its stdout and stderr (for error messages)."""
+        parts = []
+        for path in (self.log_path, self.stderr_path):
+            try:
+                tail = path.read_text(errors="replace").splitlines()[-lines:]
+            except OSError:
+                continue
+            if tail:
+                parts.append(f"[{path.name}]\n" + "\n".join(tail))
+        return "\n".join(parts) or "(no output)"
 
 
 def health_status(address: str, timeout: float = 1.0, service: str = "") -> int:
@@ -113,24 +119,25 @@ class ProcessGroup:
         self.processes: dict[str, ManagedProcess] = {}
 
     def start(self, spec: ServiceSpec) -> ManagedProcess:
-        """Launch one service (does not wait for health)."""
+        """Launch one service (does not wait for health); stdout to `<name>.log`, stderr to `<name>.stderr.log`."""
         if spec.name in self.processes and self.processes[spec.name].alive():
             raise ValueError(f"{spec.name} is already running")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{spec.name}.log"
+        stderr_path = self.log_dir / f"{spec.name}.stderr.log"
         env = {**self.base_env, **spec.env, "PYTHONUNBUFFERED": "1"}
-        with open(log_path, "ab") as log:
+        with open(log_path, "ab") as log, open(stderr_path, "ab") as errors:
             popen = subprocess.Popen(
                 [sys.executable, "-m", spec.module],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
-                stderr=subprocess.STDOUT,
+                stderr=errors,
                 # Own process group: Ctrl-C in a terminal reaches only the parent,
                 # which then stops each child in order.
                 start_new_session=True,
             )
-        process = ManagedProcess(spec=spec, popen=popen, log_path=log_path)
+        process = ManagedProcess(spec=spec, popen=popen, log_path=log_path, stderr_path=stderr_path)
         self.processes[spec.name] = process
         return process
 

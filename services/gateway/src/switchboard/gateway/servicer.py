@@ -239,10 +239,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     outcome.tokens += len(chunk.token_ids)
                     outcome.last_token_at = now
                     streamed = True
-                    yield message
                     if chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
                         outcome.finish_reason = chunk.finish_reason
-                        return
+                    yield message
+                # Read the stream to its end (not `return` at the last message): the tracing
+                # client interceptor ends the upstream call's span only when the stream is exhausted.
+                if outcome.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                    return
             except grpc.aio.AioRpcError as error:
                 code = error.code()
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() >= deadline - 0.01:
