@@ -172,3 +172,19 @@ def test_log_lines_are_json_with_trace_and_request_ids(capsys: pytest.CaptureFix
     assert inside["trace_id"] == trace_id and len(inside["span_id"]) == 16
     outside = next(line for line in lines if line["event"] == "outside")
     assert "request_id" not in outside
+
+
+def test_module_level_logger_made_before_configure_renders_json() -> None:
+    """A logger created at import time (before configure_logging) must still print JSON."""
+    import subprocess
+    import sys
+
+    code = (
+        "from switchboard.common.logging import get_logger, configure_logging\n"
+        "log = get_logger('early')\n"
+        "configure_logging('probe', 'info')\n"
+        "log.info('hello', n=1)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    line = json.loads(out.strip().splitlines()[-1])
+    assert line["event"] == "hello" and line["logger_name"] == "early" and line["service"] == "probe"

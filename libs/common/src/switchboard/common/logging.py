@@ -76,9 +76,13 @@ def configure_logging(service: str, level: str = "info") -> None:
 
 
 def get_logger(name: str | None = None) -> Any:
-    """A structlog logger; `name` is added as `logger`."""
-    logger = structlog.get_logger()
-    return logger.bind(logger=name) if name else logger
+    """A structlog logger; `name` is added as `logger_name`.
+
+    The logger stays a lazy proxy until first use, so module-level loggers made
+    before `configure_logging` still render JSON (binding here would freeze
+    structlog's default console renderer into them).
+    """
+    return structlog.get_logger(logger_name=name) if name else structlog.get_logger()
 
 
 @contextmanager
