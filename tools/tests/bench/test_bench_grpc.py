@@ -131,3 +131,14 @@ async def test_run_deadline_aborts_in_flight_and_counts_unsent(gateway: tuple[st
     records = await replay(GatewayTarget(address, KEY), reqs, ["a", "hang", "b"], timeout_s=60, run_deadline_s=1.0)
     assert [r.status for r in records] == ["ok", "aborted", "not_sent"]
     assert records[2].sent_s is None
+
+
+async def test_warmup_requests_are_sent_first_and_not_recorded(gateway: tuple[str, StreamingGateway]) -> None:
+    address, servicer = gateway
+    records = await replay(GatewayTarget(address, KEY), requests(3, output_tokens=6), ["a", "b", "c"], timeout_s=30,
+                           warmup_requests=2)
+    assert [r.index for r in records] == [0, 1, 2] and all(r.status == "ok" for r in records)
+    assert all(r.output_tokens == 6 for r in records)
+    assert [(r.request_id, r.sampling.max_tokens) for r in servicer.requests[:2]] == [
+        ("bench-warmup-1", 4), ("bench-warmup-2", 4)]
+    assert sorted(r.request_id for r in servicer.requests[2:]) == ["bench-0", "bench-1", "bench-2"]

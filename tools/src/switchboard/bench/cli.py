@@ -77,6 +77,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight (default none)")
     r.add_argument("--run-deadline", type=float, default=None,
                    help="end the run after this many seconds (default: last arrival + timeout + 30)")
+    r.add_argument("--warmup-requests", type=int, default=1,
+                   help="unrecorded requests sent one by one before the replay (default 1)")
     r.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput: TTFT objective")
     r.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: TPOT objective")
     r.add_argument("--out", type=Path, required=True, help="results JSON file to write")
@@ -184,6 +186,8 @@ def run_command(args: argparse.Namespace) -> int:
             prompts = [synth.build(r).text for r in requests]
     except (ValueError, TraceError, CorpusError, PromptError, OSError) as exc:
         return _fail(str(exc))
+    workload["run"] = {"timeout_s": args.timeout, "max_concurrency": args.max_concurrency,
+                       "run_deadline_s": args.run_deadline, "warmup_requests": args.warmup_requests}
     workload["prompts"] = {"tokenizer": str(tokenizer), "corpus": corpus_source, "block_size": args.block_size,
                            "seed": args.workload_seed, "count": len(prompts)}
     slo = SLO(None if args.slo_ttft_ms is None else args.slo_ttft_ms / 1000,
@@ -217,7 +221,7 @@ def _run_with_progress(target: Target, requests: list[TraceRequest], prompts: li
                             description=f"ok {counts['ok']} timeout {counts['timeout']} failed {counts['failed']}")
 
         return asyncio.run(replay(target, requests, prompts, args.timeout, args.max_concurrency,
-                                  args.run_deadline, on_done))
+                                  args.run_deadline, on_done, args.warmup_requests))
 
 
 def compare_command(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from switchboard.bench.records import STATUS_PENDING, STATUS_TIMEOUT, RequestRecord
 from switchboard.bench.targets import Target
@@ -31,8 +32,14 @@ async def replay(
     max_concurrency: int | None = None,
     run_deadline_s: float | None = None,
     on_done: Callable[[RequestRecord], None] | None = None,
+    warmup_requests: int = 0,
 ) -> list[RequestRecord]:
-    """Replay `requests` (with their `prompts`) against `target`; one record per request."""
+    """Replay `requests` (with their `prompts`) against `target`; one record per request.
+
+    `warmup_requests` requests (the first prompts, 4 output tokens each) are sent one after
+    another before the clock starts and are not recorded: servers that load or compile on
+    their first request would otherwise charge that to the replay.
+    """
     if len(prompts) != len(requests):
         raise ValueError("one prompt per request")
     if timeout_s <= 0:
@@ -42,6 +49,12 @@ async def replay(
         last = max((r.arrival_s for r in requests), default=0.0)
         run_deadline_s = last + timeout_s + DEFAULT_DEADLINE_GRACE_S
     limiter = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    await target.start()
+    try:
+        await _warm_up(target, requests, prompts, warmup_requests, timeout_s)
+    except BaseException:
+        await target.close()
+        raise
     clock_zero = time.perf_counter()
     target.clock_zero = clock_zero
 
@@ -70,7 +83,6 @@ async def replay(
             tasks.append(asyncio.create_task(one(request, prompt, record)))
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    await target.start()
     try:
         try:
             async with asyncio.timeout(run_deadline_s):
@@ -87,6 +99,16 @@ async def replay(
             if on_done is not None:
                 on_done(record)
     return records
+
+
+async def _warm_up(target: Target, requests: Sequence[TraceRequest], prompts: Sequence[str], count: int,
+                   timeout_s: float) -> None:
+    """Send `count` short unrecorded requests, one at a time (failures are ignored here: the replay records them)."""
+    for i in range(min(count, len(requests))):
+        scratch = RequestRecord(-1, 0.0, requests[i].input_tokens, 4)
+        target.clock_zero = time.perf_counter()
+        await _send_with_timeout(target, prompts[i], replace(requests[i], index=-(i + 1), output_tokens=4), scratch, timeout_s,
+                                 target.clock_zero)
 
 
 async def _send_with_timeout(target: Target, prompt: str, request: TraceRequest, record: RequestRecord,

@@ -53,7 +53,8 @@ class GatewayTarget:
         if self.seed is not None:
             sampling.seed = self.seed
         return gateway_pb2.GenerateRequest(prompt=prompt, sampling=sampling, model=self.model,
-                                           request_id=f"bench-{request.index}")
+                                           request_id=f"bench-{request.index}" if request.index >= 0
+                                           else f"bench-warmup{request.index}")
 
     async def send(self, prompt: str, request: TraceRequest, record: RequestRecord) -> None:
         """Stream one request into `record`; cancel the call if this task is cancelled."""
