@@ -19,8 +19,12 @@ KEY = "cli-key"
 class ThreadedGateway(gateway_pb2_grpc.GatewayServicer):
     """Streams one token per message, `max_tokens` of them; rejects prompts over 200 tokens' worth."""
 
+    def __init__(self) -> None:
+        self.prompts: dict[str, str] = {}
+
     def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.ServicerContext
                  ) -> Iterator[gateway_pb2.GenerateResponse]:
+        self.prompts[request.request_id] = request.prompt
         if dict(context.invocation_metadata()).get("authorization") != f"Bearer {KEY}":
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key")
         if len(request.prompt) > 2000:
@@ -33,15 +37,21 @@ class ThreadedGateway(gateway_pb2_grpc.GatewayServicer):
 
 
 @pytest.fixture
-def gateway_address() -> Iterator[str]:
+def gateway() -> Iterator[tuple[str, ThreadedGateway]]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    gateway_pb2_grpc.add_GatewayServicer_to_server(ThreadedGateway(), server)
+    servicer = ThreadedGateway()
+    gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", servicer
     finally:
         server.stop(0)
+
+
+@pytest.fixture
+def gateway_address(gateway: tuple[str, ThreadedGateway]) -> str:
+    return gateway[0]
 
 
 def run_args(address: str, tokenizer: Path, out: Path, *extra: str) -> list[str]:
@@ -105,3 +115,31 @@ def test_bad_inputs_are_clear_errors(tokenizer_json: Path, tmp_path: Path, capsy
     assert "--target must start with" in capsys.readouterr().err
     assert main(["bench", "compare", str(bad_trace), str(bad_trace)]) == 2
     assert "not a readable results file" in capsys.readouterr().err
+
+
+def test_jsonl_hash_blocks_reach_the_server_shared_after_scaling(gateway: tuple[str, ThreadedGateway],
+                                                                 tokenizer_json: Path, tmp_path: Path) -> None:
+    address, servicer = gateway
+    trace = tmp_path / "prefix.jsonl"
+    rows = [
+        {"timestamp": 0, "input_length": 400, "output_length": 4, "hash_ids": [1, 2, 3, 4]},
+        {"timestamp": 10, "input_length": 400, "output_length": 4, "hash_ids": [1, 2, 5, 6]},
+        {"timestamp": 20, "input_length": 400, "output_length": 4, "hash_ids": [7, 8, 9, 10]},
+    ]
+    trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "prefix.json"
+    assert main(["bench", "run", "--target", f"grpc://{address}", "--api-key", KEY, "--tokenizer",
+                 str(tokenizer_json), "--trace", str(trace), "--block-size", "100", "--length-scale", "0.5",
+                 "--no-progress", "--warmup-requests", "0", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["workload"]["prompts"]["block_size_used"] == 50
+    assert [r["input_tokens"] for r in doc["requests"]] == [200, 200, 200]
+    a, b, c = (servicer.prompts[f"bench-{i}"] for i in range(3))
+
+    def common(x: str, y: str) -> int:
+        return next((i for i, (p, q) in enumerate(zip(x, y, strict=False)) if p != q), min(len(x), len(y)))
+
+    # Requests 0 and 1 share blocks 1 and 2 (about half of each prompt); request 2 shares nothing.
+    assert common(a, b) >= 0.4 * min(len(a), len(b))
+    assert common(a, b) < min(len(a), len(b))
+    assert common(a, c) < 0.05 * len(a)

