@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     cache = cache_dir()
     keys_file = Path(os.environ.get("GATEWAY_KEYS_FILE") or cache / "gateway-keys.jsonl")
     key = ensure_dev_key(cache, keys_file)
-    plan = plan_stack(experts_config, keys_file, models=models)
+    plan = plan_stack(experts_config, keys_file, models=models, free_ports=args.free_ports)
     log_dir = Path(args.log_dir or cache / "logs")
     stack = LocalStack(plan, log_dir, start_timeout=args.timeout)
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -140,5 +140,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     parser = subparsers.add_parser("up", help="start all four services locally and wait until healthy", description=__doc__)
     parser.add_argument("--experts-config", default=None, help="experts config (default: config/experts.yaml)")
     parser.add_argument("--log-dir", default=None, help="service logs folder (default: <cache>/logs)")
+    parser.add_argument(
+        "--free-ports", action="store_true", help="use free ports instead of 50051.. (a second stack on one machine)"
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the stack to become healthy")
     parser.set_defaults(func=run)

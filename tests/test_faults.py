@@ -1,0 +1,109 @@
+"""Faults across real processes: dead replicas, failover before the first token, expiry.
+
+The stack serves `bard-small` with two generator replicas. The scheduler's
+least-loaded policy breaks ties by replica id, so with both idle `bard-small-0`
+is always the primary: killing it makes the next request meet a dead primary.
+Expiry is 3 s with 0.5 s heartbeats (see conftest.TEST_ENV).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from switchboard.common.errors import error_details
+from switchboard.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+
+from .conftest import TEST_ENV, RunningStack, start_stack
+
+pytestmark = pytest.mark.slow
+EXPIRY_SECONDS = float(TEST_ENV["SCHEDULER_EXPIRY_SECONDS"])
+
+
+@pytest.fixture
+def stack(tmp_path: Path, model_dir: Path) -> Iterator[RunningStack]:
+    """A stack with two replicas of bard-small."""
+    running = start_stack(tmp_path, model_dir, {"bard-small": 2})
+    try:
+        yield running
+    finally:
+        running.stack.stop()
+
+
+def replicas(stack: RunningStack) -> dict[str, scheduler_pb2.Replica]:
+    """The scheduler's view: {replica_id: replica}."""
+    with grpc.insecure_channel(stack.stack.plan.scheduler_addr) as channel:
+        cluster = scheduler_pb2_grpc.SchedulerStub(channel).GetCluster(scheduler_pb2.GetClusterRequest(), timeout=5)
+    return {r.replica_id: r for r in cluster.replicas}
+
+
+def request(stack: RunningStack, timeout: float = 30) -> list[gateway_pb2.GenerateResponse]:
+    """One Generate call through the gateway."""
+    with grpc.insecure_channel(stack.gateway_addr) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        call = stub.Generate(
+            gateway_pb2.GenerateRequest(prompt="Now is the winter", sampling=common_pb2.SamplingParams(max_tokens=8)),
+            metadata=stack.auth(),
+            timeout=timeout,
+        )
+        return list(call)
+
+
+def wait_dropped(stack: RunningStack, replica_id: str) -> float:
+    """Seconds until the scheduler no longer lists `replica_id` (fails after 3x the expiry)."""
+    started = time.monotonic()
+    while replica_id in replicas(stack):
+        assert time.monotonic() - started < 3 * EXPIRY_SECONDS, f"{replica_id} never expired"
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+def gateway_failovers(stack: RunningStack) -> float:
+    """switchboard_gateway_failovers_total summed over labels, from the gateway's metrics endpoint."""
+    import urllib.request
+
+    text = urllib.request.urlopen(
+        f"http://127.0.0.1:{stack.stack.plan.gateway_metrics}/metrics", timeout=10
+    ).read().decode()
+    return sum(float(v) for v in re.findall(r"^switchboard_gateway_failovers_total\{[^}]*\} (\S+)$", text, re.M))
+
+
+def test_dead_primary_fails_over_then_expires_then_unavailable(stack: RunningStack) -> None:
+    assert set(replicas(stack)) == {"bard-small-0", "bard-small-1"}
+    # 1. Kill the replica the scheduler prefers; it is still registered (heartbeats have not lapsed yet).
+    stack.stack.group.kill("generator-bard-small-0")
+    assert "bard-small-0" in replicas(stack)
+    messages = request(stack)
+    assert messages[-1].finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+    assert messages[-1].usage.completion_tokens > 0
+    assert gateway_failovers(stack) >= 1  # the dead primary was tried first, then the alternate served
+    # 2. The scheduler drops the silent replica within its expiry (plus one sweep).
+    dropped_after = wait_dropped(stack, "bard-small-0")
+    assert dropped_after <= EXPIRY_SECONDS + 1.5, dropped_after
+    assert request(stack)[-1].usage.completion_tokens > 0  # the survivor serves alone
+    # 3. Kill the last replica: the next request fails fast with UNAVAILABLE, never hangs.
+    stack.stack.group.kill("generator-bard-small-1")
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as info:
+        request(stack, timeout=30)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+    assert time.monotonic() - started < 25
+    # 4. Once it has expired too, the router says there is no healthy replica, with RetryInfo.
+    wait_dropped(stack, "bard-small-1")
+    with pytest.raises(grpc.RpcError) as info:
+        request(stack, timeout=30)
+    details = error_details(info.value)
+    assert details["code"] == grpc.StatusCode.UNAVAILABLE and details["reason"] == "NO_HEALTHY_REPLICA"
+    assert details["retry_after"] is not None
+
+
+def test_graceful_stop_deregisters_and_traffic_moves(stack: RunningStack) -> None:
+    # SIGTERM: the replica drains and deregisters, so it leaves at once (no expiry wait).
+    stack.stack.group.stop("generator-bard-small-0", grace=15)
+    assert "bard-small-0" not in replicas(stack)
+    assert request(stack)[-1].usage.completion_tokens > 0
+    assert gateway_failovers(stack) == 0

@@ -1,0 +1,88 @@
+"""Tests of the process launcher, the stack plan and the dev key of `switchboard up`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from switchboard.cli.client import build_request
+from switchboard.cli.localstack import plan_stack, service_specs
+from switchboard.cli.processes import ProcessGroup, ServiceSpec, StartupError, free_port
+from switchboard.cli.stack import ensure_dev_key
+from switchboard.gateway.auth import KeyStore
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_dev_key_is_stable_and_accepted(tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys.jsonl"
+    first = ensure_dev_key(tmp_path, keys_file)
+    assert ensure_dev_key(tmp_path, keys_file) == first
+    assert KeyStore(keys_file).tenant_for(first) == "dev"
+    assert (tmp_path / "dev-api-key").stat().st_mode & 0o777 == 0o600
+    # A keys file that lost the hash gets a fresh key instead of a dead one.
+    keys_file.write_text("")
+    second = ensure_dev_key(tmp_path, keys_file)
+    assert second != first and KeyStore(keys_file).tenant_for(second) == "dev"
+
+
+def test_default_plan_uses_documented_ports_and_one_generator_per_replica(tmp_path: Path) -> None:
+    plan = plan_stack(REPO_ROOT / "config" / "experts.yaml", tmp_path / "keys.jsonl")
+    assert (plan.gateway_port, plan.router_port, plan.scheduler_port) == (50051, 50052, 50053)
+    assert [(g.expert, g.port, g.metrics_port) for g in plan.generators] == [
+        ("bard-small", 50061, 9111),
+        ("milton-small", 50062, 9112),
+        ("scribe-large", 50063, 9113),
+    ]
+    specs = service_specs(plan)
+    assert list(specs) == [
+        "scheduler",
+        "router",
+        "generator-bard-small-0",
+        "generator-milton-small-0",
+        "generator-scribe-large-0",
+        "gateway",
+    ]
+    assert specs["gateway"].env["ROUTER_ADDR"] == "127.0.0.1:50052"
+    assert specs["gateway"].env["GATEWAY_KEYS_FILE"] == str(tmp_path / "keys.jsonl")
+    assert specs["generator-milton-small-0"].env["GENERATOR_EXPERT"] == "milton-small"
+    assert specs["router"].env["SCHEDULER_ADDR"] == "127.0.0.1:50053"
+
+
+def test_free_port_plan_has_distinct_ports(tmp_path: Path) -> None:
+    plan = plan_stack(REPO_ROOT / "config" / "experts.yaml", tmp_path / "k", free_ports=True, metrics=False)
+    ports = [plan.gateway_port, plan.router_port, plan.scheduler_port, *(g.port for g in plan.generators)]
+    assert len(set(ports)) == len(ports)
+    assert plan.gateway_metrics == 0 and all(g.metrics_port == 0 for g in plan.generators)
+
+
+def test_a_service_that_exits_is_reported_with_its_output(tmp_path: Path) -> None:
+    # `python -m json.tool` with no input exits at once with an error: never healthy.
+    with ProcessGroup(tmp_path) as group:
+        group.start(ServiceSpec("broken", "json.tool", free_port()))
+        with pytest.raises(StartupError, match="broken exited with code"):
+            group.wait_healthy(timeout=30)
+
+
+def test_a_real_service_becomes_healthy_and_stops_on_sigterm(tmp_path: Path) -> None:
+    config = REPO_ROOT / "config" / "experts.yaml"
+    port = free_port()
+    env = {"SCHEDULER_PORT": str(port), "SCHEDULER_METRICS_PORT": "0", "SWITCHBOARD_EXPERTS_CONFIG": str(config)}
+    with ProcessGroup(tmp_path, grace=10) as group:
+        process = group.start(ServiceSpec("scheduler", "switchboard.scheduler", port, env))
+        group.wait_healthy(timeout=60)
+        assert group.stop("scheduler") == 0
+    log = process.log_path.read_text()
+    assert "serving" in log and "stopped" in log  # it started, then drained on SIGTERM
+
+
+def test_client_request_from_arguments() -> None:
+    args = argparse.Namespace(
+        prompt="hi", max_tokens=5, temperature=0.0, top_p=None, top_k=3, seed=7, stop=["\n"], model="bard-small"
+    )
+    request = build_request(args)
+    assert request.prompt == "hi" and request.model == "bard-small"
+    assert request.sampling.max_tokens == 5 and request.sampling.HasField("temperature")
+    assert request.sampling.seed == 7 and list(request.sampling.stop) == ["\n"] and not request.sampling.HasField("top_p")
