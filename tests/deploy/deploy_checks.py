@@ -12,6 +12,7 @@ service's settings class, the one source of truth for its variables.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import re
@@ -700,3 +701,118 @@ def promtool(args: list[str], cwd: Path | None = None) -> list[str]:
     if result.returncode != 0:
         return [line for line in (result.stdout + result.stderr).splitlines() if line.strip()] or ["promtool failed"]
     return []
+
+
+# --------------------------------------------------------------------------- image contents
+
+
+# Imports an image may lack on purpose, and why.
+OPTIONAL_IMPORTS = {
+    # Only for a demo-expert name in GENERATOR_MODEL; images are given model folders.
+    "generator": {"switchboard.experts"},
+}
+
+
+def image_requirement_files(dockerfile: Path) -> list[str]:
+    """The requirements/*.txt files a Dockerfile installs (besides constraints)."""
+    text = "\n".join(f"{i.keyword} {i.args}" for i in parse_dockerfile(dockerfile) if i.keyword == "RUN")
+    return sorted(set(re.findall(r"-r\s+(requirements/\S+\.txt)", text)))
+
+
+def _distribution_closure(requirement_files: Iterable[Path]) -> set[str]:
+    """Normalised names of the pinned distributions and everything they require (installed metadata)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pending = []
+    for path in requirement_files:
+        for line in path.read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line and not line.startswith("-"):
+                pending.append(Requirement(line).name)
+    seen: set[str] = set()
+    while pending:
+        name = canonicalize_name(pending.pop())
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for spec in requires:
+            requirement = Requirement(spec)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                pending.append(requirement.name)
+    return seen
+
+
+@functools.cache
+def _module_owners() -> dict[str, frozenset[str]]:
+    """Importable module name -> normalised names of the installed distributions that ship it.
+
+    Read from the distributions' file lists (RECORD), so nothing is imported: a
+    file `google/rpc/status_pb2.py` makes `google.rpc.status_pb2`, `google.rpc`
+    and `google` modules of googleapis-common-protos.
+    """
+    from importlib import metadata
+
+    from packaging.utils import canonicalize_name
+
+    owners: dict[str, set[str]] = {}
+    for dist in metadata.distributions():
+        name = canonicalize_name(dist.metadata["Name"])
+        for file in dist.files or []:
+            parts = file.parts
+            if not parts or parts[0].endswith((".dist-info", ".data")) or parts[0] in ("..", "bin"):
+                continue
+            if file.suffix not in (".py", ".so", ".pyd"):
+                continue
+            module = [*parts[:-1], parts[-1].split(".")[0]]
+            if module[-1] == "__init__":
+                module = module[:-1]
+            for depth in range(1, len(module) + 1):
+                owners.setdefault(".".join(module[:depth]), set()).add(name)
+    return {module: frozenset(names) for module, names in owners.items()}
+
+
+def _imports(sources: Iterable[Path]) -> set[str]:
+    """Absolute module names imported anywhere in the .py files under `sources`."""
+    import ast
+
+    names: set[str] = set()
+    for source in sources:
+        for path in source.rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Import):
+                    names.update(alias.name for alias in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    names.add(node.module)
+    return names
+
+
+def check_image_imports(service: str, sources: list[Path], requirement_files: list[Path]) -> list[str]:
+    """Every module the image's code imports comes from the stdlib, our copied packages, or the pinned files."""
+    packages = {f"switchboard.{service}", "switchboard.common", "switchboard.v1"}  # what the Dockerfile copies
+    closure = _distribution_closure(requirement_files)
+    owners = _module_owners()
+    problems = []
+    for name in sorted(_imports(sources)):
+        top = name.split(".")[0]
+        if top in sys.stdlib_module_names or top == "__future__":
+            continue
+        if top == "switchboard":
+            if not any(name == p or name.startswith(p + ".") for p in packages) and name not in OPTIONAL_IMPORTS.get(service, set()):
+                problems.append(f"{service}: imports {name}, a package its image does not copy")
+            continue
+        parts = name.split(".")
+        owner_set = next((owners[".".join(parts[:n])] for n in range(len(parts), 0, -1) if ".".join(parts[:n]) in owners), None)
+        owner = None if owner_set is None else (sorted(owner_set & closure) or sorted(owner_set))[0]
+        if owner is None:
+            problems.append(f"{service}: imports {name}, which no installed distribution provides")
+        elif owner not in closure:
+            files = ", ".join(str(f) for f in requirement_files)
+            problems.append(f"{service}: imports {name} from {owner}, which the image's {files} do not install")
+    return problems

@@ -15,6 +15,7 @@ COMBINATIONS = [
     (["compose.yaml"], ["gpu"]),
     (["compose.yaml", "compose.observability.yaml"], []),
     (["compose.yaml", "compose.observability.yaml"], ["gpu"]),
+    (["compose.yaml", "compose.replicas.yaml"], []),
 ]
 
 
