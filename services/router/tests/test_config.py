@@ -1,0 +1,37 @@
+"""Router settings: defaults, bounds, and the README's table kept in step with them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from switchboard.common.settings import SettingsError, load_settings, settings_reference
+from switchboard.router.config import DEFAULT_METRICS_PORT, DEFAULT_PORT, SERVER_PREFIX, RouterSettings
+
+
+def load(env: dict[str, str]) -> RouterSettings:
+    return load_settings(
+        RouterSettings, server_prefix=SERVER_PREFIX, default_port=DEFAULT_PORT, default_metrics_port=DEFAULT_METRICS_PORT, environ=env
+    )
+
+
+def test_defaults_and_overrides() -> None:
+    settings = load({})
+    assert settings.server.port == 50052 and settings.server.metrics_port == 9102
+    assert settings.scheduler_addr == "127.0.0.1:50053" and settings.max_alternates == 2
+    assert load({"ROUTER_MAX_ALTERNATES": "5"}).max_alternates == 5
+
+
+def test_bad_values_name_the_variable() -> None:
+    with pytest.raises(SettingsError, match="ROUTER_MAX_ALTERNATES"):
+        load({"ROUTER_MAX_ALTERNATES": "12"})
+    with pytest.raises(SettingsError, match="ROUTER_RELATIVE_THRESHOLD"):
+        load({"ROUTER_RELATIVE_THRESHOLD": "abc"})
+
+
+def test_readme_documents_every_variable() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for doc in settings_reference(
+        RouterSettings, server_prefix=SERVER_PREFIX, default_port=DEFAULT_PORT, default_metrics_port=DEFAULT_METRICS_PORT
+    ):
+        assert f"| `{doc.env}` | `{doc.default}` | {doc.doc} |" in readme, doc.env
