@@ -21,7 +21,6 @@ from pathlib import Path
 import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-
 from switchboard.cli.localstack import LocalStack, plan_stack
 from switchboard.cli.processes import free_port
 from switchboard.gateway.keys import append_key, new_key

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 from grpc_health.v1 import health_pb2
-
 from switchboard.cli.processes import health_status
 
 from .conftest import write_experts_config

@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 
 import pytest
-
 from switchboard.cli.client import build_request
 from switchboard.cli.localstack import plan_stack, service_specs
 from switchboard.cli.processes import ProcessGroup, ServiceSpec, StartupError, free_port

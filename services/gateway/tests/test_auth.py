@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from switchboard.gateway.auth import AuthError, KeysFileError, KeyStore, bearer_key, hash_key, parse_keys
 from switchboard.gateway.keys import append_key, main, new_key
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from switchboard.gateway.validation import FieldError, Limits, validate_request
 from switchboard.v1 import common_pb2
 

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import yaml
-
 from switchboard.router.gate import NgramGate, cosine, hashed_ngrams, select, softmax
 
 PROFILES = {

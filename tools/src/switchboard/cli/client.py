@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import grpc
-
 from switchboard.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 

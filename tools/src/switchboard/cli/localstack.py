@@ -18,7 +18,6 @@ from pathlib import Path
 from types import TracebackType
 
 import grpc
-
 from switchboard.cli.processes import ProcessGroup, ServiceSpec, StartupError, free_port
 from switchboard.common.experts_config import ExpertSpec, load_experts_config
 from switchboard.v1 import scheduler_pb2, scheduler_pb2_grpc

@@ -20,9 +20,14 @@ from dataclasses import dataclass, field
 
 import grpc
 from opentelemetry import trace
-
 from switchboard.common.channels import open_channel
-from switchboard.common.errors import ServiceError, error_details, invalid_argument, unauthenticated, unavailable
+from switchboard.common.errors import (
+    ServiceError,
+    error_details,
+    invalid_argument,
+    unauthenticated,
+    unavailable,
+)
 from switchboard.common.logging import bind_request, get_logger
 from switchboard.common.telemetry import SpanAttributes
 from switchboard.gateway import metrics

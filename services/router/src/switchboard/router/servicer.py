@@ -9,7 +9,6 @@ its expert, then replicas of the next experts, up to 1 + ROUTER_MAX_ALTERNATES.
 from __future__ import annotations
 
 import grpc
-
 from switchboard.common.errors import error_details, invalid_argument, not_found, unavailable
 from switchboard.common.experts_config import ExpertSpec
 from switchboard.common.logging import bind_request, get_logger
@@ -52,7 +51,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         return bound if remaining is None else max(0.01, min(bound, remaining))
 
     async def _place(
-        self, expert: str, request: router_pb2.RouteRequest, timeout: float
+        self, expert: str, request: router_pb2.RouteRequest, call_timeout: float
     ) -> tuple[list[router_pb2.RouteCandidate], str | None]:
         """Candidates of one expert (chosen replica first), or ([], why not)."""
         place = scheduler_pb2.PlaceRequest(
@@ -64,7 +63,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             max_alternates=self._settings.max_alternates,
         )
         try:
-            reply = await self._scheduler.Place(place, timeout=timeout)
+            reply = await self._scheduler.Place(place, timeout=call_timeout)
         except grpc.aio.AioRpcError as error:
             # A scheduler answer carries rich details (RetryInfo); a transport failure
             # (scheduler down) is a bare UNAVAILABLE and must not read as "no replica".
