@@ -332,6 +332,10 @@ def check_dockerfile_contract(dockerfile: Path, contract: ServiceContract, stack
     if exposed != {port, metrics}:
         problems.append(f"{where}: EXPOSE {sorted(exposed)} differs from the service's ports {[port, metrics]}")
     text = "\n".join(f"{ins.keyword} {ins.args}" for ins in instructions)  # comments may mention torch
+    installs = " ".join(ins.args for ins in instructions if ins.keyword == "RUN" and "pip install" in ins.args)
+    for package in ("./libs/common", f"./services/{contract.name}"):
+        if package not in installs.split():
+            problems.append(f"{where}: the builder does not pip install {package}")
     model_pin = re.search(r"^torch==(\S+)", (repo / "requirements/model.txt").read_text(), re.MULTILINE)
     if contract.name == "gateway":
         if "model.txt" in text or "torch" in text.lower():
@@ -558,6 +562,9 @@ def _check_deployment(
         problems.append(f"{where}: pod securityContext.runAsNonRoot must be true")
     if (pod_security.get("seccompProfile") or {}).get("type") != "RuntimeDefault":
         problems.append(f"{where}: pod seccompProfile must be RuntimeDefault")
+    # Only the scheduler talks to the Kubernetes API; no other pod gets a token.
+    if kind != "scheduler" and spec.get("automountServiceAccountToken") is not False:
+        problems.append(f"{where}: automountServiceAccountToken must be false (only the scheduler uses the API)")
     account = spec.get("serviceAccountName")
     if not any(o["kind"] == "ServiceAccount" and o["metadata"]["name"] == account for o in objects):
         problems.append(f"{where}: serviceAccountName {account} has no ServiceAccount")

@@ -97,6 +97,7 @@ def test_missing_or_ignored_copy_source_fails(repo: Path, tmp_path: Path) -> Non
         ("scheduler", "SCHEDULER_HOST=0.0.0.0", "SCHEDULER_LISTEN=0.0.0.0", "ENV SCHEDULER_LISTEN is not read"),
         ("generator", "EXPOSE 50061 9111", "EXPOSE 50061 9100", "EXPOSE [9100, 50061] differs"),
         ("generator", "USER 10001:10001", "USER root", "runs as root"),
+        ("router", "./libs/common ./services/router", "./libs/common", "does not pip install ./services/router"),
         ("generator", "ARG TORCH_VERSION=2.13.0", "ARG TORCH_VERSION=2.12.0", "differs from requirements/model.txt"),
         ("gateway", "requirements/service.txt requirements/constraints.txt", "requirements/service.txt requirements/model.txt requirements/constraints.txt", "must not install torch"),
     ],

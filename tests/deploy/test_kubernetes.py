@@ -109,6 +109,7 @@ def test_schema_validation_fails_on_a_broken_manifest(path: str, old: str, new: 
         ("base/scheduler.yaml", 'verbs: ["get", "patch"]', 'verbs: ["get", "patch", "delete"]', "exceed get/list/patch"),
         ("base/scheduler.yaml", '"generator-scribe-large"]', '"generator-scribe-large", "gateway"]', "limited to generator Deployments"),
         ("base/scheduler.yaml", "kind: Role\n", "kind: ClusterRole\n", "no cluster-wide permission"),
+        ("base/router.yaml", "automountServiceAccountToken: false\n      # >", "automountServiceAccountToken: true\n      # >", "automountServiceAccountToken must be false"),
         ("base/generators.yaml", "port: 50061\n            periodSeconds: 5\n            failureThreshold: 2", "port: 9111\n            periodSeconds: 5\n            failureThreshold: 2", "readinessProbe must be a native grpc probe on port 50061"),
         ("base/generators.yaml", "value: $(POD_IP):50061", "value: $(POD_ADDR):50061", "references $(POD_ADDR)"),
         ("base/networkpolicy.yaml", "app.kubernetes.io/name: gateway\n  policyTypes", "app.kubernetes.io/part-of: switchboard\n  policyTypes", "opens"),
