@@ -38,7 +38,9 @@ TRACE = ROOT / ".." / "shared" / "data" / "traces" / "azure_llm_2023_conv.csv"
 def parse_args() -> argparse.Namespace:
     """Command-line options (defaults: the README's run)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--expert", default="bard-small")
+    parser.add_argument("--expert", default="bard-small", help="demo expert to serve (its pool name in the stack)")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="serve this Hugging Face folder instead of the demo expert's (pool name: --expert)")
     parser.add_argument("--window-start", type=float, default=0.0)
     parser.add_argument("--duration", type=float, default=120.0)
     parser.add_argument("--speedup", type=float, default=1.0)
@@ -70,14 +72,14 @@ def stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
 
 
 @contextlib.contextmanager
-def local_stack(expert: str, log: Path, ready_timeout_s: float = 900.0) -> Iterator[str]:
+def local_stack(expert: str, model: str, log: Path, ready_timeout_s: float = 900.0) -> Iterator[str]:
     """`switchboard up` with one expert and one replica; yields the gateway address."""
     config = Path(tempfile.mkdtemp()) / "experts.yaml"
     config.write_text(
         "experts:\n"
         f"  - name: {expert}\n"
         f"    description: the {expert} demo expert, alone, for the benchmark replay\n"
-        f"    model: {expert}\n"
+        f"    model: {model}\n"
         "    relative_cost: 1.0\n"
         "    replicas: 1\n"
     )
@@ -144,9 +146,12 @@ def bench(target: str, out: Path, args: argparse.Namespace, tokenizer: Path, *ex
 def main() -> int:
     """Run both replays and the comparison."""
     args = parse_args()
-    from switchboard.experts import ensure_experts
+    if args.model_dir is not None:
+        checkpoint, model = args.model_dir.resolve(), str(args.model_dir.resolve())
+    else:
+        from switchboard.experts import ensure_experts
 
-    checkpoint = ensure_experts([args.expert])[args.expert]
+        checkpoint, model = ensure_experts([args.expert])[args.expert], args.expert
     tokenizer = checkpoint / "tokenizer.json"
     args.out.mkdir(parents=True, exist_ok=True)
     ours, peer = args.out / "switchboard.json", args.out / "transformers_serve.json"
@@ -154,7 +159,7 @@ def main() -> int:
         if args.gateway:
             bench(f"grpc://{args.gateway}", ours, args, tokenizer, "--model", args.expert)
         else:
-            with local_stack(args.expert, args.out / "stack.log") as address:
+            with local_stack(args.expert, model, args.out / "stack.log") as address:
                 bench(f"grpc://{address}", ours, args, tokenizer, "--model", args.expert)
     if args.skip != "transformers":
         with transformers_serve(checkpoint, args.peer_port, args.out / "transformers_serve.log") as base:
