@@ -201,15 +201,19 @@ class RunningStack:
 
 
 def start_stack(
-    tmp_path: Path, model: Path, experts: dict[str, int], otlp_endpoint: str | None = None
+    tmp_path: Path,
+    model: Path,
+    experts: dict[str, int],
+    otlp_endpoint: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> RunningStack:
-    """Plan and start a stack on free ports (the caller must stop it)."""
+    """Plan and start a stack on free ports (the caller must stop it); `env` overrides TEST_ENV."""
     keys_file = tmp_path / "keys.jsonl"
     key = new_key()
     append_key(keys_file, "test-tenant", key)
     config = write_experts_config(tmp_path / "experts.yaml", model, experts)
     plan = plan_stack(config, keys_file, free_ports=True)
-    plan.env.update(TEST_ENV)
+    plan.env.update({**TEST_ENV, **(env or {})})
     plan.generator_env.update(GENERATOR_ENV)
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     if otlp_endpoint:

@@ -64,6 +64,18 @@ def generate_error(gateway: gateway_pb2_grpc.GatewayStub, metadata: list[tuple[s
     return error_details(info.value)
 
 
+def replica_finish(stack: RunningStack, replica_id: str, request_id: str) -> dict:
+    """The generator's `generate finished` log event of one request (waits up to 15 s for it)."""
+    log_path = stack.log_dir / f"generator-{replica_id}.log"
+    deadline = time.monotonic() + 15
+    while True:
+        for event in map(json.loads, filter(str.strip, log_path.read_text().splitlines())):
+            if event.get("request_id") == request_id and event.get("event") == "generate finished":
+                return event
+        assert time.monotonic() < deadline, f"{replica_id} never finished request {request_id}"
+        time.sleep(0.2)
+
+
 def test_generate_streams_real_text(stack: RunningStack, gateway: gateway_pb2_grpc.GatewayStub) -> None:
     messages = generate(gateway, stack.auth())
     assert messages[0].model == "bard-small"
@@ -176,21 +188,51 @@ def test_deadline_exceeded_stops_generation(stack: RunningStack, gateway: gatewa
     with grpc.insecure_channel(stack.stack.plan.scheduler_addr) as channel:
         scheduler = scheduler_pb2_grpc.SchedulerStub(channel)
         replica = scheduler.GetCluster(scheduler_pb2.GetClusterRequest(), timeout=5).replicas[0]
-        # Far more tokens than fit in the deadline; ignore_eos so the model cannot stop early.
-        budget = min(4000, replica.max_model_len - 16)
-        sampling = common_pb2.SamplingParams(max_tokens=budget, ignore_eos=True)
-        started = time.monotonic()
-        details = generate_error(gateway, stack.auth(), sampling=sampling, timeout=1.5)
-        assert details["code"] == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert time.monotonic() - started < 30  # it returned instead of hanging
-        # The replica was told to stop: its batch empties (seen through its heartbeats).
-        deadline = time.monotonic() + 15
-        while True:
-            replica = scheduler.GetCluster(scheduler_pb2.GetClusterRequest(), timeout=5).replicas[0]
-            if replica.load.running == 0 and replica.load.waiting == 0:
-                break
-            assert time.monotonic() < deadline, f"replica still busy: {replica.load}"
-            time.sleep(0.2)
+    # Far more tokens than fit in the deadline; ignore_eos so the model cannot stop early.
+    max_tokens = min(4000, replica.max_model_len - 16)
+    request_id = f"deadline-{uuid.uuid4().hex[:12]}"
+    started = time.monotonic()
+    details = generate_error(
+        gateway,
+        stack.auth(),
+        sampling=common_pb2.SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+        request_id=request_id,
+        timeout=1.5,
+    )
+    assert details["code"] == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 30  # it returned instead of hanging
+    # The deadline reached the replica: it stopped the request early.
+    finished = replica_finish(stack, replica.replica_id, request_id)
+    assert finished["finish_reason"] == "cancelled" and finished["completion_tokens"] < max_tokens
+
+
+def test_client_cancel_stops_generation_on_the_replica(
+    stack: RunningStack, gateway: gateway_pb2_grpc.GatewayStub
+) -> None:
+    with grpc.insecure_channel(stack.stack.plan.scheduler_addr) as channel:
+        scheduler = scheduler_pb2_grpc.SchedulerStub(channel)
+        replica = scheduler.GetCluster(scheduler_pb2.GetClusterRequest(), timeout=5).replicas[0]
+    max_tokens = min(4000, replica.max_model_len - 16)
+    request_id = f"cancel-{uuid.uuid4().hex[:12]}"
+    call = gateway.Generate(
+        gateway_pb2.GenerateRequest(
+            prompt="To be, or not to be",
+            sampling=common_pb2.SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+            request_id=request_id,
+        ),
+        metadata=stack.auth(),
+        timeout=120,
+    )
+    received = [next(call) for _ in range(3)]
+    assert all(m.token_count for m in received)
+    call.cancel()
+    with pytest.raises(grpc.RpcError) as info:
+        list(call)
+    assert info.value.code() == grpc.StatusCode.CANCELLED
+    # The replica ends the request as cancelled, long before its max_tokens.
+    finished = replica_finish(stack, replica.replica_id, request_id)
+    assert finished["finish_reason"] == "cancelled"
+    assert finished["completion_tokens"] < max_tokens
 
 
 def test_grpcurl_lists_services_and_health_is_serving(stack: RunningStack) -> None:

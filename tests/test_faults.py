@@ -107,3 +107,24 @@ def test_graceful_stop_deregisters_and_traffic_moves(stack: RunningStack) -> Non
     assert "bard-small-0" not in replicas(stack)
     assert request(stack)[-1].usage.completion_tokens > 0
     assert gateway_failovers(stack) == 0
+
+
+def test_gateway_default_deadline_applies_without_a_client_deadline(tmp_path: Path, model_dir: Path) -> None:
+    running = start_stack(tmp_path, model_dir, {"bard-small": 1}, env={"GATEWAY_DEFAULT_TIMEOUT_SECONDS": "1"})
+    try:
+        replica = replicas(running)["bard-small-0"]
+        with grpc.insecure_channel(running.gateway_addr) as channel:
+            call = gateway_pb2_grpc.GatewayStub(channel).Generate(
+                gateway_pb2.GenerateRequest(
+                    prompt="Now is the winter",
+                    sampling=common_pb2.SamplingParams(max_tokens=min(4000, replica.max_model_len - 16), ignore_eos=True),
+                ),
+                metadata=running.auth(),  # no client deadline: the gateway's 1 s default applies
+            )
+            with pytest.raises(grpc.RpcError) as info:
+                list(call)
+        details = error_details(info.value)
+        assert details["code"] == grpc.StatusCode.DEADLINE_EXCEEDED, details
+        assert "deadline" in details["message"]
+    finally:
+        running.stack.stop()
