@@ -41,6 +41,11 @@ def replicas(stack: RunningStack) -> dict[str, scheduler_pb2.Replica]:
     return {r.replica_id: r for r in cluster.replicas}
 
 
+def max_tokens(stack: RunningStack, replica_id: str) -> int:
+    """A max_tokens far beyond what generates in a few seconds, within the replica's context."""
+    return min(4000, replicas(stack)[replica_id].max_model_len - 16)
+
+
 def request(stack: RunningStack, timeout: float = 30) -> list[gateway_pb2.GenerateResponse]:
     """One Generate call through the gateway."""
     with grpc.insecure_channel(stack.gateway_addr) as channel:
@@ -85,8 +90,23 @@ def test_dead_primary_fails_over_then_expires_then_unavailable(stack: RunningSta
     dropped_after = wait_dropped(stack, "bard-small-0")
     assert dropped_after <= EXPIRY_SECONDS + 1.5, dropped_after
     assert request(stack)[-1].usage.completion_tokens > 0  # the survivor serves alone
-    # 3. Kill the last replica: the next request fails fast with UNAVAILABLE, never hangs.
-    stack.stack.group.kill("generator-bard-small-1")
+    # 3. Kill the last replica in the middle of a stream: the stream ends with a clear status.
+    with grpc.insecure_channel(stack.gateway_addr) as channel:
+        long_call = gateway_pb2_grpc.GatewayStub(channel).Generate(
+            gateway_pb2.GenerateRequest(
+                prompt="Now is the winter",
+                sampling=common_pb2.SamplingParams(max_tokens=max_tokens(stack, "bard-small-1"), ignore_eos=True),
+            ),
+            metadata=stack.auth(),
+            timeout=60,
+        )
+        assert all(next(long_call).token_count for _ in range(3))
+        stack.stack.group.kill("generator-bard-small-1")
+        with pytest.raises(grpc.RpcError) as info:
+            list(long_call)
+    details = error_details(info.value)
+    assert details["code"] == grpc.StatusCode.UNAVAILABLE and details["reason"] == "REPLICA_FAILED_MID_STREAM", details
+    # The next request fails fast with UNAVAILABLE, never hangs.
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as info:
         request(stack, timeout=30)
