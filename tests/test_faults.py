@@ -130,7 +130,7 @@ def test_graceful_stop_deregisters_and_traffic_moves(stack: RunningStack) -> Non
 
 
 def test_gateway_default_deadline_applies_without_a_client_deadline(tmp_path: Path, model_dir: Path) -> None:
-    running = start_stack(tmp_path, model_dir, {"bard-small": 1}, env={"GATEWAY_DEFAULT_TIMEOUT_SECONDS": "1"})
+    running = start_stack(tmp_path, model_dir, {"bard-small": 1}, env={"GATEWAY_DEFAULT_TIMEOUT_SECONDS": "0.5"})
     try:
         replica = replicas(running)["bard-small-0"]
         with grpc.insecure_channel(running.gateway_addr) as channel:
@@ -139,7 +139,7 @@ def test_gateway_default_deadline_applies_without_a_client_deadline(tmp_path: Pa
                     prompt="Now is the winter",
                     sampling=common_pb2.SamplingParams(max_tokens=min(4000, replica.max_model_len - 16), ignore_eos=True),
                 ),
-                metadata=running.auth(),  # no client deadline: the gateway's 1 s default applies
+                metadata=running.auth(),  # no client deadline: the gateway's 0.5 s default applies
             )
             with pytest.raises(grpc.RpcError) as info:
                 list(call)
