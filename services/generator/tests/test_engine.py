@@ -518,3 +518,20 @@ async def test_fatal_step_error_fails_requests_and_marks_engine(llama: LoadedMod
     finally:
         del engine.model.forward_step  # back to the class method
         await engine.stop()
+
+
+def test_bfloat16_step_stays_close_to_float32_reference(llama_dir: Path, llama_ref: Any) -> None:
+    """The CPU bfloat16 path keeps the reference's logits within bf16 precision and its top choice."""
+    loaded = load_model(llama_dir, "cpu", "bfloat16")
+    cfg = loaded.model.config
+    cache = KVCache(cfg.num_hidden_layers, 16, 4, cfg.num_key_value_heads, cfg.head_size, torch.bfloat16, torch.device("cpu"))
+    ids = torch.tensor(loaded.tokenizer.encode(PROMPTS[1]))
+    n = len(ids)
+    with torch.inference_mode():
+        want = llama_ref(ids[None]).logits[0]
+        attn = AttentionContext(cache, [SequenceSlice(list(range(16)), 0, n)], torch.device("cpu"))
+        got = loaded.model.forward_step(ids, torch.arange(n), attn, torch.arange(n)).float()
+    scale = want.abs().max()
+    assert (got - want).abs().max() < 0.03 * scale
+    agree = (got.argmax(-1) == want.argmax(-1)).float().mean()
+    assert agree >= 0.9
