@@ -35,3 +35,16 @@ def test_readme_documents_every_variable() -> None:
         RouterSettings, server_prefix=SERVER_PREFIX, default_port=DEFAULT_PORT, default_metrics_port=DEFAULT_METRICS_PORT
     ):
         assert f"| `{doc.env}` | `{doc.default}` | {doc.doc} |" in readme, doc.env
+
+
+def test_missing_experts_config_is_a_start_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from switchboard.router.config import load_router_settings
+
+    monkeypatch.setenv("SWITCHBOARD_EXPERTS_CONFIG", str(tmp_path / "absent.yaml"))
+    with pytest.raises(SettingsError, match=r"SWITCHBOARD_EXPERTS_CONFIG: .*not found"):
+        load_router_settings()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("experts:\n  - name: Bad Name\n    model: x\n")
+    monkeypatch.setenv("SWITCHBOARD_EXPERTS_CONFIG", str(bad))
+    with pytest.raises(SettingsError, match=r"experts\[0\]\.name"):
+        load_router_settings()

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from switchboard.common.settings import ServerSettings, load_settings, setting
+from switchboard.common.experts_config import ExpertsConfigError, load_experts_config
+from switchboard.common.settings import ServerSettings, SettingsError, load_settings, setting
 
 SERVER_PREFIX = "ROUTER"
 DEFAULT_PORT = 50052
@@ -48,7 +49,16 @@ class RouterSettings:
 
 
 def load_router_settings() -> RouterSettings:
-    """Read the router's settings from the environment (raises SettingsError naming the variable)."""
-    return load_settings(
+    """Read the router's settings from the environment (raises SettingsError naming the variable).
+
+    The experts config is read here too, so a missing or bad file stops the process at start
+    with one line instead of a running router that cannot route.
+    """
+    settings = load_settings(
         RouterSettings, server_prefix=SERVER_PREFIX, default_port=DEFAULT_PORT, default_metrics_port=DEFAULT_METRICS_PORT
     )
+    try:
+        load_experts_config(settings.experts_config)
+    except ExpertsConfigError as exc:
+        raise SettingsError(f"SWITCHBOARD_EXPERTS_CONFIG: {exc}") from None
+    return settings
