@@ -85,3 +85,47 @@ def test_client_request_from_arguments() -> None:
     assert request.prompt == "hi" and request.model == "bard-small"
     assert request.sampling.max_tokens == 5 and request.sampling.HasField("temperature")
     assert request.sampling.seed == 7 and list(request.sampling.stop) == ["\n"] and not request.sampling.HasField("top_p")
+
+
+def test_services_die_with_their_launcher(tmp_path: Path) -> None:
+    """A launcher killed with SIGKILL leaves no service behind (parent-death signal)."""
+    import subprocess
+    import sys
+    import time
+
+    from switchboard.cli.processes import health_status
+
+    port = free_port()
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from switchboard.cli.processes import ProcessGroup, ServiceSpec\n"
+        f"group = ProcessGroup(Path({str(tmp_path)!r}))\n"
+        f"p = group.start(ServiceSpec('scheduler', 'switchboard.scheduler', {port}, "
+        f"{{'SCHEDULER_PORT': '{port}', 'SCHEDULER_METRICS_PORT': '0', "
+        f"'SWITCHBOARD_EXPERTS_CONFIG': {str(REPO_ROOT / 'config' / 'experts.yaml')!r}}}))\n"
+        "group.wait_healthy(timeout=60)\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    launcher = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(launcher.stdout.readline())
+        assert health_status(f"127.0.0.1:{port}") == 1  # SERVING
+    finally:
+        launcher.kill()
+        launcher.wait(timeout=10)
+    deadline = time.monotonic() + 20
+    while _running(child):
+        assert time.monotonic() < deadline, "the service outlived its launcher"
+        time.sleep(0.2)
+    assert health_status(f"127.0.0.1:{port}") != 1
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` exists and is not a zombie (an orphan's zombie may wait for a reaper)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"

@@ -26,6 +26,21 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the launching process dies (Linux prctl).
+
+    Without it a crashed test run or a `kill -9` of `switchboard up` would leave services
+    running; elsewhere this is a no-op.
+    """
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+
 class StartupError(RuntimeError):
     """A service exited or did not become healthy in time; the message has its log tail."""
 
@@ -136,6 +151,7 @@ class ProcessGroup:
                 # Own process group: Ctrl-C in a terminal reaches only the parent,
                 # which then stops each child in order.
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         process = ManagedProcess(spec=spec, popen=popen, log_path=log_path, stderr_path=stderr_path)
         self.processes[spec.name] = process
