@@ -68,3 +68,15 @@ def test_keys_command_prints_a_working_key(tmp_path: Path, capsys: pytest.Captur
     assert key.startswith("sb-") and len(key) > 40
     assert key not in path.read_text()  # only the hash is stored
     assert KeyStore(path).tenant_for(key) == "dev"
+
+
+def test_keys_command_default_is_the_gateways_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    from switchboard.common.settings import load_settings
+    from switchboard.gateway.config import GatewaySettings
+    from switchboard.gateway.keys import default_keys_file
+
+    monkeypatch.delenv("GATEWAY_KEYS_FILE", raising=False)
+    settings = load_settings(GatewaySettings, server_prefix="GATEWAY", environ={})
+    assert default_keys_file() == settings.keys_file.expanduser()
+    monkeypatch.setenv("GATEWAY_KEYS_FILE", "/tmp/some/keys.jsonl")
+    assert default_keys_file() == Path("/tmp/some/keys.jsonl")

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import secrets
@@ -36,12 +37,14 @@ def append_key(path: Path, tenant: str, key: str) -> None:
 
 
 def default_keys_file() -> Path:
-    """GATEWAY_KEYS_FILE, else the keys file in the Switchboard cache directory."""
+    """GATEWAY_KEYS_FILE, else the gateway's documented default (the file the gateway reads)."""
     configured = os.environ.get("GATEWAY_KEYS_FILE")
     if configured:
-        return Path(configured)
-    cache = Path(os.environ.get("SWITCHBOARD_CACHE_DIR", Path.home() / ".cache" / "switchboard"))
-    return cache / "gateway-keys.jsonl"
+        return Path(configured).expanduser()
+    from switchboard.gateway.config import GatewaySettings
+
+    default = next(f.default for f in dataclasses.fields(GatewaySettings) if f.name == "keys_file")
+    return Path(default).expanduser()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
