@@ -117,6 +117,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             return self._keys.authenticate(context.invocation_metadata())
         except AuthError as error:
             metrics.AUTH_FAILURES.labels(error.reason).inc()
+            log.warning("authentication failed", reason=error.reason, peer=context.peer())
             raise unauthenticated(error.message, reason=error.reason) from None
 
     def _generator(self, address: str) -> generator_pb2_grpc.GeneratorStub:
