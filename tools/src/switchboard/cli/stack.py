@@ -109,6 +109,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"  export SWITCHBOARD_API_KEY={key}")
         print('  switchboard generate "To be, or not to be"')
         print(f"  grpcurl -plaintext {plan.gateway_addr} list")
+        print(
+            f'  grpcurl -plaintext -H "authorization: Bearer $SWITCHBOARD_API_KEY" '
+            f"-d '{{\"prompt\":\"To be\",\"sampling\":{{\"max_tokens\":16}}}}' {plan.gateway_addr} switchboard.v1.Gateway/Generate"
+        )
         print(f"\n  logs: {log_dir}/<service>.log   traces: set OTEL_EXPORTER_OTLP_ENDPOINT before `switchboard up`")
         print("\nCtrl-C stops everything.", flush=True)
         while True:
