@@ -151,7 +151,9 @@ def main() -> int:
     else:
         from switchboard.experts import ensure_experts
 
-        checkpoint, model = ensure_experts([args.expert])[args.expert], args.expert
+        checkpoint = ensure_experts([args.expert])[args.expert]
+        # The stack gets the folder, not the name: both targets then serve the very same files.
+        model = str(checkpoint)
     tokenizer = checkpoint / "tokenizer.json"
     args.out.mkdir(parents=True, exist_ok=True)
     ours, peer = args.out / "switchboard.json", args.out / "transformers_serve.json"
