@@ -106,6 +106,7 @@ class Engine:
         self.steps = 0
 
     def _blocks_from_budget(self, per_block: int) -> int:
+        """Blocks that fit in kv_cache_bytes (default: 1 GiB on CPU, 60% of free memory on CUDA)."""
         budget = self.config.kv_cache_bytes
         if budget is None:
             if self.device.type == "cuda":
@@ -113,6 +114,11 @@ class Engine:
                 budget = int(free * CUDA_KV_FRACTION)
             else:
                 budget = DEFAULT_CPU_KV_BYTES
+        if budget < per_block:
+            raise ValueError(
+                f"kv_cache_bytes={budget} holds no KV block: one block of {self.config.block_size} tokens "
+                f"takes {per_block} bytes for this model"
+            )
         return budget // per_block
 
     # ------------------------------------------------------------------ lifecycle
