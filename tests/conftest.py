@@ -2,8 +2,8 @@
 
 Every service runs as its own process (`python -m switchboard.<service>`), started
 by the same `LocalStack` code as `switchboard up`, on free loopback ports, and is
-always stopped at the end. The model is the real demo expert bard-small when it has
-been built (`switchboard experts build`), otherwise a tiny randomly initialised Llama
+always stopped at the end. The model is SWITCHBOARD_TEST_MODEL (a model folder) if set,
+else the real demo expert bard-small when it has been built (`switchboard experts build`), otherwise a tiny randomly initialised Llama
 with a byte-level BPE tokenizer saved in the Hugging Face layout (real tokens, no
 meaning), so the tests run on a fresh machine in seconds.
 """
@@ -70,9 +70,12 @@ def build_tiny_model(folder: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real bard-small demo expert if built, else a tiny random Llama."""
+    """SWITCHBOARD_TEST_MODEL (any model folder), else bard-small if built, else a tiny random Llama."""
     from switchboard.experts import expert_dir, is_built
 
+    chosen = os.environ.get("SWITCHBOARD_TEST_MODEL")
+    if chosen:
+        return Path(chosen)
     real = expert_dir("bard-small")
     if is_built(real):
         return real
