@@ -4,8 +4,7 @@ Prints three ratios:
   (a) batch-1 decode tokens/s of the engine vs transformers `generate` (peer in its faster dtype)
   (b) total output tokens/s of 16 concurrent streams vs transformers serving them one after another
   (c) batch-1 decode of a ~0.5B-parameter random Llama as a fraction of the memory-bandwidth roofline
-      (roofline tok/s = memcpy bandwidth, bytes copied per second / weight bytes read per token; the
-      stricter fraction against the read+write bus traffic of the copy, half the first, is printed too)
+      (roofline tok/s = memcpy traffic in bytes/s, read plus written, / weight bytes read per token)
 
 Run: .venv/bin/python bench/generator_bench.py [--model DIR] [--json OUT]
 (a)/(b) use the demo expert scribe-large when it is built, else a random model of its shape.
@@ -122,7 +121,11 @@ def hf_sequential_rate(model: Any, prompts: list[list[int]], max_tokens: int) ->
 
 
 def memcopy_bandwidth(nbytes: int = 512 << 20) -> float:
-    """Bytes copied per second by a large tensor copy (best of 5); the bus moves twice that (read + write)."""
+    """Memory traffic of a large tensor copy in bytes/s, read plus written (STREAM "copy"), best of 5.
+
+    Counting only the bytes copied would not bound decode: a pure read stream (the weights) runs
+    faster than a copy's read half, and fractions above 1 come out.
+    """
     src = torch.ones(nbytes, dtype=torch.uint8)
     dst = torch.empty_like(src)
     best = float("inf")
@@ -130,7 +133,7 @@ def memcopy_bandwidth(nbytes: int = 512 << 20) -> float:
         t = time.perf_counter()
         dst.copy_(src)
         best = min(best, time.perf_counter() - t)
-    return nbytes / best
+    return 2 * nbytes / best
 
 
 def big_random_llama(dtype: torch.dtype) -> LoadedModel:
@@ -258,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         per_token = weight_bytes_per_token(big.model)
         asyncio.run(engine_decode(big, [list(range(5, 37))], 3))  # warm-up
         rate = 0.0
-        for _ in range(2):
+        for _ in range(3):
             rate = max(rate, asyncio.run(engine_decode(big, [list(range(5, 37))], 16))[0])
             bandwidth = max(bandwidth, memcopy_bandwidth())
         roofline = bandwidth / per_token
@@ -270,16 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     for entry in entries:  # against the highest bandwidth seen in any sample
         entry["roofline_tok_s"] = bandwidth / entry["weight_bytes_per_token"]
         entry["fraction"] = entry["engine_tok_s"] / entry["roofline_tok_s"]
-        # Stricter reading: the copy also wrote as many bytes as it read, so the bus did twice the work.
-        entry["fraction_vs_read_plus_write"] = entry["fraction"] / 2
         print(f"    {entry['dtype']}: {entry['params'] / 1e6:.0f}M params, {entry['weight_bytes_per_token'] / 1e9:.2f} "
               f"GB/token, engine {entry['engine_tok_s']:.2f} tok/s, roofline {entry['roofline_tok_s']:.2f} tok/s "
-              f"-> {entry['fraction']:.2f} (vs read+write bus bandwidth: {entry['fraction_vs_read_plus_write']:.2f})")
+              f"-> {entry['fraction']:.2f}")
     best_c = max(entries, key=lambda e: e["fraction"])
     results["c"] = {**best_c, "memcopy_bytes_per_s": bandwidth, "all": entries}
     print(f"(c) batch-1 decode at {best_c['fraction']:.2f} of the memory-bandwidth roofline "
-          f"({best_c['dtype']}, memcpy {bandwidth / 1e9:.1f} GB/s copied; {best_c['fraction_vs_read_plus_write']:.2f} "
-          f"against the {2 * bandwidth / 1e9:.1f} GB/s read+write bus figure)  (target >= 0.5)")
+          f"({best_c['dtype']}, memcpy traffic {bandwidth / 1e9:.1f} GB/s read+write)  (target >= 0.5)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
