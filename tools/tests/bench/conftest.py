@@ -35,3 +35,26 @@ def tokenizer_json(tmp_path_factory: pytest.TempPathFactory, corpus_text: str) -
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     train_tokenizer(corpus_text[:100_000]).save(str(path))
     return path
+
+
+def make_checkpoint(folder: Path, corpus_text: str) -> Path:
+    """A tiny random LlamaForCausalLM with a corpus-trained tokenizer, in Hugging Face layout."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tokenizer = train_tokenizer(corpus_text[:50_000], vocab_size=400)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    fast.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, bos_token_id=0, eos_token_id=1)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, corpus_text: str) -> Path:
+    """A tiny random Llama checkpoint with a corpus-trained tokenizer (Hugging Face layout)."""
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"), corpus_text)

@@ -22,8 +22,6 @@ from switchboard.bench.runner import replay
 from switchboard.bench.targets.openai_sse import OpenAITarget, parse_sse
 from switchboard.bench.workload import TraceRequest
 
-from .conftest import train_tokenizer
-
 READY_TIMEOUT_S = 90
 
 
@@ -31,23 +29,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def make_checkpoint(folder: Path, corpus_text: str) -> Path:
-    """A tiny random LlamaForCausalLM with a corpus-trained tokenizer, in Hugging Face layout."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tokenizer = train_tokenizer(corpus_text[:50_000], vocab_size=400)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
-    fast.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
-    fast.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, bos_token_id=0, eos_token_id=1)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
 
 
 @contextlib.contextmanager
@@ -83,10 +64,9 @@ def transformers_serve(checkpoint: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, corpus_text: str) -> Iterator[tuple[str, Path]]:
-    checkpoint = make_checkpoint(tmp_path_factory.mktemp("ckpt"), corpus_text)
-    with transformers_serve(checkpoint) as base:
-        yield base, checkpoint
+def served(tiny_checkpoint: Path) -> Iterator[tuple[str, Path]]:
+    with transformers_serve(tiny_checkpoint) as base:
+        yield base, tiny_checkpoint
 
 
 async def lines_of(items: list[str]) -> AsyncIterator[str]:
