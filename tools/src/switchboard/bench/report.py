@@ -15,6 +15,8 @@ METRICS: list[tuple[str, tuple[str, ...], float, str, bool]] = [
     ("failed", ("requests_failed",), 1, "{:.0f}", False),
     ("duration (s)", ("duration_s",), 1, "{:.1f}", False),
     ("request throughput (req/s)", ("request_throughput_rps",), 1, "{:.3f}", True),
+    ("output tokens produced", ("output_tokens_total",), 1, "{:.0f}", True),
+    ("output tokens requested", ("output_tokens_requested_total",), 1, "{:.0f}", True),
     ("output throughput (tok/s)", ("output_token_throughput_tps",), 1, "{:.1f}", True),
     ("goodput (share of sent)", ("goodput_fraction",), 1, "{:.3f}", True),
     ("goodput (req/s)", ("goodput_rps",), 1, "{:.3f}", True),
