@@ -142,3 +142,17 @@ async def test_warmup_requests_are_sent_first_and_not_recorded(gateway: tuple[st
     assert [(r.request_id, r.sampling.max_tokens) for r in servicer.requests[:2]] == [
         ("bench-warmup-1", 4), ("bench-warmup-2", 4)]
     assert sorted(r.request_id for r in servicer.requests[2:]) == ["bench-0", "bench-1", "bench-2"]
+
+
+async def test_stop_event_ends_the_run_and_keeps_the_records(gateway: tuple[str, StreamingGateway]) -> None:
+    address, _ = gateway
+    stop = asyncio.Event()
+    reqs = [TraceRequest(0, 0.0, 3, 4), TraceRequest(1, 0.0, 3, 4), TraceRequest(2, 120.0, 3, 4)]
+
+    def on_done(record: RequestRecord) -> None:
+        if record.index == 0:
+            stop.set()  # as Ctrl-C does in `switchboard bench run`
+
+    records = await replay(GatewayTarget(address, KEY), reqs, ["a", "hang", "b"], timeout_s=60, on_done=on_done,
+                           stop=stop)
+    assert [r.status for r in records] == ["ok", "aborted", "not_sent"]

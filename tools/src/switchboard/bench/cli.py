@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -223,8 +224,14 @@ def _run_with_progress(target: Target, requests: list[TraceRequest], prompts: li
             progress.update(task, advance=1,
                             description=f"ok {counts['ok']} timeout {counts['timeout']} failed {counts['failed']}")
 
-        return asyncio.run(replay(target, requests, prompts, args.timeout, args.max_concurrency,
-                                  args.run_deadline, on_done, args.warmup_requests))
+        async def main() -> list[RequestRecord]:
+            # Ctrl-C ends the run early but keeps what was measured (the rest: aborted / not_sent).
+            stop = asyncio.Event()
+            asyncio.get_running_loop().add_signal_handler(signal.SIGINT, stop.set)
+            return await replay(target, requests, prompts, args.timeout, args.max_concurrency,
+                                args.run_deadline, on_done, args.warmup_requests, stop)
+
+        return asyncio.run(main())
 
 
 def compare_command(args: argparse.Namespace) -> int:

@@ -33,12 +33,15 @@ async def replay(
     run_deadline_s: float | None = None,
     on_done: Callable[[RequestRecord], None] | None = None,
     warmup_requests: int = 0,
+    stop: asyncio.Event | None = None,
 ) -> list[RequestRecord]:
     """Replay `requests` (with their `prompts`) against `target`; one record per request.
 
     `warmup_requests` requests (the first prompts, 4 output tokens each) are sent one after
     another before the clock starts and are not recorded: servers that load or compile on
-    their first request would otherwise charge that to the replay.
+    their first request would otherwise charge that to the replay. Setting `stop` (e.g. on
+    Ctrl-C) ends the run like its deadline: in-flight requests aborted, the rest not sent,
+    and the records returned.
     """
     if len(prompts) != len(requests):
         raise ValueError("one prompt per request")
@@ -67,7 +70,7 @@ async def replay(
                 await _send_with_timeout(target, prompt, request, record, timeout_s, clock_zero)
         except asyncio.CancelledError:
             if record.sent_s is not None:
-                record.finish(clock_zero, STATUS_ABORTED, "run deadline passed")
+                record.finish(clock_zero, STATUS_ABORTED, "run ended (deadline passed or stopped)")
             raise
         finally:
             if on_done is not None and record.status != STATUS_PENDING:
@@ -84,13 +87,17 @@ async def replay(
         await asyncio.gather(*tasks, return_exceptions=True)
 
     try:
-        try:
-            async with asyncio.timeout(run_deadline_s):
-                await dispatch()
-        except TimeoutError:
+        dispatcher = asyncio.create_task(dispatch())
+        waiters: set[asyncio.Task] = {dispatcher}
+        if stop is not None:
+            waiters.add(asyncio.create_task(stop.wait()))
+        done, pending = await asyncio.wait(waiters, timeout=run_deadline_s, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in pending:
+            waiter.cancel()
+        if dispatcher not in done:  # deadline passed or stop was set: end the run now
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*pending, *tasks, return_exceptions=True)
     finally:
         await target.close()
     for record in records:
