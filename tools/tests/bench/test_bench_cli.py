@@ -113,6 +113,9 @@ def test_bad_inputs_are_clear_errors(tokenizer_json: Path, tmp_path: Path, capsy
     assert main(["bench", "run", "--target", "ftp://x", "--tokenizer", str(tokenizer_json), "--synthetic",
                  "poisson", "--out", str(tmp_path / "o.json")]) == 2
     assert "--target must start with" in capsys.readouterr().err
+    assert main(["bench", "run", "--target", "grpc://127.0.0.1:1", "--tokenizer", str(tokenizer_json), "--synthetic",
+                 "poisson", "--timeout", "0", "--out", str(tmp_path / "o.json")]) == 2
+    assert "--timeout must be > 0" in capsys.readouterr().err
     assert main(["bench", "compare", str(bad_trace), str(bad_trace)]) == 2
     assert "not a readable results file" in capsys.readouterr().err
 

@@ -151,6 +151,23 @@ def _tokenizer_path(args: argparse.Namespace) -> Path:
     raise ValueError("give --tokenizer PATH/tokenizer.json or --expert NAME (prompts are cut to exact token counts)")
 
 
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Reject option values that make no sense before doing any work."""
+    positive = {"--timeout": args.timeout, "--speedup": args.speedup, "--length-scale": args.length_scale,
+                "--rate": args.rate, "--burstiness": args.burstiness, "--run-deadline": args.run_deadline}
+    at_least_one = {"--max-requests": args.max_requests, "--max-concurrency": args.max_concurrency,
+                    "--num-requests": args.num_requests, "--block-size": args.block_size,
+                    "--max-input-tokens": args.max_input_tokens, "--max-output-tokens": args.max_output_tokens}
+    for name, value in positive.items():
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+    for name, value in at_least_one.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if args.warmup_requests < 0 or args.window_start < 0 or (args.duration is not None and args.duration <= 0):
+        raise ValueError("--warmup-requests and --window-start must be >= 0 and --duration > 0")
+
+
 def _load_workload(args: argparse.Namespace) -> tuple[list[TraceRequest], dict]:
     if (args.trace is None) == (args.synthetic is None):
         raise ValueError("give exactly one of --trace or --synthetic")
@@ -176,6 +193,7 @@ def run_command(args: argparse.Namespace) -> int:
     """`bench run`: build prompts, replay, print the table, write results and plots."""
     console = Console(stderr=True)
     try:
+        _check_numbers(args)
         target = _make_target(args)
         requests, workload = _load_workload(args)
         tokenizer = _tokenizer_path(args)

@@ -114,8 +114,8 @@ async def _warm_up(target: Target, requests: Sequence[TraceRequest], prompts: Se
     for i in range(min(count, len(requests))):
         scratch = RequestRecord(-1, 0.0, requests[i].input_tokens, 4)
         target.clock_zero = time.perf_counter()
-        await _send_with_timeout(target, prompts[i], replace(requests[i], index=-(i + 1), output_tokens=4), scratch, timeout_s,
-                                 target.clock_zero)
+        warmup = replace(requests[i], index=-(i + 1), output_tokens=4)
+        await _send_with_timeout(target, prompts[i], warmup, scratch, timeout_s, target.clock_zero)
 
 
 async def _send_with_timeout(target: Target, prompt: str, request: TraceRequest, record: RequestRecord,
