@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from switchboard.generator.engine import Engine, EngineConfig, EngineRequest
 from switchboard.generator.loader import LoadedModel, load_model
 from switchboard.generator.models.llama import LlamaConfig, LlamaForCausalLM

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from switchboard.common.experts_config import ExpertsConfigError, load_experts_config
 
 

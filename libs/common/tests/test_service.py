@@ -12,7 +12,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import REGISTRY
-
 from switchboard.common.channels import open_channel
 from switchboard.common.errors import error_details, invalid_argument, unavailable
 from switchboard.common.logging import bind_request, configure_logging, get_logger

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from switchboard.common.settings import (
     ServerSettings,
     SettingsError,

@@ -16,20 +16,19 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_fixtures import build_gpt2, build_llama  # noqa: E402
-
-from switchboard.generator.engine import (  # noqa: E402
+from engine_fixtures import build_gpt2, build_llama
+from switchboard.generator.engine import (
     Engine,
     EngineConfig,
     EngineOutput,
     EngineRequest,
     RequestRejected,
 )
-from switchboard.generator.engine.attention import AttentionContext, SequenceSlice  # noqa: E402
-from switchboard.generator.engine.kv_cache import KVCache, prompt_block_hashes  # noqa: E402
-from switchboard.generator.engine.output import OutputState  # noqa: E402
-from switchboard.generator.loader import LoadedModel, load_model  # noqa: E402
-from switchboard.generator.sampling import SamplingParams  # noqa: E402
+from switchboard.generator.engine.attention import AttentionContext, SequenceSlice
+from switchboard.generator.engine.kv_cache import KVCache, prompt_block_hashes
+from switchboard.generator.engine.output import OutputState
+from switchboard.generator.loader import LoadedModel, load_model
+from switchboard.generator.sampling import SamplingParams
 
 PROMPTS = [
     "To be, or not to be",
@@ -201,11 +200,11 @@ async def test_greedy_batched_matches_reference(family: str, prefix_caching: boo
     ref = request.getfixturevalue(f"{family}_ref")
     engine = await running_engine(loaded, enable_prefix_caching=prefix_caching, max_tokens_per_step=10)
     try:
-        prompts = PROMPTS + [PROMPTS[1] + " and more"]  # the last shares a long prefix with PROMPTS[1]
+        prompts = [*PROMPTS, PROMPTS[1] + " and more"]  # the last shares a long prefix with PROMPTS[1]
         results = await asyncio.gather(
             *(collect(engine, EngineRequest(f"b{i}", prompt=p, sampling=greedy(10))) for i, p in enumerate(prompts))
         )
-        for prompt, (got, _, _) in zip(prompts, results):
+        for prompt, (got, _, _) in zip(prompts, results, strict=True):
             assert got == reference_greedy(ref, loaded.tokenizer.encode(prompt), 10)
         assert engine.pool.num_used == 0
     finally:
@@ -253,7 +252,7 @@ async def test_preemption_under_tiny_pool_keeps_outputs(llama: LoadedModel, llam
             *(collect(engine, EngineRequest(f"q{i}", prompt=p, sampling=greedy(16))) for i, p in enumerate(prompts))
         )
         assert engine.scheduler.num_preemptions > 0
-        for prompt, (got, _, _) in zip(prompts, results):
+        for prompt, (got, _, _) in zip(prompts, results, strict=True):
             assert got == reference_greedy(llama_ref, llama.tokenizer.encode(prompt), 16)
         assert engine.pool.num_used == 0
     finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from switchboard.generator.engine.kv_cache import BlockPool, block_hash, prompt_block_hashes
 from switchboard.generator.engine.scheduler import Scheduler, Sequence, SequenceStatus
 from switchboard.generator.sampling import SamplingParams
@@ -71,7 +70,7 @@ def test_prefix_hit_skips_cached_blocks_but_computes_the_last_token() -> None:
     assert first.block_hashes == prompt_block_hashes(prompt, 4)
     scheduler.finish(first, "length")
     again = make_seq(2, prompt)
-    longer = make_seq(3, prompt + [50, 51])
+    longer = make_seq(3, [*prompt, 50, 51])
     scheduler.add(again)
     scheduler.add(longer)
     assert run_plan(scheduler) == [("r2", 4), ("r3", 2)]

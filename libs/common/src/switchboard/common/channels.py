@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-
 from switchboard.common.telemetry import client_interceptors
 
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [

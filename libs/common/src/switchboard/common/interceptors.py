@@ -16,7 +16,6 @@ from typing import Any
 
 import grpc
 from prometheus_client import Counter, Histogram
-
 from switchboard.common.errors import ServiceError
 from switchboard.common.logging import get_logger
 

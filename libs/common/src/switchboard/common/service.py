@@ -21,7 +21,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
-
 from switchboard.common.interceptors import ErrorInterceptor, MetricsInterceptor
 from switchboard.common.logging import configure_logging, get_logger
 from switchboard.common.settings import ServerSettings, SettingsError

@@ -18,7 +18,7 @@ class GatewaySettings:
 
     server: ServerSettings
     router_addr: str = setting("ROUTER_ADDR", "127.0.0.1:50052", "host:port of the router")
-    keys_file: Path = setting(  # noqa: RUF009 (Path default is immutable)
+    keys_file: Path = setting(
         "GATEWAY_KEYS_FILE",
         Path("~/.cache/switchboard/gateway-keys.jsonl"),
         "API keys file: JSON lines {tenant, sha256 of the key}; re-read when it changes",

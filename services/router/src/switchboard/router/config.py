@@ -19,7 +19,7 @@ class RouterSettings:
 
     server: ServerSettings
     scheduler_addr: str = setting("SCHEDULER_ADDR", "127.0.0.1:50053", "host:port of the scheduler")
-    experts_config: Path = setting(  # noqa: RUF009 (Path default is immutable)
+    experts_config: Path = setting(
         "SWITCHBOARD_EXPERTS_CONFIG", Path("config/experts.yaml"), "experts config file (declares the expert pools)"
     )
     max_alternates: int = setting(

@@ -46,8 +46,7 @@ class SchedulerSettings:
         minimum=0.0,
         maximum=600.0,
     )
-    # setting() returns a dataclasses.field and Path is immutable, so RUF009 does not apply.
-    experts_config: Path = setting(  # noqa: RUF009
+    experts_config: Path = setting(
         "SWITCHBOARD_EXPERTS_CONFIG",
         DEFAULT_EXPERTS_CONFIG,
         "experts config file (declares the expert pools)",

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
 from switchboard.generator.engine.kv_cache import KVCache
 
 

@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
-
 from switchboard.generator.engine.attention import AttentionContext, SequenceSlice
 from switchboard.generator.engine.kv_cache import BlockPool, KVCache, bytes_per_block
 from switchboard.generator.engine.output import OutputState
@@ -41,12 +40,12 @@ CUDA_KV_FRACTION = 0.6  # of the memory free after the weights are loaded
 
 def kv_geometry(config: Any) -> tuple[int, int, int]:
     """(num_layers, num_kv_heads, head_dim) from a Llama- or GPT-2-style config."""
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_size", None) or getattr(config, "head_dim", None)
     if not head_dim:
-        hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+        hidden = getattr(config, "hidden_size", None) or config.n_embd
         head_dim = hidden // heads
     return int(layers), int(kv_heads), int(head_dim)
 
@@ -342,7 +341,7 @@ class Engine:
                 [s.token_ids for s in samplers],
                 [s.num_generated for s in samplers],
             ).tolist()
-            for seq, token in zip(samplers, tokens):
+            for seq, token in zip(samplers, tokens, strict=True):
                 results.append((seq, self._advance(seq, int(token))))
             self._rate_window.append((time.monotonic(), len(samplers)))
             while len(self._rate_window) > 4096:

@@ -19,12 +19,11 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
-
 from switchboard.generator.engine.attention import AttentionContext, SequenceSlice
 from switchboard.generator.engine.engine import Engine
 from switchboard.generator.engine.types import EngineConfig
@@ -134,7 +133,7 @@ def profile(
         "max_num_seqs": engine.config.max_num_seqs,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "formula": "step_ms = base_ms + prefill_token_ms*prefill_tokens + decode_seq_ms*decode_seqs"
         " + context_token_ms*decode_context_tokens",
         "fit": asdict(fit),

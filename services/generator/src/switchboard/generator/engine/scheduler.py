@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
 from switchboard.generator.engine.kv_cache import BlockPool, block_hash
 
 

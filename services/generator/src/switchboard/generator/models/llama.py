@@ -222,7 +222,7 @@ class LlamaForCausalLM(nn.Module):
                 qkv = torch.cat([p.weight for p in projections])
                 bias = torch.cat([p.bias for p in projections]) if a.q_proj.bias is not None else None
                 sizes = [p.weight.shape[0] for p in projections]
-                for proj, w, b in zip(projections, qkv.split(sizes), bias.split(sizes) if bias is not None else (None,) * 3):
+                for proj, w, b in zip(projections, qkv.split(sizes), bias.split(sizes) if bias is not None else (None,) * 3, strict=True):
                     proj.weight = nn.Parameter(w, requires_grad=False)
                     if b is not None:
                         proj.bias = nn.Parameter(b, requires_grad=False)
