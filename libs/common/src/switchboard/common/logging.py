@@ -21,6 +21,20 @@ from opentelemetry import trace
 _configured_service: str | None = None
 
 
+class _CurrentStdout:
+    """Writes to whatever sys.stdout is at the time of the write.
+
+    Binding the stream at configure time would keep a reference to a stream that
+    may later be replaced and closed (pytest's capture, a redirected stdout).
+    """
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
 def _add_trace_context(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Add the current span's trace_id and span_id (hex, as trace viewers show them)."""
     context = trace.get_current_span().get_span_context()
@@ -56,10 +70,10 @@ def configure_logging(service: str, level: str = "info") -> None:
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStdout()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(_CurrentStdout())  # type: ignore[arg-type]
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
