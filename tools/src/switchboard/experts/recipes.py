@@ -108,21 +108,21 @@ RECIPES: dict[str, ExpertRecipe] = {
             description="small specialist trained on Shakespeare only",
             corpora=(SHAKESPEARE,),
             model=_SMALL,
-            training=TrainingRecipe(steps=220, batch_size=8, context_length=512, learning_rate=3e-3, seed=1),
+            training=TrainingRecipe(steps=440, batch_size=4, context_length=512, learning_rate=3e-3, seed=1),
         ),
         ExpertRecipe(
             name="milton-small",
             description="small specialist trained on Milton only",
             corpora=(MILTON,),
             model=_SMALL,
-            training=TrainingRecipe(steps=160, batch_size=8, context_length=512, learning_rate=3e-3, seed=2),
+            training=TrainingRecipe(steps=320, batch_size=4, context_length=512, learning_rate=3e-3, seed=2),
         ),
         ExpertRecipe(
             name="scribe-large",
             description="larger generalist trained on Shakespeare and Milton",
             corpora=(SHAKESPEARE, MILTON),
             model=_LARGE,
-            training=TrainingRecipe(steps=220, batch_size=8, context_length=512, learning_rate=2e-3, seed=3),
+            training=TrainingRecipe(steps=440, batch_size=4, context_length=512, learning_rate=2e-3, seed=3),
         ),
     )
 }
