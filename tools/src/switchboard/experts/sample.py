@@ -38,10 +38,18 @@ def continue_text(
     temperature: float = 0.8,
     top_k: int = 40,
     seed: int = 0,
+    repetition_penalty: float = 1.0,
 ) -> str:
-    """Sampled continuation of `prompt` (only the new text), stopping at end-of-text."""
+    """Sampled continuation of `prompt` (only the new text), stopping at end-of-text.
+
+    `repetition_penalty` > 1 damps every token already in the window (CTRL / Hugging
+    Face rule, as the generator's sampler applies it): the tiny experts otherwise fall
+    into loops of blank lines and stage directions.
+    """
     if not prompt:
         raise ValueError("prompt must not be empty")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
     generator = torch.Generator().manual_seed(seed)
     ids = tokenizer.encode(prompt).ids
     new: list[int] = []
@@ -50,6 +58,10 @@ def continue_text(
     for _ in range(max_new_tokens):
         window = torch.tensor([(ids + new)[-limit:]])
         logits = model(window)[0, -1].float()
+        if repetition_penalty != 1.0:
+            seen = torch.unique(window[0])
+            picked = logits[seen]
+            logits[seen] = torch.where(picked < 0, picked * repetition_penalty, picked / repetition_penalty)
         if temperature <= 0:
             token = int(logits.argmax())
         else:
