@@ -9,12 +9,12 @@ PACKAGES := libs/common services/gateway services/router services/scheduler serv
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test venv buf protos protos-check experts lint clean
+.PHONY: run test venv buf promtool protos protos-check experts lint clean
 
 run: venv experts  ## Start the whole stack locally (gateway on 127.0.0.1:50051).
 	$(BIN)/switchboard up
 
-test: venv buf experts  ## Run every test (unit, cross-service, deployment checks).
+test: venv buf promtool experts  ## Run every test (unit, cross-service, deployment checks).
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 venv: $(STAMP)
@@ -33,6 +33,17 @@ buf: $(BUF)  ## Install buf (protobuf lint/format/breaking) from npm into .cache
 
 $(BUF):
 	npm install --silent --no-audit --no-fund --prefix .cache/node @bufbuild/buf@$(BUF_VERSION)
+
+PROMTOOL := .cache/tools/prometheus/usr/bin/promtool
+
+promtool: $(PROMTOOL)  ## Unpack promtool from Debian's prometheus package (alert-rule checks).
+
+# apt-get download needs package lists; a fresh machine may have none yet.
+$(PROMTOOL):
+	mkdir -p .cache/tools/prometheus
+	cd .cache/tools/prometheus && (apt-get download prometheus 2>/dev/null || (apt-get update -qq && apt-get download prometheus))
+	dpkg -x $$(ls .cache/tools/prometheus/prometheus_*.deb | tail -1) .cache/tools/prometheus
+	rm -f .cache/tools/prometheus/prometheus_*.deb
 
 protos: venv  ## Regenerate the Python code of protos/ into libs/common.
 	$(PY) scripts/gen_protos.py

@@ -679,24 +679,15 @@ PROMTOOL_CACHE = REPO / ".cache" / "tools" / "prometheus"
 
 
 def ensure_promtool(cache: Path = PROMTOOL_CACHE) -> Path:
-    """promtool from Debian's `prometheus` package, unpacked once into `cache` (no root needed).
+    """promtool from Debian's `prometheus` package, unpacked by `make promtool` (make test runs it).
 
     No Prometheus release is on PyPI; apt is reachable wherever the project is
-    built (it is the documented way, /work/shared/TOOLS.md), and the package is
-    only downloaded and unpacked, never installed.
+    built (/work/shared/TOOLS.md), and the package is only downloaded and
+    unpacked, never installed.
     """
     promtool = cache / "usr" / "bin" / "promtool"
-    if promtool.exists():
-        return promtool
-    cache.mkdir(parents=True, exist_ok=True)
-    download = subprocess.run(
-        ["apt-get", "download", "prometheus"], cwd=cache, capture_output=True, text=True, timeout=300, check=False
-    )
-    debs = sorted(cache.glob("prometheus_*.deb"))
-    if download.returncode != 0 or not debs:
-        raise AssertionError(f"cannot fetch promtool with `apt-get download prometheus`: {download.stderr.strip()}")
-    subprocess.run(["dpkg", "-x", str(debs[-1]), str(cache)], check=True, timeout=300)
-    debs[-1].unlink()
+    if not promtool.exists():
+        raise AssertionError(f"promtool is missing at {promtool}: run `make promtool` (make test does)")
     return promtool
 
 
