@@ -14,7 +14,8 @@ PYTEST_ARGS ?=
 run: venv experts  ## Start the whole stack locally (gateway on 127.0.0.1:50051).
 	$(BIN)/switchboard up
 
-test: venv buf promtool experts  ## Run every test (unit, cross-service, deployment checks).
+test: venv buf promtool experts  ## Lint, then run every test (unit, cross-service, deployment checks).
+	$(BIN)/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 venv: $(STAMP)

@@ -57,7 +57,7 @@ def test_up_serves_generate_and_stops_everything_on_ctrl_c(tmp_path: Path, model
         key = re.search(r"dev API key: (\S+)", text).group(1)
         assert (tmp_path / "cache" / "dev-api-key").read_text().strip() == key
         result = subprocess.run(
-            [SWITCHBOARD, "generate", "To be, or not to be", "--addr", gateway, "--key", key, "--max-tokens", "6", "--temperature", "0"],
+            [SWITCHBOARD, "generate", "To be, or not to be", "--addr", gateway, "--key", key, "--max-tokens", "6", "--temperature", "0", "--repetition-penalty", "1.15"],
             capture_output=True,
             text=True,
             timeout=120,

@@ -36,6 +36,8 @@ def build_request(args: argparse.Namespace) -> gateway_pb2.GenerateRequest:
         sampling.top_p = args.top_p
     if args.top_k:
         sampling.top_k = args.top_k
+    if args.repetition_penalty is not None:
+        sampling.repetition_penalty = args.repetition_penalty
     if args.seed is not None:
         sampling.seed = args.seed
     sampling.stop.extend(args.stop or [])
@@ -88,6 +90,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     parser.add_argument("--temperature", type=float, default=None, help="0 is greedy; default 1.0")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
     parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 disables)")
+    parser.add_argument(
+        "--repetition-penalty", type=float, default=None, help="in [1, 2]; > 1 discourages repeats (default 1.0)"
+    )
     parser.add_argument("--seed", type=int, default=None, help="sampler seed (same seed, same text)")
     parser.add_argument("--stop", action="append", help="stop string (repeatable)")
     parser.add_argument("--key", default=None, help="API key (default: SWITCHBOARD_API_KEY or the dev key)")
