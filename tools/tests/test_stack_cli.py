@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest
 from switchboard.cli.client import build_request
 from switchboard.cli.localstack import plan_stack, service_specs
+from switchboard.cli.main import build_parser
 from switchboard.cli.processes import ProcessGroup, ServiceSpec, StartupError, free_port
 from switchboard.cli.stack import ensure_dev_key
 from switchboard.gateway.auth import KeyStore
@@ -78,13 +78,13 @@ def test_a_real_service_becomes_healthy_and_stops_on_sigterm(tmp_path: Path) -> 
 
 
 def test_client_request_from_arguments() -> None:
-    args = argparse.Namespace(
-        prompt="hi", max_tokens=5, temperature=0.0, top_p=None, top_k=3, seed=7, stop=["\n"], model="bard-small"
-    )
-    request = build_request(args)
+    argv = ["generate", "hi", "--max-tokens", "5", "--temperature", "0", "--top-k", "3", "--seed", "7"]
+    argv += ["--stop", "\n", "--model", "bard-small", "--repetition-penalty", "1.15"]
+    request = build_request(build_parser(argv).parse_args(argv))
     assert request.prompt == "hi" and request.model == "bard-small"
     assert request.sampling.max_tokens == 5 and request.sampling.HasField("temperature")
     assert request.sampling.seed == 7 and list(request.sampling.stop) == ["\n"] and not request.sampling.HasField("top_p")
+    assert request.sampling.repetition_penalty == pytest.approx(1.15)
 
 
 def test_services_die_with_their_launcher(tmp_path: Path) -> None:
