@@ -308,10 +308,14 @@ async def test_generate_spans_are_children_of_the_server_span(stub: generator_pb
     ]  # type: ignore[attr-defined]
     by_name = {s.name: s for s in spans}
     server = next(s for s in spans if s.name.endswith("Generator/Generate"))
-    for child in ("generator.prefill", "generator.decode"):
+    for child in ("generator.queue", "generator.prefill", "generator.decode"):
         assert by_name[child].parent is not None and by_name[child].parent.span_id == server.context.span_id
         assert by_name[child].context.trace_id == server.context.trace_id
+    # queue (arrival to admission), then prefill (admission to first token), then decode
+    assert by_name["generator.queue"].end_time == by_name["generator.prefill"].start_time
+    assert by_name["generator.queue"].start_time <= by_name["generator.queue"].end_time
     assert by_name["generator.prefill"].end_time <= by_name["generator.decode"].start_time
+    assert by_name["generator.queue"].attributes[SpanAttributes.QUEUE_SECONDS] >= 0
     assert server.attributes[SpanAttributes.GEN_AI_REQUEST_MAX_TOKENS] == 5
     assert server.attributes[SpanAttributes.GEN_AI_USAGE_OUTPUT_TOKENS] == 5
     assert tuple(server.attributes[SpanAttributes.GEN_AI_RESPONSE_FINISH_REASONS]) == ("length",)

@@ -57,6 +57,22 @@ def sampling_from_proto(message: common_pb2.SamplingParams, default_max_tokens: 
         raise invalid_argument(field, description) from None
 
 
+def record_queue_and_prefill(request_id: str, arrival_ns: int, first_scheduled_ns: int | None) -> None:
+    """Record generator.queue (arrival to admission) and generator.prefill (admission to now).
+
+    Called when the first token arrives (or the request ends without one). Without an
+    admission time (the request never ran) the whole wait is the queue span.
+    """
+    now_ns = time.time_ns()
+    admitted_ns = min(max(first_scheduled_ns or now_ns, arrival_ns), now_ns)
+    attributes = {SpanAttributes.REQUEST_ID: request_id}
+    queue = tracer.start_span("generator.queue", start_time=arrival_ns, attributes=attributes)
+    queue.set_attribute(SpanAttributes.QUEUE_SECONDS, (admitted_ns - arrival_ns) / 1e9)
+    queue.end(end_time=admitted_ns)
+    if first_scheduled_ns is not None:
+        tracer.start_span("generator.prefill", start_time=admitted_ns, attributes=attributes).end(end_time=now_ns)
+
+
 def response_from_output(output: EngineOutput) -> generator_pb2.GeneratorGenerateResponse:
     """One stream message from one engine output (finish reason and usage only on the last)."""
     response = generator_pb2.GeneratorGenerateResponse(text=output.text, token_ids=output.token_ids)
@@ -169,18 +185,16 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         completion_tokens = 0
         finish_reason = "cancelled"
         usage = None
-        # The engine reports no admission time, so the prefill span runs from arrival to the
-        # first token and includes any wait for a batch slot (see README, "Observe").
-        prefill_span: trace.Span | None = tracer.start_span(
-            "generator.prefill", attributes={SpanAttributes.REQUEST_ID: request_id}
-        )
+        # Spans before the first token are recorded once it arrives, when the engine says
+        # when the request's prefill first ran: generator.queue (arrival to admission) and
+        # generator.prefill (admission to first token).
+        arrival_ns = time.time_ns()
         try:
             async with aclosing(self.engine.generate(engine_request)) as outputs:
                 async for output in outputs:
                     if first_token_at is None:
                         first_token_at = time.monotonic()
-                        prefill_span.end()
-                        prefill_span = None
+                        record_queue_and_prefill(request_id, arrival_ns, output.first_scheduled_ns)
                         server_span.set_attribute(
                             SpanAttributes.TIME_TO_FIRST_TOKEN, first_token_at - arrival
                         )
@@ -204,8 +218,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                 f"generation failed on replica {self.identity.replica_id}", retry_after_seconds=None
             ) from exc
         finally:
-            if prefill_span is not None:
-                prefill_span.end()
+            if first_token_at is None:
+                record_queue_and_prefill(request_id, arrival_ns, None)
             if decode_span is not None:
                 decode_span.set_attribute(SpanAttributes.GEN_AI_USAGE_OUTPUT_TOKENS, completion_tokens)
                 decode_span.end()

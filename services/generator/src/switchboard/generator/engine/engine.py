@@ -315,7 +315,10 @@ class Engine:
         slices: list[SequenceSlice] = []
         logits_rows: list[int] = []
         samplers: list[Sequence] = []
+        now_ns = time.time_ns()
         for seq, num_new in plan.entries:
+            if seq.first_scheduled_ns is None:
+                seq.first_scheduled_ns = now_ns
             start = seq.num_computed
             input_ids.extend(seq.token_ids[start : start + num_new])
             positions.extend(range(start, start + num_new))
@@ -365,15 +368,18 @@ class Engine:
             elif seq.num_generated >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
                 reason = "length"
                 text += state.finish()
+        first_scheduled_ns = seq.first_scheduled_ns if seq.num_generated == 1 else None
         if reason is None:
-            return EngineOutput(seq.request_id, text, [token])
+            return EngineOutput(seq.request_id, text, [token], first_scheduled_ns=first_scheduled_ns)
         self.scheduler.finish(seq, reason)
-        return self._final_output(seq, reason, text, [token])
+        return self._final_output(seq, reason, text, [token], first_scheduled_ns)
 
-    def _final_output(self, seq: Sequence, reason: str, text: str, token_ids: list[int] | None = None) -> EngineOutput:
+    def _final_output(
+        self, seq: Sequence, reason: str, text: str, token_ids: list[int] | None = None, first_scheduled_ns: int | None = None
+    ) -> EngineOutput:
         usage = Usage(
             prompt_tokens=seq.prompt_len,
             completion_tokens=seq.num_generated,
             cached_prompt_tokens=seq.cached_prompt_tokens or 0,
         )
-        return EngineOutput(seq.request_id, text, token_ids or [], reason, usage)
+        return EngineOutput(seq.request_id, text, token_ids or [], reason, usage, first_scheduled_ns)

@@ -45,6 +45,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     state: Any = None  # the engine's per-request output state (detokenizer, stop matcher, queue)
+    first_scheduled_ns: int | None = None  # wall clock when its prefill first ran (ends its queue wait)
 
     @property
     def num_generated(self) -> int:

@@ -62,6 +62,9 @@ class EngineOutput:
     token_ids: list[int]
     finish_reason: str | None = None  # None | "length" | "eos" | "stop_sequence" | "cancelled"
     usage: Usage | None = None  # set on the last output
+    # Set on a request's first output: wall-clock time (time.time_ns) at which its prefill
+    # first ran, so callers can split the time before the first token into queue and prefill.
+    first_scheduled_ns: int | None = None
 
 
 @dataclass(frozen=True)
