@@ -121,8 +121,15 @@ def resolve_model_path(value: str) -> Path:
     looks_like_path = "/" in value or value.startswith(".") or value.startswith("~")
     if looks_like_path:
         raise SettingsError(f"GENERATOR_MODEL: model folder {path} does not exist")
-    # Imported lazily: the experts tooling is only needed when a demo name is given.
-    from switchboard.experts import expert_dir, is_built
+    # Imported lazily: the experts tooling is only needed when a demo name is given, and the
+    # generator image does not carry it (models are mounted folders there).
+    try:
+        from switchboard.experts import expert_dir, is_built
+    except ImportError:
+        raise SettingsError(
+            f"GENERATOR_MODEL: model folder {path} does not exist (demo expert names need the "
+            "switchboard-tools package; in a container, mount the model and give its folder)"
+        ) from None
 
     try:
         folder = expert_dir(value)
