@@ -133,3 +133,23 @@ def test_gpt2_config_exposes_kv_geometry() -> None:
     assert (
         "activation_function='relu'" in GPT2Config(10, 64, 3, 4, activation_function="relu").unsupported()[0]
     )
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_explicit_causal_attention_matches_sdpa_with_gradients(kv_heads: int) -> None:
+    """The training path's attention equals torch's fused kernel, values and gradients (incl. GQA)."""
+    from switchboard.generator.models.llama import explicit_causal_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 9, 8, generator=gen, requires_grad=True)
+    k = torch.randn(2, kv_heads, 9, 8, generator=gen, requires_grad=True)
+    v = torch.randn(2, kv_heads, 9, 8, generator=gen, requires_grad=True)
+    ours = explicit_causal_attention(q, k, v)
+    grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=kv_heads != 4
+    )
+    expected = torch.autograd.grad(reference.square().sum(), (q, k, v))
+    torch.testing.assert_close(ours, reference)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want)

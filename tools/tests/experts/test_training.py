@@ -82,3 +82,18 @@ def test_changed_recipe_changes_the_cache_folder(tmp_path: Path, monkeypatch: py
     assert not is_built(folder)
     with pytest.raises(KeyError, match="unknown demo expert"):
         expert_dir("no-such-expert")
+
+
+def test_batch_shape_switches_to_long_windows_for_the_final_fraction() -> None:
+    """Sequence-length warm-up: same tokens per step, long windows only in the last steps."""
+    from switchboard.experts.train import batch_shape
+
+    recipe = TrainingRecipe(
+        steps=100, batch_size=16, context_length=128, learning_rate=1e-3, long_context_length=512, long_fraction=0.15
+    )
+    assert batch_shape(0, recipe) == (16, 128)
+    assert batch_shape(84, recipe) == (16, 128)
+    assert batch_shape(85, recipe) == (4, 512)
+    assert batch_shape(99, recipe) == (4, 512)
+    plain = TrainingRecipe(steps=10, batch_size=4, context_length=64, learning_rate=1e-3)
+    assert {batch_shape(step, plain) for step in range(10)} == {(4, 64)}

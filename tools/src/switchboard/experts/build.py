@@ -31,6 +31,7 @@ from switchboard.experts.recipes import (
     EVALUATION,
     MILTON,
     RECIPES,
+    SAMPLING,
     SHAKESPEARE,
     TOKENIZER,
     CorpusRecipe,
@@ -43,8 +44,6 @@ from switchboard.experts.recipes import (
 from switchboard.experts.sample import continue_text
 from switchboard.experts.train import init_model, llama_config, train
 
-SAMPLE_PROMPT = "To be, or not to be"
-SAMPLE_SETTINGS = {"temperature": 0.8, "top_k": 40, "max_new_tokens": 48, "seed": 0}
 TRAIN_THREADS = 2
 
 
@@ -129,15 +128,9 @@ def train_expert(
         model = model.float().cpu()
         started = time.perf_counter()
         metrics_eval = evaluate_expert(model, recipe, data, evaluation)
-        sample = continue_text(
-            model,
-            data.tokenizer,
-            SAMPLE_PROMPT,
-            max_new_tokens=SAMPLE_SETTINGS["max_new_tokens"],
-            temperature=SAMPLE_SETTINGS["temperature"],
-            top_k=SAMPLE_SETTINGS["top_k"],
-            seed=SAMPLE_SETTINGS["seed"],
-        )
+        settings = asdict(SAMPLING)
+        prompt = settings.pop("prompt")
+        sample = continue_text(model, data.tokenizer, prompt, **settings)
         eval_seconds = time.perf_counter() - started
     metrics: dict[str, Any] = {
         "name": recipe.name,
@@ -154,7 +147,7 @@ def train_expert(
             "device": f"{device.type} ({TRAIN_THREADS} threads)" if device.type == "cpu" else device.type,
         },
         "eval": {**metrics_eval, "seconds": eval_seconds},
-        "sample": {"prompt": SAMPLE_PROMPT, "text": sample, **SAMPLE_SETTINGS},
+        "sample": {**asdict(SAMPLING), "text": sample},
     }
     _write_atomically(
         dest, lambda folder: write_expert_folder(folder, model, data.tokenizer, tokenizer_recipe, metrics)

@@ -10,7 +10,7 @@ from typing import Any
 
 from switchboard.experts.cache import expert_dir, is_built
 from switchboard.experts.export import METRICS_FILE
-from switchboard.experts.recipes import DEMO_EXPERTS
+from switchboard.experts.recipes import DEMO_EXPERTS, SAMPLING
 
 
 def add_parser(subparsers: Any) -> None:
@@ -31,16 +31,17 @@ def add_parser(subparsers: Any) -> None:
 
     sample = commands.add_parser("sample", help="print a sampled continuation of a prompt")
     sample.add_argument("name", choices=DEMO_EXPERTS)
-    sample.add_argument("--prompt", default="To be, or not to be")
+    sample.add_argument("--prompt", default=SAMPLING.prompt)
     sample.add_argument("--max-new-tokens", type=int, default=64)
-    # Defaults picked by reading samples of the built experts: a mild repetition penalty
-    # stops the blank-line and stage-direction loops that plain top-k sampling falls into.
-    sample.add_argument("--temperature", type=float, default=0.7)
-    sample.add_argument("--top-k", type=int, default=40)
+    sample.add_argument("--temperature", type=float, default=SAMPLING.temperature)
+    sample.add_argument("--top-k", type=int, default=SAMPLING.top_k)
     sample.add_argument(
-        "--repetition-penalty", type=float, default=1.15, help="damp tokens already in the window (1 = off)"
+        "--repetition-penalty",
+        type=float,
+        default=SAMPLING.repetition_penalty,
+        help="damp tokens already in the window (1 = off)",
     )
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--seed", type=int, default=SAMPLING.seed)
     sample.set_defaults(func=_sample)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from switchboard.experts.recipes import SAMPLING
 from switchboard.experts.tokenizer import load_tokenizer
 from switchboard.generator.models.llama import LlamaConfig, LlamaForCausalLM
 from tokenizers import Tokenizer
@@ -35,10 +36,10 @@ def continue_text(
     tokenizer: Tokenizer,
     prompt: str,
     max_new_tokens: int = 48,
-    temperature: float = 0.8,
-    top_k: int = 40,
-    seed: int = 0,
-    repetition_penalty: float = 1.0,
+    temperature: float = SAMPLING.temperature,
+    top_k: int = SAMPLING.top_k,
+    seed: int = SAMPLING.seed,
+    repetition_penalty: float = SAMPLING.repetition_penalty,
 ) -> str:
     """Sampled continuation of `prompt` (only the new text), stopping at end-of-text.
 

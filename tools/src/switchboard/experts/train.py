@@ -1,10 +1,11 @@
 """Training loop of the demo experts on top of the generator's own Llama module.
 
 Plain next-token cross-entropy on random windows of the training token stream,
-AdamW with linear warmup and cosine decay, gradient clipping, fixed seeds. On CPU the
-forward and backward run under bf16 autocast when the recipe asks for it (AMX makes
-that several times faster than float32 matmuls); parameters and optimiser state stay
-float32.
+AdamW with linear warmup and cosine decay, gradient clipping, fixed seeds. Most steps
+use short windows and the last ones the full context (sequence-length warm-up: same
+tokens per step, far less attention work). On CPU the forward and backward run under
+bf16 autocast when the recipe asks for it (several times faster than float32 matmuls
+on CPUs with bf16 instructions); parameters and optimiser state stay float32.
 """
 
 from __future__ import annotations
@@ -72,6 +73,14 @@ def learning_rate(step: int, recipe: TrainingRecipe) -> float:
     return recipe.learning_rate * (recipe.min_lr_ratio + (1.0 - recipe.min_lr_ratio) * cosine)
 
 
+def batch_shape(step: int, recipe: TrainingRecipe) -> tuple[int, int]:
+    """(windows, tokens per window) of a step: short windows first, long ones for the final fraction."""
+    long = recipe.long_context_length
+    if long is None or step < round(recipe.steps * (1.0 - recipe.long_fraction)):
+        return recipe.batch_size, recipe.context_length
+    return max(1, recipe.batch_size * recipe.context_length // long), long
+
+
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object]]:
     """Weight decay on matrices only (not norms), each shared tensor listed once."""
     decay, no_decay, seen = [], [], set()
@@ -90,24 +99,26 @@ def train(
     log: Callable[[str], None] = lambda _: None,
 ) -> TrainResult:
     """Train in place on random windows of the 1-D token stream; returns loss summary."""
-    length = recipe.context_length
-    if tokens.numel() < length + 2:
-        raise ValueError(f"training stream has {tokens.numel()} tokens, fewer than one window of {length}")
+    longest = max(recipe.context_length, recipe.long_context_length or 0)
+    if tokens.numel() < longest + 2:
+        raise ValueError(f"training stream has {tokens.numel()} tokens, fewer than one window of {longest}")
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(recipe.seed)
     optimizer = torch.optim.AdamW(
         _param_groups(model, recipe.weight_decay), lr=recipe.learning_rate, betas=(0.9, 0.95), eps=1e-8
     )
-    offsets = torch.arange(length + 1)
     use_autocast = recipe.bf16_autocast
     autocast_device = "cuda" if device.type == "cuda" else "cpu"
     model.train()
     started = time.perf_counter()
     first_loss = final_loss = float("nan")
     smoothed = None
+    tokens_seen = 0
     for step in range(recipe.steps):
-        starts = torch.randint(0, tokens.numel() - length - 1, (recipe.batch_size,), generator=generator)
-        batch = tokens[starts[:, None] + offsets].to(device)
+        windows, length = batch_shape(step, recipe)
+        starts = torch.randint(0, tokens.numel() - length - 1, (windows,), generator=generator)
+        batch = tokens[starts[:, None] + torch.arange(length + 1)].to(device)
+        tokens_seen += windows * length
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, recipe)
         with torch.autocast(autocast_device, dtype=torch.bfloat16, enabled=use_autocast):
@@ -131,5 +142,5 @@ def train(
         seconds=time.perf_counter() - started,
         first_loss=first_loss,
         final_loss=final_loss,
-        tokens_seen=recipe.steps * recipe.batch_size * length,
+        tokens_seen=tokens_seen,
     )

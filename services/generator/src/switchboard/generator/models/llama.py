@@ -103,6 +103,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention as two matmuls and a masked softmax; q [B, H, L, D], k/v [B, Hkv, L, D].
+
+    Used for training on CPU: there the backward of torch's fused (flash) attention
+    kernel is about 3x slower than this for windows of a few hundred tokens (16 x 128
+    tokens, 6 heads of 32: 17 vs 6 ms per layer), while its forward is as fast.
+    """
+    if k.shape[1] != q.shape[1]:  # grouped-query: each key/value head serves a run of query heads
+        repeat = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    length = q.shape[-2]
+    scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
+    return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1) @ v
+
+
 class LlamaAttention(nn.Module):
     """Grouped-query self-attention."""
 
@@ -123,9 +139,12 @@ class LlamaAttention(nn.Module):
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads
-        )
+        if q.requires_grad and q.device.type == "cpu":
+            out = explicit_causal_attention(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads
+            )
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
