@@ -193,12 +193,18 @@ async def test_greedy_single_sequence_matches_reference(family: str, request: py
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("prefix_caching", [False, True])
-async def test_greedy_batched_matches_reference(family: str, prefix_caching: bool, request: pytest.FixtureRequest) -> None:
+@pytest.mark.parametrize("step_in_thread", [None, True])
+async def test_greedy_batched_matches_reference(
+    family: str, prefix_caching: bool, step_in_thread: bool | None, request: pytest.FixtureRequest
+) -> None:
     """Sequences of different lengths batched together (small token budget: chunked prefill) equal
-    the reference one by one."""
+    the reference one by one, with steps on the loop's thread (the CPU default) or a worker thread."""
     loaded: LoadedModel = request.getfixturevalue(family)
     ref = request.getfixturevalue(f"{family}_ref")
-    engine = await running_engine(loaded, enable_prefix_caching=prefix_caching, max_tokens_per_step=10)
+    engine = await running_engine(
+        loaded, enable_prefix_caching=prefix_caching, max_tokens_per_step=10, step_in_thread=step_in_thread
+    )
+    assert (engine._executor is not None) == bool(step_in_thread)
     try:
         prompts = [*PROMPTS, PROMPTS[1] + " and more"]  # the last shares a long prefix with PROMPTS[1]
         results = await asyncio.gather(

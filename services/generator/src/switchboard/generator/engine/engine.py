@@ -1,10 +1,12 @@
 """The engine: an asyncio-driven loop of continuous batching over the paged KV cache.
 
-One loop task per replica. Each iteration hands one step to a dedicated worker
-thread (so the event loop, and with it gRPC, stays responsive): take in new and
+One loop task per replica. Each iteration runs one step: take in new and
 cancelled requests, schedule, run the model once over every scheduled token,
 sample, detokenize, and check stop conditions. The loop then delivers the
-step's outputs to each request's queue. New requests join at the next step;
+step's outputs to each request's queue. On CUDA the step runs on a dedicated
+worker thread (the event loop, and with it gRPC, stays free while the host waits
+on the GPU); on CPU it runs on the loop's own thread, which then yields to gRPC
+between steps (see `EngineConfig.step_in_thread` for why). New requests join at the next step;
 finished and cancelled ones leave it and free their blocks there.
 """
 
@@ -15,8 +17,8 @@ import collections
 import concurrent.futures
 import threading
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import torch
 from switchboard.generator.engine.attention import AttentionContext, SequenceSlice
@@ -33,6 +35,8 @@ from switchboard.generator.engine.types import (
     Usage,
 )
 from switchboard.generator.sampling import Sampler, make_generator
+
+_T = TypeVar("_T")
 
 DEFAULT_CPU_KV_BYTES = 1 << 30
 CUDA_KV_FRACTION = 0.6  # of the memory free after the weights are loaded
@@ -127,7 +131,11 @@ class Engine:
         if self._task is not None:
             return
         self._wake = asyncio.Event()
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
+        in_thread = self.config.step_in_thread
+        if in_thread is None:
+            in_thread = self.device.type != "cpu"
+        if in_thread:
+            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
         self._task = asyncio.get_running_loop().create_task(self._run(), name="engine-loop")
 
     async def stop(self) -> None:
@@ -274,7 +282,7 @@ class Engine:
                 self._wake.clear()
                 continue
             try:
-                outputs = await loop.run_in_executor(self._executor, self._step)
+                outputs = await self._run_step(loop, self._step)
             except Exception as exc:  # a fatal step error (e.g. CUDA OOM) fails every request
                 self.failed = exc
                 for seq in list(self._live.values()):
@@ -286,7 +294,15 @@ class Engine:
                 if out.finish_reason is not None:
                     self._live.pop(seq.request_id, None)
         # Stopping: free what is still held.
-        await loop.run_in_executor(self._executor, self._drain_all)
+        await self._run_step(loop, self._drain_all)
+
+    async def _run_step(self, loop: asyncio.AbstractEventLoop, work: Callable[[], _T]) -> _T:
+        """Run step work on the worker thread, or on this thread and then yield to the loop once."""
+        if self._executor is not None:
+            return await loop.run_in_executor(self._executor, work)
+        result = work()
+        await asyncio.sleep(0)  # gRPC handlers and stream consumers run between steps
+        return result
 
     def _drain_all(self) -> None:
         while self._inbox:
