@@ -16,6 +16,7 @@ from switchboard.generator.engine.attention import AttentionContext, SequenceSli
 from switchboard.generator.engine.kv_cache import KVCache
 from switchboard.generator.loader import load_model
 from switchboard.generator.models.gpt2 import GPT2Config, GPT2LMHeadModel
+from switchboard.generator.models.packed_linear import PackedLinear, pack_linear_layers, packing_available
 
 KINDS = ["gpt2", "llama", "llama-gqa", "qwen2", "mistral"]
 BLOCK = 4
@@ -65,12 +66,17 @@ def paged_step(model: Any, cache: KVCache, seqs: list[dict], chunks: list[int]) 
     return out
 
 
+@pytest.mark.parametrize("pack", [False, True])
 @pytest.mark.parametrize("kind", ["gpt2", "llama-gqa", "qwen2"])
 def test_forward_step_matches_transformers(
-    kind: str, make_model_dir: Callable[..., tuple[Path, Any]]
+    kind: str, pack: bool, make_model_dir: Callable[..., tuple[Path, Any]]
 ) -> None:
+    """The paged step, with dense or oneDNN-prepacked weights, gives the reference's logits."""
     folder, hf = make_model_dir(kind)
     loaded = load_model(folder, dtype="float32")
+    if pack and not packing_available():
+        pytest.skip("this torch build has no oneDNN prepacked linear")
+    loaded.model.prepare_for_serving(pack=pack)
     c = loaded.model.config
     cache = KVCache(
         c.num_hidden_layers, 32, BLOCK, c.num_key_value_heads, c.head_size, torch.float32, torch.device("cpu")
@@ -153,3 +159,37 @@ def test_explicit_causal_attention_matches_sdpa_with_gradients(kv_heads: int) ->
     torch.testing.assert_close(ours, reference)
     for got, want in zip(grads, expected, strict=True):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN prepacked linear")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_equals_linear_for_any_row_count(dtype: torch.dtype) -> None:
+    """Packed for batch 1, the layer still serves prefill-sized and 3-D inputs, with or without bias."""
+    gen = torch.Generator().manual_seed(0)
+    for bias in (True, False):
+        dense = torch.nn.Linear(48, 40, bias=bias).to(dtype)
+        packed = PackedLinear.from_linear(dense)
+        for shape in ((1, 48), (37, 48), (2, 5, 48)):
+            x = torch.randn(shape, generator=gen).to(dtype)
+            with torch.no_grad():
+                torch.testing.assert_close(packed(x), dense(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN prepacked linear")
+def test_prepare_for_serving_fuses_and_packs_every_projection(make_model_dir: Callable[..., tuple[Path, Any]]) -> None:
+    """After packing no dense Linear is left; the plain forward still matches the reference."""
+    folder, hf = make_model_dir("llama-gqa")
+    loaded = load_model(folder, dtype="float32")
+    loaded.model.prepare_for_serving(pack=True)
+    assert not any(isinstance(m, torch.nn.Linear) for m in loaded.model.modules())
+    attn = loaded.model.model.layers[0].self_attn
+    assert attn.q_proj is None and isinstance(attn.qkv_proj, PackedLinear)
+    assert pack_linear_layers(loaded.model) == 0  # idempotent
+    ids = torch.randint(0, loaded.model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_linear_rejects_a_non_cpu_or_non_matrix_weight() -> None:
+    with pytest.raises(ValueError, match="2-D CPU weight"):
+        PackedLinear(torch.zeros(3), None)

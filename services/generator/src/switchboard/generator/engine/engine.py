@@ -34,6 +34,7 @@ from switchboard.generator.engine.types import (
     RequestRejected,
     Usage,
 )
+from switchboard.generator.models.packed_linear import packing_available
 from switchboard.generator.sampling import Sampler, make_generator
 
 _T = TypeVar("_T")
@@ -70,6 +71,12 @@ class Engine:
         cfg = self.config
         if cfg.block_size < 1 or cfg.max_num_seqs < 1 or cfg.max_tokens_per_step < 1:
             raise ValueError("block_size, max_num_seqs and max_tokens_per_step must be positive")
+        pack = cfg.pack_weights
+        if pack is None:
+            pack = self.device.type == "cpu" and packing_available()
+        if pack and self.device.type != "cpu":
+            raise ValueError(f"pack_weights needs a CPU model, this one is on {self.device}")
+        self.model.prepare_for_serving(pack=pack)
         layers, kv_heads, head_dim = kv_geometry(self.model.config)
         per_block = bytes_per_block(layers, kv_heads, head_dim, cfg.block_size, self.dtype)
         num_blocks = cfg.num_blocks or self._blocks_from_budget(per_block)

@@ -39,6 +39,9 @@ class EngineConfig:
     # parallel op (the one that loaded the model); running steps on a second thread made
     # each small bf16 matmul 2-3x slower here (batch-1 decode 210 vs 460 tok/s).
     step_in_thread: bool | None = None
+    # Prepack the model's linear weights for oneDNN (see models/packed_linear.py): None = on
+    # CPU when this torch build can. One-way: the model object then only serves and scores.
+    pack_weights: bool | None = None
 
 
 @dataclass

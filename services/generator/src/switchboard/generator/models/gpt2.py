@@ -227,6 +227,19 @@ class GPT2LMHeadModel(nn.Module):
             x = block(x)
         return self.lm_head(self.transformer.ln_f(x))
 
+    def prepare_for_serving(self, pack: bool) -> None:
+        """With `pack`, prepack every projection for oneDNN (CPU); one-way, see packed_linear.py."""
+        if not pack:
+            return
+        from switchboard.generator.models.packed_linear import PackedLinear, pack_linear_layers
+
+        with torch.no_grad():
+            for parent in list(self.modules()):
+                for name, child in list(parent.named_children()):
+                    if isinstance(child, Conv1D):  # weight stored [in, out]: pack its transpose
+                        setattr(parent, name, PackedLinear(child.weight.t().contiguous(), child.bias))
+        pack_linear_layers(self)
+
     def forward_step(
         self,
         input_ids: torch.Tensor,

@@ -119,8 +119,29 @@ def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor)
     return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1) @ v
 
 
+def _fuse_linears(layers: list[nn.Linear]) -> nn.Linear:
+    """One Linear whose output is the concatenated outputs of `layers` (same input)."""
+    first = layers[0]
+    fused = nn.Linear(
+        first.in_features,
+        sum(layer.out_features for layer in layers),
+        bias=first.bias is not None,
+        device=first.weight.device,
+        dtype=first.weight.dtype,
+    )
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([layer.weight for layer in layers]))
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([layer.bias for layer in layers]))
+    return fused.requires_grad_(first.weight.requires_grad)
+
+
 class LlamaAttention(nn.Module):
-    """Grouped-query self-attention."""
+    """Grouped-query self-attention.
+
+    Loaded with separate q/k/v projections (the checkpoint's names); `fuse` merges them
+    into one `qkv_proj` for serving (one matmul instead of three).
+    """
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
@@ -128,16 +149,36 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_size
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.q_proj: nn.Module | None = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj: nn.Module | None = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj: nn.Module | None = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.qkv_proj: nn.Module | None = None
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def fuse(self) -> None:
+        """Replace q/k/v_proj with one `qkv_proj` (outputs: query heads, then key heads, then value heads)."""
+        if self.qkv_proj is None:
+            assert isinstance(self.q_proj, nn.Linear) and isinstance(self.k_proj, nn.Linear)
+            assert isinstance(self.v_proj, nn.Linear)
+            self.qkv_proj = _fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+            self.q_proj = self.k_proj = self.v_proj = None
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of x [..., hidden], each [..., heads, head_dim]."""
+        lead = x.shape[:-1]
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x).view(*lead, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+            return qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=-2)
+        assert self.q_proj is not None and self.k_proj is not None and self.v_proj is not None
+        return (
+            self.q_proj(x).view(*lead, self.num_heads, self.head_dim),
+            self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim),
+            self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim),
+        )
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = (t.transpose(1, 2) for t in self.project_qkv(x))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if q.requires_grad and q.device.type == "cpu":
             out = explicit_causal_attention(q, k, v)
@@ -149,16 +190,29 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    """SwiGLU feed-forward block."""
+    """SwiGLU feed-forward block (`fuse` merges gate and up projections for serving)."""
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.gate_proj: nn.Module | None = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj: nn.Module | None = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.gate_up_proj: nn.Module | None = None
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
+    def fuse(self) -> None:
+        """Replace gate/up_proj with one `gate_up_proj` (outputs: gate, then up)."""
+        if self.gate_up_proj is None:
+            assert isinstance(self.gate_proj, nn.Linear) and isinstance(self.up_proj, nn.Linear)
+            self.gate_up_proj = _fuse_linears([self.gate_proj, self.up_proj])
+            self.gate_proj = self.up_proj = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            assert self.gate_proj is not None and self.up_proj is not None
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -198,7 +252,6 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._fused: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] | None = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits [batch, length, vocab] of a causal pass over whole sequences [batch, length]."""
@@ -222,36 +275,20 @@ class LlamaForCausalLM(nn.Module):
             self._rope_table = table
         return table
 
-    def _fused_projections(self, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
-        """Per layer: q/k/v weights (and biases) concatenated, and gate/up concatenated.
+    def prepare_for_serving(self, pack: bool) -> None:
+        """Fuse q/k/v and gate/up projections; with `pack`, prepack every linear for oneDNN (CPU).
 
-        Built once, so a step runs 2 matmuls instead of 5 per layer (at small
-        sizes per-op overhead, not arithmetic, dominates). The original
-        parameters are re-pointed to views of the fused tensors, so no memory is
-        duplicated and `forward` sees the same weights.
+        Fusing runs 2 matmuls instead of 5 per layer (at small sizes per-op overhead, not
+        arithmetic, dominates); the separate weights are freed. Both steps are one-way (the
+        model then serves and scores, but its state dict no longer matches a checkpoint).
         """
-        fused = self._fused
-        if fused is not None and fused[0][0].device == device:
-            return fused
-        fused = []
-        with torch.inference_mode(False), torch.no_grad():
-            for layer in self.model.layers:
-                a, mlp = layer.self_attn, layer.mlp
-                projections = (a.q_proj, a.k_proj, a.v_proj)
-                qkv = torch.cat([p.weight for p in projections])
-                bias = torch.cat([p.bias for p in projections]) if a.q_proj.bias is not None else None
-                sizes = [p.weight.shape[0] for p in projections]
-                for proj, w, b in zip(projections, qkv.split(sizes), bias.split(sizes) if bias is not None else (None,) * 3, strict=True):
-                    proj.weight = nn.Parameter(w, requires_grad=False)
-                    if b is not None:
-                        proj.bias = nn.Parameter(b, requires_grad=False)
-                gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
-                gate, up = gate_up.split([mlp.gate_proj.weight.shape[0], mlp.up_proj.weight.shape[0]])
-                mlp.gate_proj.weight = nn.Parameter(gate, requires_grad=False)
-                mlp.up_proj.weight = nn.Parameter(up, requires_grad=False)
-                fused.append((qkv, bias, gate_up))
-        self._fused = fused
-        return fused
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        if pack:
+            from switchboard.generator.models.packed_linear import pack_linear_layers
+
+            pack_linear_layers(self)
 
     def forward_step(
         self,
@@ -271,17 +308,16 @@ class LlamaForCausalLM(nn.Module):
         cos_table, sin_table = self._rope_tables(x.dtype, x.device)
         cos = cos_table[positions].unsqueeze(1)  # [N, 1, D] broadcasts over heads
         sin = sin_table[positions].unsqueeze(1)
-        fused = self._fused_projections(x.device)
+        if self.model.layers[0].self_attn.qkv_proj is None:
+            self.prepare_for_serving(pack=False)
         cfg = self.config
         heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
         for index, layer in enumerate(self.model.layers):
-            qkv_w, qkv_b, gate_up_w = fused[index]
-            qkv = F.linear(layer.input_layernorm(x), qkv_w, qkv_b).view(n, heads + 2 * kv_heads, dim)
+            qkv = layer.self_attn.qkv_proj(layer.input_layernorm(x)).view(n, heads + 2 * kv_heads, dim)
             # RoPE on queries and keys in one pass; values are the trailing heads.
             qk = apply_rope(qkv[:, : heads + kv_heads], cos, sin)
             out = attn.attend(index, qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :])
             x = x + layer.self_attn.o_proj(out)
-            gate, up = F.linear(layer.post_attention_layernorm(x), gate_up_w).chunk(2, dim=-1)
-            x = x + layer.mlp.down_proj(F.silu(gate) * up)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
         x = x.index_select(0, logits_indices)
         return self.lm_head(self.model.norm(x))
