@@ -64,8 +64,8 @@ def random_model_dir(root: Path) -> Path:
     tok.save(str(folder / "tokenizer.json"))
     torch.manual_seed(0)
     config = HFLlamaConfig(
-        vocab_size=4096, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
-        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=1024,
+        vocab_size=4096, hidden_size=256, intermediate_size=832, num_hidden_layers=8,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
     )
     HFLlama(config).save_pretrained(folder)
     return folder
