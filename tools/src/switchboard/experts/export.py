@@ -20,6 +20,15 @@ from tokenizers import Tokenizer
 METRICS_FILE = "switchboard_expert.json"
 
 
+def _long_phase(training: dict[str, Any]) -> str:
+    """How the model card names the sequence-length warm-up's final phase, if any."""
+    long = training.get("long_context_length")
+    if not long:
+        return ""
+    windows = max(1, training["batch_size"] * training["context_length"] // long)
+    return f", the last {training['long_fraction']:.0%} of them {windows} x {long} tokens"
+
+
 def write_weights(model: LlamaForCausalLM, folder: Path) -> None:
     """model.safetensors in float32; a tied lm_head is written as its own copy.
 
@@ -76,7 +85,7 @@ byte-level BPE tokenizer with {metrics["vocab_size"]} tokens, `<|endoftext|>` as
 
 ## Training
 
-{training["steps"]} steps of {training["batch_size"]} x {training["context_length"]} tokens
+{training["steps"]} steps of {training["batch_size"]} x {training["context_length"]} tokens{_long_phase(training)}
 ({metrics["train"]["tokens_seen"]:,} tokens seen), AdamW peak lr {training["learning_rate"]},
 warmup {training["warmup_steps"]}, cosine decay, weight decay {training["weight_decay"]}, seed {training["seed"]},
 bf16 autocast: {training["bf16_autocast"]}. Final training loss {metrics["train"]["final_loss"]:.3f};
