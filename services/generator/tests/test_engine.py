@@ -540,3 +540,31 @@ def test_bfloat16_step_stays_close_to_float32_reference(llama_dir: Path, llama_r
     assert (got - want).abs().max() < 0.03 * scale
     agree = (got.argmax(-1) == want.argmax(-1)).float().mean()
     assert agree >= 0.9
+
+
+async def test_given_step_executor_runs_every_step_and_is_left_running(llama: LoadedModel) -> None:
+    """A server's compute thread: steps run on it, and stopping the engine does not shut it down."""
+    import concurrent.futures
+    import threading
+
+    compute = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-compute")
+    try:
+        engine = Engine(llama, EngineConfig(block_size=4, num_blocks=64), step_executor=compute)
+        threads: set[str] = set()
+        step = engine._step
+
+        def recording_step() -> Any:
+            threads.add(threading.current_thread().name)
+            return step()
+
+        engine._step = recording_step  # type: ignore[method-assign]
+        await engine.start()
+        try:
+            ids, _, last = await collect(engine, EngineRequest("x", prompt=PROMPTS[0], sampling=greedy(5)))
+        finally:
+            await engine.stop()
+        assert len(ids) == 5 and last.finish_reason == "length"
+        assert threads and all(name.startswith("test-compute") for name in threads)
+        assert compute.submit(lambda: 1).result() == 1  # still usable
+    finally:
+        compute.shutdown()

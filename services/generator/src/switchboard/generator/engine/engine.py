@@ -58,7 +58,18 @@ def kv_geometry(config: Any) -> tuple[int, int, int]:
 class Engine:
     """Continuous-batching inference engine for one loaded model (see engine_api.md)."""
 
-    def __init__(self, loaded: Any, config: EngineConfig | None = None) -> None:
+    def __init__(
+        self,
+        loaded: Any,
+        config: EngineConfig | None = None,
+        step_executor: concurrent.futures.Executor | None = None,
+    ) -> None:
+        """Prepare the model for serving and allocate the KV cache (torch work on the calling thread).
+
+        `step_executor`: a single-thread executor to run every step on, owned by the caller;
+        a server that loaded the model and built this engine on that same thread keeps all
+        torch compute on one thread while its event loop stays free (as `__main__` does).
+        """
         self.loaded = loaded
         self.config = config or EngineConfig()
         self.model = loaded.model
@@ -105,7 +116,8 @@ class Engine:
         self._aborts: collections.deque[str] = collections.deque()
         self._live: dict[str, Sequence] = {}
         self._arrivals = 0
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._executor: concurrent.futures.Executor | None = step_executor
+        self._owns_executor = False
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._stopping = False
@@ -141,8 +153,9 @@ class Engine:
         in_thread = self.config.step_in_thread
         if in_thread is None:
             in_thread = self.device.type != "cpu"
-        if in_thread:
+        if self._executor is None and in_thread:
             self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
+            self._owns_executor = True
         self._task = asyncio.get_running_loop().create_task(self._run(), name="engine-loop")
 
     async def stop(self) -> None:
@@ -159,7 +172,7 @@ class Engine:
         for seq in list(self._live.values()):
             seq.state.queue.put_nowait(self._final_output(seq, "cancelled", ""))
         self._live.clear()
-        if self._executor is not None:
+        if self._executor is not None and self._owns_executor:
             self._executor.shutdown(wait=True)
             self._executor = None
 

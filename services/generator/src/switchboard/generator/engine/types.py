@@ -32,12 +32,13 @@ class EngineConfig:
     num_blocks: int | None = None
     # How many prefix-cache hashes a load snapshot carries at most.
     max_reported_hashes: int = 4096
-    # Where steps run: True = a worker thread (the event loop stays free while the step
-    # computes), False = on the event loop's thread between its other callbacks, None =
-    # by device: a worker thread on CUDA (the host mostly waits on the GPU), the loop's
-    # thread on CPU. On CPU torch's OpenMP pool belongs to the thread that first ran a
-    # parallel op (the one that loaded the model); running steps on a second thread made
-    # each small bf16 matmul 2-3x slower here (batch-1 decode 210 vs 460 tok/s).
+    # Where steps run when the engine is given no step executor: True = a worker thread
+    # of its own (the event loop stays free while a step computes), False = on the event
+    # loop's thread between its other callbacks, None = by device: a worker thread on CUDA
+    # (the host mostly waits on the GPU), the loop's thread on CPU. On CPU, torch work must
+    # stay on the one thread that loaded the model: steps on any other thread ran 2-3x
+    # slower here (scribe-large bf16 batch-1 decode 200-210 vs 500-540 tok/s), so a server
+    # loads, builds and steps on one compute thread instead (`Engine(step_executor=...)`).
     step_in_thread: bool | None = None
     # Prepack the model's linear weights for oneDNN (see models/packed_linear.py): None = on
     # CPU when this torch build can. One-way: the model object then only serves and scores.
