@@ -74,8 +74,6 @@ def test_forward_step_matches_transformers(
     """The paged step, with dense or oneDNN-prepacked weights, gives the reference's logits."""
     folder, hf = make_model_dir(kind)
     loaded = load_model(folder, dtype="float32")
-    if pack and not packing_available():
-        pytest.skip("this torch build has no oneDNN prepacked linear")
     loaded.model.prepare_for_serving(pack=pack)
     c = loaded.model.config
     cache = KVCache(
@@ -161,7 +159,6 @@ def test_explicit_causal_attention_matches_sdpa_with_gradients(kv_heads: int) ->
         torch.testing.assert_close(got, want)
 
 
-@pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN prepacked linear")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_linear_equals_linear_for_any_row_count(dtype: torch.dtype) -> None:
     """Packed for batch 1, the layer still serves prefill-sized and 3-D inputs, with or without bias."""
@@ -175,7 +172,6 @@ def test_packed_linear_equals_linear_for_any_row_count(dtype: torch.dtype) -> No
                 torch.testing.assert_close(packed(x), dense(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN prepacked linear")
 def test_prepare_for_serving_fuses_and_packs_every_projection(make_model_dir: Callable[..., tuple[Path, Any]]) -> None:
     """After packing no dense Linear is left; the plain forward still matches the reference."""
     folder, hf = make_model_dir("llama-gqa")
@@ -193,3 +189,8 @@ def test_prepare_for_serving_fuses_and_packs_every_projection(make_model_dir: Ca
 def test_packed_linear_rejects_a_non_cpu_or_non_matrix_weight() -> None:
     with pytest.raises(ValueError, match="2-D CPU weight"):
         PackedLinear(torch.zeros(3), None)
+
+
+def test_pinned_torch_build_has_onednn_packing() -> None:
+    """The pinned CPU torch ships oneDNN, so the engine packs by default and the tests above run."""
+    assert packing_available()
