@@ -3,10 +3,10 @@
 One loop task per replica. Each iteration runs one step: take in new and
 cancelled requests, schedule, run the model once over every scheduled token,
 sample, detokenize, and check stop conditions. The loop then delivers the
-step's outputs to each request's queue. On CUDA the step runs on a dedicated
-worker thread (the event loop, and with it gRPC, stays free while the host waits
-on the GPU); on CPU it runs on the loop's own thread, which then yields to gRPC
-between steps (see `EngineConfig.step_in_thread` for why). New requests join at the next step;
+step's outputs to each request's queue. Steps run on the step executor the
+engine is given (the server's one compute thread, which also loaded the model);
+without one, on a worker thread of its own on CUDA and on the loop's thread on
+CPU (see `EngineConfig.step_in_thread` for why). New requests join at the next step;
 finished and cancelled ones leave it and free their blocks there.
 """
 

@@ -231,14 +231,14 @@ class GPT2LMHeadModel(nn.Module):
         """With `pack`, prepack every projection for oneDNN (CPU); one-way, see packed_linear.py."""
         if not pack:
             return
-        from switchboard.generator.models.packed_linear import PackedLinear, pack_linear_layers
+        from switchboard.generator.models.packed_linear import linear_weights, pack_linear_layers
 
-        with torch.no_grad():
-            for parent in list(self.modules()):
-                for name, child in list(parent.named_children()):
-                    if isinstance(child, Conv1D):  # weight stored [in, out]: pack its transpose
-                        setattr(parent, name, PackedLinear(child.weight.t().contiguous(), child.bias))
-        pack_linear_layers(self)
+        def weights_of(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+            if isinstance(module, Conv1D):  # weight stored [in, out]: pack its transpose
+                return module.weight.t().contiguous(), module.bias
+            return linear_weights(module)
+
+        pack_linear_layers(self, weights_of)
 
     def forward_step(
         self,

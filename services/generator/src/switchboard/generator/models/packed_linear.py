@@ -15,6 +15,8 @@ It is one-way: a packed model serves and scores, but no longer trains or saves.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -51,13 +53,26 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def pack_linear_layers(model: nn.Module) -> int:
-    """Replace every `nn.Linear` in `model` with a `PackedLinear`; returns how many were packed."""
+LinearWeights = Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor | None] | None]
+
+
+def linear_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight [out, in], bias) of an `nn.Linear`, None for any other module."""
+    return (module.weight, module.bias) if isinstance(module, nn.Linear) else None
+
+
+def pack_linear_layers(model: nn.Module, weights_of: LinearWeights = linear_weights) -> int:
+    """Replace every module that `weights_of` reads as a linear layer with a `PackedLinear`.
+
+    Returns how many were packed. The default packs `nn.Linear`; a model with its own
+    linear-like modules passes a function that also reads those.
+    """
     count = 0
     with torch.no_grad():
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, PackedLinear.from_linear(child))
+                weights = weights_of(child)
+                if weights is not None:
+                    setattr(parent, name, PackedLinear(*weights))
                     count += 1
     return count
