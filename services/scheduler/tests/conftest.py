@@ -13,7 +13,8 @@ from switchboard.scheduler.app import SchedulerApp
 from switchboard.scheduler.config import SchedulerSettings
 from switchboard.v1 import scheduler_pb2_grpc
 
-EXPERTS = ("bard-small", "milton-small")
+# Declared experts; a test leaves one without replicas to see it reported unavailable.
+EXPERTS = ("bard-small", "milton-small", "scribe-large")
 
 
 @asynccontextmanager

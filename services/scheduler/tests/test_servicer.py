@@ -9,11 +9,12 @@ import pytest
 from prometheus_client import REGISTRY
 from switchboard.common.channels import open_channel
 from switchboard.common.errors import error_details
+from switchboard.common.telemetry import SpanAttributes
 from switchboard.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 
 def register_request(
-    replica_id: str, expert: str = "bard-small", port: int = 50061, **load: int
+    replica_id: str, expert: str = "bard-small", port: int = 50061, max_model_len: int = 512, **load: int
 ) -> scheduler_pb2.RegisterRequest:
     return scheduler_pb2.RegisterRequest(
         replica_id=replica_id,
@@ -21,8 +22,24 @@ def register_request(
         address=f"127.0.0.1:{port}",
         device="cpu",
         model_name=expert,
-        max_model_len=512,
+        max_model_len=max_model_len,
         load=scheduler_pb2.ReplicaLoad(**load),
+    )
+
+
+async def inflight(stub: scheduler_pb2_grpc.SchedulerStub) -> dict[str, int]:
+    """Replica id -> requests counted in flight on it, as GetCluster reports."""
+    cluster = await stub.GetCluster(scheduler_pb2.GetClusterRequest())
+    return {r.replica_id: r.inflight for r in cluster.replicas}
+
+
+def placements_count(expert: str, outcome: str) -> float:
+    """The placements counter of one expert and outcome (0 before the first)."""
+    return (
+        REGISTRY.get_sample_value(
+            "switchboard_scheduler_placements_total", {"expert": expert, "outcome": outcome}
+        )
+        or 0.0
     )
 
 
@@ -95,7 +112,7 @@ async def test_report_load_known_unknown_and_draining(stub: scheduler_pb2_grpc.S
     assert cluster.replicas[0].state == scheduler_pb2.REPLICA_STATE_DRAINING
     # A draining replica takes no new requests.
     await expect_error(
-        stub.Place(scheduler_pb2.PlaceRequest(expert="bard-small")), grpc.StatusCode.UNAVAILABLE
+        stub.Place(scheduler_pb2.PlaceRequest(experts=["bard-small"])), grpc.StatusCode.UNAVAILABLE
     )
     details = await expect_error(
         stub.ReportLoad(scheduler_pb2.ReportLoadRequest()), grpc.StatusCode.INVALID_ARGUMENT
@@ -109,53 +126,246 @@ async def test_place_picks_least_loaded_with_alternates(stub: scheduler_pb2_grpc
     await stub.Register(register_request("some", port=50063, running=1))
     await stub.Register(register_request("milton", expert="milton-small", port=50064))
     reply = await stub.Place(
-        scheduler_pb2.PlaceRequest(request_id="r1", expert="bard-small", max_alternates=5)
+        scheduler_pb2.PlaceRequest(request_id="r1", experts=["bard-small"], max_alternates=5)
     )
-    assert reply.replica.replica_id == "idle"
-    assert reply.replica.address == "127.0.0.1:50062"
-    assert [r.replica_id for r in reply.alternates] == ["some", "busy"]
-    assert reply.replica.inflight == 1
+    [placement] = reply.placements
+    assert placement.expert == "bard-small"
+    assert placement.replica.replica_id == "idle"
+    assert placement.replica.address == "127.0.0.1:50062"
+    assert [r.replica_id for r in placement.alternates] == ["some", "busy"]
+    assert placement.replica.inflight == 1
+    assert list(reply.unavailable) == []
     # Exclusions and the alternates cap.
     reply = await stub.Place(
         scheduler_pb2.PlaceRequest(
-            request_id="r2", expert="bard-small", exclude_replica_ids=["idle"], max_alternates=0
+            request_id="r2", experts=["bard-small"], exclude_replica_ids=["idle"], max_alternates=0
         )
     )
-    assert reply.replica.replica_id == "some" and len(reply.alternates) == 0
+    assert reply.placements[0].replica.replica_id == "some" and len(reply.placements[0].alternates) == 0
 
 
-async def test_place_failures(stub: scheduler_pb2_grpc.SchedulerStub) -> None:
+async def test_place_on_several_experts_in_request_order(stub: scheduler_pb2_grpc.SchedulerStub) -> None:
+    await stub.Register(register_request("m1", expert="milton-small", port=50061))
+    await stub.Register(register_request("m2", expert="milton-small", port=50062, running=1))
+    await stub.Register(register_request("b1", expert="bard-small", port=50063))
+    placed_before = placements_count("milton-small", "placed")
+    candidate_before = placements_count("bard-small", "candidate")
+    missing_before = placements_count("scribe-large", "no_replica")
+    reply = await stub.Place(
+        scheduler_pb2.PlaceRequest(
+            request_id="r1", experts=["milton-small", "scribe-large", "bard-small"], max_alternates=3
+        )
+    )
+    # scribe-large has no replica: skipped in placements, listed in unavailable with a reason.
+    assert [p.expert for p in reply.placements] == ["milton-small", "bard-small"]
+    assert reply.placements[0].replica.replica_id == "m1"
+    assert [r.replica_id for r in reply.placements[0].alternates] == ["m2"]
+    assert reply.placements[1].replica.replica_id == "b1"
+    assert [(u.expert, u.reason) for u in reply.unavailable] == [
+        ("scribe-large", "no healthy replica of expert 'scribe-large'")
+    ]
+    # Only the primary counts the request in flight.
+    assert await inflight(stub) == {"b1": 0, "m1": 1, "m2": 0}
+    assert placements_count("milton-small", "placed") == placed_before + 1
+    assert placements_count("bard-small", "candidate") == candidate_before + 1
+    assert placements_count("scribe-large", "no_replica") == missing_before + 1
+
+
+async def test_primary_does_not_depend_on_call_order(stub: scheduler_pb2_grpc.SchedulerStub) -> None:
+    await stub.Register(register_request("x1", expert="bard-small", port=50061))
+    await stub.Register(register_request("y1", expert="milton-small", port=50062))
+    a = await stub.Place(scheduler_pb2.PlaceRequest(request_id="A", experts=["bard-small", "milton-small"]))
+    b = await stub.Place(scheduler_pb2.PlaceRequest(request_id="B", experts=["milton-small", "bard-small"]))
+    assert a.placements[0].replica.replica_id == "x1"
+    assert b.placements[0].replica.replica_id == "y1"
+    assert await inflight(stub) == {"x1": 1, "y1": 1}
+    # Placing the same request again (a retry elsewhere) moves its reservation.
+    await stub.Place(
+        scheduler_pb2.PlaceRequest(
+            request_id="A", experts=["bard-small", "milton-small"], exclude_replica_ids=["x1"]
+        )
+    )
+    assert await inflight(stub) == {"x1": 0, "y1": 2}
+
+
+async def test_deprecated_expert_alias(stub: scheduler_pb2_grpc.SchedulerStub) -> None:
+    await stub.Register(register_request("a", port=50061))
+    await stub.Register(register_request("b", port=50062, running=1))
+    reply = await stub.Place(
+        scheduler_pb2.PlaceRequest(request_id="r1", expert="bard-small", max_alternates=1)
+    )
+    assert [p.expert for p in reply.placements] == ["bard-small"]
+    # Old clients read replica/alternates: the same as placements[0].
+    assert reply.replica == reply.placements[0].replica and reply.replica.replica_id == "a"
+    assert list(reply.alternates) == list(reply.placements[0].alternates)
+    assert [r.replica_id for r in reply.alternates] == ["b"]
+    # New clients get them filled too.
+    reply = await stub.Place(scheduler_pb2.PlaceRequest(experts=["bard-small"]))
+    assert reply.replica == reply.placements[0].replica
     details = await expect_error(
-        stub.Place(scheduler_pb2.PlaceRequest(expert="")), grpc.StatusCode.INVALID_ARGUMENT
+        stub.Place(scheduler_pb2.PlaceRequest(expert="bard-small", experts=["bard-small"])),
+        grpc.StatusCode.INVALID_ARGUMENT,
     )
     assert details["field_violations"][0][0] == "expert"
+    assert "experts" in details["message"]
+
+
+@pytest.mark.parametrize(
+    ("field", "request_fields", "says"),
+    [
+        ("experts", {}, "required"),
+        ("experts", {"experts": []}, "required"),
+        ("experts", {"experts": ["bard-small", "milton-small", "bard-small"]}, "'bard-small' more than once"),
+        ("experts", {"experts": [f"e{i}" for i in range(65)]}, "at most 64"),
+        ("experts", {"experts": ["bard-small", ""]}, "entry 1 is empty"),
+        ("max_alternates", {"experts": ["bard-small"], "max_alternates": 1000}, "at most 16"),
+        ("request_id", {"experts": ["bard-small"], "request_id": "r" * 300}, "at most 256"),
+    ],
+)
+async def test_place_rejects_bad_requests(
+    stub: scheduler_pb2_grpc.SchedulerStub, field: str, request_fields: dict, says: str
+) -> None:
+    await stub.Register(register_request("a"))
+    details = await expect_error(
+        stub.Place(scheduler_pb2.PlaceRequest(**request_fields)), grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert details["field_violations"][0][0] == field
+    assert says in details["message"]
+    assert await inflight(stub) == {"a": 0}
+
+
+async def test_place_unknown_expert_is_not_found(stub: scheduler_pb2_grpc.SchedulerStub) -> None:
+    await stub.Register(register_request("a"))
+    details = await expect_error(
+        stub.Place(scheduler_pb2.PlaceRequest(request_id="r", experts=["bard-small", "nope"])),
+        grpc.StatusCode.NOT_FOUND,
+    )
+    assert details["reason"] == "EXPERT_NOT_FOUND"
+    assert "'nope'" in details["message"]
+    assert "bard-small, milton-small, scribe-large" in details["message"]
+    # A bad list reserves nothing, even on the expert that was fine.
+    assert await inflight(stub) == {"a": 0}
     details = await expect_error(
         stub.Place(scheduler_pb2.PlaceRequest(expert="nope")), grpc.StatusCode.NOT_FOUND
     )
     assert "nope" in details["message"]
+
+
+async def test_place_unavailable_lists_every_reason(stub: scheduler_pb2_grpc.SchedulerStub) -> None:
     details = await expect_error(
-        stub.Place(scheduler_pb2.PlaceRequest(expert="bard-small")), grpc.StatusCode.UNAVAILABLE
+        stub.Place(scheduler_pb2.PlaceRequest(experts=["bard-small"])), grpc.StatusCode.UNAVAILABLE
     )
-    assert "bard-small" in details["message"]
+    assert details["message"] == "no healthy replica of expert 'bard-small'"
     assert details["retry_after"] == pytest.approx(1.0)
-    details = await expect_error(
-        stub.Place(scheduler_pb2.PlaceRequest(expert="bard-small", max_alternates=1000)),
-        grpc.StatusCode.INVALID_ARGUMENT,
-    )
-    assert details["field_violations"][0][0] == "max_alternates"
+    assert details["reason"] == "NO_HEALTHY_REPLICA"
     await stub.Register(register_request("a"))
     details = await expect_error(
-        stub.Place(scheduler_pb2.PlaceRequest(expert="bard-small", exclude_replica_ids=["a"])),
+        stub.Place(scheduler_pb2.PlaceRequest(experts=["bard-small"], exclude_replica_ids=["a"])),
         grpc.StatusCode.UNAVAILABLE,
     )
-    assert "already tried" in details["message"]
+    assert details["message"] == "no healthy replica of expert 'bard-small' (excluding 1 already tried)"
+
+
+async def test_min_model_len_skips_short_replicas(stub: scheduler_pb2_grpc.SchedulerStub) -> None:
+    await stub.Register(register_request("short", expert="bard-small", port=50061, max_model_len=512))
+    await stub.Register(
+        register_request("long", expert="bard-small", port=50062, max_model_len=2048, running=9)
+    )
+    await stub.Register(
+        register_request("unknown-len", expert="bard-small", port=50063, max_model_len=0, running=5)
+    )
+    await stub.Register(register_request("m", expert="milton-small", port=50064, max_model_len=512))
+    reply = await stub.Place(
+        scheduler_pb2.PlaceRequest(
+            request_id="r1", experts=["milton-small", "bard-small"], min_model_len=900, max_alternates=5
+        )
+    )
+    # The short replicas are skipped even though they are idler; 0 means "not reported": kept.
+    assert [p.expert for p in reply.placements] == ["bard-small"]
+    assert reply.placements[0].replica.replica_id == "unknown-len"
+    assert [r.replica_id for r in reply.placements[0].alternates] == ["long"]
+    assert [(u.expert, u.reason) for u in reply.unavailable] == [
+        ("milton-small", "replicas of 'milton-small' accept at most 512 tokens, the request needs 900")
+    ]
+    assert (await inflight(stub))["unknown-len"] == 1
+    too_short_before = placements_count("milton-small", "too_short")
+    details = await expect_error(
+        stub.Place(scheduler_pb2.PlaceRequest(experts=["scribe-large", "milton-small"], min_model_len=900)),
+        grpc.StatusCode.UNAVAILABLE,
+    )
+    assert details["message"] == (
+        "no healthy replica of expert 'scribe-large'; "
+        "replicas of 'milton-small' accept at most 512 tokens, the request needs 900"
+    )
+    assert placements_count("milton-small", "too_short") == too_short_before + 1
+    # Exactly as long as needed fits.
+    reply = await stub.Place(scheduler_pb2.PlaceRequest(experts=["milton-small"], min_model_len=512))
+    assert reply.placements[0].replica.replica_id == "m"
+
+
+async def test_exclusions_apply_to_every_expert(stub: scheduler_pb2_grpc.SchedulerStub) -> None:
+    await stub.Register(register_request("b1", expert="bard-small", port=50061))
+    await stub.Register(register_request("b2", expert="bard-small", port=50062, running=3))
+    await stub.Register(register_request("m1", expert="milton-small", port=50063))
+    reply = await stub.Place(
+        scheduler_pb2.PlaceRequest(
+            request_id="r1",
+            experts=["milton-small", "bard-small"],
+            exclude_replica_ids=["m1", "b1"],
+            max_alternates=2,
+        )
+    )
+    assert [(p.expert, p.replica.replica_id, len(p.alternates)) for p in reply.placements] == [
+        ("bard-small", "b2", 0)
+    ]
+    assert [u.expert for u in reply.unavailable] == ["milton-small"]
+    assert "excluding 1 already tried" in reply.unavailable[0].reason
+    assert await inflight(stub) == {"b1": 0, "b2": 1, "m1": 0}
+
+
+async def test_place_span_names_the_primary(scheduler_factory) -> None:
+    exporter = _span_exporter()
+    async with scheduler_factory() as app:
+        channel = open_channel(f"127.0.0.1:{app.service.port}")
+        try:
+            stub = scheduler_pb2_grpc.SchedulerStub(channel)
+            await stub.Register(register_request("m1", expert="milton-small"))
+            await stub.Place(
+                scheduler_pb2.PlaceRequest(request_id="traced", experts=["bard-small", "milton-small"])
+            )
+        finally:
+            await channel.close()
+    [span] = [
+        s
+        for s in exporter.get_finished_spans()  # type: ignore[attr-defined]
+        if s.name == "scheduler.place" and s.attributes.get(SpanAttributes.REQUEST_ID) == "traced"
+    ]
+    assert span.attributes[SpanAttributes.EXPERT] == "milton-small"
+    assert span.attributes[SpanAttributes.REPLICA_ID] == "m1"
+    assert span.attributes[SpanAttributes.EXPERTS_REQUESTED] == 2
+
+
+def _span_exporter() -> object:
+    """An in-memory exporter on the process's SDK tracer provider (installing one if none is set)."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
 
 
 async def test_complete_releases_inflight(stub: scheduler_pb2_grpc.SchedulerStub) -> None:
     await stub.Register(register_request("a", port=50061))
     await stub.Register(register_request("b", port=50062))
-    first = await stub.Place(scheduler_pb2.PlaceRequest(request_id="r1", expert="bard-small"))
-    second = await stub.Place(scheduler_pb2.PlaceRequest(request_id="r2", expert="bard-small"))
+    first = await stub.Place(scheduler_pb2.PlaceRequest(request_id="r1", experts=["bard-small"]))
+    second = await stub.Place(scheduler_pb2.PlaceRequest(request_id="r2", experts=["bard-small"]))
     # The in-flight count spreads two back-to-back requests over both idle replicas.
     assert {first.replica.replica_id, second.replica.replica_id} == {"a", "b"}
     await stub.Complete(
@@ -221,8 +431,8 @@ async def test_silent_replica_expires(scheduler_factory) -> None:
             assert (
                 await stub.ReportLoad(scheduler_pb2.ReportLoadRequest(replica_id="silent"))
             ).known is False
-            reply = await stub.Place(scheduler_pb2.PlaceRequest(request_id="r", expert="bard-small"))
-            assert reply.replica.replica_id == "alive"
+            reply = await stub.Place(scheduler_pb2.PlaceRequest(request_id="r", experts=["bard-small"]))
+            assert reply.placements[0].replica.replica_id == "alive"
         finally:
             await channel.close()
 

@@ -45,11 +45,21 @@ class SpanAttributes:
     REQUEST_ID = "switchboard.request_id"
     TENANT = "switchboard.tenant"
     EXPERT = "switchboard.expert"
+    EXPERTS_REQUESTED = "switchboard.experts_requested"
     REPLICA_ID = "switchboard.replica_id"
     ATTEMPT = "switchboard.attempt"
     CACHED_PROMPT_TOKENS = "switchboard.usage.cached_prompt_tokens"
     TIME_TO_FIRST_TOKEN = "switchboard.time_to_first_token_s"
     QUEUE_SECONDS = "switchboard.queue_s"
+    ROUTER_GATE_KIND = "switchboard.router.gate_kind"
+    ROUTER_GATE_VERSION = "switchboard.router.gate_version"
+    ROUTER_K = "switchboard.router.k"
+    ROUTER_COST_WEIGHT = "switchboard.router.cost_weight"
+    ROUTER_PROMPT_TOKENS = "switchboard.router.prompt_tokens"
+    ROUTER_EXPLORED = "switchboard.router.explored"
+    # Per-expert numbers are one attribute per expert: PREFIX + expert name.
+    ROUTER_SCORE_PREFIX = "switchboard.router.score."
+    ROUTER_BIAS_PREFIX = "switchboard.router.bias."
 
 
 def configure_tracing(service: str) -> TracerProvider:

@@ -8,30 +8,42 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RouteRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "sampling", "expert", "tenant", "exclude_replica_ids")
+    __slots__ = ("request_id", "prompt", "sampling", "expert", "tenant", "exclude_replica_ids", "cost_weight")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     EXPERT_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_REPLICA_IDS_FIELD_NUMBER: _ClassVar[int]
+    COST_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: str
     sampling: _common_pb2.SamplingParams
     expert: str
     tenant: str
     exclude_replica_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., expert: _Optional[str] = ..., tenant: _Optional[str] = ..., exclude_replica_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    cost_weight: float
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., expert: _Optional[str] = ..., tenant: _Optional[str] = ..., exclude_replica_ids: _Optional[_Iterable[str]] = ..., cost_weight: _Optional[float] = ...) -> None: ...
 
 class RouteResponse(_message.Message):
-    __slots__ = ("request_id", "candidates", "scores")
+    __slots__ = ("request_id", "candidates", "scores", "k", "cost_weight", "gate_kind", "gate_version", "prompt_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    COST_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    GATE_KIND_FIELD_NUMBER: _ClassVar[int]
+    GATE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     candidates: _containers.RepeatedCompositeFieldContainer[RouteCandidate]
     scores: _containers.RepeatedCompositeFieldContainer[ExpertScore]
-    def __init__(self, request_id: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[RouteCandidate, _Mapping]]] = ..., scores: _Optional[_Iterable[_Union[ExpertScore, _Mapping]]] = ...) -> None: ...
+    k: int
+    cost_weight: float
+    gate_kind: str
+    gate_version: str
+    prompt_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[RouteCandidate, _Mapping]]] = ..., scores: _Optional[_Iterable[_Union[ExpertScore, _Mapping]]] = ..., k: _Optional[int] = ..., cost_weight: _Optional[float] = ..., gate_kind: _Optional[str] = ..., gate_version: _Optional[str] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class RouteCandidate(_message.Message):
     __slots__ = ("expert", "replica_id", "address")
@@ -44,14 +56,26 @@ class RouteCandidate(_message.Message):
     def __init__(self, expert: _Optional[str] = ..., replica_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class ExpertScore(_message.Message):
-    __slots__ = ("expert", "score", "selected")
+    __slots__ = ("expert", "score", "selected", "quality", "bias", "utility", "eligible", "ineligible_reason", "correction")
     EXPERT_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     SELECTED_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    BIAS_FIELD_NUMBER: _ClassVar[int]
+    UTILITY_FIELD_NUMBER: _ClassVar[int]
+    ELIGIBLE_FIELD_NUMBER: _ClassVar[int]
+    INELIGIBLE_REASON_FIELD_NUMBER: _ClassVar[int]
+    CORRECTION_FIELD_NUMBER: _ClassVar[int]
     expert: str
     score: float
     selected: bool
-    def __init__(self, expert: _Optional[str] = ..., score: _Optional[float] = ..., selected: _Optional[bool] = ...) -> None: ...
+    quality: float
+    bias: float
+    utility: float
+    eligible: bool
+    ineligible_reason: str
+    correction: float
+    def __init__(self, expert: _Optional[str] = ..., score: _Optional[float] = ..., selected: _Optional[bool] = ..., quality: _Optional[float] = ..., bias: _Optional[float] = ..., utility: _Optional[float] = ..., eligible: _Optional[bool] = ..., ineligible_reason: _Optional[str] = ..., correction: _Optional[float] = ...) -> None: ...
 
 class FeedbackRequest(_message.Message):
     __slots__ = ("request_id", "expert", "replica_id", "success", "finish_reason", "usage", "time_to_first_token_seconds", "latency_seconds")

@@ -25,15 +25,21 @@ _sym_db = _symbol_database.Default()
 from switchboard.v1 import common_pb2 as switchboard_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eswitchboard/v1/scheduler.proto\x12\x0eswitchboard.v1\x1a\x1bswitchboard/v1/common.proto\"\x98\x01\n\x0bReplicaLoad\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x03 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\r\x12\x19\n\x11tokens_per_second\x18\x05 \x01(\x01\x12\x1b\n\x13\x63\x61\x63hed_block_hashes\x18\x06 \x03(\x04\"\x84\x02\n\x07Replica\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x12\n\nmodel_name\x18\x05 \x01(\t\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12)\n\x04load\x18\x07 \x01(\x0b\x32\x1b.switchboard.v1.ReplicaLoad\x12+\n\x05state\x18\x08 \x01(\x0e\x32\x1c.switchboard.v1.ReplicaState\x12\x1f\n\x17seconds_since_heartbeat\x18\t \x01(\x01\x12\x10\n\x08inflight\x18\n \x01(\r\"\xac\x01\n\x0fRegisterRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x12\n\nmodel_name\x18\x05 \x01(\t\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12)\n\x04load\x18\x07 \x01(\x0b\x32\x1b.switchboard.v1.ReplicaLoad\"N\n\x10RegisterResponse\x12\"\n\x1aheartbeat_interval_seconds\x18\x01 \x01(\x01\x12\x16\n\x0e\x65xpiry_seconds\x18\x02 \x01(\x01\"d\n\x11ReportLoadRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12)\n\x04load\x18\x02 \x01(\x0b\x32\x1b.switchboard.v1.ReplicaLoad\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\"#\n\x12ReportLoadResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"\'\n\x11\x44\x65registerRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse\"\x92\x01\n\x0cPlaceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x1b\n\x13\x65xclude_replica_ids\x18\x05 \x03(\t\x12\x16\n\x0emax_alternates\x18\x06 \x01(\r\"f\n\rPlaceResponse\x12(\n\x07replica\x18\x01 \x01(\x0b\x32\x17.switchboard.v1.Replica\x12+\n\nalternates\x18\x02 \x03(\x0b\x32\x17.switchboard.v1.Replica\"\xec\x01\n\x18SchedulerCompleteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nreplica_id\x18\x02 \x01(\t\x12\x0f\n\x07success\x18\x03 \x01(\x08\x12\x33\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1c.switchboard.v1.FinishReason\x12$\n\x05usage\x18\x05 \x01(\x0b\x32\x15.switchboard.v1.Usage\x12#\n\x1btime_to_first_token_seconds\x18\x06 \x01(\x01\x12\x17\n\x0flatency_seconds\x18\x07 \x01(\x01\"\x1b\n\x19SchedulerCompleteResponse\"\x13\n\x11GetClusterRequest\"?\n\x12GetClusterResponse\x12)\n\x08replicas\x18\x01 \x03(\x0b\x32\x17.switchboard.v1.Replica*b\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13REPLICA_STATE_READY\x10\x01\x12\x1a\n\x16REPLICA_STATE_DRAINING\x10\x02\x32\x80\x04\n\tScheduler\x12M\n\x08Register\x12\x1f.switchboard.v1.RegisterRequest\x1a .switchboard.v1.RegisterResponse\x12S\n\nReportLoad\x12!.switchboard.v1.ReportLoadRequest\x1a\".switchboard.v1.ReportLoadResponse\x12S\n\nDeregister\x12!.switchboard.v1.DeregisterRequest\x1a\".switchboard.v1.DeregisterResponse\x12\x44\n\x05Place\x12\x1c.switchboard.v1.PlaceRequest\x1a\x1d.switchboard.v1.PlaceResponse\x12_\n\x08\x43omplete\x12(.switchboard.v1.SchedulerCompleteRequest\x1a).switchboard.v1.SchedulerCompleteResponse\x12S\n\nGetCluster\x12!.switchboard.v1.GetClusterRequest\x1a\".switchboard.v1.GetClusterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eswitchboard/v1/scheduler.proto\x12\x0eswitchboard.v1\x1a\x1bswitchboard/v1/common.proto\"\x98\x01\n\x0bReplicaLoad\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x03 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\r\x12\x19\n\x11tokens_per_second\x18\x05 \x01(\x01\x12\x1b\n\x13\x63\x61\x63hed_block_hashes\x18\x06 \x03(\x04\"\x84\x02\n\x07Replica\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x12\n\nmodel_name\x18\x05 \x01(\t\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12)\n\x04load\x18\x07 \x01(\x0b\x32\x1b.switchboard.v1.ReplicaLoad\x12+\n\x05state\x18\x08 \x01(\x0e\x32\x1c.switchboard.v1.ReplicaState\x12\x1f\n\x17seconds_since_heartbeat\x18\t \x01(\x01\x12\x10\n\x08inflight\x18\n \x01(\r\"\xac\x01\n\x0fRegisterRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x12\n\nmodel_name\x18\x05 \x01(\t\x12\x15\n\rmax_model_len\x18\x06 \x01(\r\x12)\n\x04load\x18\x07 \x01(\x0b\x32\x1b.switchboard.v1.ReplicaLoad\"N\n\x10RegisterResponse\x12\"\n\x1aheartbeat_interval_seconds\x18\x01 \x01(\x01\x12\x16\n\x0e\x65xpiry_seconds\x18\x02 \x01(\x01\"d\n\x11ReportLoadRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12)\n\x04load\x18\x02 \x01(\x0b\x32\x1b.switchboard.v1.ReplicaLoad\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\"#\n\x12ReportLoadResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"\'\n\x11\x44\x65registerRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse\"\xbe\x01\n\x0cPlaceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\x06\x65xpert\x18\x02 \x01(\tB\x02\x18\x01\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x1b\n\x13\x65xclude_replica_ids\x18\x05 \x03(\t\x12\x16\n\x0emax_alternates\x18\x06 \x01(\r\x12\x0f\n\x07\x65xperts\x18\x07 \x03(\t\x12\x15\n\rmin_model_len\x18\x08 \x01(\r\"\xdb\x01\n\rPlaceResponse\x12,\n\x07replica\x18\x01 \x01(\x0b\x32\x17.switchboard.v1.ReplicaB\x02\x18\x01\x12/\n\nalternates\x18\x02 \x03(\x0b\x32\x17.switchboard.v1.ReplicaB\x02\x18\x01\x12\x33\n\nplacements\x18\x03 \x03(\x0b\x32\x1f.switchboard.v1.ExpertPlacement\x12\x36\n\x0bunavailable\x18\x04 \x03(\x0b\x32!.switchboard.v1.ExpertUnavailable\"x\n\x0f\x45xpertPlacement\x12\x0e\n\x06\x65xpert\x18\x01 \x01(\t\x12(\n\x07replica\x18\x02 \x01(\x0b\x32\x17.switchboard.v1.Replica\x12+\n\nalternates\x18\x03 \x03(\x0b\x32\x17.switchboard.v1.Replica\"3\n\x11\x45xpertUnavailable\x12\x0e\n\x06\x65xpert\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xec\x01\n\x18SchedulerCompleteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nreplica_id\x18\x02 \x01(\t\x12\x0f\n\x07success\x18\x03 \x01(\x08\x12\x33\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1c.switchboard.v1.FinishReason\x12$\n\x05usage\x18\x05 \x01(\x0b\x32\x15.switchboard.v1.Usage\x12#\n\x1btime_to_first_token_seconds\x18\x06 \x01(\x01\x12\x17\n\x0flatency_seconds\x18\x07 \x01(\x01\"\x1b\n\x19SchedulerCompleteResponse\"\x13\n\x11GetClusterRequest\"?\n\x12GetClusterResponse\x12)\n\x08replicas\x18\x01 \x03(\x0b\x32\x17.switchboard.v1.Replica*b\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13REPLICA_STATE_READY\x10\x01\x12\x1a\n\x16REPLICA_STATE_DRAINING\x10\x02\x32\x80\x04\n\tScheduler\x12M\n\x08Register\x12\x1f.switchboard.v1.RegisterRequest\x1a .switchboard.v1.RegisterResponse\x12S\n\nReportLoad\x12!.switchboard.v1.ReportLoadRequest\x1a\".switchboard.v1.ReportLoadResponse\x12S\n\nDeregister\x12!.switchboard.v1.DeregisterRequest\x1a\".switchboard.v1.DeregisterResponse\x12\x44\n\x05Place\x12\x1c.switchboard.v1.PlaceRequest\x1a\x1d.switchboard.v1.PlaceResponse\x12_\n\x08\x43omplete\x12(.switchboard.v1.SchedulerCompleteRequest\x1a).switchboard.v1.SchedulerCompleteResponse\x12S\n\nGetCluster\x12!.switchboard.v1.GetClusterRequest\x1a\".switchboard.v1.GetClusterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'switchboard.v1.scheduler_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REPLICASTATE']._serialized_start=1561
-  _globals['_REPLICASTATE']._serialized_end=1659
+  _globals['_PLACEREQUEST'].fields_by_name['expert']._loaded_options = None
+  _globals['_PLACEREQUEST'].fields_by_name['expert']._serialized_options = b'\030\001'
+  _globals['_PLACERESPONSE'].fields_by_name['replica']._loaded_options = None
+  _globals['_PLACERESPONSE'].fields_by_name['replica']._serialized_options = b'\030\001'
+  _globals['_PLACERESPONSE'].fields_by_name['alternates']._loaded_options = None
+  _globals['_PLACERESPONSE'].fields_by_name['alternates']._serialized_options = b'\030\001'
+  _globals['_REPLICASTATE']._serialized_start=1898
+  _globals['_REPLICASTATE']._serialized_end=1996
   _globals['_REPLICALOAD']._serialized_start=80
   _globals['_REPLICALOAD']._serialized_end=232
   _globals['_REPLICA']._serialized_start=235
@@ -51,17 +57,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEREGISTERRESPONSE']._serialized_start=932
   _globals['_DEREGISTERRESPONSE']._serialized_end=952
   _globals['_PLACEREQUEST']._serialized_start=955
-  _globals['_PLACEREQUEST']._serialized_end=1101
-  _globals['_PLACERESPONSE']._serialized_start=1103
-  _globals['_PLACERESPONSE']._serialized_end=1205
-  _globals['_SCHEDULERCOMPLETEREQUEST']._serialized_start=1208
-  _globals['_SCHEDULERCOMPLETEREQUEST']._serialized_end=1444
-  _globals['_SCHEDULERCOMPLETERESPONSE']._serialized_start=1446
-  _globals['_SCHEDULERCOMPLETERESPONSE']._serialized_end=1473
-  _globals['_GETCLUSTERREQUEST']._serialized_start=1475
-  _globals['_GETCLUSTERREQUEST']._serialized_end=1494
-  _globals['_GETCLUSTERRESPONSE']._serialized_start=1496
-  _globals['_GETCLUSTERRESPONSE']._serialized_end=1559
-  _globals['_SCHEDULER']._serialized_start=1662
-  _globals['_SCHEDULER']._serialized_end=2174
+  _globals['_PLACEREQUEST']._serialized_end=1145
+  _globals['_PLACERESPONSE']._serialized_start=1148
+  _globals['_PLACERESPONSE']._serialized_end=1367
+  _globals['_EXPERTPLACEMENT']._serialized_start=1369
+  _globals['_EXPERTPLACEMENT']._serialized_end=1489
+  _globals['_EXPERTUNAVAILABLE']._serialized_start=1491
+  _globals['_EXPERTUNAVAILABLE']._serialized_end=1542
+  _globals['_SCHEDULERCOMPLETEREQUEST']._serialized_start=1545
+  _globals['_SCHEDULERCOMPLETEREQUEST']._serialized_end=1781
+  _globals['_SCHEDULERCOMPLETERESPONSE']._serialized_start=1783
+  _globals['_SCHEDULERCOMPLETERESPONSE']._serialized_end=1810
+  _globals['_GETCLUSTERREQUEST']._serialized_start=1812
+  _globals['_GETCLUSTERREQUEST']._serialized_end=1831
+  _globals['_GETCLUSTERRESPONSE']._serialized_start=1833
+  _globals['_GETCLUSTERRESPONSE']._serialized_end=1896
+  _globals['_SCHEDULER']._serialized_start=1999
+  _globals['_SCHEDULER']._serialized_end=2511
 # @@protoc_insertion_point(module_scope)

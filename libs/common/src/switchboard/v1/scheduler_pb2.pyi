@@ -110,28 +110,54 @@ class DeregisterResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class PlaceRequest(_message.Message):
-    __slots__ = ("request_id", "expert", "prompt_tokens", "max_tokens", "exclude_replica_ids", "max_alternates")
+    __slots__ = ("request_id", "expert", "prompt_tokens", "max_tokens", "exclude_replica_ids", "max_alternates", "experts", "min_model_len")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EXPERT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_REPLICA_IDS_FIELD_NUMBER: _ClassVar[int]
     MAX_ALTERNATES_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    MIN_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     expert: str
     prompt_tokens: int
     max_tokens: int
     exclude_replica_ids: _containers.RepeatedScalarFieldContainer[str]
     max_alternates: int
-    def __init__(self, request_id: _Optional[str] = ..., expert: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., exclude_replica_ids: _Optional[_Iterable[str]] = ..., max_alternates: _Optional[int] = ...) -> None: ...
+    experts: _containers.RepeatedScalarFieldContainer[str]
+    min_model_len: int
+    def __init__(self, request_id: _Optional[str] = ..., expert: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., exclude_replica_ids: _Optional[_Iterable[str]] = ..., max_alternates: _Optional[int] = ..., experts: _Optional[_Iterable[str]] = ..., min_model_len: _Optional[int] = ...) -> None: ...
 
 class PlaceResponse(_message.Message):
-    __slots__ = ("replica", "alternates")
+    __slots__ = ("replica", "alternates", "placements", "unavailable")
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     ALTERNATES_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENTS_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
     replica: Replica
     alternates: _containers.RepeatedCompositeFieldContainer[Replica]
-    def __init__(self, replica: _Optional[_Union[Replica, _Mapping]] = ..., alternates: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ...) -> None: ...
+    placements: _containers.RepeatedCompositeFieldContainer[ExpertPlacement]
+    unavailable: _containers.RepeatedCompositeFieldContainer[ExpertUnavailable]
+    def __init__(self, replica: _Optional[_Union[Replica, _Mapping]] = ..., alternates: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ..., placements: _Optional[_Iterable[_Union[ExpertPlacement, _Mapping]]] = ..., unavailable: _Optional[_Iterable[_Union[ExpertUnavailable, _Mapping]]] = ...) -> None: ...
+
+class ExpertPlacement(_message.Message):
+    __slots__ = ("expert", "replica", "alternates")
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    ALTERNATES_FIELD_NUMBER: _ClassVar[int]
+    expert: str
+    replica: Replica
+    alternates: _containers.RepeatedCompositeFieldContainer[Replica]
+    def __init__(self, expert: _Optional[str] = ..., replica: _Optional[_Union[Replica, _Mapping]] = ..., alternates: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ...) -> None: ...
+
+class ExpertUnavailable(_message.Message):
+    __slots__ = ("expert", "reason")
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    expert: str
+    reason: str
+    def __init__(self, expert: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class SchedulerCompleteRequest(_message.Message):
     __slots__ = ("request_id", "replica_id", "success", "finish_reason", "usage", "time_to_first_token_seconds", "latency_seconds")

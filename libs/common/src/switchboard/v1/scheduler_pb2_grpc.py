@@ -28,8 +28,9 @@ if _version_not_supported:
 class SchedulerStub:
     """Scheduler keeps the cluster's state: generator replicas register, report their
     load as heartbeats and deregister; the scheduler places each routed request on
-    one replica of its expert and learns of its completion. A replica that misses
-    heartbeats for longer than the expiry is dropped.
+    the replicas of its candidate experts, reserves one (the primary) and learns
+    of its completion. A replica that misses heartbeats for longer than the expiry
+    is dropped.
     """
 
     def __init__(self, channel):
@@ -73,8 +74,9 @@ class SchedulerStub:
 class SchedulerServicer:
     """Scheduler keeps the cluster's state: generator replicas register, report their
     load as heartbeats and deregister; the scheduler places each routed request on
-    one replica of its expert and learns of its completion. A replica that misses
-    heartbeats for longer than the expiry is dropped.
+    the replicas of its candidate experts, reserves one (the primary) and learns
+    of its completion. A replica that misses heartbeats for longer than the expiry
+    is dropped.
     """
 
     def Register(self, request, context):
@@ -99,7 +101,9 @@ class SchedulerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Place(self, request, context):
-        """Place picks a replica of an expert for one request.
+        """Place places one request on its candidate experts, best first, in one call:
+        it returns candidates per expert and reserves only the primary (the first
+        replica of the first expert that has one), whatever order calls come in.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -163,8 +167,9 @@ def add_SchedulerServicer_to_server(servicer, server):
 class Scheduler:
     """Scheduler keeps the cluster's state: generator replicas register, report their
     load as heartbeats and deregister; the scheduler places each routed request on
-    one replica of its expert and learns of its completion. A replica that misses
-    heartbeats for longer than the expiry is dropped.
+    the replicas of its candidate experts, reserves one (the primary) and learns
+    of its completion. A replica that misses heartbeats for longer than the expiry
+    is dropped.
     """
 
     @staticmethod

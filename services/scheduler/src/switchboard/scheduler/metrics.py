@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from prometheus_client import Counter, Gauge
+from switchboard.scheduler.placement import PlacementResult
 from switchboard.scheduler.registry import ReplicaRecord, ReplicaState
 
 REPLICAS = Gauge(
@@ -14,7 +15,8 @@ REPLICAS = Gauge(
 )
 PLACEMENTS = Counter(
     "switchboard_scheduler_placements_total",
-    "Place calls by expert and outcome (placed, no_replica, unknown_expert).",
+    "Requested experts of Place calls by outcome: placed (holds the reserved primary), candidate (placed, not"
+    " reserved), no_replica, too_short (every replica's max_model_len is below the request's), unknown_expert.",
     ["expert", "outcome"],
 )
 EXPIRATIONS = Counter(
@@ -48,3 +50,11 @@ def update_replica_gauges(experts: Iterable[str], replicas: Iterable[ReplicaReco
         for state in ReplicaState:
             REPLICAS.labels(expert=expert, state=state.value).set(counts.get((expert, state.value), 0))
         INFLIGHT.labels(expert=expert).set(inflight.get(expert, 0))
+
+
+def count_placements(result: PlacementResult) -> None:
+    """Count one Place call's outcome on every expert it asked for."""
+    for index, placement in enumerate(result.placements):
+        PLACEMENTS.labels(expert=placement.expert, outcome="placed" if index == 0 else "candidate").inc()
+    for shortfall in result.unavailable:
+        PLACEMENTS.labels(expert=shortfall.expert, outcome=shortfall.outcome).inc()

@@ -1,18 +1,32 @@
-"""Placement policies: which replica of an expert takes a request.
+"""Placement: which replicas of a request's candidate experts take it, and which one is reserved.
 
-A policy only ranks candidates: the servicer has already narrowed them to the healthy,
-non-excluded replicas of the requested expert, and takes the first as the choice and the next
-ones as alternates. Keeping the interface this small lets a learned policy (the reinforcement
-learning policy of a later issue) replace the heuristic without touching the servicer.
+`Placer` is the core of `Scheduler.Place` (no gRPC here: the servicer only converts protobuf to a
+`PlacementRequest` and the result back, and maps the exceptions below to status codes). For each
+candidate expert, best first, it narrows the replicas to the healthy, non-excluded ones long
+enough for the request, asks the policy to rank them, and keeps the best as that expert's choice
+and the next ones as alternates; then it reserves only the primary (the choice of the first
+expert that has one) in the registry. Reserving in the same call as placing is what makes the
+primary independent of the order in which callers place their requests.
+
+A policy only ranks candidates. Keeping that interface this small lets a learned policy (the
+reinforcement learning policy of a later issue) replace the heuristic without touching the rest.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from switchboard.scheduler.registry import ReplicaRecord
+from switchboard.scheduler.registry import ReplicaRecord, ReplicaRegistry
+
+# Limits of one placement request: candidate experts, and alternates returned per expert.
+MAX_EXPERTS = 64
+MAX_ALTERNATES = 16
+
+# Why an expert got no placement (also the `outcome` label of the placements metric).
+NO_REPLICA = "no_replica"
+TOO_SHORT = "too_short"
 
 
 @dataclass(frozen=True)
@@ -66,3 +80,150 @@ class LeastLoadedPolicy:
     def rank(self, query: PlacementQuery, candidates: Sequence[ReplicaRecord]) -> list[ReplicaRecord]:
         """Order candidates by load score, then KV utilization, then replica id."""
         return sorted(candidates, key=lambda r: (self.score(r), r.load.kv_utilization, r.replica_id))
+
+
+class InvalidPlacement(ValueError):
+    """The placement request itself is malformed: `field` names the offending field."""
+
+    def __init__(self, field: str, description: str) -> None:
+        super().__init__(f"{field}: {description}")
+        self.field = field
+        self.description = description
+
+
+class UnknownExperts(LookupError):
+    """The request names experts that the experts config does not declare."""
+
+    def __init__(self, unknown: Sequence[str], declared: Collection[str]) -> None:
+        self.unknown = tuple(unknown)
+        self.declared = tuple(sorted(declared))
+        names = ", ".join(repr(name) for name in self.unknown)
+        known = ", ".join(self.declared) or "(none)"
+        plural = "s" if len(self.unknown) > 1 else ""
+        super().__init__(f"unknown expert{plural} {names}; the experts config declares: {known}")
+
+
+@dataclass(frozen=True)
+class PlacementRequest:
+    """One request to place: its candidate experts best first, and what its replicas must satisfy."""
+
+    request_id: str
+    experts: tuple[str, ...]
+    prompt_tokens: int = 0
+    max_tokens: int = 0
+    exclude_replica_ids: frozenset[str] = frozenset()
+    max_alternates: int = 0
+    # Replicas with a known max_model_len (> 0) below this are skipped; 0 = no requirement.
+    min_model_len: int = 0
+
+
+@dataclass(frozen=True)
+class ExpertCandidates:
+    """The placement on one expert: its best replica for the request and the next ones."""
+
+    expert: str
+    replica: ReplicaRecord
+    alternates: tuple[ReplicaRecord, ...] = ()
+
+
+@dataclass(frozen=True)
+class ExpertShortfall:
+    """Why one expert got no placement: `outcome` is NO_REPLICA or TOO_SHORT, `reason` is for people."""
+
+    expert: str
+    outcome: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class PlacementResult:
+    """Placements in request order (the first holds the primary) and the experts without one."""
+
+    placements: tuple[ExpertCandidates, ...]
+    unavailable: tuple[ExpertShortfall, ...]
+
+    @property
+    def primary(self) -> ExpertCandidates | None:
+        """The placement whose replica is reserved, None when no expert has a replica."""
+        return self.placements[0] if self.placements else None
+
+    def reasons(self) -> str:
+        """Every shortfall's reason, in request order, for an error message."""
+        return "; ".join(shortfall.reason for shortfall in self.unavailable)
+
+
+class Placer:
+    """Places requests on the replicas in a registry, ranked by a policy, over the declared experts."""
+
+    def __init__(self, registry: ReplicaRegistry, policy: PlacementPolicy, experts: Collection[str]) -> None:
+        self.registry = registry
+        self.policy = policy
+        self.experts = frozenset(experts)
+
+    def validate(self, request: PlacementRequest) -> None:
+        """Raise InvalidPlacement or UnknownExperts when the request cannot be placed as asked."""
+        experts = request.experts
+        if not experts:
+            raise InvalidPlacement("experts", "is required (the candidate experts, best first)")
+        if len(experts) > MAX_EXPERTS:
+            raise InvalidPlacement("experts", f"must list at most {MAX_EXPERTS} experts, got {len(experts)}")
+        seen: set[str] = set()
+        for index, name in enumerate(experts):
+            if not name:
+                raise InvalidPlacement("experts", f"entry {index} is empty")
+            if name in seen:
+                raise InvalidPlacement("experts", f"lists {name!r} more than once")
+            seen.add(name)
+        if request.max_alternates > MAX_ALTERNATES:
+            raise InvalidPlacement(
+                "max_alternates", f"must be at most {MAX_ALTERNATES}, got {request.max_alternates}"
+            )
+        unknown = [name for name in experts if name not in self.experts]
+        if unknown:
+            raise UnknownExperts(unknown, self.experts)
+
+    def plan(self, request: PlacementRequest) -> PlacementResult:
+        """Where the request would go, expert by expert, without reserving anything."""
+        placements: list[ExpertCandidates] = []
+        unavailable: list[ExpertShortfall] = []
+        for expert in request.experts:
+            found = self._place_on(expert, request)
+            if isinstance(found, ExpertCandidates):
+                placements.append(found)
+            else:
+                unavailable.append(found)
+        return PlacementResult(tuple(placements), tuple(unavailable))
+
+    def place(self, request: PlacementRequest) -> PlacementResult:
+        """Validate, plan, and count the request in flight on the primary (when it has an id)."""
+        self.validate(request)
+        result = self.plan(request)
+        primary = result.primary
+        if primary is not None and request.request_id:
+            self.registry.record_placement(request.request_id, primary.replica.replica_id)
+        return result
+
+    def _place_on(self, expert: str, request: PlacementRequest) -> ExpertCandidates | ExpertShortfall:
+        healthy = self.registry.healthy_replicas(expert)
+        untried = [r for r in healthy if r.replica_id not in request.exclude_replica_ids]
+        if not untried:
+            tried = len(healthy) - len(untried)
+            excluded = f" (excluding {tried} already tried)" if tried else ""
+            return ExpertShortfall(expert, NO_REPLICA, f"no healthy replica of expert {expert!r}{excluded}")
+        needed = request.min_model_len
+        fitting = [r for r in untried if not (needed and 0 < r.info.max_model_len < needed)]
+        if not fitting:
+            longest = max(r.info.max_model_len for r in untried)
+            return ExpertShortfall(
+                expert,
+                TOO_SHORT,
+                f"replicas of {expert!r} accept at most {longest} tokens, the request needs {needed}",
+            )
+        query = PlacementQuery(
+            request_id=request.request_id,
+            expert=expert,
+            prompt_tokens=request.prompt_tokens,
+            max_tokens=request.max_tokens,
+        )
+        ranked = self.policy.rank(query, fitting)
+        return ExpertCandidates(expert, ranked[0], tuple(ranked[1 : 1 + request.max_alternates]))

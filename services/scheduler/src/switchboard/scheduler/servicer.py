@@ -1,7 +1,8 @@
 """The `switchboard.v1.Scheduler` RPC handlers: validation, proto conversion, and calls into the registry.
 
-The handlers raise `switchboard.common.errors` exceptions; the shared server's interceptor turns
-them into canonical gRPC statuses with rich details (BadRequest, RetryInfo).
+`Place` is a thin adapter over `placement.Placer` (the placement logic, with no gRPC import). The
+handlers raise `switchboard.common.errors` exceptions; the shared server's interceptor turns them
+into canonical gRPC statuses with rich details (BadRequest, RetryInfo, ErrorInfo).
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from switchboard.common.errors import invalid_argument, not_found, unavailable
 from switchboard.common.logging import get_logger
 from switchboard.common.telemetry import SpanAttributes, get_tracer
 from switchboard.scheduler import metrics
-from switchboard.scheduler.placement import PlacementPolicy, PlacementQuery
+from switchboard.scheduler.placement import (
+    InvalidPlacement,
+    PlacementPolicy,
+    PlacementRequest,
+    PlacementResult,
+    Placer,
+    UnknownExperts,
+)
 from switchboard.scheduler.registry import (
     LoadSnapshot,
     ReplicaInfo,
@@ -28,7 +36,6 @@ log = get_logger(__name__)
 tracer = get_tracer(__name__)
 
 MAX_ID_LENGTH = 256
-MAX_ALTERNATES = 16
 
 _STATE_TO_PROTO = {
     ReplicaState.READY: scheduler_pb2.REPLICA_STATE_READY,
@@ -76,6 +83,25 @@ def load_to_proto(load: LoadSnapshot) -> scheduler_pb2.ReplicaLoad:
     )
 
 
+def placement_from_proto(request: scheduler_pb2.PlaceRequest) -> PlacementRequest:
+    """The placer's view of a PlaceRequest; the deprecated `expert` means `experts: [expert]`."""
+    if request.expert and request.experts:
+        raise invalid_argument(
+            "expert", "is deprecated and must not be set together with experts; list it in experts"
+        )
+    if len(request.request_id) > MAX_ID_LENGTH:
+        raise invalid_argument("request_id", f"must be at most {MAX_ID_LENGTH} characters")
+    return PlacementRequest(
+        request_id=request.request_id,
+        experts=(request.expert,) if request.expert else tuple(request.experts),
+        prompt_tokens=request.prompt_tokens,
+        max_tokens=request.max_tokens,
+        exclude_replica_ids=frozenset(request.exclude_replica_ids),
+        max_alternates=request.max_alternates,
+        min_model_len=request.min_model_len,
+    )
+
+
 def _check_id(field: str, value: str) -> None:
     if not value:
         raise invalid_argument(field, "is required")
@@ -99,6 +125,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.policy = policy
         self.heartbeat_seconds = heartbeat_seconds
         self.retry_after_seconds = retry_after_seconds
+        self.placer = Placer(registry, policy, self.experts)
         metrics.update_replica_gauges(self.experts, ())
 
     def replica_to_proto(self, record: ReplicaRecord) -> scheduler_pb2.Replica:
@@ -184,51 +211,52 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def Place(
         self, request: scheduler_pb2.PlaceRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.PlaceResponse:
-        """Pick the best healthy replica of the expert and up to max_alternates others."""
-        if not request.expert:
-            raise invalid_argument("expert", "is required")
-        if len(request.request_id) > MAX_ID_LENGTH:
-            raise invalid_argument("request_id", f"must be at most {MAX_ID_LENGTH} characters")
-        if request.max_alternates > MAX_ALTERNATES:
-            raise invalid_argument(
-                "max_alternates", f"must be at most {MAX_ALTERNATES}, got {request.max_alternates}"
-            )
+        """Place the request on its candidate experts, best first; reserve only the primary."""
+        placement = placement_from_proto(request)
         with tracer.start_as_current_span("scheduler.place") as span:
-            span.set_attribute(SpanAttributes.EXPERT, request.expert)
             span.set_attribute(SpanAttributes.REQUEST_ID, request.request_id)
-            if request.expert not in self.experts:
-                metrics.PLACEMENTS.labels(expert="unknown", outcome="unknown_expert").inc()
-                known = ", ".join(sorted(self.experts)) or "(none)"
-                raise not_found(f"unknown expert {request.expert!r}; the experts config declares: {known}")
-            candidates = self.registry.healthy_replicas(request.expert, exclude=request.exclude_replica_ids)
-            if not candidates:
-                metrics.PLACEMENTS.labels(expert=request.expert, outcome="no_replica").inc()
-                excluded = (
-                    f" (excluding {len(request.exclude_replica_ids)} already tried)"
-                    if request.exclude_replica_ids
-                    else ""
-                )
+            span.set_attribute(SpanAttributes.EXPERTS_REQUESTED, len(placement.experts))
+            try:
+                result = self.placer.place(placement)
+            except InvalidPlacement as error:
+                raise invalid_argument(error.field, error.description) from None
+            except UnknownExperts as error:
+                for _ in error.unknown:
+                    metrics.PLACEMENTS.labels(expert="unknown", outcome="unknown_expert").inc()
+                raise not_found(str(error), reason="EXPERT_NOT_FOUND") from None
+            metrics.count_placements(result)
+            primary = result.primary
+            if primary is None:
                 raise unavailable(
-                    f"no healthy replica of expert {request.expert!r}{excluded}",
+                    result.reasons(),
                     retry_after_seconds=self.retry_after_seconds,
+                    reason="NO_HEALTHY_REPLICA",
                 )
-            query = PlacementQuery(
-                request_id=request.request_id,
-                expert=request.expert,
-                prompt_tokens=request.prompt_tokens,
-                max_tokens=request.max_tokens,
-            )
-            ranked = self.policy.rank(query, candidates)
-            chosen = ranked[0]
-            if request.request_id:
-                self.registry.record_placement(request.request_id, chosen.replica_id)
-            span.set_attribute(SpanAttributes.REPLICA_ID, chosen.replica_id)
-            metrics.PLACEMENTS.labels(expert=request.expert, outcome="placed").inc()
+            span.set_attribute(SpanAttributes.EXPERT, primary.expert)
+            span.set_attribute(SpanAttributes.REPLICA_ID, primary.replica.replica_id)
             self._changed()
-            return scheduler_pb2.PlaceResponse(
-                replica=self.replica_to_proto(chosen),
-                alternates=[self.replica_to_proto(r) for r in ranked[1 : 1 + request.max_alternates]],
+            return self.result_to_proto(result)
+
+    def result_to_proto(self, result: PlacementResult) -> scheduler_pb2.PlaceResponse:
+        """The wire form of a placement, the deprecated replica/alternates filled from the primary."""
+        placements = [
+            scheduler_pb2.ExpertPlacement(
+                expert=p.expert,
+                replica=self.replica_to_proto(p.replica),
+                alternates=[self.replica_to_proto(r) for r in p.alternates],
             )
+            for p in result.placements
+        ]
+        reply = scheduler_pb2.PlaceResponse(
+            placements=placements,
+            unavailable=[
+                scheduler_pb2.ExpertUnavailable(expert=u.expert, reason=u.reason) for u in result.unavailable
+            ],
+        )
+        if placements:
+            reply.replica.CopyFrom(placements[0].replica)
+            reply.alternates.extend(placements[0].alternates)
+        return reply
 
     async def Complete(
         self, request: scheduler_pb2.SchedulerCompleteRequest, context: grpc.aio.ServicerContext

@@ -1,0 +1,137 @@
+"""Unit tests of the multi-expert placement core (`Placer`), without a server or gRPC."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from switchboard.scheduler.placement import (
+    MAX_EXPERTS,
+    NO_REPLICA,
+    TOO_SHORT,
+    InvalidPlacement,
+    LeastLoadedPolicy,
+    PlacementQuery,
+    PlacementRequest,
+    Placer,
+    UnknownExperts,
+)
+from switchboard.scheduler.registry import LoadSnapshot, ReplicaInfo, ReplicaRecord, ReplicaRegistry
+
+EXPERTS = ("a", "b", "c")
+
+
+def make_placer(*replicas: tuple[str, str, int], policy: object | None = None) -> Placer:
+    """A placer over a registry holding (replica_id, expert, max_model_len) replicas."""
+    registry = ReplicaRegistry(expiry_seconds=5.0)
+    for port, (replica_id, expert, max_model_len) in enumerate(replicas, start=50061):
+        registry.register(
+            ReplicaInfo(replica_id, expert, f"127.0.0.1:{port}", max_model_len=max_model_len), LoadSnapshot()
+        )
+    return Placer(registry, policy or LeastLoadedPolicy(), EXPERTS)
+
+
+def request(*experts: str, request_id: str = "r1", **fields: Any) -> PlacementRequest:
+    """A placement request for `experts`, best first."""
+    return PlacementRequest(request_id=request_id, experts=experts, **fields)
+
+
+def inflight(placer: Placer) -> dict[str, int]:
+    """Replica id -> requests counted in flight on it."""
+    return {r.replica_id: r.inflight for r in placer.registry.replicas()}
+
+
+def test_place_reserves_only_the_primary_in_request_order() -> None:
+    placer = make_placer(("a1", "a", 0), ("a2", "a", 0), ("c1", "c", 0))
+    result = placer.place(request("c", "b", "a", max_alternates=4))
+    assert [p.expert for p in result.placements] == ["c", "a"]
+    assert result.primary is not None and result.primary.replica.replica_id == "c1"
+    assert [r.replica_id for r in result.placements[1].alternates] == ["a2"]
+    assert [(u.expert, u.outcome) for u in result.unavailable] == [("b", NO_REPLICA)]
+    assert inflight(placer) == {"a1": 0, "a2": 0, "c1": 1}
+
+
+def test_plan_reserves_nothing_and_no_request_id_reserves_nothing() -> None:
+    placer = make_placer(("a1", "a", 0))
+    assert placer.plan(request("a")).primary is not None
+    placer.place(request("a", request_id=""))
+    assert inflight(placer) == {"a1": 0}
+
+
+def test_a_second_request_sees_the_first_reservation() -> None:
+    placer = make_placer(("a1", "a", 0), ("a2", "a", 0))
+    first = placer.place(request("a", request_id="r1"))
+    second = placer.place(request("a", request_id="r2"))
+    assert {first.placements[0].replica.replica_id, second.placements[0].replica.replica_id} == {"a1", "a2"}
+
+
+def test_min_model_len_skips_short_replicas_and_says_why() -> None:
+    placer = make_placer(("a-short", "a", 256), ("a-unknown", "a", 0), ("b1", "b", 512), ("b2", "b", 300))
+    result = placer.place(request("b", "a", min_model_len=900))
+    assert [(p.expert, p.replica.replica_id) for p in result.placements] == [("a", "a-unknown")]
+    [shortfall] = result.unavailable
+    assert shortfall.outcome == TOO_SHORT
+    assert shortfall.reason == "replicas of 'b' accept at most 512 tokens, the request needs 900"
+    # Without a requirement every replica is eligible.
+    assert placer.plan(request("b")).primary is not None
+
+
+def test_exclusions_and_reasons_in_request_order() -> None:
+    placer = make_placer(("a1", "a", 0), ("b1", "b", 100))
+    result = placer.place(request("a", "c", "b", exclude_replica_ids=frozenset({"a1"}), min_model_len=200))
+    assert result.primary is None and inflight(placer) == {"a1": 0, "b1": 0}
+    assert result.reasons() == (
+        "no healthy replica of expert 'a' (excluding 1 already tried); "
+        "no healthy replica of expert 'c'; "
+        "replicas of 'b' accept at most 100 tokens, the request needs 200"
+    )
+
+
+@pytest.mark.parametrize(
+    ("req", "field", "says"),
+    [
+        (request(), "experts", "required"),
+        (request("a", "b", "a"), "experts", "'a' more than once"),
+        (request(*[f"e{i}" for i in range(MAX_EXPERTS + 1)]), "experts", f"at most {MAX_EXPERTS}"),
+        (request("a", ""), "experts", "entry 1 is empty"),
+        (request("a", max_alternates=17), "max_alternates", "at most 16"),
+    ],
+)
+def test_invalid_requests(req: PlacementRequest, field: str, says: str) -> None:
+    placer = make_placer(("a1", "a", 0))
+    with pytest.raises(InvalidPlacement) as info:
+        placer.place(req)
+    assert info.value.field == field and says in info.value.description
+    assert inflight(placer) == {"a1": 0}
+
+
+def test_unknown_experts_name_themselves_and_the_declared_ones() -> None:
+    placer = make_placer(("a1", "a", 0))
+    with pytest.raises(UnknownExperts) as info:
+        placer.place(request("a", "x", "y"))
+    assert info.value.unknown == ("x", "y")
+    assert str(info.value) == "unknown experts 'x', 'y'; the experts config declares: a, b, c"
+    assert inflight(placer) == {"a1": 0}
+    # Exactly MAX_EXPERTS distinct names is allowed (and then checked against the config).
+    with pytest.raises(UnknownExperts):
+        placer.place(request(*[f"e{i}" for i in range(MAX_EXPERTS)]))
+
+
+@dataclass(frozen=True)
+class ReversedPolicy:
+    """Ranks by replica id, descending: shows the placer keeps the policy's order per expert."""
+
+    name: str = "reversed"
+
+    def rank(self, query: PlacementQuery, candidates: Sequence[ReplicaRecord]) -> list[ReplicaRecord]:
+        return sorted(candidates, key=lambda r: r.replica_id, reverse=True)
+
+
+def test_the_policy_ranks_each_expert() -> None:
+    placer = make_placer(("a1", "a", 0), ("a2", "a", 0), ("a3", "a", 0), policy=ReversedPolicy())
+    result = placer.place(request("a", max_alternates=1))
+    placement = result.placements[0]
+    assert placement.replica.replica_id == "a3"
+    assert [r.replica_id for r in placement.alternates] == ["a2"]
