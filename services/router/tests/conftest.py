@@ -49,9 +49,17 @@ class Stack:
 
 
 @asynccontextmanager
-async def running_stack(max_alternates: int = 2, scheduler_alive: bool = True) -> AsyncIterator[Stack]:
-    """Scheduler and router on loopback; scheduler_alive=False stops the scheduler before yielding."""
-    experts = [spec.name for spec in load_experts_config(EXPERTS_CONFIG)]
+async def running_stack(
+    max_alternates: int = 2,
+    scheduler_alive: bool = True,
+    experts_config: Path = EXPERTS_CONFIG,
+    **router_settings: object,
+) -> AsyncIterator[Stack]:
+    """Scheduler and router on loopback; scheduler_alive=False stops the scheduler before yielding.
+
+    router_settings: other RouterSettings fields (gate_path, load_poll_seconds, ...).
+    """
+    experts = [spec.name for spec in load_experts_config(experts_config)]
     scheduler = SchedulerApp(
         SchedulerSettings(server=ServerSettings(port=0, metrics_port=0, drain_seconds=0.2)), experts
     )
@@ -60,9 +68,10 @@ async def running_stack(max_alternates: int = 2, scheduler_alive: bool = True) -
     settings = RouterSettings(
         server=ServerSettings(port=0, metrics_port=0, drain_seconds=0.2),
         scheduler_addr=f"127.0.0.1:{scheduler.service.port}",
-        experts_config=EXPERTS_CONFIG,
+        experts_config=experts_config,
         max_alternates=max_alternates,
         scheduler_timeout_seconds=1.0,
+        **router_settings,  # type: ignore[arg-type]
     )
     service = GrpcService("router", settings.server)
     router_task = asyncio.create_task(serve(settings, service, handle_signals=False))

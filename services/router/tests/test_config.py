@@ -25,8 +25,22 @@ def test_defaults_and_overrides() -> None:
 def test_bad_values_name_the_variable() -> None:
     with pytest.raises(SettingsError, match="ROUTER_MAX_ALTERNATES"):
         load({"ROUTER_MAX_ALTERNATES": "12"})
-    with pytest.raises(SettingsError, match="ROUTER_RELATIVE_THRESHOLD"):
-        load({"ROUTER_RELATIVE_THRESHOLD": "abc"})
+    with pytest.raises(SettingsError, match="ROUTER_CUMULATIVE_THRESHOLD"):
+        load({"ROUTER_CUMULATIVE_THRESHOLD": "abc"})
+    with pytest.raises(SettingsError, match="ROUTER_EXPLORATION"):
+        load({"ROUTER_EXPLORATION": "0.5"})  # exploration is capped
+
+
+def test_tenant_cost_weights_parse_or_name_the_variable() -> None:
+    from switchboard.router.config import parse_tenant_cost_weights
+
+    assert parse_tenant_cost_weights(load({"ROUTER_TENANT_COST_WEIGHTS": "acme=0.2, free=1"}).tenant_cost_weights) == {
+        "acme": 0.2,
+        "free": 1.0,
+    }
+    for bad in ("acme", "acme=-1", "=0.3", "acme=cheap"):
+        with pytest.raises(SettingsError, match="ROUTER_TENANT_COST_WEIGHTS"):
+            parse_tenant_cost_weights((bad,))
 
 
 def test_readme_documents_every_variable() -> None:

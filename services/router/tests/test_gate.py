@@ -1,18 +1,21 @@
-"""Tests of the router's n-gram gate and its dynamic-k selection."""
+"""Tests of the router's built-in n-gram rule under the Gate protocol."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import yaml
-from switchboard.router.gate import NgramGate, cosine, hashed_ngrams, select, softmax
+from switchboard.router.gate import NgramGate, cosine, hashed_ngrams
 
 PROFILES = {
     "bard": "Shakespeare plays: kings, lords, thou and thee, Romeo and Juliet, Hamlet, Macbeth.",
     "milton": "Milton's Paradise Lost: heaven and hell, Satan, angels, Adam and Eve in Eden.",
     "scribe": "General early modern English prose of every kind.",
 }
+
+
+def best(gate: NgramGate, prompt: str) -> str:
+    scores = gate.score(prompt)
+    return gate.experts[max(range(len(scores.quality)), key=scores.quality.__getitem__)]
 
 
 def test_hashed_ngrams_are_deterministic_and_ignore_case_and_spacing() -> None:
@@ -29,19 +32,20 @@ def test_cosine_bounds() -> None:
     assert 0.0 <= cosine(a, hashed_ngrams("zzzz qqqq", 4096)) < 0.2
 
 
-def test_softmax_sums_to_one_and_keeps_order() -> None:
-    probs = softmax([1.0, 3.0, 2.0])
-    assert math.isclose(sum(probs), 1.0)
-    assert probs[1] > probs[2] > probs[0]
-    assert softmax([1000.0, 1000.0]) == [0.5, 0.5]  # no overflow
-
-
-def test_gate_scores_are_probabilities_in_config_order() -> None:
-    gate = NgramGate(PROFILES)
+def test_scores_are_similarities_in_config_order_with_the_gate_temperature() -> None:
+    gate = NgramGate(PROFILES, temperature=0.07)
     scores = gate.score("To be or not to be")
-    assert list(scores) == ["bard", "milton", "scribe"]
-    assert math.isclose(sum(scores.values()), 1.0)
-    assert all(0.0 <= s <= 1.0 for s in scores.values())
+    assert gate.experts == ("bard", "milton", "scribe")
+    assert len(scores.quality) == 3 and all(0.0 <= q <= 1.0 for q in scores.quality)
+    assert scores.temperature == 0.07
+    assert gate.kind == "ngram" and gate.version == ""
+    assert scores.prompt_tokens == len("To be or not to be") // 4 and not scores.exact_tokens
+
+
+def test_token_counter_replaces_the_character_estimate() -> None:
+    gate = NgramGate(PROFILES, token_counter=lambda prompt: (42, True))
+    scores = gate.score("anything")
+    assert (scores.prompt_tokens, scores.exact_tokens) == (42, True)
 
 
 @pytest.mark.parametrize(
@@ -52,14 +56,13 @@ def test_gate_scores_are_probabilities_in_config_order() -> None:
     ],
 )
 def test_gate_prefers_the_expert_whose_profile_matches(prompt: str, expected: str) -> None:
-    scores = NgramGate(PROFILES).score(prompt)
-    assert max(scores, key=scores.__getitem__) == expected
+    assert best(NgramGate(PROFILES), prompt) == expected
 
 
-def test_cost_bias_breaks_ties_toward_the_cheaper_expert() -> None:
-    gate = NgramGate({"cheap": "same text", "dear": "same text"}, {"cheap": 1.0, "dear": 4.0})
-    scores = gate.score("anything at all")
-    assert scores["cheap"] > scores["dear"]
+def test_only_a_bounded_prefix_is_read() -> None:
+    gate = NgramGate(PROFILES, max_chars=64)
+    head = "Romeo, Romeo, wherefore art thou Romeo? Juliet loves thee, my lord"
+    assert gate.score(head[:64] + " Satan" * 5000).quality == gate.score(head[:64]).quality
 
 
 def test_gate_rejects_bad_construction() -> None:
@@ -69,28 +72,9 @@ def test_gate_rejects_bad_construction() -> None:
         NgramGate(PROFILES, temperature=0)
 
 
-def test_select_dynamic_k() -> None:
-    close = select({"a": 0.45, "b": 0.40, "c": 0.15}, relative_threshold=0.5, max_k=2)
-    assert close.selected == ("a", "b")
-    assert close.ranked == ("a", "b", "c")
-    far = select({"a": 0.1, "b": 0.8, "c": 0.1}, relative_threshold=0.5, max_k=3)
-    assert far.selected == ("b",)
-    capped = select({"a": 0.34, "b": 0.33, "c": 0.33}, relative_threshold=0.5, max_k=1)
-    assert capped.selected == ("a",)
-    with pytest.raises(ValueError):
-        select({}, max_k=1)
-    with pytest.raises(ValueError):
-        select({"a": 1.0}, max_k=0)
-
-
 def test_shipped_experts_config_routes_demo_prompts(repo_root) -> None:
     """The descriptions in config/experts.yaml separate the two small experts."""
     config = yaml.safe_load((repo_root / "config" / "experts.yaml").read_text())
-    experts = config["experts"]
-    gate = NgramGate(
-        {e["name"]: e["description"] for e in experts}, {e["name"]: e["relative_cost"] for e in experts}
-    )
-    bard = gate.score("Enter Hamlet. My lord, the king doth wake tonight and takes his rouse")
-    milton = gate.score("Him the Almighty Power hurled headlong flaming from the ethereal sky, Satan and his angels")
-    assert max(bard, key=bard.__getitem__) == "bard-small"
-    assert max(milton, key=milton.__getitem__) == "milton-small"
+    gate = NgramGate({e["name"]: e["description"] for e in config["experts"]})
+    assert best(gate, "Enter Hamlet. My lord, the king doth wake tonight and takes his rouse") == "bard-small"
+    assert best(gate, "Him the Almighty Power hurled headlong flaming from the ethereal sky, Satan and his angels") == "milton-small"

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
+
 import grpc
 import pytest
 from switchboard.common.errors import error_details
 from switchboard.v1 import common_pb2, router_pb2, scheduler_pb2
 
+from prometheus_client import REGISTRY
+from switchboard.router.artifact import write_artifact
+
 from .conftest import Stack, running_stack
+from .gate_fixtures import prompt, trained_gate
 
 BARD_PROMPT = "Enter Hamlet. My lord, the king doth wake tonight; Romeo and Juliet, thou and thee"
 
 
-async def register(stack: Stack, replica_id: str, expert: str, port: int, running: int = 0) -> None:
+async def register(
+    stack: Stack, replica_id: str, expert: str, port: int, running: int = 0, waiting: int = 0, max_model_len: int = 512
+) -> None:
     await stack.scheduler_stub.Register(
         scheduler_pb2.RegisterRequest(
             replica_id=replica_id,
@@ -20,8 +29,8 @@ async def register(stack: Stack, replica_id: str, expert: str, port: int, runnin
             address=f"127.0.0.1:{port}",
             device="cpu",
             model_name=expert,
-            max_model_len=512,
-            load=scheduler_pb2.ReplicaLoad(running=running, kv_blocks_total=100),
+            max_model_len=max_model_len,
+            load=scheduler_pb2.ReplicaLoad(running=running, waiting=waiting, kv_blocks_total=100),
         )
     )
 
@@ -134,3 +143,143 @@ async def test_feedback_completes_the_placement(stack: Stack) -> None:
     await expect(
         stack.router.Feedback(router_pb2.FeedbackRequest(request_id="x", expert="nope")), grpc.StatusCode.NOT_FOUND
     )
+
+
+def place_calls() -> float:
+    """Place RPCs the scheduler has answered in this process (its per-RPC metric)."""
+    return sum(
+        sample.value
+        for metric in REGISTRY.collect()
+        if metric.name == "switchboard_rpc_requests"
+        for sample in metric.samples
+        if sample.name.endswith("_total") and sample.labels.get("method") == "Place" and sample.labels.get("service") == "scheduler"
+    )
+
+
+async def test_one_scheduler_call_per_request_whatever_the_candidates(stack: Stack) -> None:
+    await register(stack, "bard-1", "bard-small", 50061)
+    await register(stack, "milton-1", "milton-small", 50063)
+    await register(stack, "scribe-1", "scribe-large", 50064)
+    before = place_calls()
+    for i in range(5):
+        reply = await stack.router.Route(
+            router_pb2.RouteRequest(request_id=f"count-{i}", prompt=BARD_PROMPT, sampling=common_pb2.SamplingParams(max_tokens=8))
+        )
+        assert len(reply.candidates) == 3  # candidates of three experts from one call
+    assert place_calls() - before == 5
+    cluster = await stack.scheduler_stub.GetCluster(scheduler_pb2.GetClusterRequest())
+    assert {r.replica_id: r.inflight for r in cluster.replicas} == {"bard-1": 5, "milton-1": 0, "scribe-1": 0}
+
+
+async def test_response_explains_the_decision(stack: Stack) -> None:
+    await register(stack, "bard-1", "bard-small", 50061)
+    reply = await stack.router.Route(route())
+    assert reply.gate_kind == "ngram" and reply.gate_version == ""
+    assert reply.k >= 1 and reply.cost_weight == 0.0 and reply.prompt_tokens > 0
+    bard = next(s for s in reply.scores if s.expert == "bard-small")
+    assert bard.eligible and bard.bias == 0.0 and bard.utility == pytest.approx(bard.quality)
+    reply = await stack.router.Route(route(cost_weight=0.25))
+    scribe = next(s for s in reply.scores if s.expert == "scribe-large")
+    assert reply.cost_weight == 0.25 and scribe.utility == pytest.approx(scribe.quality - 0.25 * 4.0)
+
+
+async def test_cost_weight_out_of_range_names_the_field(stack: Stack) -> None:
+    details = await expect(stack.router.Route(route(cost_weight=-1.0)), grpc.StatusCode.INVALID_ARGUMENT)
+    assert details["field_violations"][0][0] == "cost_weight"
+
+
+async def test_a_saturated_pool_sheds_traffic_and_gets_it_back() -> None:
+    async with running_stack(load_poll_seconds=0.05, load_bias_step=0.2) as stack:
+        await register(stack, "bard-1", "bard-small", 50061, waiting=30)
+        await register(stack, "milton-1", "milton-small", 50063)
+        shed = None
+        for _ in range(100):
+            reply = await stack.router.Route(route())
+            if reply.candidates[0].expert != "bard-small":
+                shed = reply
+                break
+            await asyncio.sleep(0.05)
+        assert shed is not None, "the saturated expert kept the traffic"
+        assert next(s for s in shed.scores if s.expert == "bard-small").bias < 0
+        await stack.scheduler_stub.ReportLoad(
+            scheduler_pb2.ReportLoadRequest(replica_id="bard-1", load=scheduler_pb2.ReplicaLoad(kv_blocks_total=100))
+        )
+        for _ in range(200):
+            reply = await stack.router.Route(route())
+            if reply.candidates[0].expert == "bard-small":
+                break
+            await asyncio.sleep(0.05)
+        assert reply.candidates[0].expert == "bard-small"
+
+
+async def test_a_replica_too_short_for_the_request_is_never_a_candidate(stack: Stack) -> None:
+    await register(stack, "bard-short", "bard-small", 50061, max_model_len=16)
+    await register(stack, "milton-1", "milton-small", 50063, max_model_len=512)
+    reply = await stack.router.Route(route())  # a 20-odd token prompt plus 8 tokens does not fit in 16
+    assert [c.replica_id for c in reply.candidates] == ["milton-1"]
+
+
+@pytest.fixture(scope="module")
+def synthetic_gate(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, object]:
+    """A gate trained for sailor/soldier/scholar, and an experts config that declares them."""
+    tmp = tmp_path_factory.mktemp("router-gate")
+    write_artifact(trained_gate(tmp), tmp / "gate")
+    config = tmp / "experts.yaml"
+    config.write_text(
+        "experts:\n"
+        + "".join(
+            f"  - name: {name}\n    description: {name}\n    model: {name}\n    relative_cost: {cost}\n"
+            for name, cost in (("sailor", 1.0), ("soldier", 1.0), ("scholar", 4.0))
+        )
+    )
+    return tmp / "gate", config
+
+
+async def test_learned_gate_serves_routes_by_content_and_learns_from_feedback(synthetic_gate) -> None:
+    gate, config = synthetic_gate
+    async with running_stack(experts_config=config, gate_path=gate, load_poll_seconds=0.05) as stack:
+        for i, name in enumerate(("sailor", "soldier", "scholar")):
+            await register(stack, f"{name}-1", name, 50061 + i)
+        await asyncio.sleep(0.15)
+        rng = random.Random(3)
+        sea, war = prompt(rng, "sea", 40), prompt(rng, "war", 40)  # prompts like the gate's training data
+        reply = await stack.router.Route(route(prompt=sea, cost_weight=0.1))
+        assert reply.gate_kind == "learned" and len(reply.gate_version) == 16
+        assert reply.candidates[0].expert == "sailor"
+        reply = await stack.router.Route(route(prompt=war, cost_weight=0.1))
+        assert reply.candidates[0].expert == "soldier"
+        reply = await stack.router.Route(route(prompt=war, cost_weight=0.0))
+        assert reply.candidates[0].expert == "scholar"  # quality first when cost is free
+        await stack.router.Feedback(
+            router_pb2.FeedbackRequest(
+                request_id="req-1", expert="scholar", replica_id="scholar-1", success=False,
+                finish_reason=common_pb2.FINISH_REASON_ERROR, time_to_first_token_seconds=0.01,
+            )
+        )
+        reply = await stack.router.Route(route(prompt=war, cost_weight=0.0))
+        scholar = next(s for s in reply.scores if s.expert == "scholar")
+        assert scholar.correction < 0  # a failure moved the online head
+
+
+@pytest.mark.parametrize("damage", ["other-experts", "corrupt"])
+async def test_an_unusable_gate_stops_the_router_at_start(synthetic_gate, tmp_path, damage: str) -> None:
+    from switchboard.common.service import GrpcService
+    from switchboard.common.settings import ServerSettings
+    from switchboard.router.config import RouterSettings
+    from switchboard.router.server import serve
+
+    from .conftest import EXPERTS_CONFIG
+
+    gate, config = synthetic_gate
+    if damage == "corrupt":
+        import shutil
+
+        shutil.copytree(gate, tmp_path / "gate")
+        (tmp_path / "gate" / "gate.safetensors").write_bytes(b"garbage")
+        gate, experts_config = tmp_path / "gate", config
+    else:
+        experts_config = EXPERTS_CONFIG  # bard/milton/scribe: not what the gate was trained for
+    settings = RouterSettings(
+        server=ServerSettings(port=0, metrics_port=0), experts_config=experts_config, gate_path=gate
+    )
+    assert await serve(settings, GrpcService("router", settings.server), handle_signals=False) == 2

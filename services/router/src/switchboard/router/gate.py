@@ -1,24 +1,21 @@
-"""The router's gate: scores every expert for a prompt and picks the top ones.
+"""The gate protocol and the router's built-in rule, the n-gram gate.
 
-This is the simple, documented rule of the walking skeleton (issue 2); the
-learned torch gate of a later issue implements the same `Gate` protocol.
+A gate turns a prompt into a predicted quality per expert (`GateScores`); the `Selector`
+(selector.py) turns those into probabilities with the cost knob and the load bias, and picks
+the experts. The learned gate (learned_gate.py) predicts the mean log-likelihood per token each
+expert would reach; the n-gram rule below is the fallback when no gate artifact is configured.
 
-Rule (`NgramGate`):
+Built-in rule (`NgramGate`):
 
-1. Each expert has a short *profile text* (its description from the experts
-   config). The profile and the prompt are each turned into a bag of hashed
-   character n-grams (n = 3 and 4, lower-cased, whitespace collapsed), hashed into
-   a fixed number of buckets so memory does not grow with vocabulary.
-2. Counts are weighted TF-IDF style: sublinear term frequency (1 + log tf) times a
-   smoothed inverse document frequency over the profiles, so grams every profile
-   shares ("the", "and") count less than the ones that tell experts apart.
-3. The similarity of the prompt to an expert is the cosine of the two vectors.
-4. Scores are the softmax of similarity / temperature, so they lie in [0, 1] and
-   sum to 1 over the experts. A small bias per expert (minus `cost_weight` times
-   log relative cost) makes cheaper experts win ties.
-5. Selection (dynamic k): experts are ordered by score; the best is always
-   selected, and each next one is selected while its score is at least
-   `relative_threshold` times the best score, up to `max_k`.
+1. Each expert has a short *profile text* (its description from the experts config). The
+   profile and the prompt are each turned into a bag of hashed character n-grams (n = 3 and 4,
+   lower-cased, whitespace collapsed), hashed into a fixed number of buckets so memory does not
+   grow with vocabulary. Only the first `max_chars` characters of the prompt are read.
+2. Counts are weighted TF-IDF style: sublinear term frequency (1 + log tf) times a smoothed
+   inverse document frequency over the profiles, so grams every profile shares ("the", "and")
+   count less than the ones that tell experts apart.
+3. The "quality" of an expert is the cosine of the two vectors, on the scale of the gate's
+   temperature (a 0.05 similarity gap is worth e^1 in probability at the default).
 
 Everything is deterministic: the same prompt always gives the same scores.
 """
@@ -29,28 +26,37 @@ import hashlib
 import math
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from switchboard.router.features import Features
 
 _WHITESPACE = re.compile(r"\s+")
 
 
-class Gate(Protocol):
-    """What the router needs from a gate: a probability per expert."""
-
-    def score(self, prompt: str) -> dict[str, float]:
-        """Return {expert: probability} over every expert; the values sum to 1."""
-        ...
-
-
 @dataclass(frozen=True)
-class Selection:
-    """The gate's decision for one prompt."""
+class GateScores:
+    """A gate's view of one prompt."""
 
-    scores: dict[str, float]  # every expert, in config order
-    selected: tuple[str, ...]  # selected experts, best first
-    ranked: tuple[str, ...]  # every expert, best first
+    quality: tuple[float, ...]  # predicted quality per expert, in the gate's expert order
+    temperature: float  # the scale of `quality`: probabilities are softmax(utility / temperature)
+    prompt_tokens: int  # the prompt's length in tokens (exact or estimated, see exact_tokens)
+    exact_tokens: bool
+    features: Features | None = None  # what the gate saw (learned gate), for the decision log
+    hidden: tuple[float, ...] = ()  # the gate's last hidden layer (learned gate), for online learning
+
+
+class Gate(Protocol):
+    """What the router needs from a gate."""
+
+    kind: str  # "learned" or "ngram"
+    version: str  # artifact version ("" for the built-in rule)
+    experts: tuple[str, ...]  # expert names, in config order
+
+    def score(self, prompt: str) -> GateScores:
+        """Predicted quality of every expert for one prompt."""
+        ...
 
 
 def _normalize(text: str) -> str:
@@ -89,31 +95,23 @@ def cosine(a: Mapping[int, float], b: Mapping[int, float]) -> float:
     return dot / norm
 
 
-def softmax(values: Sequence[float]) -> list[float]:
-    """Numerically stable softmax."""
-    top = max(values)
-    exps = [math.exp(v - top) for v in values]
-    total = sum(exps)
-    return [e / total for e in exps]
-
-
 class NgramGate:
     """Hashed character n-gram similarity between the prompt and each expert's profile."""
 
     def __init__(
         self,
         profiles: Mapping[str, str],
-        relative_cost: Mapping[str, float] | None = None,
         *,
         temperature: float = 0.05,
-        cost_weight: float = 0.01,
         buckets: int = 1 << 18,
+        max_chars: int = 2048,
+        token_counter: Callable[[str], tuple[int, bool]] | None = None,
     ) -> None:
         """Build the gate from {expert: profile text}, in config order.
 
         temperature: softmax temperature over cosine similarities (which lie in
         [0, 1]); 0.05 turns a 0.1 similarity gap into a probability ratio of e^2.
-        cost_weight: bias against costly experts, times log(relative_cost).
+        token_counter: prompt -> (tokens, exact); without one, characters / 4 (an estimate).
         """
         if not profiles:
             raise ValueError("the gate needs at least one expert")
@@ -131,43 +129,27 @@ class NgramGate:
         self._default_idf = math.log((1 + documents) / 1) + 1.0
         self._idf = {key: math.log((1 + documents) / (1 + df)) + 1.0 for key, df in frequency.items()}
         self._profiles = {name: tfidf(grams, self._idf, self._default_idf) for name, grams in counts.items()}
-        costs = relative_cost or {}
-        self._bias = {name: -cost_weight * math.log(max(costs.get(name, 1.0), 1e-6)) for name in self._experts}
-
-    @property
-    def experts(self) -> list[str]:
-        """Expert names in config order."""
-        return list(self._experts)
+        self._max_chars = max_chars
+        self._token_counter = token_counter
+        self.experts = tuple(self._experts)
+        self.kind = "ngram"
+        self.version = ""
 
     def similarities(self, prompt: str) -> dict[str, float]:
-        """Cosine similarity of the prompt to every expert's profile."""
-        features = tfidf(hashed_ngrams(prompt, self._buckets), self._idf, self._default_idf)
+        """Cosine similarity of the prompt (its first max_chars characters) to every expert's profile."""
+        features = tfidf(hashed_ngrams(prompt[: self._max_chars], self._buckets), self._idf, self._default_idf)
         return {name: cosine(features, self._profiles[name]) for name in self._experts}
 
-    def score(self, prompt: str) -> dict[str, float]:
-        """Softmax over (similarity / temperature + cost bias), in config order."""
+    def score(self, prompt: str) -> GateScores:
+        """Similarities as the quality, on the scale of the configured temperature."""
         sims = self.similarities(prompt)
-        logits = [sims[name] / self._temperature + self._bias[name] for name in self._experts]
-        return dict(zip(self._experts, softmax(logits), strict=True))
-
-
-def select(scores: Mapping[str, float], *, relative_threshold: float = 0.5, max_k: int = 2) -> Selection:
-    """Order experts by score and pick the top ones with a dynamic k.
-
-    The best expert is always selected; each next expert is selected while its
-    score is at least `relative_threshold` times the best score, up to `max_k`.
-    Ties keep config order (Python's sort is stable).
-    """
-    if not scores:
-        raise ValueError("no experts to select from")
-    if max_k < 1:
-        raise ValueError(f"max_k must be >= 1, got {max_k}")
-    ranked = tuple(sorted(scores, key=lambda name: -scores[name]))
-    best = scores[ranked[0]]
-    selected = [ranked[0]]
-    for name in ranked[1:max_k]:
-        if scores[name] >= relative_threshold * best:
-            selected.append(name)
+        if self._token_counter is not None:
+            tokens, exact = self._token_counter(prompt)
         else:
-            break
-    return Selection(scores=dict(scores), selected=tuple(selected), ranked=ranked)
+            tokens, exact = max(1, len(prompt) // 4), False
+        return GateScores(
+            quality=tuple(sims[name] for name in self._experts),
+            temperature=self._temperature,
+            prompt_tokens=tokens,
+            exact_tokens=exact,
+        )

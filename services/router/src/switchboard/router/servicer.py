@@ -1,32 +1,35 @@
-"""The Router gRPC service: Route, Feedback and ListExperts.
+"""The Router gRPC service: a thin protobuf adapter over `RouterCore`.
 
-Route scores every expert with the gate, orders the experts (the pinned one
-only, when the client pinned a model), asks the scheduler for a replica of each
-and returns the candidates best first: the primary replica, other replicas of
-its expert, then replicas of the next experts, up to 1 + ROUTER_MAX_ALTERNATES.
+Route, Feedback and ListExperts convert messages to the core's objects and back, and map the
+core's exceptions to canonical statuses with rich details. Spans, logs and metrics of a decision
+are written here from what the core returns.
 """
 
 from __future__ import annotations
 
 import grpc
-from switchboard.common.errors import error_details, invalid_argument, not_found, unavailable
+from switchboard.common.errors import invalid_argument, not_found, unavailable
 from switchboard.common.experts_config import ExpertSpec
 from switchboard.common.logging import bind_request, get_logger
 from switchboard.common.telemetry import SpanAttributes, get_tracer
 from switchboard.router import metrics
 from switchboard.router.config import RouterSettings
-from switchboard.router.gate import Gate, select
+from switchboard.router.core import (
+    NoEligibleExpert,
+    PlacementUnavailable,
+    RouteInput,
+    RouteOutput,
+    RouterCore,
+    SchedulerUnreachable,
+    UnknownExpert,
+)
+from switchboard.router.decision_log import Outcome
 from switchboard.v1 import common_pb2, router_pb2, router_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 log = get_logger(__name__)
 tracer = get_tracer(__name__)
 
-# Scheduler answers that mean "this expert has nothing to offer now", not "the scheduler is broken".
-_NO_REPLICA_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED}
-
-
-def _candidate(expert: str, replica: scheduler_pb2.Replica) -> router_pb2.RouteCandidate:
-    return router_pb2.RouteCandidate(expert=expert, replica_id=replica.replica_id, address=replica.address)
+MAX_COST_WEIGHT = 100.0
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
@@ -35,120 +38,141 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     def __init__(
         self,
         experts: list[ExpertSpec],
-        gate: Gate,
+        core: RouterCore,
         scheduler: scheduler_pb2_grpc.SchedulerStub,
         settings: RouterSettings,
     ) -> None:
         self._experts = {spec.name: spec for spec in experts}
-        self._gate = gate
+        self._core = core
         self._scheduler = scheduler
         self._settings = settings
+        self._shares = metrics.ShareTracker(list(self._experts))
 
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
-        """The scheduler call deadline: our own bound, shortened by the caller's deadline."""
+        """A scheduler call deadline: our own bound, shortened by the caller's deadline."""
         remaining = context.time_remaining()
         bound = self._settings.scheduler_timeout_seconds
         return bound if remaining is None else max(0.01, min(bound, remaining))
 
-    async def _place(
-        self, expert: str, request: router_pb2.RouteRequest, call_timeout: float
-    ) -> tuple[list[router_pb2.RouteCandidate], str | None]:
-        """Candidates of one expert (chosen replica first), or ([], why not)."""
-        place = scheduler_pb2.PlaceRequest(
-            request_id=request.request_id,
-            expert=expert,
-            prompt_tokens=max(1, len(request.prompt) // 4),
-            max_tokens=max(0, request.sampling.max_tokens),
-            exclude_replica_ids=list(request.exclude_replica_ids),
-            max_alternates=self._settings.max_alternates,
-        )
-        try:
-            reply = await self._scheduler.Place(place, timeout=call_timeout)
-        except grpc.aio.AioRpcError as error:
-            # A scheduler answer carries rich details (RetryInfo); a transport failure
-            # (scheduler down) is a bare UNAVAILABLE and must not read as "no replica".
-            answered = error_details(error)["retry_after"] is not None or error.code() != grpc.StatusCode.UNAVAILABLE
-            if answered and error.code() in _NO_REPLICA_CODES:
-                return [], f"{expert}: {error.code().name} {error.details()}"
-            raise
-        return [_candidate(expert, reply.replica)] + [_candidate(expert, alt) for alt in reply.alternates], None
+    def _unavailable(self, message: str, reason: str) -> Exception:
+        return unavailable(message, retry_after_seconds=self._settings.retry_after_seconds, reason=reason)
 
     async def Route(
         self, request: router_pb2.RouteRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.RouteResponse:
-        """Score experts, place the request, return candidates best first."""
+        """Score experts, place the request with one scheduler call, return candidates best first."""
         if not request.prompt:
             raise invalid_argument("prompt", "must not be empty")
-        if request.expert and request.expert not in self._experts:
-            known = ", ".join(self._experts)
-            raise not_found(f"expert {request.expert!r} is not served here; known experts: {known}", reason="EXPERT_NOT_FOUND")
+        cost_weight = request.cost_weight if request.HasField("cost_weight") else None
+        if cost_weight is not None and not 0.0 <= cost_weight <= MAX_COST_WEIGHT:
+            raise invalid_argument("cost_weight", f"must be in [0, {MAX_COST_WEIGHT:g}], got {cost_weight}")
+        route = RouteInput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            max_tokens=max(0, request.sampling.max_tokens),
+            expert=request.expert,
+            tenant=request.tenant,
+            exclude_replica_ids=tuple(request.exclude_replica_ids),
+            cost_weight=cost_weight,
+            timeout_seconds=self._timeout(context),
+        )
         with bind_request(request.request_id), tracer.start_as_current_span("router.route") as span:
             span.set_attribute(SpanAttributes.REQUEST_ID, request.request_id)
-            scores = self._gate.score(request.prompt)
-            selection = select(
-                scores, relative_threshold=self._settings.relative_threshold, max_k=self._settings.max_k
-            )
-            order = [request.expert] if request.expert else list(selection.ranked)
-            selected = {request.expert} if request.expert else set(selection.selected)
-            timeout = self._timeout(context)
-            # Place the least preferred expert first: the scheduler counts a request
-            # as in flight on the replica of its *last* Place, which must be the primary.
-            placed: dict[str, list[router_pb2.RouteCandidate]] = {}
-            reasons: list[str] = []
-            with tracer.start_as_current_span("router.place"):
-                for expert in reversed(order):
-                    try:
-                        found, why = await self._place(expert, request, timeout)
-                    except grpc.aio.AioRpcError as error:
-                        raise unavailable(
-                            f"scheduler unreachable ({error.code().name}): {error.details()}",
-                            retry_after_seconds=self._settings.retry_after_seconds,
-                            reason="SCHEDULER_UNAVAILABLE",
-                        ) from None
-                    if found:
-                        placed[expert] = found
-                    elif why:
-                        reasons.append(why)
-            candidates = [c for expert in order for c in placed.get(expert, [])][: 1 + self._settings.max_alternates]
-            if not candidates:
+            try:
+                with tracer.start_as_current_span("router.place"):
+                    output = await self._core.route(route)
+            except UnknownExpert as exc:
+                raise not_found(str(exc), reason="EXPERT_NOT_FOUND") from None
+            except NoEligibleExpert as exc:
                 metrics.ROUTE_UNAVAILABLE.inc()
-                wanted = request.expert or ", ".join(order)
-                log.warning("no replica", experts=order, reasons=list(reversed(reasons)))
-                raise unavailable(
-                    f"no healthy replica of expert {wanted}; try again shortly",
-                    retry_after_seconds=self._settings.retry_after_seconds,
-                    reason="NO_HEALTHY_REPLICA",
+                log.warning("no eligible expert", reasons=exc.reasons)
+                raise self._unavailable(f"no expert can serve this request now: {exc}", "NO_ELIGIBLE_EXPERT") from None
+            except PlacementUnavailable as exc:
+                metrics.ROUTE_UNAVAILABLE.inc()
+                log.warning("no replica", error=str(exc))
+                wanted = request.expert or "any expert"
+                raise self._unavailable(
+                    f"no healthy replica of {wanted}; try again shortly ({exc})", "NO_HEALTHY_REPLICA"
+                ) from None
+            except SchedulerUnreachable as exc:
+                raise self._unavailable(f"scheduler unreachable ({exc})", "SCHEDULER_UNAVAILABLE") from None
+            self._observe(output, span)
+            return self._response(request.request_id, output)
+
+    def _observe(self, output: RouteOutput, span: object) -> None:
+        """Span attributes, metrics and the log line of one decision."""
+        selection = output.selection
+        primary = output.candidates[0]
+        span.set_attribute(SpanAttributes.EXPERT, primary.expert)  # type: ignore[attr-defined]
+        span.set_attribute(SpanAttributes.REPLICA_ID, primary.replica_id)  # type: ignore[attr-defined]
+        attributes: dict[str, object] = {
+            SpanAttributes.ROUTER_GATE_KIND: output.gate_kind,
+            SpanAttributes.ROUTER_GATE_VERSION: output.gate_version,
+            SpanAttributes.ROUTER_K: selection.k,
+            SpanAttributes.ROUTER_COST_WEIGHT: selection.cost_weight,
+            SpanAttributes.ROUTER_PROMPT_TOKENS: output.scores.prompt_tokens,
+            SpanAttributes.ROUTER_EXPLORED: selection.explored,
+        }
+        for choice in selection.choices:
+            attributes[SpanAttributes.ROUTER_SCORE_PREFIX + choice.expert] = choice.probability
+            attributes[SpanAttributes.ROUTER_BIAS_PREFIX + choice.expert] = choice.bias
+        span.set_attributes(attributes)  # type: ignore[attr-defined]
+        metrics.ROUTE_DECISIONS.labels(primary.expert).inc()
+        metrics.GATE_SCORE.labels(primary.expert).observe(selection.choice(primary.expert).probability)
+        metrics.SELECTED_K.observe(selection.k)
+        metrics.DECISION_SECONDS.observe(output.decision_seconds)
+        if selection.explored:
+            metrics.EXPLORED.inc()
+        self._shares.observe(primary.expert)
+        log.info(
+            "routed",
+            expert=primary.expert,
+            replica_id=primary.replica_id,
+            candidates=len(output.candidates),
+            selected=[c.expert for c in selection.choices if c.selected],
+            k=selection.k,
+            cost_weight=selection.cost_weight,
+            decision_ms=round(output.decision_seconds * 1000, 3),
+        )
+
+    def _response(self, request_id: str, output: RouteOutput) -> router_pb2.RouteResponse:
+        selection = output.selection
+        return router_pb2.RouteResponse(
+            request_id=request_id,
+            candidates=[
+                router_pb2.RouteCandidate(expert=c.expert, replica_id=c.replica_id, address=c.address)
+                for c in output.candidates
+            ],
+            scores=[
+                router_pb2.ExpertScore(
+                    expert=c.expert,
+                    score=c.probability,
+                    selected=c.selected,
+                    quality=c.quality,
+                    bias=c.bias,
+                    utility=c.utility,
+                    eligible=c.eligible,
+                    ineligible_reason=c.why_ineligible,
+                    correction=c.correction,
                 )
-            primary = candidates[0]
-            span.set_attribute(SpanAttributes.EXPERT, primary.expert)
-            span.set_attribute(SpanAttributes.REPLICA_ID, primary.replica_id)
-            metrics.ROUTE_DECISIONS.labels(primary.expert).inc()
-            metrics.GATE_SCORE.labels(primary.expert).observe(scores.get(primary.expert, 0.0))
-            log.info(
-                "routed",
-                expert=primary.expert,
-                replica_id=primary.replica_id,
-                candidates=len(candidates),
-                selected=sorted(selected),
-            )
-            return router_pb2.RouteResponse(
-                request_id=request.request_id,
-                candidates=candidates,
-                scores=[
-                    router_pb2.ExpertScore(expert=name, score=scores[name], selected=name in selected)
-                    for name in self._experts
-                ],
-            )
+                for c in selection.choices
+            ],
+            k=selection.k,
+            cost_weight=selection.cost_weight,
+            gate_kind=output.gate_kind,
+            gate_version=output.gate_version,
+            prompt_tokens=output.scores.prompt_tokens,
+        )
 
     async def Feedback(
         self, request: router_pb2.FeedbackRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.FeedbackResponse:
-        """Record a request's outcome and forward its completion to the scheduler."""
+        """Record a request's outcome, learn from it, and forward its completion to the scheduler."""
         if not request.request_id:
             raise invalid_argument("request_id", "must not be empty")
         if request.expert not in self._experts:
             raise not_found(f"expert {request.expert!r} is not served here", reason="EXPERT_NOT_FOUND")
-        reason = common_pb2.FinishReason.Name(request.finish_reason)
+        reason = common_pb2.FinishReason.Name(request.finish_reason) if request.finish_reason in common_pb2.FinishReason.values() else "FINISH_REASON_UNSPECIFIED"
         metrics.FEEDBACK.labels(request.expert, str(request.success).lower(), reason).inc()
         if request.time_to_first_token_seconds > 0:
             metrics.TIME_TO_FIRST_TOKEN.labels(request.expert).observe(request.time_to_first_token_seconds)
@@ -156,6 +180,23 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             metrics.REQUEST_LATENCY.labels(request.expert).observe(request.latency_seconds)
         metrics.COMPLETION_TOKENS.labels(request.expert).inc(request.usage.completion_tokens)
         with bind_request(request.request_id):
+            record = self._core.feedback(
+                request.request_id,
+                Outcome(
+                    expert=request.expert,
+                    replica_id=request.replica_id,
+                    success=request.success,
+                    finish_reason=reason,
+                    prompt_tokens=request.usage.prompt_tokens,
+                    completion_tokens=request.usage.completion_tokens,
+                    time_to_first_token_seconds=max(0.0, request.time_to_first_token_seconds),
+                    latency_seconds=max(0.0, request.latency_seconds),
+                ),
+            )
+            if record is None:
+                metrics.FEEDBACK_UNMATCHED.inc()
+            elif self._core.online is not None:
+                metrics.ONLINE_UPDATES.inc()
             try:
                 await self._scheduler.Complete(
                     scheduler_pb2.SchedulerCompleteRequest(
@@ -172,7 +213,13 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             except grpc.aio.AioRpcError as error:
                 # The outcome is recorded here; the scheduler forgets stale placements by itself.
                 log.warning("scheduler complete failed", code=error.code().name, error=error.details())
-            log.info("feedback", expert=request.expert, success=request.success, finish_reason=reason)
+            log.info(
+                "feedback",
+                expert=request.expert,
+                success=request.success,
+                finish_reason=reason,
+                reward=None if record is None else round(record.reward, 4),
+            )
         return router_pb2.FeedbackResponse()
 
     async def ListExperts(
@@ -182,10 +229,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         try:
             cluster = await self._scheduler.GetCluster(scheduler_pb2.GetClusterRequest(), timeout=self._timeout(context))
         except grpc.aio.AioRpcError as error:
-            raise unavailable(
-                f"scheduler unreachable ({error.code().name}): {error.details()}",
-                retry_after_seconds=self._settings.retry_after_seconds,
-                reason="SCHEDULER_UNAVAILABLE",
+            raise self._unavailable(
+                f"scheduler unreachable ({error.code().name}): {error.details()}", "SCHEDULER_UNAVAILABLE"
             ) from None
         ready: dict[str, int] = {}
         for replica in cluster.replicas:
