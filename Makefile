@@ -9,12 +9,12 @@ PACKAGES := libs/common services/gateway services/router services/scheduler serv
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test venv buf promtool protos protos-check experts lint clean
+.PHONY: run test venv buf promtool protos protos-check experts gate lint clean
 
-run: venv experts  ## Start the whole stack locally (gateway on 127.0.0.1:50051).
+run: venv experts gate  ## Start the whole stack locally (gateway on 127.0.0.1:50051).
 	$(BIN)/switchboard up
 
-test: venv buf promtool experts  ## Lint, then run every test (unit, cross-service, deployment checks).
+test: venv buf promtool experts gate  ## Lint, then run every test (unit, cross-service, deployment checks).
 	$(BIN)/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -54,6 +54,9 @@ protos-check: venv  ## Fail if the checked-in generated code is stale.
 
 experts: venv  ## Build the demo experts into the cache (no-op when cached).
 	$(BIN)/switchboard experts build
+
+gate: experts  ## Score the experts on held-out prompts and train the router's default gate (no-op when cached).
+	$(BIN)/switchboard router build
 
 lint: venv
 	$(BIN)/ruff check .

@@ -7,11 +7,10 @@ import random
 
 import grpc
 import pytest
-from switchboard.common.errors import error_details
-from switchboard.v1 import common_pb2, router_pb2, scheduler_pb2
-
 from prometheus_client import REGISTRY
+from switchboard.common.errors import error_details
 from switchboard.router.artifact import write_artifact
+from switchboard.v1 import common_pb2, router_pb2, scheduler_pb2
 
 from .conftest import Stack, running_stack
 from .gate_fixtures import prompt, trained_gate

@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("switchboard.cli.client", "send a prompt to the gateway and stream the answer"),
     "experts": ("switchboard.experts.cli", "build, locate and sample the demo expert models"),
     "bench": ("switchboard.bench.cli", "replay request traces against Switchboard or an OpenAI-compatible server"),
+    "router": ("switchboard.routing.cli", "build the router gate's data, train and evaluate it"),
 }
 
 

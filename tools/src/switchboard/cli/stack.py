@@ -1,6 +1,8 @@
 """`switchboard up`: start the whole stack on 127.0.0.1 and keep it running until Ctrl-C.
 
-It builds the demo experts if they are missing (switchboard.experts), makes sure a
+It builds the demo experts if they are missing (switchboard.experts) and the router's
+default learned gate for the experts config (`switchboard router build`, cached; skipped when
+ROUTER_GATE_PATH is set, or with --no-gate), makes sure a
 dev API key exists (the key in `<cache>/dev-api-key`, its hash in the gateway's keys
 file `<cache>/gateway-keys.jsonl`), starts the scheduler, the router, one generator
 per replica in the experts config and the gateway as separate processes (each
@@ -92,6 +94,18 @@ def run(args: argparse.Namespace) -> int:
     keys_file = Path(os.environ.get("GATEWAY_KEYS_FILE") or cache / "gateway-keys.jsonl")
     key = ensure_dev_key(cache, keys_file)
     plan = plan_stack(experts_config, keys_file, models=models, free_ports=args.free_ports)
+    gate = os.environ.get("ROUTER_GATE_PATH", "")
+    if not gate and not args.no_gate:
+        from switchboard.routing.gate_cli import build_default_gate
+
+        print("checking the router's default gate (built into the cache on first use)...", flush=True)
+        try:
+            gate = str(build_default_gate(experts_config, progress=lambda line: print(f"  {line}", flush=True)))
+        except (OSError, ValueError) as exc:
+            print(f"switchboard up: cannot build the router's gate: {exc} (--no-gate uses the built-in rule)", file=sys.stderr)
+            return 2
+    if gate:
+        plan.env["ROUTER_GATE_PATH"] = gate
     log_dir = Path(args.log_dir or cache / "logs")
     stack = LocalStack(plan, log_dir, start_timeout=args.timeout)
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -101,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         stack.start(args.timeout)
         print(f"\nSwitchboard is up ({time.monotonic() - started:.1f}s)\n")
         print(f"  gateway    {plan.gateway_addr}   metrics http://127.0.0.1:{plan.gateway_metrics}/metrics")
-        print(f"  router     {plan.router_addr}   metrics http://127.0.0.1:{plan.router_metrics}/metrics")
+        print(f"  router     {plan.router_addr}   metrics http://127.0.0.1:{plan.router_metrics}/metrics   gate: {gate or 'built-in n-gram rule'}")
         print(f"  scheduler  {plan.scheduler_addr}   metrics http://127.0.0.1:{plan.scheduler_metrics}/metrics")
         for g in plan.generators:
             print(f"  generator  127.0.0.1:{g.port}   metrics http://127.0.0.1:{g.metrics_port}/metrics   {g.expert} ({g.replica_id})")
@@ -148,4 +162,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         "--free-ports", action="store_true", help="use free ports instead of 50051.. (a second stack on one machine)"
     )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the stack to become healthy")
+    parser.add_argument(
+        "--no-gate", action="store_true", help="route with the built-in n-gram rule instead of the learned gate"
+    )
     parser.set_defaults(func=run)
