@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from switchboard.experts.recipes import MILTON, SHAKESPEARE
 
 # Bump when sampling or scoring code changes what a recipe produces.
-CODE_VERSION = 1
+CODE_VERSION = 2
 
 MIXED = "mixed"
 
@@ -32,7 +32,11 @@ class RouterDataRecipe:
     # Gate split of the demo experts' held-out works (whole works, never a training work):
     # train on the validation works and the Sonnets, test on two plays the gate never sees;
     # `halved_works` go half to each side by tokens (first half train) so Milton has a test text.
-    train_works: tuple[str, ...] = ("julius_caesar", "tempest", "sonnets", "poemata")
+    # Milton's Poemata (held out too) are left out: they are Latin, and with three quarters of
+    # the Milton samples they taught the gate "Latin means Milton", so it sent English Milton to
+    # the Shakespeare expert (test APGR 0.19 at 33% of always-best's cost, against 0.50 at 49%
+    # without them; see services/router/README.md).
+    train_works: tuple[str, ...] = ("julius_caesar", "tempest", "sonnets")
     test_works: tuple[str, ...] = ("macbeth", "twelfth_night")
     halved_works: tuple[str, ...] = ("paradise_regained",)
     # --text files: share of all samples when the demo corpus is used too (split equally between
