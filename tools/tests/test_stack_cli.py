@@ -85,6 +85,9 @@ def test_client_request_from_arguments() -> None:
     assert request.sampling.max_tokens == 5 and request.sampling.HasField("temperature")
     assert request.sampling.seed == 7 and list(request.sampling.stop) == ["\n"] and not request.sampling.HasField("top_p")
     assert request.sampling.repetition_penalty == pytest.approx(1.15)
+    assert not request.HasField("cost_weight")  # unset: the router's default
+    argv = ["generate", "hi", "--cost-weight", "0.05"]
+    assert build_request(build_parser(argv).parse_args(argv)).cost_weight == pytest.approx(0.05)
 
 
 def test_services_die_with_their_launcher(tmp_path: Path) -> None:

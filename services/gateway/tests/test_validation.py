@@ -55,3 +55,15 @@ def test_boundaries_are_accepted() -> None:
     params = check(prompt="x" * 100, max_tokens=512, temperature=2.0, top_p=1.0, top_k=0, stop=["s" * 64] * 8)
     assert params.max_tokens == 512
     check(temperature=0.0, repetition_penalty=1.0, min_tokens=32)
+
+
+@pytest.mark.parametrize("value", [-0.01, 100.5, float("nan"), float("inf")])
+def test_cost_weight_out_of_range_is_named(value: float) -> None:
+    with pytest.raises(FieldError) as error:
+        validate_request("x", common_pb2.SamplingParams(), "", "", LIMITS, cost_weight=value)
+    assert error.value.field == "cost_weight"
+
+
+def test_cost_weight_bounds_and_unset_are_accepted() -> None:
+    for value in (None, 0.0, 100.0, 0.07):
+        validate_request("x", common_pb2.SamplingParams(), "", "", LIMITS, cost_weight=value)

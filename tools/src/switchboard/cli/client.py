@@ -41,7 +41,10 @@ def build_request(args: argparse.Namespace) -> gateway_pb2.GenerateRequest:
     if args.seed is not None:
         sampling.seed = args.seed
     sampling.stop.extend(args.stop or [])
-    return gateway_pb2.GenerateRequest(prompt=args.prompt, sampling=sampling, model=args.model or "")
+    request = gateway_pb2.GenerateRequest(prompt=args.prompt, sampling=sampling, model=args.model or "")
+    if args.cost_weight is not None:
+        request.cost_weight = args.cost_weight
+    return request
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,6 +89,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     parser = subparsers.add_parser("generate", help="send a prompt to the gateway and stream the answer", description=__doc__)
     parser.add_argument("prompt", help="the prompt text")
     parser.add_argument("--model", default=None, help="pin an expert (default: the router chooses)")
+    parser.add_argument(
+        "--cost-weight",
+        type=float,
+        default=None,
+        help="the router's cost/quality knob: 0 = best expert, larger = cheaper (default: the router's)",
+    )
     parser.add_argument("--max-tokens", type=int, default=0, help="tokens to generate (0: the gateway default)")
     parser.add_argument("--temperature", type=float, default=None, help="0 is greedy; default 1.0")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")

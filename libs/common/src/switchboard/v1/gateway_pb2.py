@@ -25,27 +25,27 @@ _sym_db = _symbol_database.Default()
 from switchboard.v1 import common_pb2 as switchboard_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cswitchboard/v1/gateway.proto\x12\x0eswitchboard.v1\x1a\x1bswitchboard/v1/common.proto\"v\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x30\n\x08sampling\x18\x02 \x01(\x0b\x32\x1e.switchboard.v1.SamplingParams\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xb3\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0btoken_count\x18\x03 \x01(\r\x12\x33\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1c.switchboard.v1.FinishReason\x12$\n\x05usage\x18\x05 \x01(\x0b\x32\x15.switchboard.v1.Usage\x12\r\n\x05model\x18\x06 \x01(\t\"v\n\x0f\x43ompleteRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x30\n\x08sampling\x18\x02 \x01(\x0b\x32\x1e.switchboard.v1.SamplingParams\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x9e\x01\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x33\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1c.switchboard.v1.FinishReason\x12$\n\x05usage\x18\x04 \x01(\x0b\x32\x15.switchboard.v1.Usage\x12\r\n\x05model\x18\x05 \x01(\t\"\x13\n\x11ListModelsRequest\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.switchboard.v1.ModelInfo\"]\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x16\n\x0eready_replicas\x18\x03 \x01(\r\x12\x15\n\rrelative_cost\x18\x04 \x01(\x01\x32\xfe\x01\n\x07Gateway\x12O\n\x08Generate\x12\x1f.switchboard.v1.GenerateRequest\x1a .switchboard.v1.GenerateResponse0\x01\x12M\n\x08\x43omplete\x12\x1f.switchboard.v1.CompleteRequest\x1a .switchboard.v1.CompleteResponse\x12S\n\nListModels\x12!.switchboard.v1.ListModelsRequest\x1a\".switchboard.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cswitchboard/v1/gateway.proto\x12\x0eswitchboard.v1\x1a\x1bswitchboard/v1/common.proto\"\xa0\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x30\n\x08sampling\x18\x02 \x01(\x0b\x32\x1e.switchboard.v1.SamplingParams\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x18\n\x0b\x63ost_weight\x18\x05 \x01(\x01H\x00\x88\x01\x01\x42\x0e\n\x0c_cost_weight\"\xb3\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0btoken_count\x18\x03 \x01(\r\x12\x33\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1c.switchboard.v1.FinishReason\x12$\n\x05usage\x18\x05 \x01(\x0b\x32\x15.switchboard.v1.Usage\x12\r\n\x05model\x18\x06 \x01(\t\"\xa0\x01\n\x0f\x43ompleteRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x30\n\x08sampling\x18\x02 \x01(\x0b\x32\x1e.switchboard.v1.SamplingParams\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x18\n\x0b\x63ost_weight\x18\x05 \x01(\x01H\x00\x88\x01\x01\x42\x0e\n\x0c_cost_weight\"\x9e\x01\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x33\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1c.switchboard.v1.FinishReason\x12$\n\x05usage\x18\x04 \x01(\x0b\x32\x15.switchboard.v1.Usage\x12\r\n\x05model\x18\x05 \x01(\t\"\x13\n\x11ListModelsRequest\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.switchboard.v1.ModelInfo\"]\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x16\n\x0eready_replicas\x18\x03 \x01(\r\x12\x15\n\rrelative_cost\x18\x04 \x01(\x01\x32\xfe\x01\n\x07Gateway\x12O\n\x08Generate\x12\x1f.switchboard.v1.GenerateRequest\x1a .switchboard.v1.GenerateResponse0\x01\x12M\n\x08\x43omplete\x12\x1f.switchboard.v1.CompleteRequest\x1a .switchboard.v1.CompleteResponse\x12S\n\nListModels\x12!.switchboard.v1.ListModelsRequest\x1a\".switchboard.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'switchboard.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GENERATEREQUEST']._serialized_start=77
-  _globals['_GENERATEREQUEST']._serialized_end=195
-  _globals['_GENERATERESPONSE']._serialized_start=198
-  _globals['_GENERATERESPONSE']._serialized_end=377
-  _globals['_COMPLETEREQUEST']._serialized_start=379
-  _globals['_COMPLETEREQUEST']._serialized_end=497
-  _globals['_COMPLETERESPONSE']._serialized_start=500
-  _globals['_COMPLETERESPONSE']._serialized_end=658
-  _globals['_LISTMODELSREQUEST']._serialized_start=660
-  _globals['_LISTMODELSREQUEST']._serialized_end=679
-  _globals['_LISTMODELSRESPONSE']._serialized_start=681
-  _globals['_LISTMODELSRESPONSE']._serialized_end=744
-  _globals['_MODELINFO']._serialized_start=746
-  _globals['_MODELINFO']._serialized_end=839
-  _globals['_GATEWAY']._serialized_start=842
-  _globals['_GATEWAY']._serialized_end=1096
+  _globals['_GENERATEREQUEST']._serialized_start=78
+  _globals['_GENERATEREQUEST']._serialized_end=238
+  _globals['_GENERATERESPONSE']._serialized_start=241
+  _globals['_GENERATERESPONSE']._serialized_end=420
+  _globals['_COMPLETEREQUEST']._serialized_start=423
+  _globals['_COMPLETEREQUEST']._serialized_end=583
+  _globals['_COMPLETERESPONSE']._serialized_start=586
+  _globals['_COMPLETERESPONSE']._serialized_end=744
+  _globals['_LISTMODELSREQUEST']._serialized_start=746
+  _globals['_LISTMODELSREQUEST']._serialized_end=765
+  _globals['_LISTMODELSRESPONSE']._serialized_start=767
+  _globals['_LISTMODELSRESPONSE']._serialized_end=830
+  _globals['_MODELINFO']._serialized_start=832
+  _globals['_MODELINFO']._serialized_end=925
+  _globals['_GATEWAY']._serialized_start=928
+  _globals['_GATEWAY']._serialized_end=1182
 # @@protoc_insertion_point(module_scope)

@@ -143,7 +143,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     # -- the request path -----------------------------------------------------------
 
     async def _route(
-        self, request_id: str, prompt: str, sampling: common_pb2.SamplingParams, model: str, tenant: str, deadline: float
+        self,
+        request_id: str,
+        prompt: str,
+        sampling: common_pb2.SamplingParams,
+        model: str,
+        tenant: str,
+        deadline: float,
+        cost_weight: float | None = None,
     ) -> router_pb2.RouteResponse:
         timeout = min(self._settings.router_timeout_seconds, deadline - time.monotonic())
         if timeout <= 0:
@@ -151,7 +158,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         try:
             return await self._router.Route(
                 router_pb2.RouteRequest(
-                    request_id=request_id, prompt=prompt, sampling=sampling, expert=model, tenant=tenant
+                    request_id=request_id,
+                    prompt=prompt,
+                    sampling=sampling,
+                    expert=model,
+                    tenant=tenant,
+                    cost_weight=cost_weight,
                 ),
                 timeout=timeout,
             )
@@ -175,8 +187,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         started = time.monotonic()
         tenant = self._authenticate(context)
         try:
+            cost_weight = request.cost_weight if request.HasField("cost_weight") else None
             sampling = validate_request(
-                request.prompt, request.sampling, request.model, request.request_id, self._limits
+                request.prompt, request.sampling, request.model, request.request_id, self._limits, cost_weight
             )
         except FieldError as error:
             raise invalid_argument(error.field, error.message) from None
@@ -192,7 +205,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         with bind_request(request_id, tenant=tenant):
             log.info("request", prompt_chars=len(request.prompt), max_tokens=sampling.max_tokens, model=request.model)
             try:
-                decision = await self._route(request_id, request.prompt, sampling, request.model, tenant, deadline)
+                decision = await self._route(
+                    request_id, request.prompt, sampling, request.model, tenant, deadline, cost_weight
+                )
                 async for message in self._attempts(request_id, request.prompt, sampling, decision, deadline, outcome):
                     yield message
             except ServiceError as error:

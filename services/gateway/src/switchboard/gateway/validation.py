@@ -15,6 +15,7 @@ from switchboard.v1 import common_pb2
 MAX_STOP_SEQUENCES = 8
 MAX_STOP_CHARS = 64
 MAX_REQUEST_ID_CHARS = 128
+MAX_COST_WEIGHT = 100.0  # the router's bound on lambda
 MAX_MODEL_CHARS = 128
 
 
@@ -79,7 +80,12 @@ def validate_sampling(sampling: common_pb2.SamplingParams, limits: Limits) -> co
 
 
 def validate_request(
-    prompt: str, sampling: common_pb2.SamplingParams, model: str, request_id: str, limits: Limits
+    prompt: str,
+    sampling: common_pb2.SamplingParams,
+    model: str,
+    request_id: str,
+    limits: Limits,
+    cost_weight: float | None = None,
 ) -> common_pb2.SamplingParams:
     """Validate a Generate/Complete request; return the normalized sampling parameters."""
     if not prompt:
@@ -90,4 +96,6 @@ def validate_request(
         raise FieldError("request_id", f"at most {MAX_REQUEST_ID_CHARS} characters, got {len(request_id)}")
     if len(model) > MAX_MODEL_CHARS:
         raise FieldError("model", f"at most {MAX_MODEL_CHARS} characters, got {len(model)}")
+    if cost_weight is not None and not (0.0 <= cost_weight <= MAX_COST_WEIGHT):  # also refuses NaN
+        raise FieldError("cost_weight", f"must be in [0, {MAX_COST_WEIGHT:g}], got {cost_weight}")
     return validate_sampling(sampling, limits)
