@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 
 import grpc
@@ -282,3 +283,27 @@ async def test_an_unusable_gate_stops_the_router_at_start(synthetic_gate, tmp_pa
         server=ServerSettings(port=0, metrics_port=0), experts_config=experts_config, gate_path=gate
     )
     assert await serve(settings, GrpcService("router", settings.server), handle_signals=False) == 2
+
+
+async def test_online_head_survives_a_restart_and_outcomes_are_logged(synthetic_gate, tmp_path) -> None:
+    gate, config = synthetic_gate
+    state, outcomes = tmp_path / "online.json", tmp_path / "outcomes.jsonl"
+    settings = {"experts_config": config, "gate_path": gate, "online_state_path": state, "outcomes_path": outcomes}
+    war = prompt(random.Random(5), "war", 40)
+    async with running_stack(**settings) as stack:
+        await register(stack, "scholar-1", "scholar", 50063)
+        await stack.router.Route(route(prompt=war, cost_weight=0.0))
+        await stack.router.Feedback(
+            router_pb2.FeedbackRequest(
+                request_id="req-1", expert="scholar", replica_id="scholar-1", success=False,
+                finish_reason=common_pb2.FINISH_REASON_ERROR,
+            )
+        )
+        before = next(s for s in (await stack.router.Route(route(prompt=war))).scores if s.expert == "scholar").correction
+    assert json.loads(state.read_text())["updates"] == 1  # written at shutdown
+    row = json.loads(outcomes.read_text().splitlines()[0])
+    assert row["outcome"]["success"] is False and row["penalty"] == 1.0 and "prompt" not in row
+    async with running_stack(**settings) as stack:
+        await register(stack, "scholar-1", "scholar", 50063)
+        after = next(s for s in (await stack.router.Route(route(prompt=war))).scores if s.expert == "scholar").correction
+    assert after == pytest.approx(before) and after < 0

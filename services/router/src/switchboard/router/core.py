@@ -11,6 +11,7 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from switchboard.router.decision_log import Decision, DecisionLog, Outcome, OutcomeSink, TrainingRecord
@@ -33,6 +34,11 @@ __all__ = [
     "SchedulerUnreachable",
     "UnknownExpert",
 ]
+
+
+# The online head is written to its snapshot every this many updates (and at shutdown), so a
+# crash loses at most this much learning.
+ONLINE_SNAPSHOT_EVERY = 100
 
 
 class UnknownExpert(ValueError):
@@ -139,6 +145,7 @@ class RouterCore:
         load_bias: LoadBias | None = None,
         decision_log: DecisionLog | None = None,
         online: OnlineHead | None = None,
+        online_snapshot: Path | None = None,
         sink: OutcomeSink | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
@@ -153,6 +160,7 @@ class RouterCore:
         self.load_bias = load_bias or LoadBias(self.experts, ttft_slo_seconds=settings.ttft_slo_seconds, clock=clock)
         self.decision_log = decision_log or DecisionLog(clock=clock)
         self.online = online
+        self.online_snapshot = online_snapshot
         self.sink = sink
         self._clock = clock
         self._rng = rng or random.Random()
@@ -290,6 +298,8 @@ class RouterCore:
         )
         if self.online is not None:
             self.online.update(record)
+            if self.online_snapshot is not None and self.online.updates % ONLINE_SNAPSHOT_EVERY == 0:
+                self.online.save(self.online_snapshot)
         if self.sink is not None:
             self.sink.write(record)
         return record

@@ -97,6 +97,7 @@ def build_core(
             ttft_slo_seconds=slo,
         ),
         online=online,
+        online_snapshot=settings.online_state_path,
         sink=OutcomeSink(settings.outcomes_path) if settings.outcomes_path is not None else None,
         rng=rng,
     )
