@@ -62,7 +62,7 @@ class RouterSettings:
         "ROUTER_LOAD_POLL_SECONDS", 0.5, "how often the router reads the pools' load from the scheduler", minimum=0.05, maximum=60.0
     )
     load_bias_step: float = setting(
-        "ROUTER_LOAD_BIAS_STEP", 0.05, "load-bias change per look at the pools (nats)", minimum=0.0, maximum=10.0
+        "ROUTER_LOAD_BIAS_STEP", 0.2, "largest load-bias change per look at the pools (nats)", minimum=0.0, maximum=10.0
     )
     load_bias_max: float = setting(
         "ROUTER_LOAD_BIAS_MAX", 2.0, "largest load penalty of one expert (nats)", minimum=0.0, maximum=100.0

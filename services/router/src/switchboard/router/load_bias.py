@@ -1,24 +1,34 @@
 """Load-aware bias per expert: a hot pool sheds traffic to the next best expert without retraining.
 
-This is the auxiliary-loss-free balancing of DeepSeek-V3 applied to request routing: each expert
-has a bias added to its utility; after every look at the cluster it is nudged down while the
-expert's pool is saturated and back up (towards zero) while it is not. The gate's learned scores
-never change; only the operating point moves, and it moves back by itself when the pool recovers.
+As in the auxiliary-loss-free balancing of DeepSeek-V3, each expert has a bias added to its
+utility and the gate's learned scores never change: only the operating point moves, and it moves
+back by itself when the pool recovers.
 
 Saturation ("pressure", 1.0 = at the limit) is the largest of:
 
 - waiting sequences per ready replica over `waiting_per_replica` (queue depth, from heartbeats);
 - KV-cache use over `kv_utilization` (mean over ready replicas);
 - the median time to first token of the last `ttft_window_seconds` (from Feedback) over the
-  expert's TTFT SLO.
+  expert's TTFT SLO, only while the pool has work running or waiting: the TTFTs of requests that
+  queued behind a burst say nothing about a pool that has since emptied.
 
-A step is `step * min(pressure, 4)` down when pressure > 1 (faster the deeper the overload),
-`step` up otherwise; the bias stays within [-max_penalty, 0]. An expert with no ready replica is
-ineligible rather than penalized (the selector never sends it anything), and keeps its bias.
+Every look at the cluster moves each bias towards a target set by its pressure, by at most `step`:
+
+    target = 0                                                       if pressure <= 1
+    target = -max_penalty * min(1, log(pressure) / log(full_penalty_pressure))   otherwise
+
+so a pool twice over its limit is penalized a quarter as much as one 16 times over (at the
+default), and the less saturated of two hot pools keeps the traffic. (A first version stepped
+every saturated bias down to one floor: once the second-best pool was slightly over its limit too,
+both sat at the floor and the far hotter pool won its traffic back; the load test on the local
+stack showed its queue grow from 9 to 59.) Falling and rising move at the same rate, so a pool
+that recovers gets its traffic back in about `max_penalty / step` looks. An expert with no ready
+replica is unavailable rather than penalized (the selector puts it last), and keeps its bias.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections import deque
@@ -43,8 +53,9 @@ class PoolLoad:
 class LoadBiasConfig:
     """How fast and how far the bias moves, and where saturation starts."""
 
-    step: float = 0.05
+    step: float = 0.2  # most change of one bias per look (nats)
     max_penalty: float = 2.0
+    full_penalty_pressure: float = 16.0  # pressure at which the penalty reaches max_penalty
     waiting_per_replica: float = 2.0
     kv_utilization: float = 0.9
     ttft_window_seconds: float = 5.0
@@ -96,8 +107,16 @@ class LoadBias:
         cfg = self.config
         queue = pool.waiting / max(1, pool.ready_replicas) / cfg.waiting_per_replica
         kv = pool.kv_utilization / cfg.kv_utilization
-        ttft = self.recent_ttft(pool.expert) / self._slo[pool.expert]
+        busy = pool.waiting > 0 or pool.running > 0
+        ttft = self.recent_ttft(pool.expert) / self._slo[pool.expert] if busy else 0.0
         return max(queue, kv, ttft)
+
+    def target(self, pressure: float) -> float:
+        """The bias a pool at this pressure settles at."""
+        if pressure <= 1.0:
+            return 0.0
+        cfg = self.config
+        return -cfg.max_penalty * min(1.0, math.log(pressure) / math.log(max(cfg.full_penalty_pressure, 1.0001)))
 
     def update(self, pools: Mapping[str, PoolLoad]) -> dict[str, float]:
         """One step of every bias from a fresh look at the pools; returns the new biases."""
@@ -108,9 +127,6 @@ class LoadBias:
                 continue
             pressure = self.pool_pressure(pool)
             self._pressure[name] = pressure
-            if pressure > 1.0:
-                change = -cfg.step * min(pressure, 4.0)
-            else:
-                change = cfg.step
-            self._bias[name] = min(0.0, max(-cfg.max_penalty, self._bias[name] + change))
+            target, now = self.target(pressure), self._bias[name]
+            self._bias[name] = max(target, now - cfg.step) if target < now else min(target, now + cfg.step)
         return self.bias
