@@ -110,10 +110,15 @@ def test_invalid_requests(req: PlacementRequest, field: str, says: str) -> None:
 def test_unknown_experts_name_themselves_and_the_declared_ones() -> None:
     placer = make_placer(("a1", "a", 0))
     with pytest.raises(UnknownExperts) as info:
-        placer.place(request("a", "x", "y"))
+        placer.place(request("x", "y"))
     assert info.value.unknown == ("x", "y")
     assert str(info.value) == "unknown experts 'x', 'y'; the experts config declares: a, b, c"
     assert inflight(placer) == {"a1": 0}
+    # Among declared experts an undeclared one is only unavailable: the request is still served.
+    result = placer.place(request("x", "a", "y"))
+    assert [p.expert for p in result.placements] == ["a"] and inflight(placer) == {"a1": 1}
+    assert [(u.expert, u.outcome) for u in result.unavailable] == [("x", "unknown_expert"), ("y", "unknown_expert")]
+    assert "not declared in the scheduler's experts config" in result.unavailable[0].reason
     # Exactly MAX_EXPERTS distinct names is allowed (and then checked against the config).
     with pytest.raises(UnknownExperts):
         placer.place(request(*[f"e{i}" for i in range(MAX_EXPERTS)]))

@@ -237,18 +237,23 @@ async def test_place_rejects_bad_requests(
 async def test_place_unknown_expert_is_not_found(stub: scheduler_pb2_grpc.SchedulerStub) -> None:
     await stub.Register(register_request("a"))
     details = await expect_error(
-        stub.Place(scheduler_pb2.PlaceRequest(request_id="r", experts=["bard-small", "nope"])),
+        stub.Place(scheduler_pb2.PlaceRequest(request_id="r", experts=["nope", "never"])),
         grpc.StatusCode.NOT_FOUND,
     )
     assert details["reason"] == "EXPERT_NOT_FOUND"
-    assert "'nope'" in details["message"]
+    assert "'nope'" in details["message"] and "'never'" in details["message"]
     assert "bard-small, milton-small, scribe-large" in details["message"]
-    # A bad list reserves nothing, even on the expert that was fine.
     assert await inflight(stub) == {"a": 0}
     details = await expect_error(
         stub.Place(scheduler_pb2.PlaceRequest(expert="nope")), grpc.StatusCode.NOT_FOUND
     )
     assert "nope" in details["message"]
+    # Among declared experts an undeclared one is listed as unavailable and the request is served
+    # (a router whose experts config is ahead of the scheduler's keeps working).
+    reply = await stub.Place(scheduler_pb2.PlaceRequest(request_id="r", experts=["nope", "bard-small"]))
+    assert [p.expert for p in reply.placements] == ["bard-small"]
+    assert [u.expert for u in reply.unavailable] == ["nope"] and "not declared" in reply.unavailable[0].reason
+    assert await inflight(stub) == {"a": 1}
 
 
 async def test_place_unavailable_lists_every_reason(stub: scheduler_pb2_grpc.SchedulerStub) -> None:

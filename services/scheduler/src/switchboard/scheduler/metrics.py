@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from prometheus_client import Counter, Gauge
-from switchboard.scheduler.placement import PlacementResult
+from switchboard.scheduler.placement import UNDECLARED, PlacementResult
 from switchboard.scheduler.registry import ReplicaRecord, ReplicaState
 
 REPLICAS = Gauge(
@@ -57,4 +57,6 @@ def count_placements(result: PlacementResult) -> None:
     for index, placement in enumerate(result.placements):
         PLACEMENTS.labels(expert=placement.expert, outcome="placed" if index == 0 else "candidate").inc()
     for shortfall in result.unavailable:
-        PLACEMENTS.labels(expert=shortfall.expert, outcome=shortfall.outcome).inc()
+        # An undeclared name comes from the caller: one label for all keeps the series bounded.
+        expert = "unknown" if shortfall.outcome == UNDECLARED else shortfall.expert
+        PLACEMENTS.labels(expert=expert, outcome=shortfall.outcome).inc()

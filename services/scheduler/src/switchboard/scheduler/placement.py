@@ -26,6 +26,7 @@ MAX_ALTERNATES = 16
 
 # Why an expert got no placement (also the `outcome` label of the placements metric).
 NO_REPLICA = "no_replica"
+UNDECLARED = "unknown_expert"
 TOO_SHORT = "too_short"
 
 
@@ -178,9 +179,10 @@ class Placer:
             raise InvalidPlacement(
                 "max_alternates", f"must be at most {MAX_ALTERNATES}, got {request.max_alternates}"
             )
-        unknown = [name for name in experts if name not in self.experts]
-        if unknown:
-            raise UnknownExperts(unknown, self.experts)
+        # An undeclared expert among declared ones is only unavailable (plan() says why): a router
+        # whose experts config is a step ahead of this one keeps serving from the others.
+        if not any(name in self.experts for name in experts):
+            raise UnknownExperts(experts, self.experts)
 
     def plan(self, request: PlacementRequest) -> PlacementResult:
         """Where the request would go, expert by expert, without reserving anything."""
@@ -204,6 +206,11 @@ class Placer:
         return result
 
     def _place_on(self, expert: str, request: PlacementRequest) -> ExpertCandidates | ExpertShortfall:
+        if expert not in self.experts:
+            known = ", ".join(sorted(self.experts))
+            return ExpertShortfall(
+                expert, UNDECLARED, f"expert {expert!r} is not declared in the scheduler's experts config ({known})"
+            )
         healthy = self.registry.healthy_replicas(expert)
         untried = [r for r in healthy if r.replica_id not in request.exclude_replica_ids]
         if not untried:
