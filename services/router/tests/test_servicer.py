@@ -307,3 +307,22 @@ async def test_online_head_survives_a_restart_and_outcomes_are_logged(synthetic_
         await register(stack, "scholar-1", "scholar", 50063)
         after = next(s for s in (await stack.router.Route(route(prompt=war))).scores if s.expert == "scholar").correction
     assert after == pytest.approx(before) and after < 0
+
+
+async def test_a_request_longer_than_every_expert_is_invalid_not_retryable(synthetic_gate) -> None:
+    gate, config = synthetic_gate
+    async with running_stack(experts_config=config, gate_path=gate, load_poll_seconds=0.05) as stack:
+        for i, name in enumerate(("sailor", "soldier", "scholar")):
+            await register(stack, f"{name}-1", name, 50061 + i, max_model_len=64)
+        await asyncio.sleep(0.2)  # the router's look at the pools
+        long_prompt = prompt(random.Random(9), "sea", 50)
+        details = await expect(
+            stack.router.Route(
+                router_pb2.RouteRequest(request_id="long", prompt=long_prompt, sampling=common_pb2.SamplingParams(max_tokens=60))
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+        assert details["field_violations"][0][0] == "prompt"
+        assert "longest context any expert serves is 64" in details["message"]
+        reply = await stack.router.Route(route(prompt="ship sail"))
+        assert reply.candidates  # a short one still fits

@@ -27,6 +27,7 @@ __all__ = [
     "PlacementRequest",
     "PlacementResult",
     "PlacementUnavailable",
+    "RequestTooLong",
     "Placer",
     "RouteInput",
     "RouteOutput",
@@ -43,6 +44,17 @@ ONLINE_SNAPSHOT_EVERY = 100
 
 class UnknownExpert(ValueError):
     """A request named an expert the config does not declare."""
+
+
+class RequestTooLong(ValueError):
+    """Every allowed expert's replicas are too short for the prompt plus its output budget."""
+
+    def __init__(self, needed: int, longest: int) -> None:
+        self.needed, self.longest = needed, longest
+        super().__init__(
+            f"the prompt and max_tokens need {needed} tokens; the longest context any expert serves is "
+            f"{longest}: shorten the prompt or lower sampling.max_tokens"
+        )
 
 
 class PlacementUnavailable(Exception):
@@ -210,6 +222,23 @@ class RouterCore:
                 out[name] = f"its replicas accept at most {pool.max_model_len} tokens, the request needs {needed}"
         return out
 
+    def _check_fits(self, request: RouteInput, prompt_tokens: int, ineligible: Mapping[str, str]) -> None:
+        """Raise RequestTooLong when every allowed expert is ready but none is long enough.
+
+        Only an exact token count counts: an estimate from a long prompt's prefix is left to the
+        scheduler, which checks `min_model_len` against each replica.
+        """
+        pools = self.pools()
+        if pools is None:
+            return
+        allowed = [pools.get(name) for name in self.experts if name not in ineligible]
+        if not allowed or any(p is None or p.ready_replicas == 0 or p.max_model_len == 0 for p in allowed):
+            return
+        needed = prompt_tokens + max(0, request.max_tokens)
+        longest = max(p.max_model_len for p in allowed if p is not None)
+        if needed > longest:
+            raise RequestTooLong(needed, longest)
+
     def decide(self, request: RouteInput) -> tuple[Selection, GateScores, float]:
         """Gate and selector for one request (no I/O); returns the selection, scores and seconds."""
         if request.expert and request.expert not in self.experts:
@@ -218,6 +247,10 @@ class RouterCore:
             )
         started = time.perf_counter()
         scores = self.gate.score(request.prompt)
+        ineligible = self.ineligible(request)
+        unavailable = self.unavailable(request, scores.prompt_tokens)
+        if scores.exact_tokens:
+            self._check_fits(request, scores.prompt_tokens, ineligible)
         quality = dict(zip(self.gate.experts, scores.quality, strict=True))
         correction = self.online.correction(scores.hidden) if self.online is not None else None
         selection = self.selector.select(
@@ -226,8 +259,8 @@ class RouterCore:
             cost_weight=self.cost_weight_for(request),
             bias=self.load_bias.bias,
             correction=correction,
-            ineligible=self.ineligible(request),
-            unavailable=self.unavailable(request, scores.prompt_tokens),
+            ineligible=ineligible,
+            unavailable=unavailable,
             rng=self._rng,
         )
         return selection, scores, time.perf_counter() - started

@@ -17,6 +17,7 @@ from switchboard.router.config import RouterSettings
 from switchboard.router.core import (
     NoEligibleExpert,
     PlacementUnavailable,
+    RequestTooLong,
     RouteInput,
     RouteOutput,
     RouterCore,
@@ -83,6 +84,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     output = await self._core.route(route)
             except UnknownExpert as exc:
                 raise not_found(str(exc), reason="EXPERT_NOT_FOUND") from None
+            except RequestTooLong as exc:
+                raise invalid_argument("prompt", str(exc)) from None
             except NoEligibleExpert as exc:
                 metrics.ROUTE_UNAVAILABLE.inc()
                 log.warning("no eligible expert", reasons=exc.reasons)
