@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
-PACKAGES := libs/common services/gateway services/router services/scheduler services/generator tools
+PACKAGES := libs/common libs/replica services/gateway services/router services/scheduler services/generator tools
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 

@@ -717,6 +717,22 @@ def image_requirement_files(dockerfile: Path) -> list[str]:
     return sorted(set(re.findall(r"-r\s+(requirements/\S+\.txt)", text)))
 
 
+def image_libs(dockerfile: Path) -> list[str]:
+    """The shared libraries (`libs/<name>`) a Dockerfile copies into its image."""
+    copies = [i.args for i in parse_dockerfile(dockerfile) if i.keyword == "COPY"]
+    return sorted({m for args in copies for m in re.findall(r"(?:^|\s)libs/([\w-]+)(?=\s|/|$)", args)})
+
+
+def lib_packages(repo: Path, libs: Iterable[str]) -> set[str]:
+    """The `switchboard.*` packages those libraries hold (their src/switchboard/ subfolders)."""
+    return {
+        f"switchboard.{pkg.name}"
+        for lib in libs
+        for pkg in (repo / "libs" / lib / "src" / "switchboard").iterdir()
+        if pkg.is_dir() and not pkg.name.startswith(("_", "."))
+    }
+
+
 def _distribution_closure(requirement_files: Iterable[Path]) -> set[str]:
     """Normalised names of the pinned distributions and everything they require (installed metadata)."""
     from importlib import metadata
@@ -791,9 +807,15 @@ def _imports(sources: Iterable[Path]) -> set[str]:
     return names
 
 
-def check_image_imports(service: str, sources: list[Path], requirement_files: list[Path]) -> list[str]:
-    """Every module the image's code imports comes from the stdlib, our copied packages, or the pinned files."""
-    packages = {f"switchboard.{service}", "switchboard.common", "switchboard.v1"}  # what the Dockerfile copies
+def check_image_imports(
+    service: str, sources: list[Path], requirement_files: list[Path], libs: Iterable[str] = ("common",), repo: Path | None = None
+) -> list[str]:
+    """Every module the image's code imports comes from the stdlib, our copied packages, or the pinned files.
+
+    libs: the `libs/<name>` folders the Dockerfile copies (see `image_libs`).
+    """
+    root = repo or Path(__file__).resolve().parents[2]
+    packages = {f"switchboard.{service}"} | lib_packages(root, libs)
     closure = _distribution_closure(requirement_files)
     owners = _module_owners()
     problems = []

@@ -8,8 +8,12 @@ import deploy_checks as dc
 import pytest
 
 
+def _libs(repo: Path, service: str) -> list[str]:
+    return dc.image_libs(repo / f"services/{service}/Dockerfile")
+
+
 def _sources(repo: Path, service: str) -> list[Path]:
-    return [repo / f"services/{service}/src", repo / "libs/common/src"]
+    return [repo / f"services/{service}/src", *(repo / "libs" / lib / "src" for lib in _libs(repo, service))]
 
 
 @pytest.mark.parametrize("service", dc.SERVICES)
@@ -17,7 +21,9 @@ def test_image_requirements_cover_the_code(service: str, repo: Path) -> None:
     files = dc.image_requirement_files(repo / f"services/{service}/Dockerfile")
     assert "requirements/service.txt" in files
     assert ("requirements/model.txt" in files) == (service in ("router", "generator"))
-    problems = dc.check_image_imports(service, _sources(repo, service), [repo / f for f in files])
+    libs = _libs(repo, service)
+    assert "common" in libs
+    problems = dc.check_image_imports(service, _sources(repo, service), [repo / f for f in files], libs, repo)
     assert problems == []
 
 
@@ -26,7 +32,7 @@ def test_an_import_the_image_lacks_fails(repo: Path, tmp_path: Path) -> None:
     extra.mkdir()
     (extra / "client.py").write_text("import httpx\nfrom switchboard.bench import records\n")
     files = [repo / "requirements/service.txt"]
-    problems = dc.check_image_imports("gateway", [*_sources(repo, "gateway"), extra], files)
+    problems = dc.check_image_imports("gateway", [*_sources(repo, "gateway"), extra], files, _libs(repo, "gateway"), repo)
     assert any("imports httpx from httpx" in p for p in problems), problems
     assert any("switchboard.bench, a package its image does not copy" in p for p in problems), problems
 
@@ -37,3 +43,13 @@ def test_torch_is_not_in_the_gateway_image(repo: Path, tmp_path: Path) -> None:
     (extra / "gate.py").write_text("import torch\n")
     problems = dc.check_image_imports("gateway", [extra], [repo / "requirements/service.txt"])
     assert any("imports torch from torch" in p for p in problems), problems
+
+
+def test_a_shared_library_the_image_does_not_copy_fails(repo: Path, tmp_path: Path) -> None:
+    extra = tmp_path / "src"
+    extra.mkdir()
+    (extra / "sim.py").write_text("from switchboard.replica import block_pool\n")
+    files = [repo / "requirements/service.txt"]
+    problems = dc.check_image_imports("gateway", [extra], files, ["common"], repo)
+    assert any("imports switchboard.replica, a package its image does not copy" in p for p in problems), problems
+    assert dc.check_image_imports("gateway", [extra], files, ["common", "replica"], repo) == []

@@ -32,6 +32,7 @@ async def serve(settings: GeneratorSettings) -> int:
     # Imported here: torch is heavy and logging is configured by run_service before this runs.
     from switchboard.generator.app import GeneratorApp, engine_config
     from switchboard.generator.engine import Engine
+    from switchboard.generator.engine.engine import model_fingerprint
     from switchboard.generator.loader import ModelLoadError, load_model
 
     path = resolve_model_path(settings.model)
@@ -48,7 +49,8 @@ async def serve(settings: GeneratorSettings) -> int:
         except ModelLoadError as exc:
             log.error("cannot load model", error=str(exc))
             return MODEL_LOAD_EXIT_CODE
-        build = functools.partial(Engine, loaded, engine_config(settings), step_executor=compute)
+        config = engine_config(settings, model_identity=model_fingerprint(loaded))
+        build = functools.partial(Engine, loaded, config, step_executor=compute)
         engine = await loop.run_in_executor(compute, build)
         return await GeneratorApp(settings, engine).run()
     finally:

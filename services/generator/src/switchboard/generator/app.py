@@ -26,9 +26,10 @@ SERVICE_NAME = generator_pb2.DESCRIPTOR.services_by_name["Generator"].full_name
 ENGINE_FAILURE_EXIT_CODE = 1
 
 
-def engine_config(settings: GeneratorSettings) -> EngineConfig:
-    """The engine sizing the settings ask for."""
+def engine_config(settings: GeneratorSettings, model_identity: str | None = None) -> EngineConfig:
+    """The engine sizing the settings ask for; `model_identity` seeds its prefix-block hashes."""
     return EngineConfig(
+        model_identity=model_identity,
         block_size=settings.block_size,
         kv_cache_bytes=settings.kv_cache_mb * (1 << 20) if settings.kv_cache_mb else None,
         max_num_seqs=settings.max_num_seqs,

@@ -21,10 +21,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import torch
-from switchboard.generator.engine.attention import AttentionContext, SequenceSlice
-from switchboard.generator.engine.kv_cache import BlockPool, KVCache, bytes_per_block
+from switchboard.generator.engine.kv_cache import KVCache, bytes_per_block
+from switchboard.generator.engine.model_runner import ModelRunner
 from switchboard.generator.engine.output import OutputState
-from switchboard.generator.engine.scheduler import Scheduler, Sequence, SequenceStatus
 from switchboard.generator.engine.types import (
     EngineConfig,
     EngineInfo,
@@ -36,6 +35,10 @@ from switchboard.generator.engine.types import (
 )
 from switchboard.generator.models.packed_linear import packing_available
 from switchboard.generator.sampling import Sampler, make_generator
+from switchboard.replica import ROOT_HASH, BlockPool, Scheduler, hash_seed
+from switchboard.replica import Request as Sequence
+from switchboard.replica import RequestStatus as SequenceStatus
+from switchboard.replica.outputs import ModelRunnerOutput, RequestOutput, SchedulerOutput
 
 _T = TypeVar("_T")
 
@@ -53,6 +56,16 @@ def kv_geometry(config: Any) -> tuple[int, int, int]:
         hidden = getattr(config, "hidden_size", None) or config.n_embd
         head_dim = hidden // heads
     return int(layers), int(kv_heads), int(head_dim)
+
+
+def model_fingerprint(loaded: Any) -> str:
+    """The identity string that seeds a served model's prefix-block hashes.
+
+    Replicas serving the same model (same name, architecture, size, vocabulary and
+    context length) compute the same hashes; different models never share one.
+    """
+    vocab = int(loaded.model.config.vocab_size)
+    return f"{loaded.architecture}/{loaded.name}/params={int(loaded.parameter_count)}/vocab={vocab}/ctx={int(loaded.max_model_len)}"
 
 
 class Engine:
@@ -95,11 +108,19 @@ class Engine:
         useful = cfg.max_num_seqs * ((self.max_model_len + cfg.block_size - 1) // cfg.block_size)
         num_blocks = max(1, min(num_blocks, useful))
         self.pool = BlockPool(num_blocks)
-        self.cache = KVCache(layers, num_blocks, cfg.block_size, kv_heads, head_dim, self.dtype, self.device)
+        cache = KVCache(layers, num_blocks, cfg.block_size, kv_heads, head_dim, self.dtype, self.device)
+        self.hash_seed = ROOT_HASH if cfg.model_identity is None else hash_seed(cfg.model_identity)
         self.scheduler = Scheduler(
-            self.pool, cfg.block_size, cfg.max_num_seqs, cfg.max_tokens_per_step, cfg.enable_prefix_caching
+            self.pool,
+            cfg.block_size,
+            cfg.max_num_seqs,
+            cfg.max_tokens_per_step,
+            cfg.enable_prefix_caching,
+            hash_seed=self.hash_seed,
+            max_model_len=self.max_model_len,
         )
         self.sampler = Sampler(self.eos_token_ids)
+        self.runner = ModelRunner(self.model, cache, self.sampler, self.device)
         self.info = EngineInfo(
             model_name=loaded.name,
             architecture=loaded.architecture,
@@ -126,6 +147,15 @@ class Engine:
         self._hash_snapshot: list[int] = []
         self._snapshot_time = 0.0
         self.steps = 0
+
+    @property
+    def cache(self) -> KVCache:
+        """The KV tensors (held by the model runner)."""
+        return self.runner.cache
+
+    @cache.setter
+    def cache(self, value: KVCache) -> None:
+        self.runner.cache = value
 
     def _blocks_from_budget(self, per_block: int) -> int:
         """Blocks that fit in kv_cache_bytes (default: 1 GiB on CPU, 60% of free memory on CUDA)."""
@@ -235,6 +265,7 @@ class Engine:
             token_ids=list(prompt_ids),
             params=params,
             generator=generator,
+            max_tokens=params.max_tokens,
         )
         state = OutputState(self.tokenizer, prompt_ids, params.stop)
         seq.state = state
@@ -340,75 +371,55 @@ class Engine:
 
     @torch.inference_mode()
     def _step(self) -> list[tuple[Sequence, EngineOutput]]:
-        """One engine iteration (runs in the worker thread)."""
+        """One engine iteration (runs in the worker thread): schedule, run the model, update."""
         self._take_inbox()
         plan = self.scheduler.schedule()
-        if not plan.entries:
+        if plan.is_empty:
             self._refresh_snapshot(force=True)
             return []
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slices: list[SequenceSlice] = []
-        logits_rows: list[int] = []
-        samplers: list[Sequence] = []
         now_ns = time.time_ns()
-        for seq, num_new in plan.entries:
-            if seq.first_scheduled_ns is None:
-                seq.first_scheduled_ns = now_ns
-            start = seq.num_computed
-            input_ids.extend(seq.token_ids[start : start + num_new])
-            positions.extend(range(start, start + num_new))
-            slices.append(SequenceSlice(seq.block_table, start, num_new))
-            if start + num_new == len(seq.token_ids):
-                logits_rows.append(len(input_ids) - 1)
-                samplers.append(seq)
-        device = self.device
-        ids_t = torch.tensor(input_ids, dtype=torch.long).to(device, non_blocking=True)
-        pos_t = torch.tensor(positions, dtype=torch.long).to(device, non_blocking=True)
-        rows_t = torch.tensor(logits_rows, dtype=torch.long).to(device, non_blocking=True)
-        attn = AttentionContext(self.cache, slices, device)
-        logits = self.model.forward_step(ids_t, pos_t, attn, rows_t)
-        for seq, num_new in plan.entries:
-            self.scheduler.after_step(seq, num_new)
+        for s in plan.scheduled:
+            if s.request.first_scheduled_ns is None:
+                s.request.first_scheduled_ns = now_ns
+        sampled = self.runner.execute(plan)
         self.steps += 1
-        results: list[tuple[Sequence, EngineOutput]] = []
-        if samplers:
-            tokens = self.sampler.sample(
-                logits,
-                [s.params for s in samplers],
-                [s.generator for s in samplers],
-                [s.token_ids for s in samplers],
-                [s.num_generated for s in samplers],
-            ).tolist()
-            for seq, token in zip(samplers, tokens, strict=True):
-                results.append((seq, self._advance(seq, int(token))))
-            self._rate_window.append((time.monotonic(), len(samplers)))
+        texts, stops = self._check_stops(plan, sampled)
+        updates = self.scheduler.update(plan, sampled, stops)
+        results = [(out.request, self._output(out, texts[out.request.request_id])) for out in updates]
+        if sampled.req_ids:
+            self._rate_window.append((time.monotonic(), len(sampled.req_ids)))
             while len(self._rate_window) > 4096:
                 self._rate_window.popleft()
         self._refresh_snapshot(force=False)
         return results
 
-    def _advance(self, seq: Sequence, token: int) -> EngineOutput:
-        """Append a sampled token, update text and stop state; returns the output to stream."""
-        seq.token_ids.append(token)
-        params = seq.params
-        state: OutputState = seq.state
-        reason: str | None = None
-        if token in self.eos_token_ids and not params.ignore_eos:
-            reason = "eos"
-            text = state.finish()
-        else:
+    def _check_stops(self, plan: SchedulerOutput, sampled: ModelRunnerOutput) -> tuple[dict[str, str], dict[str, str]]:
+        """Detokenize each sampled token and check EOS and stop strings: (text per request, stop reasons)."""
+        requests = {s.request_id: s.request for s in plan.scheduled if s.sample}
+        texts: dict[str, str] = {}
+        stops: dict[str, str] = {}
+        for rid, token in zip(sampled.req_ids, sampled.sampled_token_ids, strict=True):
+            seq = requests[rid]
+            state: OutputState = seq.state
+            if token in self.eos_token_ids and not seq.params.ignore_eos:
+                stops[rid] = "eos"
+                texts[rid] = state.finish()
+                continue
             text, stopped = state.push(token)
+            texts[rid] = text
             if stopped:
-                reason = "stop_sequence"
-            elif seq.num_generated >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
-                reason = "length"
-                text += state.finish()
+                stops[rid] = "stop_sequence"
+        return texts, stops
+
+    def _output(self, out: RequestOutput, text: str) -> EngineOutput:
+        """The output to stream for one sampled token (the scheduler has appended it and decided the finish)."""
+        seq, reason = out.request, out.finish_reason
+        if reason == "length":
+            text += seq.state.finish()
         first_scheduled_ns = seq.first_scheduled_ns if seq.num_generated == 1 else None
         if reason is None:
-            return EngineOutput(seq.request_id, text, [token], first_scheduled_ns=first_scheduled_ns)
-        self.scheduler.finish(seq, reason)
-        return self._final_output(seq, reason, text, [token], first_scheduled_ns)
+            return EngineOutput(seq.request_id, text, [out.token_id], first_scheduled_ns=first_scheduled_ns)
+        return self._final_output(seq, reason, text, [out.token_id], first_scheduled_ns)
 
     def _final_output(
         self, seq: Sequence, reason: str, text: str, token_ids: list[int] | None = None, first_scheduled_ns: int | None = None

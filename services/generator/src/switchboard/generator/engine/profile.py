@@ -9,7 +9,8 @@ a few context lengths, then fits one linear model of a step's time:
     step_ms = base_ms + prefill_token_ms * prefill_tokens
                       + decode_seq_ms * decode_seqs + context_token_ms * decode_context_tokens
 
-`CostModel.load(path).step_ms(...)` evaluates it; the JSON also keeps every sample.
+`CostModel.load(path).step_ms(...)` (from the torch-free `switchboard.replica.cost_model`, which
+also predicts a `SchedulerOutput`'s time) evaluates it; the JSON also keeps every sample.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,35 +28,13 @@ import torch
 from switchboard.generator.engine.attention import AttentionContext, SequenceSlice
 from switchboard.generator.engine.engine import Engine
 from switchboard.generator.engine.types import EngineConfig
+from switchboard.replica.cost_model import FORMULA, CostModel
+
+__all__ = ["CostModel", "main", "profile"]
 
 PREFILL_TOKENS = (16, 32, 64, 128, 256, 512)
 DECODE_BATCHES = (1, 2, 4, 8, 16, 32)
 DECODE_CONTEXTS = (64, 256)
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """Linear step-time model of one replica (milliseconds)."""
-
-    base_ms: float
-    prefill_token_ms: float
-    decode_seq_ms: float
-    context_token_ms: float
-
-    def step_ms(self, prefill_tokens: int = 0, decode_seqs: int = 0, decode_context_tokens: int = 0) -> float:
-        """Predicted time of one step with this mix of prefill tokens and decoding sequences."""
-        return (
-            self.base_ms
-            + self.prefill_token_ms * prefill_tokens
-            + self.decode_seq_ms * decode_seqs
-            + self.context_token_ms * decode_context_tokens
-        )
-
-    @classmethod
-    def load(cls, path: Path | str) -> CostModel:
-        """Read the `fit` section of a cost JSON written by this command."""
-        data = json.loads(Path(path).read_text())
-        return cls(**data["fit"])
 
 
 def _time_step(engine: Engine, slices: list[SequenceSlice], token_count: int, repeats: int) -> float:
@@ -134,8 +113,7 @@ def profile(
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "formula": "step_ms = base_ms + prefill_token_ms*prefill_tokens + decode_seq_ms*decode_seqs"
-        " + context_token_ms*decode_context_tokens",
+        "formula": FORMULA,
         "fit": asdict(fit),
         "samples": samples,
     }

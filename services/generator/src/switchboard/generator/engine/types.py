@@ -43,6 +43,10 @@ class EngineConfig:
     # Prepack the model's linear weights for oneDNN (see models/packed_linear.py): None = on
     # CPU when this torch build can. One-way: the model object then only serves and scores.
     pack_weights: bool | None = None
+    # Fingerprint of the served model seeding the prefix-block hash chain (see
+    # switchboard.replica.hashing): replicas of one model share hashes, two models never do.
+    # None: the unseeded chain (seed 0), the hashes `prompt_block_hashes(ids, block_size)` gives.
+    model_identity: str | None = None
 
 
 @dataclass

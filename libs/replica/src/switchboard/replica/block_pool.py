@@ -1,0 +1,91 @@
+"""Block pool: reference-counted KV blocks with a hash index and LRU reuse of free cached blocks.
+
+The pool only does bookkeeping of block ids (the memory they name lives in the
+model runner). A block whose reference count drops to zero stays in the hash
+index (and in an LRU list) until the pool needs it for something else, so a
+later request with the same prefix can take it back.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+
+class BlockPool:
+    """Reference-counted blocks with a hash index and LRU reuse of free cached blocks.
+
+    Free blocks are kept in two places: `_free_plain` (never hashed, handed out
+    first) and `_free_cached` (hashed, ordered least recently freed first, evicted
+    in that order when no plain block is left).
+    """
+
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"the KV pool needs at least one block, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.refcount = [0] * num_blocks
+        self.block_to_hash: list[int | None] = [None] * num_blocks
+        self.hash_to_block: dict[int, int] = {}
+        # Popped from the end, so reversed: low block ids go out first.
+        self._free_plain: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._free_cached: OrderedDict[int, None] = OrderedDict()
+        self.num_evictions = 0
+
+    @property
+    def num_free(self) -> int:
+        """Blocks that can be handed out now (plain free plus evictable cached)."""
+        return len(self._free_plain) + len(self._free_cached)
+
+    @property
+    def num_used(self) -> int:
+        """Blocks referenced by at least one live request."""
+        return self.num_blocks - self.num_free
+
+    def allocate(self) -> int:
+        """Take one block (refcount 1); evicts the least recently used cached block if needed."""
+        if self._free_plain:
+            block = self._free_plain.pop()
+        elif self._free_cached:
+            block, _ = self._free_cached.popitem(last=False)
+            old = self.block_to_hash[block]
+            if old is not None and self.hash_to_block.get(old) == block:
+                del self.hash_to_block[old]
+            self.block_to_hash[block] = None
+            self.num_evictions += 1
+        else:
+            raise RuntimeError("KV block pool exhausted (the scheduler must check num_free first)")
+        self.refcount[block] = 1
+        return block
+
+    def lookup(self, h: int) -> int | None:
+        """The block holding the content named `h`, or None (does not take a reference)."""
+        return self.hash_to_block.get(h)
+
+    def acquire(self, block: int) -> None:
+        """Take one more reference to a (possibly free, cached) block."""
+        if self.refcount[block] == 0:
+            self._free_cached.pop(block, None)
+        self.refcount[block] += 1
+
+    def release(self, block: int) -> None:
+        """Drop one reference; a block nobody holds becomes free (kept for reuse if hashed)."""
+        self.refcount[block] -= 1
+        if self.refcount[block] == 0:
+            if self.block_to_hash[block] is not None:
+                self._free_cached[block] = None
+            else:
+                self._free_plain.append(block)
+
+    def register(self, block: int, h: int) -> None:
+        """Record that `block` now holds the full block named `h` (first writer wins)."""
+        if self.block_to_hash[block] is not None or h in self.hash_to_block:
+            return
+        self.block_to_hash[block] = h
+        self.hash_to_block[h] = block
+
+    def cached_hashes(self, limit: int | None = None) -> list[int]:
+        """Hashes held in the prefix cache, most recently used (in use, then freed last) first."""
+        in_use = [h for h, b in self.hash_to_block.items() if self.refcount[b] > 0]
+        free = [self.block_to_hash[b] for b in reversed(self._free_cached)]
+        hashes = in_use + [h for h in free if h is not None]
+        return hashes if limit is None else hashes[:limit]

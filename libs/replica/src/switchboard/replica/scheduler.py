@@ -1,0 +1,187 @@
+"""Iteration-level scheduler: which requests run in the next step, with how many tokens.
+
+Each step has a token budget. Running requests go first: decodes (one token
+each), then unfinished prefills (their next chunk), oldest first; then
+waiting requests are admitted in arrival order while budget, request slots
+and KV blocks last (chunked prefill: a long prompt takes several steps). When a
+running request needs a block and none is free, the newest running request
+is preempted: its blocks go back to the pool and it is recomputed later from
+its prompt plus the tokens it already produced, so its output is unchanged.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+
+from switchboard.replica.block_pool import BlockPool
+from switchboard.replica.hashing import ROOT_HASH
+from switchboard.replica.kv_cache_manager import KVCacheManager
+from switchboard.replica.outputs import ModelRunnerOutput, RequestOutput, ScheduledRequest, SchedulerOutput
+from switchboard.replica.request import Request, RequestStatus
+
+
+class Scheduler:
+    """Owns the waiting queue, the running list and (through its KV-cache manager) the block pool's use."""
+
+    def __init__(
+        self,
+        pool: BlockPool,
+        block_size: int,
+        max_num_seqs: int,
+        max_tokens_per_step: int,
+        enable_prefix_caching: bool,
+        hash_seed: int = ROOT_HASH,
+        max_model_len: int | None = None,
+    ) -> None:
+        self.pool = pool
+        self.kv = KVCacheManager(pool, block_size, enable_prefix_caching, hash_seed)
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_tokens_per_step = max_tokens_per_step
+        self.enable_prefix_caching = enable_prefix_caching
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def has_work(self) -> bool:
+        """Whether any request waits or runs."""
+        return bool(self.waiting or self.running)
+
+    def add(self, req: Request) -> None:
+        """Queue a new request."""
+        self.waiting.append(req)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        """Blocks needed to hold `num_tokens` tokens."""
+        return self.kv.blocks_for(num_tokens)
+
+    def free(self, req: Request) -> None:
+        """Return every block of `req` to the pool (tail first, so shared prefixes are evicted last)."""
+        self.kv.free(req)
+
+    def finish(self, req: Request, reason: str) -> None:
+        """Remove a request from the queues and free its blocks."""
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req.status is RequestStatus.WAITING:
+            try:
+                self.waiting.remove(req)
+            except ValueError:
+                pass
+        self.kv.free(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req)
+        req.status = RequestStatus.WAITING
+        # Back to the head of the queue, keeping arrival order among preempted ones.
+        index = 0
+        while index < len(self.waiting) and self.waiting[index].arrival < req.arrival:
+            index += 1
+        self.waiting.insert(index, req)
+        self.num_preemptions += 1
+
+    def schedule(self) -> SchedulerOutput:
+        """Choose this step's requests and token counts, allocating their blocks."""
+        kv = self.kv
+        budget = self.max_tokens_per_step
+        entries: list[tuple[Request, int]] = []
+        preempted: list[Request] = []
+        scheduled: set[Request] = set()
+        # Decodes first (one token each, so a long prefill chunk cannot starve them), oldest first.
+        for req in sorted(self.running, key=lambda r: (r.num_pending != 1, r.arrival)):
+            if budget <= 0:
+                break
+            if req.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this pass
+            num_new = min(req.num_pending, budget)
+            need = kv.new_blocks_needed(req, num_new)
+            while need > self.pool.num_free:
+                victim = next((r for r in reversed(self.running) if r is not req and r not in scheduled), None)
+                if victim is None:
+                    break
+                self._preempt(victim)
+                preempted.append(victim)
+            if need > self.pool.num_free:
+                self._preempt(req)
+                preempted.append(req)
+                break
+            kv.allocate_slots(req, num_new)
+            entries.append((req, num_new))
+            scheduled.add(req)
+            budget -= num_new
+
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            if self.enable_prefix_caching and not req.block_table:
+                kv.match_prefix(req)
+            num_new = min(req.num_pending, budget)
+            if not kv.can_allocate(req, num_new):
+                kv.free(req)
+                break
+            kv.allocate_slots(req, num_new)
+            self.waiting.popleft()
+            if req.cached_prompt_tokens is None:
+                req.cached_prompt_tokens = min(req.num_computed, req.prompt_len)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            entries.append((req, num_new))
+            budget -= num_new
+
+        # Single-token entries first: the runner's attention batches them together.
+        entries.sort(key=lambda e: e[1] != 1)
+        return SchedulerOutput(
+            tuple(
+                ScheduledRequest(
+                    request=req,
+                    num_new_tokens=n,
+                    num_computed_tokens=req.num_computed,
+                    block_ids=tuple(req.block_table),
+                    new_token_ids=tuple(req.token_ids[req.num_computed : req.num_computed + n]),
+                    sample=req.num_computed + n == len(req.token_ids),
+                )
+                for req, n in entries
+            ),
+            tuple(preempted),
+        )
+
+    def after_step(self, req: Request, num_new: int) -> None:
+        """Advance a request's computed count and publish its newly full blocks to the prefix cache."""
+        req.num_computed += num_new
+        self.kv.cache_full_blocks(req)
+
+    def update(
+        self,
+        output: SchedulerOutput,
+        runner_output: ModelRunnerOutput,
+        finish_reasons: Mapping[str, str] | None = None,
+    ) -> list[RequestOutput]:
+        """Apply one computed step: advance every scheduled request, then append the sampled tokens.
+
+        `finish_reasons` are stop decisions the caller made on the sampled tokens (an EOS token,
+        a stop string); a request that has none finishes with "length" once it has `max_tokens`
+        generated tokens or `max_model_len` tokens in all. Finished requests leave the batch and
+        free their blocks, in sampling order.
+        """
+        for s in output.scheduled:
+            self.after_step(s.request, s.num_new_tokens)
+        by_id = {s.request_id: s.request for s in output.scheduled if s.sample}
+        reasons = finish_reasons or {}
+        results: list[RequestOutput] = []
+        for rid, token in zip(runner_output.req_ids, runner_output.sampled_token_ids, strict=True):
+            req = by_id[rid]
+            req.token_ids.append(token)
+            reason = reasons.get(rid)
+            if reason is None and (
+                (req.max_tokens is not None and req.num_generated >= req.max_tokens)
+                or (self.max_model_len is not None and len(req.token_ids) >= self.max_model_len)
+            ):
+                reason = "length"
+            if reason is not None:
+                self.finish(req, reason)
+            results.append(RequestOutput(req, token, reason))
+        return results
