@@ -30,7 +30,8 @@ def test_features_are_bounded_and_deterministic(tmp_path: Path) -> None:
     short = extractor.extract("ship sail wave")
     assert short.exact_tokens and short.prompt_tokens == len(extractor.token_ids("ship sail wave"))
     assert len(short.dense) == len(DENSE_NAMES)
-    assert short == extractor.extract("ship sail wave")
+    assert short.same_as(extractor.extract("ship sail wave"))
+    assert not short.same_as(extractor.extract("ship sail"))
     long_prompt = "ship sail wave tide " * 2000
     long = extractor.extract(long_prompt)
     assert not long.exact_tokens
@@ -38,7 +39,9 @@ def test_features_are_bounded_and_deterministic(tmp_path: Path) -> None:
     exact = len(extractor.token_ids(long_prompt))
     assert abs(long.prompt_tokens - exact) / exact < 0.05  # the estimate from the prefix's compression
     assert all(0 <= i < config.num_buckets for i in long.indices)
-    assert extractor.extract("").indices == (0,)  # an empty bag still has one row
+    assert extractor.extract("").indices.tolist() == [0]  # an empty bag still has one row
+    with pytest.raises(ValueError):
+        short.indices[0] = 1  # read-only
 
 
 def test_feature_config_from_another_feature_set_is_refused() -> None:
@@ -136,3 +139,17 @@ def test_offline_measures_on_a_hand_made_set() -> None:
     assert rand.apgr < 0.7
     with pytest.raises(ValueError):
         ScoredSet(("a",), (1.0,), (1,), (), (), ())
+
+
+def test_the_numpy_forward_that_serves_equals_the_torch_net(artifact_dir: Path) -> None:
+    import torch
+    from switchboard.router.learned_gate import batch_tensors
+
+    gate = load_artifact(artifact_dir).gate()
+    for example in examples(20, seed=11):
+        features = gate.extractor.extract(example.prompt)
+        with torch.inference_mode():
+            quality, hidden = gate.net(*batch_tensors([features]))
+        scores = gate.score(example.prompt)
+        assert scores.quality == pytest.approx(quality[0].tolist(), abs=1e-5)
+        assert scores.hidden == pytest.approx(hidden[0].tolist(), abs=1e-5)

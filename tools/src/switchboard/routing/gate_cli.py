@@ -24,7 +24,7 @@ from typing import Any
 from switchboard.routing.dataset import RouterDataset, RouterRecord
 
 # Bump when training or artifact code changes what `build` produces.
-GATE_CODE_VERSION = 1
+GATE_CODE_VERSION = 4
 DEFAULT_EXPERTS_CONFIG = Path("config/experts.yaml")
 
 

@@ -164,4 +164,4 @@ def random_at_cost(scored: ScoredSet, cost_fraction: float, seed: int = 0, draws
 
 def default_cost_weights() -> list[float]:
     """The lambda grid of curves and of the default operating point."""
-    return [0.0] + [round(0.005 * 1.25**i, 6) for i in range(40)]
+    return [0.0] + [round(0.005 * 1.05**i, 6) for i in range(160)]

@@ -12,7 +12,7 @@ A prompt becomes two things:
   unigram table fitted on the gate's training prompts, shipped in the gate artifact.
 
 Only the first `max_chars` characters are tokenized and at most `max_tokens` tokens are used,
-so a 32k-character prompt costs about what a 2k one does. When the prompt is longer than that
+so a 32k-character prompt costs about what a 1k one does. When the prompt is longer than that
 prefix its token count is estimated from the prefix's compression, and `exact_tokens` says so.
 
 This module has no torch import: it is shared by the router (request time), the training command
@@ -22,13 +22,13 @@ and the evaluation, so a feature means the same thing everywhere.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer
 
 # Names of the dense signals, in the order of `Features.dense`.
@@ -57,7 +57,7 @@ class FeatureConfig:
 
     vocab_buckets: int = 4096  # token ids are folded into this many buckets (id % buckets)
     bigram_buckets: int = 16384  # hashed token bigrams, after the token buckets
-    max_chars: int = 2048  # prompt prefix that is tokenized
+    max_chars: int = 1024  # prompt prefix that is tokenized (about 350 demo-corpus tokens)
     max_tokens: int = 512  # tokens of that prefix that feed the bag and the signals
 
     @property
@@ -79,14 +79,22 @@ class FeatureConfig:
         return cls(**{k: int(v) for k, v in data.items()})  # type: ignore[call-overload]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Features:
-    """The features of one prompt."""
+    """The features of one prompt (compared by `same_as`: `indices` is an array)."""
 
-    indices: tuple[int, ...]  # embedding-bag rows (never empty)
+    indices: np.ndarray  # embedding-bag rows, int64, read-only (never empty)
     dense: tuple[float, ...]  # in DENSE_NAMES order
     prompt_tokens: int  # exact count when exact_tokens, else an estimate from the prefix
     exact_tokens: bool
+
+    def same_as(self, other: Features) -> bool:
+        """Whether two prompts' features are identical."""
+        return (
+            np.array_equal(self.indices, other.indices)
+            and self.dense == other.dense
+            and (self.prompt_tokens, self.exact_tokens) == (other.prompt_tokens, other.exact_tokens)
+        )
 
 
 def tokenizer_fingerprint(path: Path) -> str:
@@ -107,8 +115,8 @@ class FeatureExtractor:
         same value, which is what a table fitted on no data would say."""
         self.tokenizer = tokenizer
         self.config = config or FeatureConfig()
-        self._surprisal = list(surprisal) if surprisal is not None else None
-        self._default_surprisal = max(self._surprisal) if self._surprisal else 0.0
+        self._table = np.asarray(surprisal, dtype=np.float64) if surprisal is not None and len(surprisal) else None
+        self._default_surprisal = float(self._table.max()) if self._table is not None else 0.0
 
     @classmethod
     def from_file(
@@ -134,14 +142,17 @@ class FeatureExtractor:
             # The prefix's compression extrapolated to the whole prompt.
             prompt_tokens = max(len(ids), round(len(prompt) * len(ids) / max(1, len(prefix))))
         used = ids[: cfg.max_tokens]
-        indices = [token % cfg.vocab_buckets for token in used]
-        for first, second in itertools.pairwise(used):
+        if used:
+            tokens = np.asarray(used, dtype=np.int64)
             # A cheap multiplicative hash; the bag only needs bigrams spread over the buckets.
-            indices.append(cfg.vocab_buckets + (first * 1_000_003 + second) % cfg.bigram_buckets)
-        if not indices:
-            indices = [0]
+            bigrams = cfg.vocab_buckets + (tokens[:-1] * 1_000_003 + tokens[1:]) % cfg.bigram_buckets
+            indices = np.concatenate([tokens % cfg.vocab_buckets, bigrams])
+        else:
+            indices = np.zeros(1, dtype=np.int64)
+        # A read-only array, not a tuple: a thousand Python ints per request cost more than the net.
+        indices.flags.writeable = False
         return Features(
-            indices=tuple(indices),
+            indices=indices,
             dense=self._dense(prefix, used, prompt_tokens, len(prompt)),
             prompt_tokens=prompt_tokens,
             exact_tokens=exact,
@@ -149,11 +160,10 @@ class FeatureExtractor:
 
     def _dense(self, prefix: str, ids: Sequence[int], prompt_tokens: int, prompt_chars: int) -> tuple[float, ...]:
         count = max(1, len(ids))
-        if self._surprisal is not None and ids:
-            table, default = self._surprisal, self._default_surprisal
-            values = [table[t] if t < len(table) else default for t in ids]
-            mean = sum(values) / len(values)
-            std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+        if self._table is not None and ids:
+            tokens = np.asarray(ids, dtype=np.int64)
+            values = np.where(tokens < len(self._table), self._table[np.minimum(tokens, len(self._table) - 1)], self._default_surprisal)
+            mean, std = float(values.mean()), float(values.std())
         else:
             mean = std = 0.0
         # Layout signals read the first LAYOUT_CHARS only: they settle fast and cost per character.

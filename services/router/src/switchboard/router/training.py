@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from switchboard.router.artifact import ArtifactExpert, GateArtifact
@@ -78,10 +79,11 @@ def _loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return _centered(predicted, target) + 0.1 * level
 
 
-def _drop(features: Features, rate: float, rng: random.Random) -> Features:
+def _drop(features: Features, rate: float, rng: np.random.Generator) -> Features:
     if rate <= 0 or len(features.indices) < 4:
         return features
-    kept = tuple(i for i in features.indices if rng.random() >= rate) or features.indices[:1]
+    keep = rng.random(len(features.indices)) >= rate
+    kept = features.indices[keep] if keep.any() else features.indices[:1]
     return Features(kept, features.dense, features.prompt_tokens, features.exact_tokens)
 
 
@@ -122,6 +124,7 @@ def train_gate(
         raise ValueError(f"need at least 20 scored prompts to train a gate, got {len(examples)}")
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
+    drop_rng = np.random.default_rng(config.seed)
     order = list(range(len(examples)))
     rng.shuffle(order)
     n_val = max(10, int(len(order) * config.validation_fraction))
@@ -149,7 +152,7 @@ def train_gate(
         rng.shuffle(train_idx)
         for start in range(0, len(train_idx), config.batch_size):
             batch = train_idx[start : start + config.batch_size]
-            inputs = batch_tensors([_drop(all_features[i], config.dropout_tokens, rng) for i in batch])
+            inputs = batch_tensors([_drop(all_features[i], config.dropout_tokens, drop_rng) for i in batch])
             predicted, _ = net(*inputs)
             loss = _loss(predicted, targets[batch])
             optimizer.zero_grad()
