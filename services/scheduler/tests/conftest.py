@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 from switchboard.common.channels import open_channel
@@ -19,13 +20,15 @@ EXPERTS = ("bard-small", "milton-small", "scribe-large")
 
 @asynccontextmanager
 async def running_scheduler(
-    heartbeat_seconds: float = 1.0, expiry_seconds: float = 5.0, port: int = 0
+    heartbeat_seconds: float = 1.0, expiry_seconds: float = 5.0, port: int = 0, **settings_fields: Any
 ) -> AsyncIterator[SchedulerApp]:
-    """Start a scheduler on loopback (port 0 = a free one) and stop it on exit."""
+    """Start a scheduler on loopback (port 0 = a free one) and stop it on exit; `settings_fields`
+    are further SchedulerSettings fields (placement_policy=...)."""
     settings = SchedulerSettings(
         server=ServerSettings(host="127.0.0.1", port=port, metrics_port=0, drain_seconds=0.5),
         heartbeat_seconds=heartbeat_seconds,
         expiry_seconds=expiry_seconds,
+        **settings_fields,
     )
     app = SchedulerApp(settings, EXPERTS)
     task = asyncio.create_task(app.run(handle_signals=False))

@@ -452,3 +452,28 @@ async def test_health_reports_serving(scheduler) -> None:
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         await channel.close()
+
+
+async def test_place_uses_the_configured_policy(scheduler_factory) -> None:
+    """With SCHEDULER_PLACEMENT_POLICY=round-robin, equally idle replicas take turns; least-loaded
+    (the default) would send every request to the same one, as each is completed before the next."""
+    async with scheduler_factory(placement_policy="round-robin") as app:
+        assert app.servicer.policy.name == "round-robin"
+        channel = open_channel(f"127.0.0.1:{app.service.port}")
+        try:
+            stub = scheduler_pb2_grpc.SchedulerStub(channel)
+            for n, port in (("b1", 50061), ("b2", 50062), ("b3", 50063)):
+                await stub.Register(register_request(n, port=port))
+            chosen = []
+            for i in range(5):
+                reply = await stub.Place(
+                    scheduler_pb2.PlaceRequest(request_id=f"rr{i}", experts=["bard-small"], max_alternates=2)
+                )
+                primary = reply.placements[0]
+                chosen.append(primary.replica.replica_id)
+                assert primary.replica.inflight == 1
+                assert len(primary.alternates) == 2
+                await stub.Complete(scheduler_pb2.SchedulerCompleteRequest(request_id=f"rr{i}", success=True))
+            assert chosen == ["b1", "b2", "b3", "b1", "b2"]
+        finally:
+            await channel.close()

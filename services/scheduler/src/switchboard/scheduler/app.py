@@ -9,7 +9,7 @@ from collections.abc import Collection
 from switchboard.common.logging import get_logger
 from switchboard.common.service import GrpcService
 from switchboard.scheduler.config import SchedulerSettings
-from switchboard.scheduler.placement import LeastLoadedPolicy, PlacementPolicy
+from switchboard.scheduler.policies import PlacementPolicy, make_policy
 from switchboard.scheduler.registry import ReplicaRegistry
 from switchboard.scheduler.servicer import SchedulerServicer
 from switchboard.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -25,7 +25,11 @@ def sweep_interval(settings: SchedulerSettings) -> float:
 
 
 class SchedulerApp:
-    """One scheduler: build it, `await run()` until drained; `service.port` is the bound port."""
+    """One scheduler: build it, `await run()` until drained; `service.port` is the bound port.
+
+    The placement policy is `policy` when given, else the one the settings name
+    (SCHEDULER_PLACEMENT_POLICY, seeded by SCHEDULER_PLACEMENT_SEED).
+    """
 
     def __init__(
         self, settings: SchedulerSettings, experts: Collection[str], policy: PlacementPolicy | None = None
@@ -37,7 +41,7 @@ class SchedulerApp:
         self.servicer = SchedulerServicer(
             self.registry,
             experts,
-            policy or LeastLoadedPolicy(),
+            policy or make_policy(settings.placement_policy, settings.placement_seed),
             heartbeat_seconds=settings.heartbeat_seconds,
             retry_after_seconds=settings.retry_after_seconds,
         )

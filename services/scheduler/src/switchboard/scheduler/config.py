@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from switchboard.common.settings import ServerSettings, SettingsError, load_settings, setting
+from switchboard.scheduler.policies import POLICY_NAMES
 
 SERVER_PREFIX = "SCHEDULER"
 DEFAULT_PORT = 50053
@@ -45,6 +46,19 @@ class SchedulerSettings:
         "RetryInfo delay sent with UNAVAILABLE when an expert has no healthy replica",
         minimum=0.0,
         maximum=600.0,
+    )
+    placement_policy: str = setting(
+        "SCHEDULER_PLACEMENT_POLICY",
+        POLICY_NAMES[0],
+        "how Place ranks an expert's replicas: " + ", ".join(POLICY_NAMES),
+        choices=POLICY_NAMES,
+    )
+    placement_seed: int = setting(
+        "SCHEDULER_PLACEMENT_SEED",
+        0,
+        "seed of the power-of-two policy's random draws (same seed and calls, same placements)",
+        minimum=0,
+        maximum=2**63 - 1,
     )
     experts_config: Path = setting(
         "SWITCHBOARD_EXPERTS_CONFIG",

@@ -8,17 +8,38 @@ and the next ones as alternates; then it reserves only the primary (the choice o
 expert that has one) in the registry. Reserving in the same call as placing is what makes the
 primary independent of the order in which callers place their requests.
 
-A policy only ranks candidates. Keeping that interface this small lets a learned policy (the
-reinforcement learning policy of a later issue) replace the heuristic without touching the rest.
+Each `place` call takes one `ClusterSnapshot` of the registry first and decides only from it: the
+candidates every expert's policy ranks are frozen views of that one instant. A policy only ranks
+candidates (`policies.py`). Keeping that interface this small lets a learned policy (the
+reinforcement learning policy of a later issue) replace the heuristics without touching the rest.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, replace
 
-from switchboard.scheduler.registry import ReplicaRecord, ReplicaRegistry
+from switchboard.scheduler.policies import LeastLoadedPolicy, PlacementPolicy, PlacementQuery
+from switchboard.scheduler.registry import ClusterSnapshot, ReplicaRegistry, ReplicaView
+
+# Re-exported: the policy types were defined here before policies.py existed.
+__all__ = [
+    "MAX_ALTERNATES",
+    "MAX_EXPERTS",
+    "NO_REPLICA",
+    "TOO_SHORT",
+    "UNDECLARED",
+    "ExpertCandidates",
+    "ExpertShortfall",
+    "InvalidPlacement",
+    "LeastLoadedPolicy",
+    "PlacementPolicy",
+    "PlacementQuery",
+    "PlacementRequest",
+    "PlacementResult",
+    "Placer",
+    "UnknownExperts",
+]
 
 # Limits of one placement request: candidate experts, and alternates returned per expert.
 MAX_EXPERTS = 64
@@ -28,59 +49,6 @@ MAX_ALTERNATES = 16
 NO_REPLICA = "no_replica"
 UNDECLARED = "unknown_expert"
 TOO_SHORT = "too_short"
-
-
-@dataclass(frozen=True)
-class PlacementQuery:
-    """What a policy knows about the request being placed."""
-
-    request_id: str
-    expert: str
-    prompt_tokens: int = 0
-    max_tokens: int = 0
-
-
-class PlacementPolicy(Protocol):
-    """Ranks candidate replicas for one request, best first."""
-
-    name: str
-
-    def rank(self, query: PlacementQuery, candidates: Sequence[ReplicaRecord]) -> list[ReplicaRecord]:
-        """Return the candidates ordered best first (the same records, none added)."""
-        ...
-
-
-@dataclass(frozen=True)
-class LeastLoadedPolicy:
-    """Least-loaded first: the walking-skeleton policy of issue 2.
-
-    score = inflight_weight * inflight + running_weight * running + waiting_weight * waiting
-
-    `inflight` (placed, not yet completed) reacts at once to every placement, while running and
-    waiting come from the replica's last heartbeat; a request that has reached its replica is
-    counted by both, equally on every replica, so the ranking stays fair. Waiting sequences weigh
-    more than running ones because they have not even been admitted to the batch. Ties go to the
-    replica with the lower KV-cache utilization (more room for long prompts), then to the replica
-    id, so the order is deterministic.
-    """
-
-    inflight_weight: float = 1.0
-    running_weight: float = 1.0
-    waiting_weight: float = 2.0
-    name: str = "least-loaded"
-
-    def score(self, record: ReplicaRecord) -> float:
-        """The load score of one replica (lower is better)."""
-        load = record.load
-        return (
-            self.inflight_weight * record.inflight
-            + self.running_weight * load.running
-            + self.waiting_weight * load.waiting
-        )
-
-    def rank(self, query: PlacementQuery, candidates: Sequence[ReplicaRecord]) -> list[ReplicaRecord]:
-        """Order candidates by load score, then KV utilization, then replica id."""
-        return sorted(candidates, key=lambda r: (self.score(r), r.load.kv_utilization, r.replica_id))
 
 
 class InvalidPlacement(ValueError):
@@ -120,11 +88,15 @@ class PlacementRequest:
 
 @dataclass(frozen=True)
 class ExpertCandidates:
-    """The placement on one expert: its best replica for the request and the next ones."""
+    """The placement on one expert: its best replica for the request and the next ones.
+
+    The views are those of the call's snapshot, except that the reserved primary's `inflight`
+    already counts the request.
+    """
 
     expert: str
-    replica: ReplicaRecord
-    alternates: tuple[ReplicaRecord, ...] = ()
+    replica: ReplicaView
+    alternates: tuple[ReplicaView, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -160,6 +132,7 @@ class Placer:
         self.registry = registry
         self.policy = policy
         self.experts = frozenset(experts)
+        self._placed: Callable[[PlacementQuery, ReplicaView], None] | None = getattr(policy, "placed", None)
 
     def validate(self, request: PlacementRequest) -> None:
         """Raise InvalidPlacement or UnknownExperts when the request cannot be placed as asked."""
@@ -184,12 +157,14 @@ class Placer:
         if not any(name in self.experts for name in experts):
             raise UnknownExperts(experts, self.experts)
 
-    def plan(self, request: PlacementRequest) -> PlacementResult:
-        """Where the request would go, expert by expert, without reserving anything."""
+    def plan(self, request: PlacementRequest, snapshot: ClusterSnapshot | None = None) -> PlacementResult:
+        """Where the request would go, expert by expert, on `snapshot` (default: one taken now); reserves nothing."""
+        if snapshot is None:
+            snapshot = self.registry.snapshot()
         placements: list[ExpertCandidates] = []
         unavailable: list[ExpertShortfall] = []
         for expert in request.experts:
-            found = self._place_on(expert, request)
+            found = self._place_on(expert, request, snapshot)
             if isinstance(found, ExpertCandidates):
                 placements.append(found)
             else:
@@ -197,21 +172,42 @@ class Placer:
         return PlacementResult(tuple(placements), tuple(unavailable))
 
     def place(self, request: PlacementRequest) -> PlacementResult:
-        """Validate, plan, and count the request in flight on the primary (when it has an id)."""
+        """Validate, plan on one fresh snapshot, and count the request in flight on the primary (when it has an id)."""
         self.validate(request)
-        result = self.plan(request)
+        result = self.plan(request, self.registry.snapshot())
         primary = result.primary
-        if primary is not None and request.request_id:
-            self.registry.record_placement(request.request_id, primary.replica.replica_id)
-        return result
+        if primary is None:
+            return result
+        if self._placed is not None:
+            self._placed(self._query(primary.expert, request), primary.replica)
+        if not request.request_id:
+            return result
+        replica_id = primary.replica.replica_id
+        self.registry.record_placement(request.request_id, replica_id)
+        record = self.registry.get(replica_id)
+        if record is None or record.inflight == primary.replica.inflight:
+            return result
+        reserved = replace(primary, replica=primary.replica._replace(inflight=record.inflight))
+        return PlacementResult((reserved, *result.placements[1:]), result.unavailable)
 
-    def _place_on(self, expert: str, request: PlacementRequest) -> ExpertCandidates | ExpertShortfall:
+    @staticmethod
+    def _query(expert: str, request: PlacementRequest) -> PlacementQuery:
+        return PlacementQuery(
+            request_id=request.request_id,
+            expert=expert,
+            prompt_tokens=request.prompt_tokens,
+            max_tokens=request.max_tokens,
+        )
+
+    def _place_on(
+        self, expert: str, request: PlacementRequest, snapshot: ClusterSnapshot
+    ) -> ExpertCandidates | ExpertShortfall:
         if expert not in self.experts:
             known = ", ".join(sorted(self.experts))
             return ExpertShortfall(
                 expert, UNDECLARED, f"expert {expert!r} is not declared in the scheduler's experts config ({known})"
             )
-        healthy = self.registry.healthy_replicas(expert)
+        healthy = snapshot.candidates(expert)
         untried = [r for r in healthy if r.replica_id not in request.exclude_replica_ids]
         if not untried:
             tried = len(healthy) - len(untried)
@@ -226,11 +222,5 @@ class Placer:
                 TOO_SHORT,
                 f"replicas of {expert!r} accept at most {longest} tokens, the request needs {needed}",
             )
-        query = PlacementQuery(
-            request_id=request.request_id,
-            expert=expert,
-            prompt_tokens=request.prompt_tokens,
-            max_tokens=request.max_tokens,
-        )
-        ranked = self.policy.rank(query, fitting)
+        ranked = self.policy.rank(self._query(expert, request), fitting)
         return ExpertCandidates(expert, ranked[0], tuple(ranked[1 : 1 + request.max_alternates]))

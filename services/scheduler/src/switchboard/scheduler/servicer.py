@@ -29,6 +29,7 @@ from switchboard.scheduler.registry import (
     ReplicaRecord,
     ReplicaRegistry,
     ReplicaState,
+    ReplicaView,
 )
 from switchboard.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
@@ -128,9 +129,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.placer = Placer(registry, policy, self.experts)
         metrics.update_replica_gauges(self.experts, ())
 
-    def replica_to_proto(self, record: ReplicaRecord) -> scheduler_pb2.Replica:
-        """The wire form of one registry entry."""
-        info = record.info
+    def replica_to_proto(self, view: ReplicaView) -> scheduler_pb2.Replica:
+        """The wire form of one replica as a snapshot saw it."""
+        info = view.info
         return scheduler_pb2.Replica(
             replica_id=info.replica_id,
             expert=info.expert,
@@ -138,10 +139,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             device=info.device,
             model_name=info.model_name,
             max_model_len=info.max_model_len,
-            load=load_to_proto(record.load),
-            state=_STATE_TO_PROTO[record.state],
-            seconds_since_heartbeat=self.registry.seconds_since_heartbeat(record),
-            inflight=record.inflight,
+            load=load_to_proto(view.load),
+            state=_STATE_TO_PROTO[view.state],
+            seconds_since_heartbeat=view.heartbeat_age,
+            inflight=view.inflight,
         )
 
     def _changed(self) -> None:
@@ -281,7 +282,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     ) -> scheduler_pb2.GetClusterResponse:
         """Every known replica, grouped by expert."""
         return scheduler_pb2.GetClusterResponse(
-            replicas=[self.replica_to_proto(r) for r in self.registry.replicas()]
+            replicas=[self.replica_to_proto(v) for v in self.registry.snapshot().views()]
         )
 
     def sweep_once(self) -> list[ReplicaRecord]:
