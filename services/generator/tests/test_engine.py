@@ -225,9 +225,9 @@ async def test_prefix_reuse_serves_cached_blocks_and_keeps_outputs(llama: Loaded
         first_ids = llama.tokenizer.encode(shared)
         got1, _, last1 = await collect(engine, EngineRequest("p1", prompt=shared, sampling=greedy(6)))
         assert last1.usage is not None and last1.usage.cached_prompt_tokens == 0
-        load = engine.load()
+        cached = engine.kv_events.cached()
         hashes = prompt_block_hashes(first_ids, 4)
-        assert hashes[0] in load.cached_block_hashes and hashes[-1] in load.cached_block_hashes
+        assert hashes[0] in cached and hashes[-1] in cached
 
         second = shared + " again"
         second_ids = llama.tokenizer.encode(second)

@@ -156,3 +156,75 @@ async def test_serves_while_scheduler_down_and_reregisters_after_restart(
             async with running_scheduler(port=port) as second:
                 assert await wait_for(lambda: _has_replica(second, replica_id))
                 assert registrar.registrations == 2
+
+
+async def test_heartbeats_carry_kv_events_and_resync_when_asked(loaded: LoadedModel, model_dir: Path) -> None:
+    """A request fills the prefix cache; the heartbeats' KV events put its blocks in the scheduler's
+    index of the replica; when the scheduler loses that index, the replica sends a reset snapshot."""
+    from switchboard.replica import prompt_block_hashes
+    from switchboard.scheduler.prefix_index import PrefixIndex
+
+    async with running_scheduler() as scheduler:
+        settings = generator_settings(str(model_dir), scheduler_addr=f"127.0.0.1:{scheduler.service.port}")
+        async with running_generator(loaded, settings) as generator:
+            replica_id = generator.identity.replica_id
+            assert await wait_for(lambda: _has_replica(scheduler, replica_id))
+            registrar = generator.registrar
+            assert registrar is not None and registrar.kv_resets == 1  # the registration's snapshot
+            engine = generator.engine
+            prompt = " ".join([PROMPT] * 6)
+            hashes = prompt_block_hashes(engine.tokenizer.encode(prompt), engine.info.block_size, engine.hash_seed)
+            assert len(hashes) >= 2
+            registry = scheduler.registry
+            assert registry.matched_blocks(replica_id, hashes) == 0
+
+            channel = open_channel(f"127.0.0.1:{generator.service.port}")
+            try:
+                stub = generator_pb2_grpc.GeneratorStub(channel)
+                request = generator_pb2.GeneratorGenerateRequest(
+                    prompt=prompt, sampling=common_pb2.SamplingParams(max_tokens=2, temperature=0.0)
+                )
+                _ = [m async for m in stub.Generate(request)]
+            finally:
+                await channel.close()
+            assert await wait_for(lambda: registry.matched_blocks(replica_id, hashes) == len(hashes))
+            assert registrar.kv_acked_sequence >= 1 and registrar.kv_resets == 1
+
+            # The scheduler loses its index of the replica: the next answer asks for a resync, and
+            # the snapshot brings the cached blocks back.
+            record = registry.get(replica_id)
+            assert record is not None
+            record.prefix = PrefixIndex()
+            assert await wait_for(lambda: registrar.kv_resets == 2)
+            assert await wait_for(lambda: registry.matched_blocks(replica_id, hashes) == len(hashes))
+            assert not record.prefix.ack().resync_needed
+
+
+def test_kv_reports_are_chunked_and_an_unacknowledged_snapshot_is_sent_again() -> None:
+    """Without a network: the registrar's KV reports stay within the per-report bound, a snapshot
+    is resent until acknowledged, and a resync answer brings a fresh one."""
+    from switchboard.generator.registration import MAX_KV_HASHES_PER_REPORT, Registrar
+    from switchboard.replica import KvEventJournal
+
+    journal = KvEventJournal()
+    for h in range(1, 5001):
+        journal.stored(h)
+    registrar = Registrar("127.0.0.1:1", scheduler_pb2.RegisterRequest, lambda: None, kv_events=journal)  # type: ignore[arg-type]
+
+    def hashes(kv: scheduler_pb2.KvEvents) -> int:
+        return sum(len(e.stored_block_hashes) + len(e.evicted_block_hashes) for e in kv.events)
+
+    first = registrar._kv_batch()
+    assert first is not None and first.reset and 0 < hashes(first) <= MAX_KV_HASHES_PER_REPORT
+    again = registrar._kv_batch()  # no answer came (the report failed): the same snapshot again
+    assert again == first
+    registrar._kv_answer(first.events[-1].sequence, resync_needed=False)
+    assert registrar._kv_hurry  # the rest is pending: the next report goes at once
+    rest = registrar._kv_batch()
+    assert rest is not None and not rest.reset and rest.events[0].sequence == first.events[-1].sequence + 1
+    assert hashes(first) + hashes(rest) == 5000
+    registrar._kv_answer(rest.events[-1].sequence, resync_needed=False)
+    assert not registrar._kv_hurry and registrar.kv_resets == 1
+    registrar._kv_answer(rest.events[-1].sequence, resync_needed=True)
+    fresh = registrar._kv_batch()
+    assert fresh is not None and fresh.reset and registrar.kv_resets == 2

@@ -33,6 +33,26 @@ class ReplicaLoad(_message.Message):
     cached_block_hashes: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., cached_block_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class KvEvent(_message.Message):
+    __slots__ = ("sequence", "stored_block_hashes", "evicted_block_hashes", "cleared")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    STORED_BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    CLEARED_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    stored_block_hashes: _containers.RepeatedScalarFieldContainer[int]
+    evicted_block_hashes: _containers.RepeatedScalarFieldContainer[int]
+    cleared: bool
+    def __init__(self, sequence: _Optional[int] = ..., stored_block_hashes: _Optional[_Iterable[int]] = ..., evicted_block_hashes: _Optional[_Iterable[int]] = ..., cleared: _Optional[bool] = ...) -> None: ...
+
+class KvEvents(_message.Message):
+    __slots__ = ("events", "reset")
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    RESET_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[KvEvent]
+    reset: bool
+    def __init__(self, events: _Optional[_Iterable[_Union[KvEvent, _Mapping]]] = ..., reset: _Optional[bool] = ...) -> None: ...
+
 class Replica(_message.Message):
     __slots__ = ("replica_id", "expert", "address", "device", "model_name", "max_model_len", "load", "state", "seconds_since_heartbeat", "inflight")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
@@ -58,7 +78,7 @@ class Replica(_message.Message):
     def __init__(self, replica_id: _Optional[str] = ..., expert: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., load: _Optional[_Union[ReplicaLoad, _Mapping]] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., seconds_since_heartbeat: _Optional[float] = ..., inflight: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("replica_id", "expert", "address", "device", "model_name", "max_model_len", "load")
+    __slots__ = ("replica_id", "expert", "address", "device", "model_name", "max_model_len", "load", "kv_events")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     EXPERT_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +86,7 @@ class RegisterRequest(_message.Message):
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    KV_EVENTS_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     expert: str
     address: str
@@ -73,31 +94,42 @@ class RegisterRequest(_message.Message):
     model_name: str
     max_model_len: int
     load: ReplicaLoad
-    def __init__(self, replica_id: _Optional[str] = ..., expert: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., load: _Optional[_Union[ReplicaLoad, _Mapping]] = ...) -> None: ...
+    kv_events: KvEvents
+    def __init__(self, replica_id: _Optional[str] = ..., expert: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., load: _Optional[_Union[ReplicaLoad, _Mapping]] = ..., kv_events: _Optional[_Union[KvEvents, _Mapping]] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("heartbeat_interval_seconds", "expiry_seconds")
+    __slots__ = ("heartbeat_interval_seconds", "expiry_seconds", "kv_acked_sequence", "kv_resync_needed")
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     EXPIRY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    KV_ACKED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    KV_RESYNC_NEEDED_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_seconds: float
     expiry_seconds: float
-    def __init__(self, heartbeat_interval_seconds: _Optional[float] = ..., expiry_seconds: _Optional[float] = ...) -> None: ...
+    kv_acked_sequence: int
+    kv_resync_needed: bool
+    def __init__(self, heartbeat_interval_seconds: _Optional[float] = ..., expiry_seconds: _Optional[float] = ..., kv_acked_sequence: _Optional[int] = ..., kv_resync_needed: _Optional[bool] = ...) -> None: ...
 
 class ReportLoadRequest(_message.Message):
-    __slots__ = ("replica_id", "load", "draining")
+    __slots__ = ("replica_id", "load", "draining", "kv_events")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    KV_EVENTS_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     load: ReplicaLoad
     draining: bool
-    def __init__(self, replica_id: _Optional[str] = ..., load: _Optional[_Union[ReplicaLoad, _Mapping]] = ..., draining: _Optional[bool] = ...) -> None: ...
+    kv_events: KvEvents
+    def __init__(self, replica_id: _Optional[str] = ..., load: _Optional[_Union[ReplicaLoad, _Mapping]] = ..., draining: _Optional[bool] = ..., kv_events: _Optional[_Union[KvEvents, _Mapping]] = ...) -> None: ...
 
 class ReportLoadResponse(_message.Message):
-    __slots__ = ("known",)
+    __slots__ = ("known", "kv_acked_sequence", "kv_resync_needed")
     KNOWN_FIELD_NUMBER: _ClassVar[int]
+    KV_ACKED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    KV_RESYNC_NEEDED_FIELD_NUMBER: _ClassVar[int]
     known: bool
-    def __init__(self, known: _Optional[bool] = ...) -> None: ...
+    kv_acked_sequence: int
+    kv_resync_needed: bool
+    def __init__(self, known: _Optional[bool] = ..., kv_acked_sequence: _Optional[int] = ..., kv_resync_needed: _Optional[bool] = ...) -> None: ...
 
 class DeregisterRequest(_message.Message):
     __slots__ = ("replica_id",)

@@ -19,6 +19,7 @@ from switchboard.replica.hashing import (
     prompt_block_hashes,
 )
 from switchboard.replica.kv_cache_manager import KVCacheManager
+from switchboard.replica.kv_events import KvEvent, KvEventBatch, KvEventJournal
 from switchboard.replica.outputs import ModelRunnerOutput, RequestOutput, ScheduledRequest, SchedulerOutput
 from switchboard.replica.request import Request, RequestStatus
 from switchboard.replica.scheduler import Scheduler
@@ -29,6 +30,9 @@ __all__ = [
     "BlockPool",
     "CostModel",
     "KVCacheManager",
+    "KvEvent",
+    "KvEventBatch",
+    "KvEventJournal",
     "ModelRunnerOutput",
     "Request",
     "RequestOutput",

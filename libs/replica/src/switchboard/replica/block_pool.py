@@ -3,12 +3,16 @@
 The pool only does bookkeeping of block ids (the memory they name lives in the
 model runner). A block whose reference count drops to zero stays in the hash
 index (and in an LRU list) until the pool needs it for something else, so a
-later request with the same prefix can take it back.
+later request with the same prefix can take it back. Every hash that enters the index (`register`)
+or leaves it (an eviction in `allocate`) is recorded in the pool's `events` journal
+(`kv_events.KvEventJournal`), which the generator reports to the scheduler.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+
+from switchboard.replica.kv_events import KvEventJournal
 
 
 class BlockPool:
@@ -19,7 +23,7 @@ class BlockPool:
     in that order when no plain block is left).
     """
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, events: KvEventJournal | None = None) -> None:
         if num_blocks < 1:
             raise ValueError(f"the KV pool needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
@@ -30,6 +34,7 @@ class BlockPool:
         self._free_plain: list[int] = list(range(num_blocks - 1, -1, -1))
         self._free_cached: OrderedDict[int, None] = OrderedDict()
         self.num_evictions = 0
+        self.events = events if events is not None else KvEventJournal(max_hashes=max(65536, 2 * num_blocks))
 
     @property
     def num_free(self) -> int:
@@ -50,6 +55,7 @@ class BlockPool:
             old = self.block_to_hash[block]
             if old is not None and self.hash_to_block.get(old) == block:
                 del self.hash_to_block[old]
+                self.events.evicted(old)
             self.block_to_hash[block] = None
             self.num_evictions += 1
         else:
@@ -82,6 +88,7 @@ class BlockPool:
             return
         self.block_to_hash[block] = h
         self.hash_to_block[h] = block
+        self.events.stored(h)
 
     def cached_hashes(self, limit: int | None = None) -> list[int]:
         """Hashes held in the prefix cache, most recently used (in use, then freed last) first."""

@@ -106,7 +106,9 @@ class GeneratorApp:
                     max_model_len=info.max_model_len,
                 )
                 if self.settings.scheduler_addr:
-                    self.registrar = Registrar(self.settings.scheduler_addr, self.announce, self.engine.load)
+                    self.registrar = Registrar(
+                        self.settings.scheduler_addr, self.announce, self.engine.load, kv_events=self.engine.kv_events
+                    )
                     self.registrar.start()
                 self.ready.set()
             await serving

@@ -4,6 +4,12 @@ The replica keeps serving whatever happens to the scheduler: a scheduler that is
 with exponential backoff, and a scheduler that answers `known=false` (it restarted, or expired
 this replica) gets a fresh Register at once. Only the drain stops the loop, and it stops the loop
 before deregistering, so a late heartbeat cannot re-register a replica that is going away.
+
+Each Register and heartbeat carries the engine's KV events (prefix-cache blocks stored and
+evicted, `switchboard.replica.KvEventJournal`): a Register sends a reset snapshot; a heartbeat
+sends the events after the sequence the scheduler last acknowledged, or a fresh snapshot when the
+scheduler answered `kv_resync_needed` (or the journal lost events to its bound). A report carries
+at most `MAX_KV_HASHES_PER_REPORT` hashes; with more pending, the next heartbeat follows at once.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import grpc
 from switchboard.common.channels import open_channel
 from switchboard.common.logging import get_logger
 from switchboard.generator.engine import EngineLoad
+from switchboard.replica import KvEventBatch, KvEventJournal
 from switchboard.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 log = get_logger(__name__)
@@ -23,6 +30,8 @@ log = get_logger(__name__)
 INITIAL_BACKOFF_SECONDS = 0.25
 MAX_BACKOFF_SECONDS = 5.0
 RPC_TIMEOUT_SECONDS = 2.0
+# The scheduler's bound (switchboard.scheduler.prefix_index.MAX_KV_HASHES_PER_REPORT).
+MAX_KV_HASHES_PER_REPORT = 4096
 
 
 def load_to_proto(load: EngineLoad) -> scheduler_pb2.ReplicaLoad:
@@ -33,7 +42,22 @@ def load_to_proto(load: EngineLoad) -> scheduler_pb2.ReplicaLoad:
         kv_blocks_used=load.kv_blocks_used,
         kv_blocks_total=load.kv_blocks_total,
         tokens_per_second=load.tokens_per_second,
-        cached_block_hashes=load.cached_block_hashes,
+    )
+
+
+def kv_events_to_proto(batch: KvEventBatch, reset: bool) -> scheduler_pb2.KvEvents:
+    """The wire form of a batch of KV events."""
+    return scheduler_pb2.KvEvents(
+        events=[
+            scheduler_pb2.KvEvent(
+                sequence=e.sequence,
+                stored_block_hashes=e.stored,
+                evicted_block_hashes=e.evicted,
+                cleared=e.cleared,
+            )
+            for e in batch.events
+        ],
+        reset=reset,
     )
 
 
@@ -41,8 +65,9 @@ class Registrar:
     """Keeps one replica registered with the scheduler at `scheduler_addr`.
 
     `announce` returns the RegisterRequest (identity and model facts, without load); `load`
-    returns the engine's current load. Counters (`registrations`, `heartbeats`, `failures`) are public so
-    tests and logs can follow what happened.
+    returns the engine's current load; `kv_events` is the engine's KV event journal (None: report
+    no prefix cache). Counters (`registrations`, `heartbeats`, `failures`, `kv_resets`) and
+    `kv_acked_sequence` are public so tests and logs can follow what happened.
     """
 
     def __init__(
@@ -51,6 +76,7 @@ class Registrar:
         announce: Callable[[], scheduler_pb2.RegisterRequest],
         load: Callable[[], EngineLoad],
         heartbeat_seconds: float = 1.0,
+        kv_events: KvEventJournal | None = None,
     ) -> None:
         self.scheduler_addr = scheduler_addr
         self._announce = announce
@@ -64,6 +90,49 @@ class Registrar:
         self._stub: scheduler_pb2_grpc.SchedulerStub | None = None
         self._task: asyncio.Task[None] | None = None
         self._outage_logged = False
+        self._kv = kv_events
+        self.kv_acked_sequence = 0
+        self.kv_resets = 0
+        self._kv_resync = True  # the next report sends a snapshot
+        self._kv_reset_from: int | None = None  # first sequence of a snapshot not yet acknowledged
+        self._kv_backlog = False  # the last report left events behind (the bound)
+        self._kv_sent_last = 0  # the last sequence of the last report
+        self._kv_hurry = False  # events are pending and the scheduler took the last ones: report now
+
+    def _kv_batch(self) -> scheduler_pb2.KvEvents | None:
+        """The KV events for the next report (None without a journal)."""
+        journal = self._kv
+        if journal is None:
+            return None
+        if self._kv_resync:
+            batch = journal.snapshot(MAX_KV_HASHES_PER_REPORT)
+            self._kv_resync = False
+        elif self._kv_reset_from is not None:
+            # The snapshot's reset was not acknowledged (the report failed): send it again.
+            batch = journal.drain(self._kv_reset_from - 1, MAX_KV_HASHES_PER_REPORT)
+        else:
+            batch = journal.drain(self.kv_acked_sequence, MAX_KV_HASHES_PER_REPORT)
+        if batch.reset:
+            self._kv_reset_from = batch.events[0].sequence
+            self.kv_resets += 1
+        last = batch.last_sequence
+        self._kv_backlog = last is not None and journal.last_sequence > last
+        self._kv_sent_last = last or 0
+        return kv_events_to_proto(batch, reset=self._kv_reset_from is not None)
+
+    def _kv_answer(self, acked_sequence: int, resync_needed: bool) -> None:
+        """Take in the scheduler's acknowledgement of our KV events."""
+        if self._kv is None:
+            return
+        # Only a scheduler that folded everything sent gets the backlog at once (never a busy loop).
+        self._kv_hurry = self._kv_backlog and not resync_needed and acked_sequence >= self._kv_sent_last
+        if resync_needed:
+            self._kv_resync = True
+            self._kv_reset_from = None
+            return
+        self.kv_acked_sequence = acked_sequence
+        if self._kv_reset_from is not None and acked_sequence >= self._kv_reset_from:
+            self._kv_reset_from = None
 
     def _scheduler(self) -> scheduler_pb2_grpc.SchedulerStub:
         if self._stub is None:
@@ -80,7 +149,13 @@ class Registrar:
         request = scheduler_pb2.RegisterRequest()
         request.CopyFrom(self._announce())
         request.load.CopyFrom(load_to_proto(self._load()))
+        self._kv_resync = True  # a (re-)registration always starts the scheduler's index over
+        self._kv_reset_from = None
+        kv = self._kv_batch()
+        if kv is not None:
+            request.kv_events.CopyFrom(kv)
         reply = await self._scheduler().Register(request, timeout=RPC_TIMEOUT_SECONDS)
+        self._kv_answer(reply.kv_acked_sequence, reply.kv_resync_needed)
         if reply.heartbeat_interval_seconds > 0:
             self.heartbeat_seconds = reply.heartbeat_interval_seconds
         self.registrations += 1
@@ -100,8 +175,13 @@ class Registrar:
         request = scheduler_pb2.ReportLoadRequest(
             replica_id=self._announce().replica_id, load=load_to_proto(self._load()), draining=draining
         )
+        kv = self._kv_batch()
+        if kv is not None:
+            request.kv_events.CopyFrom(kv)
         reply = await self._scheduler().ReportLoad(request, timeout=RPC_TIMEOUT_SECONDS)
         self.heartbeats += 1
+        if reply.known:
+            self._kv_answer(reply.kv_acked_sequence, reply.kv_resync_needed)
         return reply.known
 
     async def run(self) -> None:
@@ -122,6 +202,10 @@ class Registrar:
                     log.info("scheduler reachable again", scheduler=self.scheduler_addr)
                 self._outage_logged = False
                 backoff = INITIAL_BACKOFF_SECONDS
+                if self._kv_hurry:
+                    self._kv_hurry = False
+                    await asyncio.sleep(0)  # more KV events pending: report them now
+                    continue
                 await asyncio.sleep(self.heartbeat_seconds)
             except grpc.aio.AioRpcError as exc:
                 self.failures += 1

@@ -12,6 +12,10 @@ locks are needed, and every mutation goes through its methods. Readers that deci
 placement policies) get a `ClusterSnapshot` instead: frozen views of every replica taken at one
 instant, so a policy can never see half-updated state and a learned policy gets the same input as
 the heuristics. The clock is injectable so the domain logic can be tested without sleeping.
+
+Each record also holds the replica's `PrefixIndex` (its prefix cache, folded from the KV events it
+reports, see `prefix_index.py`); a registration starts a fresh one, and it goes with the record on
+deregistration and expiry.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from types import MappingProxyType
 from typing import NamedTuple
+
+from switchboard.scheduler.prefix_index import KvAck, KvEventsIn, PrefixIndex
 
 
 class ReplicaState(Enum):
@@ -40,7 +46,6 @@ class LoadSnapshot:
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
     tokens_per_second: float = 0.0
-    cached_block_hashes: tuple[int, ...] = ()
 
     @property
     def kv_utilization(self) -> float:
@@ -73,6 +78,8 @@ class ReplicaRecord:
     registered_at: float
     # request_id -> time of placement, for requests placed here and not yet completed.
     placements: dict[str, float] = field(default_factory=dict)
+    # Its prefix cache as its KV events describe it.
+    prefix: PrefixIndex = field(default_factory=PrefixIndex)
 
     @property
     def replica_id(self) -> str:
@@ -205,6 +212,24 @@ class ReplicaRegistry:
         if draining:
             record.state = ReplicaState.DRAINING
         return True
+
+    def apply_kv_events(self, replica_id: str, batch: KvEventsIn) -> KvAck | None:
+        """Fold a replica's KV events into its prefix index (validate first: `prefix_index.validate`);
+        None when the replica is unknown."""
+        record = self._replicas.get(replica_id)
+        if record is None:
+            return None
+        return record.prefix.apply(batch)
+
+    def kv_ack(self, replica_id: str) -> KvAck | None:
+        """The replica's last folded KV sequence and whether it must resync; None when unknown."""
+        record = self._replicas.get(replica_id)
+        return None if record is None else record.prefix.ack()
+
+    def matched_blocks(self, replica_id: str, block_hashes: Iterable[int]) -> int:
+        """How many leading blocks of a request's hash chain the replica caches (0 when unknown)."""
+        record = self._replicas.get(replica_id)
+        return 0 if record is None else record.prefix.matched_blocks(list(block_hashes))
 
     def deregister(self, replica_id: str) -> ReplicaRecord | None:
         """Remove a replica; returns its record, or None when it was not known."""

@@ -23,6 +23,7 @@ from switchboard.scheduler.placement import (
     Placer,
     UnknownExperts,
 )
+from switchboard.scheduler.prefix_index import InvalidKvEvents, KvAck, KvEventIn, KvEventsIn, validate
 from switchboard.scheduler.registry import (
     LoadSnapshot,
     ReplicaInfo,
@@ -68,7 +69,6 @@ def load_from_proto(message: scheduler_pb2.ReplicaLoad) -> LoadSnapshot:
         kv_blocks_used=message.kv_blocks_used,
         kv_blocks_total=message.kv_blocks_total,
         tokens_per_second=message.tokens_per_second,
-        cached_block_hashes=tuple(message.cached_block_hashes),
     )
 
 
@@ -80,8 +80,28 @@ def load_to_proto(load: LoadSnapshot) -> scheduler_pb2.ReplicaLoad:
         kv_blocks_used=load.kv_blocks_used,
         kv_blocks_total=load.kv_blocks_total,
         tokens_per_second=load.tokens_per_second,
-        cached_block_hashes=list(load.cached_block_hashes),
     )
+
+
+def kv_events_from_proto(message: scheduler_pb2.KvEvents) -> KvEventsIn:
+    """The prefix index's view of reported KV events, validated (INVALID_ARGUMENT naming the field)."""
+    batch = KvEventsIn(
+        events=tuple(
+            KvEventIn(
+                sequence=e.sequence,
+                stored=tuple(e.stored_block_hashes),
+                evicted=tuple(e.evicted_block_hashes),
+                cleared=e.cleared,
+            )
+            for e in message.events
+        ),
+        reset=message.reset,
+    )
+    try:
+        validate(batch)
+    except InvalidKvEvents as error:
+        raise invalid_argument(error.field, error.description) from None
+    return batch
 
 
 def placement_from_proto(request: scheduler_pb2.PlaceRequest) -> PlacementRequest:
@@ -163,6 +183,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         problem = address_problem(request.address)
         if problem is not None:
             raise invalid_argument("address", problem)
+        kv = kv_events_from_proto(request.kv_events) if request.HasField("kv_events") else None
         info = ReplicaInfo(
             replica_id=request.replica_id,
             expert=request.expert,
@@ -172,6 +193,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             max_model_len=request.max_model_len,
         )
         new = self.registry.register(info, load_from_proto(request.load))
+        ack = self.registry.apply_kv_events(info.replica_id, kv) if kv is not None else None
+        ack = ack or self.registry.kv_ack(info.replica_id) or KvAck(0, True)
         self._changed()
         log.info(
             "replica registered" if new else "replica re-registered",
@@ -182,21 +205,31 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             model=info.model_name,
         )
         return scheduler_pb2.RegisterResponse(
-            heartbeat_interval_seconds=self.heartbeat_seconds, expiry_seconds=self.registry.expiry_seconds
+            heartbeat_interval_seconds=self.heartbeat_seconds,
+            expiry_seconds=self.registry.expiry_seconds,
+            kv_acked_sequence=ack.acked_sequence,
+            kv_resync_needed=ack.resync_needed,
         )
 
     async def ReportLoad(
         self, request: scheduler_pb2.ReportLoadRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.ReportLoadResponse:
-        """Record a heartbeat; known=false tells the replica to register again."""
+        """Record a heartbeat and fold its KV events; known=false tells the replica to register again."""
         _check_id("replica_id", request.replica_id)
+        kv = kv_events_from_proto(request.kv_events) if request.HasField("kv_events") else None
         record = self.registry.get(request.replica_id)
         was_draining = record is not None and record.state is ReplicaState.DRAINING
         known = self.registry.report_load(request.replica_id, load_from_proto(request.load), request.draining)
-        if known and request.draining and not was_draining:
+        if not known:
+            return scheduler_pb2.ReportLoadResponse(known=False)
+        if request.draining and not was_draining:
             log.info("replica draining", replica_id=request.replica_id)
             self._changed()
-        return scheduler_pb2.ReportLoadResponse(known=known)
+        ack = self.registry.apply_kv_events(request.replica_id, kv) if kv is not None else None
+        ack = ack or self.registry.kv_ack(request.replica_id) or KvAck(0, True)
+        return scheduler_pb2.ReportLoadResponse(
+            known=True, kv_acked_sequence=ack.acked_sequence, kv_resync_needed=ack.resync_needed
+        )
 
     async def Deregister(
         self, request: scheduler_pb2.DeregisterRequest, context: grpc.aio.ServicerContext

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -35,7 +34,7 @@ from switchboard.generator.engine.types import (
 )
 from switchboard.generator.models.packed_linear import packing_available
 from switchboard.generator.sampling import Sampler, make_generator
-from switchboard.replica import ROOT_HASH, BlockPool, Scheduler, hash_seed
+from switchboard.replica import ROOT_HASH, BlockPool, KvEventJournal, Scheduler, hash_seed
 from switchboard.replica import Request as Sequence
 from switchboard.replica import RequestStatus as SequenceStatus
 from switchboard.replica.outputs import ModelRunnerOutput, RequestOutput, SchedulerOutput
@@ -143,9 +142,6 @@ class Engine:
         self._wake: asyncio.Event | None = None
         self._stopping = False
         self._rate_window: collections.deque[tuple[float, int]] = collections.deque()
-        self._snapshot_lock = threading.Lock()
-        self._hash_snapshot: list[int] = []
-        self._snapshot_time = 0.0
         self.steps = 0
 
     @property
@@ -302,25 +298,18 @@ class Engine:
         window = list(self._rate_window)
         tokens = sum(n for t, n in window if now - t <= 10.0)
         span = min(10.0, now - window[0][0]) if window else 0.0
-        with self._snapshot_lock:
-            hashes = list(self._hash_snapshot)
         return EngineLoad(
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting) + len(self._inbox),
             kv_blocks_used=self.pool.num_used,
             kv_blocks_total=self.pool.num_blocks,
             tokens_per_second=tokens / span if span > 0.5 else float(tokens),
-            cached_block_hashes=hashes,
         )
 
-    def _refresh_snapshot(self, force: bool) -> None:
-        now = time.monotonic()
-        if not force and now - self._snapshot_time < 0.25:
-            return
-        hashes = self.pool.cached_hashes(self.config.max_reported_hashes)
-        with self._snapshot_lock:
-            self._hash_snapshot = hashes
-        self._snapshot_time = now
+    @property
+    def kv_events(self) -> KvEventJournal:
+        """The block pool's KV event journal (thread-safe: the registrar drains it from the event loop)."""
+        return self.pool.events
 
     # ------------------------------------------------------------------ loop
 
@@ -375,7 +364,6 @@ class Engine:
         self._take_inbox()
         plan = self.scheduler.schedule()
         if plan.is_empty:
-            self._refresh_snapshot(force=True)
             return []
         now_ns = time.time_ns()
         for s in plan.scheduled:
@@ -390,7 +378,6 @@ class Engine:
             self._rate_window.append((time.monotonic(), len(sampled.req_ids)))
             while len(self._rate_window) > 4096:
                 self._rate_window.popleft()
-        self._refresh_snapshot(force=False)
         return results
 
     def _check_stops(self, plan: SchedulerOutput, sampled: ModelRunnerOutput) -> tuple[dict[str, str], dict[str, str]]:

@@ -30,8 +30,6 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     # Exact pool size in blocks; overrides kv_cache_bytes (tests use tiny pools).
     num_blocks: int | None = None
-    # How many prefix-cache hashes a load snapshot carries at most.
-    max_reported_hashes: int = 4096
     # Where steps run when the engine is given no step executor: True = a worker thread
     # of its own (the event loop stays free while a step computes), False = on the event
     # loop's thread between its other callbacks, None = by device: a worker thread on CUDA
@@ -91,7 +89,6 @@ class EngineLoad:
     kv_blocks_used: int
     kv_blocks_total: int
     tokens_per_second: float
-    cached_block_hashes: list[int]
 
 
 @dataclass(frozen=True)
