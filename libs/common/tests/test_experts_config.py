@@ -45,3 +45,23 @@ def test_invalid_files(tmp_path: Path, text: str, message: str) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ExpertsConfigError, match="SWITCHBOARD_EXPERTS_CONFIG"):
         load_experts_config(tmp_path / "nope.yaml")
+
+
+def test_slo_is_optional_and_validated(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "experts:\n  - {name: a, model: a, slo: {ttft_seconds: 0.5, tpot_seconds: 0.05}}\n"
+        "  - {name: b, model: b, slo: {ttft_seconds: 2}}\n  - {name: c, model: c}\n",
+    )
+    a, b, c = load_experts_config(path)
+    assert a.slo is not None and (a.slo.ttft_seconds, a.slo.tpot_seconds) == (0.5, 0.05)
+    assert b.slo is not None and (b.slo.ttft_seconds, b.slo.tpot_seconds) == (2.0, None)
+    assert c.slo is None
+    for bad, says in (
+        ("slo: 3", "expected a mapping"),
+        ("slo: {ttft: 1}", "unknown keys"),
+        ("slo: {ttft_seconds: 0}", "slo.ttft_seconds"),
+        ("slo: {tpot_seconds: true}", "slo.tpot_seconds"),
+    ):
+        with pytest.raises(ExpertsConfigError, match=says):
+            load_experts_config(write(tmp_path, f"experts:\n  - {{name: a, model: a, {bad}}}\n"))

@@ -20,17 +20,21 @@ EXPERTS = ("bard-small", "milton-small", "scribe-large")
 
 @asynccontextmanager
 async def running_scheduler(
-    heartbeat_seconds: float = 1.0, expiry_seconds: float = 5.0, port: int = 0, **settings_fields: Any
+    heartbeat_seconds: float = 1.0,
+    expiry_seconds: float = 5.0,
+    port: int = 0,
+    slos: dict[str, Any] | None = None,
+    **settings_fields: Any,
 ) -> AsyncIterator[SchedulerApp]:
     """Start a scheduler on loopback (port 0 = a free one) and stop it on exit; `settings_fields`
-    are further SchedulerSettings fields (placement_policy=...)."""
+    are further SchedulerSettings fields (placement_policy=...), `slos` the experts' objectives."""
     settings = SchedulerSettings(
         server=ServerSettings(host="127.0.0.1", port=port, metrics_port=0, drain_seconds=0.5),
         heartbeat_seconds=heartbeat_seconds,
         expiry_seconds=expiry_seconds,
         **settings_fields,
     )
-    app = SchedulerApp(settings, EXPERTS)
+    app = SchedulerApp(settings, EXPERTS, slos=slos)
     task = asyncio.create_task(app.run(handle_signals=False))
     started = asyncio.create_task(app.service.started.wait())
     done, _ = await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)

@@ -12,6 +12,8 @@ from switchboard.common.errors import error_details
 from switchboard.common.telemetry import SpanAttributes
 from switchboard.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
+from .conftest import running_scheduler
+
 
 def register_request(
     replica_id: str, expert: str = "bard-small", port: int = 50061, max_model_len: int = 512, **load: int
@@ -475,5 +477,42 @@ async def test_place_uses_the_configured_policy(scheduler_factory) -> None:
                 assert len(primary.alternates) == 2
                 await stub.Complete(scheduler_pb2.SchedulerCompleteRequest(request_id=f"rr{i}", success=True))
             assert chosen == ["b1", "b2", "b3", "b1", "b2"]
+        finally:
+            await channel.close()
+
+
+def _metric(name: str, **labels: str) -> float:
+    value = REGISTRY.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+async def test_complete_counts_slo_attainment_and_goodput() -> None:
+    from switchboard.common.experts_config import ExpertSLO
+
+    slos = {"bard-small": ExpertSLO(ttft_seconds=0.5, tpot_seconds=0.05)}
+    async with running_scheduler(slos=slos) as app:
+        channel = open_channel(f"127.0.0.1:{app.service.port}")
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        try:
+            await stub.Register(register_request("a", port=50061))
+            before = {
+                key: _metric("switchboard_scheduler_goodput_requests_total", expert="bard-small", good=key)
+                for key in ("true", "false")
+            }
+            missed_ttft = _metric("switchboard_scheduler_slo_requests_total", expert="bard-small", objective="ttft", met="false")
+            outcomes = [(True, 0.2, 0.6, 9), (True, 0.9, 1.0, 3), (False, 0.1, 0.2, 2)]  # good, slow start, failed
+            for i, (success, ttft, latency, tokens) in enumerate(outcomes):
+                await stub.Place(scheduler_pb2.PlaceRequest(request_id=f"s{i}", experts=["bard-small"]))
+                await stub.Complete(
+                    scheduler_pb2.SchedulerCompleteRequest(
+                        request_id=f"s{i}", replica_id="a", success=success,
+                        usage=common_pb2.Usage(completion_tokens=tokens),
+                        time_to_first_token_seconds=ttft, latency_seconds=latency,
+                    )
+                )
+            good = _metric("switchboard_scheduler_goodput_requests_total", expert="bard-small", good="true")
+            bad = _metric("switchboard_scheduler_goodput_requests_total", expert="bard-small", good="false")
+            assert (good - before["true"], bad - before["false"]) == (1, 2)
+            assert _metric("switchboard_scheduler_slo_requests_total", expert="bard-small", objective="ttft", met="false") - missed_ttft == 2
         finally:
             await channel.close()

@@ -10,6 +10,9 @@ experts, and the local stack starts one generator per replica of each. Format
         model: bard-small              # demo expert name, or a path to a Hugging Face model folder
         relative_cost: 1.0             # cost of one output token relative to the cheapest expert
         replicas: 1                    # replicas the local stack starts
+        slo:                           # optional service-level objectives of the pool
+          ttft_seconds: 0.5            #   time to first token
+          tpot_seconds: 0.05           #   time per output token after the first
 """
 
 from __future__ import annotations
@@ -37,13 +40,42 @@ class ExpertSpec:
     model: str
     relative_cost: float = 1.0
     replicas: int = 1
+    slo: ExpertSLO | None = None
+
+
+@dataclass(frozen=True)
+class ExpertSLO:
+    """Service-level objectives of one expert pool (None: no objective on that measure)."""
+
+    ttft_seconds: float | None = None
+    tpot_seconds: float | None = None
+
+
+_SLO_KEYS = {"ttft_seconds", "tpot_seconds"}
+
+
+def _slo(where: str, value: Any) -> ExpertSLO | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ExpertsConfigError(f"{where}.slo: expected a mapping with ttft_seconds and/or tpot_seconds")
+    unknown = set(value) - _SLO_KEYS
+    if unknown:
+        raise ExpertsConfigError(f"{where}.slo: unknown keys {sorted(unknown)}; known: {sorted(_SLO_KEYS)}")
+    parsed: dict[str, float] = {}
+    for key in sorted(_SLO_KEYS & set(value)):
+        number = value[key]
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 < number <= 3600:
+            raise ExpertsConfigError(f"{where}.slo.{key}: must be a number of seconds in (0, 3600], got {number!r}")
+        parsed[key] = float(number)
+    return ExpertSLO(**parsed)
 
 
 def _spec(path: Path, index: int, entry: Any) -> ExpertSpec:
     where = f"{path}: experts[{index}]"
     if not isinstance(entry, dict):
         raise ExpertsConfigError(f"{where}: expected a mapping with name, description, model")
-    unknown = set(entry) - {"name", "description", "model", "relative_cost", "replicas"}
+    unknown = set(entry) - {"name", "description", "model", "relative_cost", "replicas", "slo"}
     if unknown:
         raise ExpertsConfigError(f"{where}: unknown keys {sorted(unknown)}")
     name = entry.get("name")
@@ -58,7 +90,9 @@ def _spec(path: Path, index: int, entry: Any) -> ExpertSpec:
     replicas = entry.get("replicas", 1)
     if not isinstance(replicas, int) or replicas < 0:
         raise ExpertsConfigError(f"{where}.replicas: must be a non-negative integer, got {replicas!r}")
-    return ExpertSpec(name, str(entry.get("description", "")), model, float(cost), replicas)
+    return ExpertSpec(
+        name, str(entry.get("description", "")), model, float(cost), replicas, _slo(where, entry.get("slo"))
+    )
 
 
 def load_experts_config(path: Path) -> list[ExpertSpec]:

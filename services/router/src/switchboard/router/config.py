@@ -54,7 +54,7 @@ class RouterSettings:
     ttft_slo_seconds: float = setting(
         "ROUTER_TTFT_SLO_SECONDS",
         1.0,
-        "time-to-first-token objective of every expert: a pool above it sheds traffic, a miss costs reward",
+        "time-to-first-token objective of an expert whose `slo.ttft_seconds` is not set: a pool above it sheds traffic, a miss costs reward",
         minimum=0.001,
         maximum=600.0,
     )

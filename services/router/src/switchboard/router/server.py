@@ -59,7 +59,11 @@ def build_core(
     """Gate, selector, load bias, online head and decision log wired into one core."""
     gate, default_cost_weight = build_gate(settings, experts)
     names = [spec.name for spec in experts]
-    slo = dict.fromkeys(names, settings.ttft_slo_seconds)
+    # Each expert's TTFT objective from the experts config, else the router's default.
+    slo = {
+        spec.name: spec.slo.ttft_seconds if spec.slo and spec.slo.ttft_seconds else settings.ttft_slo_seconds
+        for spec in experts
+    }
     online = None
     hidden = getattr(gate, "net", None)
     if settings.online_learning and hidden is not None:

@@ -21,8 +21,8 @@ def load() -> SchedulerSettings:
 
 async def serve(settings: SchedulerSettings) -> int:
     """Run the scheduler until SIGTERM/SIGINT; returns the exit code."""
-    experts = [spec.name for spec in load_experts_config(settings.experts_config)]
-    return await SchedulerApp(settings, experts).run()
+    specs = load_experts_config(settings.experts_config)
+    return await SchedulerApp(settings, [spec.name for spec in specs], slos={s.name: s.slo for s in specs}).run()
 
 
 def main() -> None:

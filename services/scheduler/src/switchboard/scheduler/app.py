@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
+from switchboard.common.experts_config import ExpertSLO
 from switchboard.common.logging import get_logger
 from switchboard.common.service import GrpcService
 from switchboard.scheduler.config import SchedulerSettings
@@ -32,7 +33,11 @@ class SchedulerApp:
     """
 
     def __init__(
-        self, settings: SchedulerSettings, experts: Collection[str], policy: PlacementPolicy | None = None
+        self,
+        settings: SchedulerSettings,
+        experts: Collection[str],
+        policy: PlacementPolicy | None = None,
+        slos: Mapping[str, ExpertSLO | None] | None = None,
     ) -> None:
         self.settings = settings
         self.registry = ReplicaRegistry(
@@ -44,6 +49,7 @@ class SchedulerApp:
             policy or make_policy(settings.placement_policy, settings.placement_seed),
             heartbeat_seconds=settings.heartbeat_seconds,
             retry_after_seconds=settings.retry_after_seconds,
+            slos=slos,
         )
         self.service = GrpcService("scheduler", settings.server)
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(self.servicer, self.service.server)

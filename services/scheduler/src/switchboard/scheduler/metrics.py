@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from prometheus_client import Counter, Gauge
 from switchboard.scheduler.placement import UNDECLARED, PlacementResult
 from switchboard.scheduler.registry import ReplicaRecord, ReplicaState
+from switchboard.scheduler.slo import Verdict
 
 REPLICAS = Gauge(
     "switchboard_scheduler_replicas",
@@ -50,6 +51,26 @@ def update_replica_gauges(experts: Iterable[str], replicas: Iterable[ReplicaReco
         for state in ReplicaState:
             REPLICAS.labels(expert=expert, state=state.value).set(counts.get((expert, state.value), 0))
         INFLIGHT.labels(expert=expert).set(inflight.get(expert, 0))
+
+
+SLO_REQUESTS = Counter(
+    "switchboard_scheduler_slo_requests_total",
+    "Completed requests judged against their expert's objective, by expert, objective and whether met.",
+    ["expert", "objective", "met"],
+)
+GOODPUT = Counter(
+    "switchboard_scheduler_goodput_requests_total",
+    "Completed requests by expert and whether they met every objective of their expert (a failure never does).",
+    ["expert", "good"],
+)
+
+
+def count_slo(expert: str, verdict: Verdict) -> None:
+    """Count one completed request's SLO verdict."""
+    for objective, met in (("ttft", verdict.ttft_met), ("tpot", verdict.tpot_met)):
+        if met is not None:
+            SLO_REQUESTS.labels(expert=expert, objective=objective, met=str(met).lower()).inc()
+    GOODPUT.labels(expert=expert, good=str(verdict.good).lower()).inc()
 
 
 def count_placements(result: PlacementResult) -> None:

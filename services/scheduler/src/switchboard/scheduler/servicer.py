@@ -8,10 +8,11 @@ into canonical gRPC statuses with rich details (BadRequest, RetryInfo, ErrorInfo
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
 import grpc
 from switchboard.common.errors import invalid_argument, not_found, unavailable
+from switchboard.common.experts_config import ExpertSLO
 from switchboard.common.logging import get_logger
 from switchboard.common.telemetry import SpanAttributes, get_tracer
 from switchboard.scheduler import metrics
@@ -32,6 +33,7 @@ from switchboard.scheduler.registry import (
     ReplicaState,
     ReplicaView,
 )
+from switchboard.scheduler.slo import judge
 from switchboard.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 log = get_logger(__name__)
@@ -140,9 +142,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         policy: PlacementPolicy,
         heartbeat_seconds: float,
         retry_after_seconds: float = 1.0,
+        slos: Mapping[str, ExpertSLO | None] | None = None,
     ) -> None:
         self.registry = registry
         self.experts = frozenset(experts)
+        self.slos = dict(slos or {})
         self.policy = policy
         self.heartbeat_seconds = heartbeat_seconds
         self.retry_after_seconds = retry_after_seconds
@@ -300,6 +304,17 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         record = self.registry.complete(request.request_id, request.replica_id)
         expert = record.expert if record is not None else "unknown"
         metrics.COMPLETIONS.labels(expert=expert, success=str(request.success).lower()).inc()
+        if record is not None:
+            metrics.count_slo(
+                expert,
+                judge(
+                    self.slos.get(expert),
+                    request.success,
+                    request.time_to_first_token_seconds,
+                    request.latency_seconds,
+                    request.usage.completion_tokens,
+                ),
+            )
         self._changed()
         log.debug(
             "request completed",
