@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +33,13 @@ def test_up_serves_generate_and_stops_everything_on_ctrl_c(tmp_path: Path, model
     config = write_experts_config(tmp_path / "experts.yaml", model_dir, {"bard-small": 1})
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "GATEWAY_", "SWITCHBOARD_"))}
     env.update(SWITCHBOARD_CACHE_DIR=str(tmp_path / "cache"), GENERATOR_KV_CACHE_MB="32", GENERATOR_DEVICE="cpu")
+    # `up` builds the router's gate for this config in the test's cache; its corpus archive is
+    # copied from the real cache when there is one, so the test does not download it again.
+    from switchboard.experts.cache import cache_root
+
+    archives = cache_root() / "downloads"
+    if archives.is_dir():
+        shutil.copytree(archives, tmp_path / "cache" / "experts" / "downloads")
     up = subprocess.Popen(
         [SWITCHBOARD, "up", "--free-ports", "--experts-config", str(config), "--timeout", "240"],
         env=env,
@@ -54,6 +62,9 @@ def test_up_serves_generate_and_stops_everything_on_ctrl_c(tmp_path: Path, model
         gateway = re.search(r"gateway\s+(127\.0\.0\.1:\d+)", text).group(1)
         addresses = re.findall(r"^\s+\w+\s+(127\.0\.0\.1:\d+)", text, re.M)
         assert len(addresses) == 4  # gateway, router, scheduler, one generator
+        # `up` built the router's gate for this experts config (into the test's cache) and serves it.
+        gate = re.search(r"router\s+127\.0\.0\.1:\d+.*gate: (\S+)", text).group(1)
+        assert (Path(gate) / "gate.json").is_file() and str(tmp_path / "cache") in gate
         key = re.search(r"dev API key: (\S+)", text).group(1)
         assert (tmp_path / "cache" / "dev-api-key").read_text().strip() == key
         result = subprocess.run(
