@@ -18,14 +18,13 @@ import argparse
 import asyncio
 import gc
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from bench_common import machine
 from switchboard.generator.engine import Engine, EngineConfig, EngineRequest
 from switchboard.generator.loader import LoadedModel, load_model
 from switchboard.generator.models.llama import LlamaConfig, LlamaForCausalLM
@@ -177,19 +176,6 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     return total
 
 
-def machine() -> str:
-    """CPU model, cores and torch threads of this machine."""
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    flags = " ".join(f for f in ("avx512_bf16", "amx_bf16") if cpuinfo.is_file() and f in cpuinfo.read_text())
-    return f"{model} ({flags or 'no bf16 ISA'}), {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the three measurements and print their ratios."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -201,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from transformers import AutoModelForCausalLM
 
-    results: dict[str, Any] = {"machine": machine(), "torch": torch.__version__}
+    results: dict[str, Any] = {"machine": machine(torch_threads=torch.get_num_threads(), load=False), "torch": torch.__version__}
     print(f"machine: {results['machine']}; torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.model or default_model_dir() or random_model_dir(Path(tmp))

@@ -26,7 +26,6 @@ import gc
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_common import machine, quantiles_ms
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from switchboard.common.channels import open_channel
 from switchboard.common.experts_config import ExpertSpec, load_experts_config
@@ -56,35 +56,6 @@ VARIANTS = 32  # distinct prompts per length, cycled over the iterations
 BLOCK = 100  # iterations of one side before the other side's turn
 REPLICAS_PER_EXPERT = 2
 MAX_TOKENS = 16
-
-
-def machine() -> str:
-    """CPU model and bf16/AMX flags, cores, torch threads and the load average of this machine."""
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    text = cpuinfo.read_text() if cpuinfo.is_file() else ""
-    for line in text.splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    flags = " ".join(f for f in ("avx512_bf16", "amx_bf16") if f in text)
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    return (
-        f"{model} ({flags or 'no bf16 ISA'}), {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
-        f"load average {load}"
-    )
-
-
-def quantiles_ms(seconds: Sequence[float]) -> dict[str, float]:
-    """p50/p90/p99/max/mean of a sample, in milliseconds."""
-    ordered = sorted(seconds)
-
-    def q(p: float) -> float:
-        # Nearest rank: the p99 of 2,000 samples is the 1,980th, a value that was really seen.
-        return ordered[min(len(ordered) - 1, max(0, round(p * len(ordered)) - 1))] * 1000
-
-    return {"p50": q(0.50), "p90": q(0.90), "p99": q(0.99), "max": ordered[-1] * 1000,
-            "mean": statistics.fmean(ordered) * 1000, "n": len(ordered)}
 
 
 # --- prompts ---------------------------------------------------------------------------------
@@ -420,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     with quiet_logs():
         learned, ngram = build_cores(gate_dir, args.experts_config)
     results: dict[str, Any] = {
-        "machine": machine(), "torch": torch.__version__, "python": platform.python_version(),
+        "machine": machine(torch_threads=torch.get_num_threads()), "torch": torch.__version__, "python": platform.python_version(),
         "gate": {"path": str(gate_dir), "version": learned.gate.version}, "dataset": str(dataset),
         "held_out_prompts": len(corpus), "iterations": iterations, "rpc_iterations": rpc_iterations,
         "warmup": warmup, "quick": args.quick,

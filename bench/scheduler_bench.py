@@ -24,12 +24,11 @@ import json
 import os
 import platform
 import random
-import statistics
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench_common import machine, quantiles_ms
 from switchboard.scheduler.placement import PlacementRequest, Placer
 from switchboard.scheduler.policies import LEAST_LOADED, POLICY_NAMES, make_policy
 from switchboard.scheduler.registry import LoadSnapshot, ReplicaInfo, ReplicaRegistry
@@ -40,30 +39,6 @@ TARGET_REPLICAS, TARGET_P99_MS = 64, 1.0
 BLOCK = 200  # decisions of one policy before the next policy's turn
 KV_BLOCKS = 1000
 SEED = 1234
-
-
-def machine() -> str:
-    """CPU model, cores and the load average of this machine (as bench/generator_bench.py names it)."""
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    return f"{model}, {os.cpu_count()} cores, load average {load}"
-
-
-def quantiles_ms(seconds: Sequence[float]) -> dict[str, float]:
-    """p50/p90/p99/max/mean of a sample, in milliseconds (nearest rank: values really seen)."""
-    ordered = sorted(seconds)
-
-    def q(p: float) -> float:
-        return ordered[min(len(ordered) - 1, max(0, round(p * len(ordered)) - 1))] * 1000
-
-    return {"p50": q(0.50), "p90": q(0.90), "p99": q(0.99), "max": ordered[-1] * 1000,
-            "mean": statistics.fmean(ordered) * 1000, "n": len(ordered)}
 
 
 def random_load(rng: random.Random) -> LoadSnapshot:

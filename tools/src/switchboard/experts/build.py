@@ -52,8 +52,9 @@ def _log_stderr(message: str) -> None:
 
 
 @contextlib.contextmanager
-def _build_lock(root: Path) -> Iterator[None]:
-    """Exclusive lock over builds in this cache root (released when the process dies)."""
+def build_lock(root: Path) -> Iterator[None]:
+    """Exclusive lock over builds in this cache root (released when the process dies); the router
+    data builder uses it too."""
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".build.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -64,7 +65,7 @@ def _build_lock(root: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _torch_threads(count: int) -> Iterator[None]:
+def torch_threads(count: int) -> Iterator[None]:
     """Run with a fixed number of intra-op threads (reproducible, and polite on shared CPUs)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(max(1, min(count, os.cpu_count() or 1)))
@@ -120,7 +121,7 @@ def train_expert(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = llama_config(recipe.model, data.tokenizer.get_vocab_size(), data.eot_id)
     train_stream = data.stream(recipe.corpora, "train")
-    with _torch_threads(TRAIN_THREADS):
+    with torch_threads(TRAIN_THREADS):
         model = init_model(config, recipe.training.seed).to(device)
         parameters = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
         log(f"[{recipe.name}] {parameters / 1e6:.2f}M parameters, {train_stream.numel():,} training tokens")
@@ -186,7 +187,7 @@ def build_experts(
     if not force and all(is_built(path) for path in targets.values()):
         return targets
     root = cache_root()
-    with _build_lock(root):
+    with build_lock(root):
         # Another process may have finished them while we waited for the lock.
         todo = [n for n in chosen if force or not is_built(targets[n])]
         if todo:

@@ -15,15 +15,12 @@ weights, so new experts or settings build new data and an unchanged build is a n
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import math
-import os
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +28,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from switchboard.experts.build import build_lock, torch_threads
 from switchboard.experts.cache import cache_root
 from switchboard.experts.corpus import Work, fetch_archive, read_works
 from switchboard.experts.recipes import CORPUS, MILTON, SHAKESPEARE
@@ -165,28 +163,6 @@ def _count_parameters(files: list[Path], tied_key: str | None) -> int:
                     continue  # the demo export writes the tied head as its own copy
                 total += math.prod(handle.get_slice(key).get_shape())
     return total
-
-
-@contextlib.contextmanager
-def _lock(root: Path) -> Iterator[None]:
-    """Exclusive lock over router-data builds (two builds of the same data do not race)."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".build.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def _torch_threads(count: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(count, os.cpu_count() or 1)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
@@ -519,7 +495,7 @@ def build_router_data(
     dest = Path(out) if out is not None else router_data_root() / key
     if not force and _is_cached(dest, key):
         return _report_cached(dest, progress)
-    with _lock(router_data_root()):
+    with build_lock(router_data_root()):
         if not force and _is_cached(dest, key):
             return _report_cached(dest, progress)
         tokenizer = Tokenizer.from_dir(models[0].folder)
@@ -535,7 +511,7 @@ def build_router_data(
         )
         sequences = [s.prompt_ids + s.continuation_ids for _, s in flat]
         quality: dict[str, list[float]] = {}
-        with _torch_threads(SCORE_THREADS):
+        with torch_threads(SCORE_THREADS):
             for model in models:
                 begin = time.perf_counter()
                 loaded = load_model(model.folder, device="cpu", dtype="float32")
