@@ -148,3 +148,25 @@ def test_gateway_default_deadline_applies_without_a_client_deadline(tmp_path: Pa
         assert "deadline" in details["message"]
     finally:
         running.stack.stop()
+
+
+def test_a_scheduler_restart_loses_no_replica_for_longer_than_a_report_period(stack: RunningStack) -> None:
+    """A crashed scheduler comes back empty; every replica's next heartbeat hears `known=false`
+    and registers again (with a fresh KV snapshot), so the pools are whole within about one
+    heartbeat period, and requests flow again."""
+    heartbeat = float(TEST_ENV["SCHEDULER_HEARTBEAT_SECONDS"])
+    before = set(replicas(stack))
+    assert len(before) == 2
+    group = stack.stack.group
+    group.kill("scheduler")
+    group.start(stack.stack.specs["scheduler"])
+    group.wait_healthy(["scheduler"], timeout=60)
+    healthy_at = time.monotonic()
+    while set(replicas(stack)) != before:
+        # One heartbeat to hear "unknown", one Register: allow two periods plus scheduling slack.
+        assert time.monotonic() - healthy_at < 2 * heartbeat + 2.0, f"replicas back: {sorted(replicas(stack))}"
+        time.sleep(0.05)
+    back_after = time.monotonic() - healthy_at
+    assert back_after < 2 * heartbeat + 2.0
+    messages = request(stack)
+    assert messages[-1].finish_reason in (common_pb2.FINISH_REASON_LENGTH, common_pb2.FINISH_REASON_EOS)
