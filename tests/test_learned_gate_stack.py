@@ -9,8 +9,10 @@ gate predicts its higher quality) and to a small one when cost dominates, so the
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +24,7 @@ from switchboard.common.errors import error_details
 from switchboard.experts import ensure_experts
 from switchboard.gateway.keys import append_key, new_key
 from switchboard.routing.gate_cli import build_default_gate
-from switchboard.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from switchboard.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, router_pb2, router_pb2_grpc
 
 from .conftest import GENERATOR_ENV, TEST_ENV, RunningStack
 
@@ -57,9 +59,34 @@ def stack(tmp_path_factory: pytest.TempPathFactory, gate: Path) -> Iterator[Runn
     running = LocalStack(plan, tmp / "logs", base_env=base_env, grace=10.0)
     try:
         running.start(timeout=240)
+        wait_until_the_router_sees_every_pool(plan.router_addr)
         yield RunningStack(running, key, tmp / "logs")
     finally:
         running.stop()
+
+
+def wait_until_the_router_sees_every_pool(router_addr: str, timeout: float = 30.0) -> None:
+    """The stack is up when every replica has registered; the router learns of them at its next
+    look at the cluster (ROUTER_LOAD_POLL_SECONDS), so wait until a decision finds every expert
+    eligible, then complete the probes so they hold no placement."""
+    with grpc.insecure_channel(router_addr) as channel:
+        router = router_pb2_grpc.RouterStub(channel)
+        deadline = time.monotonic() + timeout
+        for attempt in itertools.count():
+            request_id = f"probe-{attempt}"
+            reply = router.Route(router_pb2.RouteRequest(request_id=request_id, prompt=MILTON), timeout=10)
+            primary = reply.candidates[0]
+            router.Feedback(
+                router_pb2.FeedbackRequest(
+                    request_id=request_id, expert=primary.expert, replica_id=primary.replica_id, success=True,
+                    finish_reason=common_pb2.FINISH_REASON_LENGTH,
+                ),
+                timeout=10,
+            )
+            if all(score.eligible for score in reply.scores):
+                return
+            assert time.monotonic() < deadline, [(s.expert, s.ineligible_reason) for s in reply.scores]
+            time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
