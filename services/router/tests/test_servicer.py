@@ -326,3 +326,20 @@ async def test_a_request_longer_than_every_expert_is_invalid_not_retryable(synth
         assert "longest context any expert serves is 64" in details["message"]
         reply = await stack.router.Route(route(prompt="ship sail"))
         assert reply.candidates  # a short one still fits
+
+
+async def test_a_placement_on_a_pool_the_view_missed_refreshes_the_view_at_once() -> None:
+    async with running_stack(load_poll_seconds=30.0) as stack:  # no periodic look during the test
+        await asyncio.sleep(0.2)  # the router's first look: an empty cluster
+        await register(stack, "bard-1", "bard-small", 50061)
+        await register(stack, "milton-1", "milton-small", 50063)
+        first = await stack.router.Route(route())
+        assert next(s for s in first.scores if s.expert == "bard-small").ineligible_reason == "no ready replica"  # stale
+        assert first.candidates  # the scheduler, which has the truth, still placed it
+        for _ in range(50):
+            reply = await stack.router.Route(route())
+            if not next(s for s in reply.scores if s.expert == "bard-small").ineligible_reason:
+                break
+            await asyncio.sleep(0.02)
+        bard = next(s for s in reply.scores if s.expert == "bard-small")
+        assert bard.eligible and not bard.ineligible_reason  # looked again at once, not after 30 s

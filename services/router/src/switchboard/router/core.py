@@ -40,6 +40,7 @@ __all__ = [
 # The online head is written to its snapshot every this many updates (and at shutdown), so a
 # crash loses at most this much learning.
 ONLINE_SNAPSHOT_EVERY = 100
+NO_READY_REPLICA = "no ready replica"
 
 
 class UnknownExpert(ValueError):
@@ -176,6 +177,7 @@ class RouterCore:
         self.sink = sink
         self._clock = clock
         self._rng = rng or random.Random()
+        self.on_stale_view: Callable[[], None] | None = None  # asks for a fresh look at the cluster
         self._pools: dict[str, PoolLoad] = {}
         self._pools_at = float("-inf")
 
@@ -217,7 +219,7 @@ class RouterCore:
         for name in self.experts:
             pool = pools.get(name)
             if pool is None or pool.ready_replicas == 0:
-                out[name] = "no ready replica"
+                out[name] = NO_READY_REPLICA
             elif pool.max_model_len and needed > pool.max_model_len:
                 out[name] = f"its replicas accept at most {pool.max_model_len} tokens, the request needs {needed}"
         return out
@@ -280,6 +282,10 @@ class RouterCore:
                 timeout_seconds=request.timeout_seconds,
             )
         )
+        stale = [c.expert for c in selection.choices if c.why_ineligible == NO_READY_REPLICA and result.candidates.get(c.expert)]
+        if stale and self.on_stale_view is not None:
+            # The scheduler placed on a pool our last look saw empty: look again now, not at the next poll.
+            self.on_stale_view()
         candidates = tuple(c for name in selection.order for c in result.candidates.get(name, ()))
         candidates = candidates[: 1 + self.settings.max_alternates]
         if not candidates:

@@ -9,6 +9,7 @@ bias and uses it for eligibility.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Iterable, Mapping
 
 import grpc
@@ -121,6 +122,11 @@ class ClusterWatcher:
         self._poll = poll_seconds
         self._timeout = timeout_seconds
         self._failing = False
+        self._wake = asyncio.Event()
+
+    def poke(self) -> None:
+        """Look at the cluster now instead of at the next period (a placement showed the view stale)."""
+        self._wake.set()
 
     async def poll_once(self) -> bool:
         """One look at the cluster; False when the scheduler did not answer."""
@@ -140,5 +146,7 @@ class ClusterWatcher:
     async def run(self) -> None:
         """Poll every period until cancelled."""
         while True:
+            self._wake.clear()
             await self.poll_once()
-            await asyncio.sleep(self._poll)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._poll)

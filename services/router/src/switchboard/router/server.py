@@ -138,6 +138,7 @@ async def serve(settings: RouterSettings, service: GrpcService | None = None, ha
     watcher = ClusterWatcher(
         stub, core.experts, on_pools, settings.load_poll_seconds, settings.scheduler_timeout_seconds
     )
+    core.on_stale_view = watcher.poke
     service = service or GrpcService("router", settings.server)
     servicer = RouterServicer(experts, core, stub, settings)
     router_pb2_grpc.add_RouterServicer_to_server(servicer, service.server)
