@@ -38,7 +38,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from switchboard.common.channels import open_channel
 from switchboard.common.experts_config import ExpertSpec, load_experts_config
 from switchboard.common.logging import configure_logging
-from switchboard.common.service import GrpcService
+from switchboard.common.service import GrpcService, wait_started
 from switchboard.common.settings import ServerSettings
 from switchboard.router.config import RouterSettings
 from switchboard.router.core import RouteInput, RouterCore
@@ -196,15 +196,6 @@ def time_split(core: RouterCore, prompts: Sequence[str], iterations: int, warmup
 # --- (2) added latency over real RPCs --------------------------------------------------------
 
 
-async def _started(task: asyncio.Task[int], event: asyncio.Event) -> None:
-    """Wait until a server is up, or raise its startup error (as the router tests' stack does)."""
-    waiter = asyncio.create_task(event.wait())
-    done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        waiter.cancel()
-        raise RuntimeError(f"server exited during startup with {task.result()}")
-
-
 @contextlib.asynccontextmanager
 async def running_stack(gate_dir: Path, experts_config: Path) -> Any:
     """A real scheduler and a real router (this gate) on free loopback ports, as in
@@ -216,7 +207,7 @@ async def running_stack(gate_dir: Path, experts_config: Path) -> Any:
         names,
     )
     scheduler_task = asyncio.create_task(scheduler.run(handle_signals=False))
-    await _started(scheduler_task, scheduler.service.started)
+    await wait_started(scheduler_task, scheduler.service.started)
     settings = RouterSettings(
         server=ServerSettings(port=0, metrics_port=0, drain_seconds=0.2),
         scheduler_addr=f"127.0.0.1:{scheduler.service.port}",
@@ -225,7 +216,7 @@ async def running_stack(gate_dir: Path, experts_config: Path) -> Any:
     )
     service = GrpcService("router", settings.server)
     router_task = asyncio.create_task(serve(settings, service, handle_signals=False))
-    await _started(router_task, service.started)
+    await wait_started(router_task, service.started)
     sched_channel = open_channel(f"127.0.0.1:{scheduler.service.port}")
     router_channel = open_channel(f"127.0.0.1:{service.port}")
     try:

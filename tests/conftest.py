@@ -211,11 +211,22 @@ def start_stack(
     env: dict[str, str] | None = None,
 ) -> RunningStack:
     """Plan and start a stack on free ports (the caller must stop it); `env` overrides TEST_ENV."""
+    config = write_experts_config(tmp_path / "experts.yaml", model, experts)
+    return start_stack_from_config(tmp_path, config, otlp_endpoint=otlp_endpoint, env=env)
+
+
+def start_stack_from_config(
+    tmp_path: Path,
+    config: Path,
+    models: dict[str, str] | None = None,
+    otlp_endpoint: str | None = None,
+    env: dict[str, str] | None = None,
+) -> RunningStack:
+    """Start the stack an experts config declares (`models`: {expert: folder} overrides)."""
     keys_file = tmp_path / "keys.jsonl"
     key = new_key()
     append_key(keys_file, "test-tenant", key)
-    config = write_experts_config(tmp_path / "experts.yaml", model, experts)
-    plan = plan_stack(config, keys_file, free_ports=True)
+    plan = plan_stack(config, keys_file, models=models, free_ports=True)
     plan.env.update({**TEST_ENV, **(env or {})})
     plan.generator_env.update(GENERATOR_ENV)
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
@@ -237,4 +248,4 @@ def start_stack(
     return RunningStack(stack, key, log_dir)
 
 
-__all__ = ["RunningStack", "TraceReceiver", "free_port", "start_stack"]
+__all__ = ["RunningStack", "TraceReceiver", "free_port", "start_stack", "start_stack_from_config"]

@@ -10,7 +10,6 @@ gate predicts its higher quality) and to a small one when cost dominates, so the
 from __future__ import annotations
 
 import itertools
-import os
 import re
 import time
 import urllib.request
@@ -19,14 +18,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from switchboard.cli.localstack import LocalStack, plan_stack
 from switchboard.common.errors import error_details
 from switchboard.experts import ensure_experts
-from switchboard.gateway.keys import append_key, new_key
 from switchboard.routing.gate_cli import build_default_gate
 from switchboard.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, router_pb2, router_pb2_grpc
 
-from .conftest import GENERATOR_ENV, TEST_ENV, RunningStack
+from .conftest import RunningStack, start_stack_from_config
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -49,20 +46,15 @@ def gate() -> Path:
 def stack(tmp_path_factory: pytest.TempPathFactory, gate: Path) -> Iterator[RunningStack]:
     """The three demo experts, one replica each, behind a router that serves the default gate."""
     folders = ensure_experts()
-    tmp = tmp_path_factory.mktemp("gate-stack")
-    keys, key = tmp / "keys.jsonl", new_key()
-    append_key(keys, "test-tenant", key)
-    plan = plan_stack(CONFIG, keys, models={name: str(folder) for name, folder in folders.items()}, free_ports=True)
-    plan.env.update({**TEST_ENV, "ROUTER_GATE_PATH": str(gate)})
-    plan.generator_env.update(GENERATOR_ENV)
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    running = LocalStack(plan, tmp / "logs", base_env=base_env, grace=10.0)
+    models = {name: str(folder) for name, folder in folders.items()}
+    running = start_stack_from_config(
+        tmp_path_factory.mktemp("gate-stack"), CONFIG, models, env={"ROUTER_GATE_PATH": str(gate)}
+    )
     try:
-        running.start(timeout=240)
-        wait_until_the_router_sees_every_pool(plan.router_addr)
-        yield RunningStack(running, key, tmp / "logs")
+        wait_until_the_router_sees_every_pool(running.stack.plan.router_addr)
+        yield running
     finally:
-        running.stop()
+        running.stack.stop()
 
 
 def wait_until_the_router_sees_every_pool(router_addr: str, timeout: float = 30.0) -> None:

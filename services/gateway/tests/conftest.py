@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from switchboard.common.channels import open_channel
 from switchboard.common.experts_config import load_experts_config
-from switchboard.common.service import GrpcService
+from switchboard.common.service import GrpcService, wait_started
 from switchboard.common.settings import ServerSettings
 from switchboard.gateway.config import GatewaySettings
 from switchboard.gateway.keys import append_key, new_key
@@ -24,15 +24,6 @@ from switchboard.v1 import gateway_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 EXPERTS_CONFIG = REPO_ROOT / "config" / "experts.yaml"
-
-
-async def _started(task: asyncio.Task[int], service: GrpcService) -> None:
-    """Wait until a server is up, or raise its startup error."""
-    waiter = asyncio.create_task(service.started.wait())
-    done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        waiter.cancel()
-        raise RuntimeError(f"server exited during startup with {task.result()}")
 
 
 @dataclass
@@ -69,7 +60,7 @@ async def running_stack(tmp_path: Path, **gateway_overrides: object) -> AsyncIte
         experts = [spec.name for spec in load_experts_config(EXPERTS_CONFIG)]
         scheduler = SchedulerApp(SchedulerSettings(server=ServerSettings(port=0, drain_seconds=0.2)), experts)
         tasks.append((asyncio.create_task(scheduler.run(handle_signals=False)), scheduler.service))
-        await _started(*tasks[-1])
+        await wait_started(tasks[-1][0], tasks[-1][1].started)
         router_service = GrpcService("router", ServerSettings(port=0, drain_seconds=0.2))
         router_settings = RouterSettings(
             server=router_service.settings,
@@ -77,7 +68,7 @@ async def running_stack(tmp_path: Path, **gateway_overrides: object) -> AsyncIte
             experts_config=EXPERTS_CONFIG,
         )
         tasks.append((asyncio.create_task(serve_router(router_settings, router_service, False)), router_service))
-        await _started(*tasks[-1])
+        await wait_started(tasks[-1][0], tasks[-1][1].started)
         gateway_service = GrpcService("gateway", ServerSettings(port=0, drain_seconds=0.2))
         settings = GatewaySettings(
             server=gateway_service.settings,
@@ -86,7 +77,7 @@ async def running_stack(tmp_path: Path, **gateway_overrides: object) -> AsyncIte
             **{"max_prompt_chars": 200, "default_max_tokens": 8, "max_tokens_limit": 64, **gateway_overrides},  # type: ignore[arg-type]
         )
         tasks.append((asyncio.create_task(serve_gateway(settings, gateway_service, False)), gateway_service))
-        await _started(*tasks[-1])
+        await wait_started(tasks[-1][0], tasks[-1][1].started)
         gateway_channel = open_channel(f"127.0.0.1:{gateway_service.port}")
         scheduler_channel = open_channel(f"127.0.0.1:{scheduler.service.port}")
         channels += [gateway_channel, scheduler_channel]

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from switchboard.common.service import wait_started
 from switchboard.common.settings import ServerSettings
 from switchboard.generator.app import GeneratorApp, engine_config
 from switchboard.generator.config import GeneratorSettings
@@ -38,11 +39,7 @@ async def running_generator(loaded: LoadedModel, settings: GeneratorSettings) ->
     """Start a generator app (engine + server) and stop it (drain) on exit."""
     app = GeneratorApp(settings, Engine(loaded, engine_config(settings)))
     task = asyncio.create_task(app.run(handle_signals=False))
-    started = asyncio.create_task(app.ready.wait())
-    done, _ = await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        started.cancel()
-        task.result()
+    await wait_started(task, app.ready)
     app.run_task = task  # type: ignore[attr-defined]
     try:
         yield app

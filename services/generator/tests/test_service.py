@@ -279,26 +279,10 @@ def test_settings_defaults_and_errors(tmp_path: Path) -> None:
     assert not default_advertise_addr("0.0.0.0", 50061).startswith("0.0.0.0")
 
 
-def _span_exporter() -> object:
-    """An in-memory exporter on the process's SDK tracer provider (installing one if none is set)."""
-    from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    exporter = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return exporter
-
-
 async def test_generate_spans_are_children_of_the_server_span(stub: generator_pb2_grpc.GeneratorStub) -> None:
-    from switchboard.common.telemetry import SpanAttributes
+    from switchboard.common.telemetry import SpanAttributes, in_memory_span_exporter
 
-    exporter = _span_exporter()
+    exporter = in_memory_span_exporter()
     request = generator_pb2.GeneratorGenerateRequest(
         request_id="traced", prompt=PROMPT, sampling=greedy(5, ignore_eos=True)
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from switchboard.common.channels import open_channel
 from switchboard.common.experts_config import load_experts_config
-from switchboard.common.service import GrpcService
+from switchboard.common.service import GrpcService, wait_started
 from switchboard.common.settings import ServerSettings
 from switchboard.router.config import RouterSettings
 from switchboard.router.server import serve
@@ -27,15 +27,6 @@ EXPERTS_CONFIG = REPO_ROOT / "config" / "experts.yaml"
 def repo_root() -> Path:
     """The repository root (where config/experts.yaml lives)."""
     return REPO_ROOT
-
-
-async def _started(task: asyncio.Task[int], event: asyncio.Event) -> None:
-    """Wait until a server is up, or raise its startup error."""
-    waiter = asyncio.create_task(event.wait())
-    done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        waiter.cancel()
-        raise RuntimeError(f"server exited during startup with {task.result()}")
 
 
 @dataclass
@@ -64,7 +55,7 @@ async def running_stack(
         SchedulerSettings(server=ServerSettings(port=0, metrics_port=0, drain_seconds=0.2)), experts
     )
     scheduler_task = asyncio.create_task(scheduler.run(handle_signals=False))
-    await _started(scheduler_task, scheduler.service.started)
+    await wait_started(scheduler_task, scheduler.service.started)
     settings = RouterSettings(
         server=ServerSettings(port=0, metrics_port=0, drain_seconds=0.2),
         scheduler_addr=f"127.0.0.1:{scheduler.service.port}",
@@ -75,7 +66,7 @@ async def running_stack(
     )
     service = GrpcService("router", settings.server)
     router_task = asyncio.create_task(serve(settings, service, handle_signals=False))
-    await _started(router_task, service.started)
+    await wait_started(router_task, service.started)
     sched_channel = open_channel(f"127.0.0.1:{scheduler.service.port}")
     router_channel = open_channel(f"127.0.0.1:{service.port}")
     try:

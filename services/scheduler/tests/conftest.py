@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from switchboard.common.channels import open_channel
+from switchboard.common.service import wait_started
 from switchboard.common.settings import ServerSettings
 from switchboard.scheduler.app import SchedulerApp
 from switchboard.scheduler.config import SchedulerSettings
@@ -36,11 +37,7 @@ async def running_scheduler(
     )
     app = SchedulerApp(settings, EXPERTS, slos=slos)
     task = asyncio.create_task(app.run(handle_signals=False))
-    started = asyncio.create_task(app.service.started.wait())
-    done, _ = await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        started.cancel()
-        task.result()  # raises the startup error
+    await wait_started(task, app.service.started)
     try:
         yield app
     finally:

@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import REGISTRY
 from switchboard.common.channels import open_channel
 from switchboard.common.errors import error_details
-from switchboard.common.telemetry import SpanAttributes
+from switchboard.common.telemetry import SpanAttributes, in_memory_span_exporter
 from switchboard.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from .conftest import running_scheduler
@@ -331,7 +331,7 @@ async def test_exclusions_apply_to_every_expert(stub: scheduler_pb2_grpc.Schedul
 
 
 async def test_place_span_names_the_primary(scheduler_factory) -> None:
-    exporter = _span_exporter()
+    exporter = in_memory_span_exporter()
     async with scheduler_factory() as app:
         channel = open_channel(f"127.0.0.1:{app.service.port}")
         try:
@@ -350,22 +350,6 @@ async def test_place_span_names_the_primary(scheduler_factory) -> None:
     assert span.attributes[SpanAttributes.EXPERT] == "milton-small"
     assert span.attributes[SpanAttributes.REPLICA_ID] == "m1"
     assert span.attributes[SpanAttributes.EXPERTS_REQUESTED] == 2
-
-
-def _span_exporter() -> object:
-    """An in-memory exporter on the process's SDK tracer provider (installing one if none is set)."""
-    from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    exporter = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return exporter
 
 
 async def test_complete_releases_inflight(stub: scheduler_pb2_grpc.SchedulerStub) -> None:

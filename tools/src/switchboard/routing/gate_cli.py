@@ -206,9 +206,7 @@ def evaluate(
         report(scored, "always-cheapest", scored.constant(scored.cheapest)),
         report(scored, "always-best", scored.constant(scored.best)),
         random_at_cost(scored, gate_report.cost_fraction),
-        random_at_cost(scored, ngram_report.cost_fraction).__class__(
-            **{**asdict(random_at_cost(scored, ngram_report.cost_fraction)), "name": "random @ n-gram's cost"}
-        ),
+        _renamed(random_at_cost(scored, ngram_report.cost_fraction), "random @ n-gram's cost"),
         report(scored, "oracle (same lambda)", choose(scored.quality, scored.relative_cost, lam), lam),
         report(scored, "oracle (best quality)", choose(scored.quality, scored.relative_cost, 0.0), 0.0),
     ]

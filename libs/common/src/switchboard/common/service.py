@@ -117,6 +117,19 @@ class GrpcService:
         await self.server.wait_for_termination()
 
 
+async def wait_started(task: asyncio.Task[Any], started: asyncio.Event) -> None:
+    """Wait until a server run as `task` sets `started` (it is serving), or raise why it stopped first.
+
+    For tests and benchmarks that run a service in-process: a startup error surfaces here instead
+    of as a hang.
+    """
+    waiter = asyncio.create_task(started.wait())
+    done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        waiter.cancel()
+        raise RuntimeError(f"server exited during startup with {task.result()}")
+
+
 def run_service(
     name: str, load: Callable[[], S], serve: Callable[[S], Awaitable[int | None]]
 ) -> None:

@@ -18,7 +18,7 @@ from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_serv
 from opentelemetry.instrumentation.grpc.filters import any_of, negate, service_prefix
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
 _provider: TracerProvider | None = None
 
@@ -97,3 +97,17 @@ def server_interceptors() -> list[Any]:
 def client_interceptors() -> list[Any]:
     """The OpenTelemetry gRPC client interceptors (inject context into metadata)."""
     return list(aio_client_interceptors(filter_=_UNTRACED))
+
+
+def in_memory_span_exporter() -> Any:
+    """An in-memory exporter on the process's SDK tracer provider (installing one if none is set),
+    for tests that assert on the spans a service writes; `get_finished_spans()` reads them."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter

@@ -65,9 +65,9 @@ def build_core(
         for spec in experts
     }
     online = None
-    hidden = getattr(gate, "net", None)
-    if settings.online_learning and hidden is not None:
-        online = OnlineHead(gate.experts, hidden.hidden_dim, gate.version)
+    net = getattr(gate, "net", None)  # only the learned gate has a hidden layer to learn on
+    if settings.online_learning and net is not None:
+        online = OnlineHead(gate.experts, net.hidden_dim, gate.version)
         if settings.online_state_path is not None:
             why = online.load(settings.online_state_path)
             log.info("online head", restored=why is None, why=why, updates=online.updates)
