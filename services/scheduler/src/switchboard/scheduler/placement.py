@@ -84,6 +84,11 @@ class PlacementRequest:
     max_alternates: int = 0
     # Replicas with a known max_model_len (> 0) below this are skipped; 0 = no requirement.
     min_model_len: int = 0
+    # The prompt's token ids made by the first expert's tokenizer (empty: not tokenized upstream);
+    # prefix-aware policies hash them as each candidate replica does.
+    prompt_token_ids: tuple[int, ...] = ()
+    # The fingerprint of the tokenizer that made them ("" = unknown).
+    tokenizer_fingerprint: str = ""
 
 
 @dataclass(frozen=True)
@@ -183,7 +188,7 @@ class Placer:
         if not request.request_id:
             return result
         replica_id = primary.replica.replica_id
-        self.registry.record_placement(request.request_id, replica_id)
+        self.registry.record_placement(request.request_id, replica_id, request.prompt_tokens, request.max_tokens)
         record = self.registry.get(replica_id)
         if record is None or record.inflight == primary.replica.inflight:
             return result
@@ -197,6 +202,8 @@ class Placer:
             expert=expert,
             prompt_tokens=request.prompt_tokens,
             max_tokens=request.max_tokens,
+            prompt_token_ids=request.prompt_token_ids,
+            tokenizer_fingerprint=request.tokenizer_fingerprint,
         )
 
     def _place_on(

@@ -16,9 +16,10 @@ from __future__ import annotations
 import bisect
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
+from switchboard.replica.hashing import prompt_block_hashes
 from switchboard.scheduler.registry import ReplicaView
 
 LEAST_LOADED = "least-loaded"
@@ -31,12 +32,29 @@ POLICY_NAMES = (LEAST_LOADED, LEAST_OUTSTANDING, ROUND_ROBIN, POWER_OF_TWO)
 
 @dataclass(frozen=True)
 class PlacementQuery:
-    """What a policy knows about the request being placed."""
+    """What a policy knows about the request being placed.
+
+    `prompt_token_ids` (empty when the prompt was not tokenized upstream) come from the tokenizer
+    named by `tokenizer_fingerprint`; `block_hashes` hashes them the way a replica's prefix cache
+    does, once per (block size, seed) however many candidates share it.
+    """
 
     request_id: str
     expert: str
     prompt_tokens: int = 0
     max_tokens: int = 0
+    prompt_token_ids: tuple[int, ...] = ()
+    tokenizer_fingerprint: str = ""
+    _hashes: dict[tuple[int, int], list[int]] = field(default_factory=dict, compare=False, repr=False)
+
+    def block_hashes(self, block_size: int, seed: int) -> list[int]:
+        """The hash chain of the prompt's full blocks for a replica with this block size and seed."""
+        key = (block_size, seed)
+        hashes = self._hashes.get(key)
+        if hashes is None:
+            hashes = prompt_block_hashes(self.prompt_token_ids, block_size, seed) if block_size > 0 else []
+            self._hashes[key] = hashes
+        return hashes
 
 
 class PlacementPolicy(Protocol):

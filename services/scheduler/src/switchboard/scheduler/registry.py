@@ -27,6 +27,7 @@ from enum import Enum
 from types import MappingProxyType
 from typing import NamedTuple
 
+from switchboard.replica.cost_model import CostModel
 from switchboard.scheduler.prefix_index import KvAck, KvEventsIn, PrefixIndex
 
 
@@ -65,6 +66,24 @@ class ReplicaInfo:
     device: str = ""
     model_name: str = ""
     max_model_len: int = 0
+    # How its prefix cache hashes token ids (tokens per block, chain seed of its model identity):
+    # the scheduler hashes a request's token ids the same way to match them against its index.
+    # 0 block size = not announced (no prefix matching on this replica).
+    kv_block_size: int = 0
+    kv_hash_seed: int = 0
+    # Which tokenizer made the token ids it expects (its fingerprint; "" = not announced).
+    tokenizer_fingerprint: str = ""
+    # Its fitted step-cost model, for latency-predicting policies (None = not announced).
+    cost_model: CostModel | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """One request counted in flight on a replica: when it was placed and how big it is."""
+
+    placed_at: float
+    prompt_tokens: int = 0
+    max_tokens: int = 0
 
 
 @dataclass
@@ -76,10 +95,13 @@ class ReplicaRecord:
     state: ReplicaState
     last_heartbeat: float
     registered_at: float
-    # request_id -> time of placement, for requests placed here and not yet completed.
-    placements: dict[str, float] = field(default_factory=dict)
+    # request_id -> its placement, for requests placed here and not yet completed.
+    placements: dict[str, Placement] = field(default_factory=dict)
     # Its prefix cache as its KV events describe it.
     prefix: PrefixIndex = field(default_factory=PrefixIndex)
+    # Sums over `placements`, kept in step with it by the registry (O(1) per snapshot).
+    inflight_prompt_tokens: int = 0
+    inflight_max_tokens: int = 0
 
     @property
     def replica_id(self) -> str:
@@ -104,6 +126,12 @@ class ReplicaView(NamedTuple):
     copied at the snapshot's instant. `healthy` is READY and heard from within the expiry. A named
     tuple rather than a frozen dataclass because a snapshot builds one per replica on every Place:
     it is built about 3x faster (bench/scheduler_bench.py), and assigning a field raises all the same.
+
+    `prefix` is the one exception to "detached": the record's live prefix index (copying it per
+    Place would cost O(cached blocks)). A policy reads it within one synchronous `rank` call, and
+    the index only changes in ReportLoad handlers on the same event loop, so it cannot change under
+    the policy. `inflight_prompt_tokens` and `inflight_max_tokens` are the sums of the prompt
+    tokens and output budgets of the requests counted in `inflight`.
     """
 
     replica_id: str
@@ -114,6 +142,9 @@ class ReplicaView(NamedTuple):
     inflight: int
     heartbeat_age: float
     healthy: bool
+    prefix: PrefixIndex | None = None
+    inflight_prompt_tokens: int = 0
+    inflight_max_tokens: int = 0
 
     @property
     def max_model_len(self) -> int:
@@ -187,7 +218,7 @@ class ReplicaRegistry:
         """
         now = self._clock()
         existing = self._replicas.get(info.replica_id)
-        placements: dict[str, float] = {}
+        placements: dict[str, Placement] = {}
         if existing is not None and existing.info.address == info.address:
             placements = existing.placements
         elif existing is not None:
@@ -199,6 +230,8 @@ class ReplicaRegistry:
             last_heartbeat=now,
             registered_at=existing.registered_at if existing is not None else now,
             placements=placements,
+            inflight_prompt_tokens=sum(p.prompt_tokens for p in placements.values()),
+            inflight_max_tokens=sum(p.max_tokens for p in placements.values()),
         )
         return existing is None
 
@@ -245,9 +278,10 @@ class ReplicaRegistry:
         for record in expired:
             self.deregister(record.replica_id)
         for record in self._replicas.values():
-            stale = [rid for rid, t in record.placements.items() if now - t > self.placement_ttl_seconds]
+            ttl = self.placement_ttl_seconds
+            stale = [rid for rid, p in record.placements.items() if now - p.placed_at > ttl]
             for request_id in stale:
-                del record.placements[request_id]
+                _drop_placement(record, request_id)
                 self._request_index.pop(request_id, None)
         return expired
 
@@ -277,7 +311,17 @@ class ReplicaRegistry:
             healthy = record.state is ready_state and age <= expiry
             expert = record.info.expert
             views[rid] = ReplicaView(
-                rid, expert, record.info, record.load, record.state, len(record.placements), max(0.0, age), healthy
+                rid,
+                expert,
+                record.info,
+                record.load,
+                record.state,
+                len(record.placements),
+                max(0.0, age),
+                healthy,
+                record.prefix,
+                record.inflight_prompt_tokens,
+                record.inflight_max_tokens,
             )
             if healthy:
                 ready.setdefault(expert, []).append(rid)
@@ -295,16 +339,18 @@ class ReplicaRegistry:
         """Age of the replica's last heartbeat."""
         return max(0.0, self._clock() - record.last_heartbeat)
 
-    def record_placement(self, request_id: str, replica_id: str) -> None:
-        """Count a request as in flight on a replica (until `complete`)."""
+    def record_placement(self, request_id: str, replica_id: str, prompt_tokens: int = 0, max_tokens: int = 0) -> None:
+        """Count a request (of this size) as in flight on a replica (until `complete`)."""
         record = self._replicas.get(replica_id)
         if record is None:
             return
         previous = self._request_index.get(request_id)
         if previous is not None and previous in self._replicas:
-            # A retry of the same request on another replica: it no longer runs on the first one.
-            self._replicas[previous].placements.pop(request_id, None)
-        record.placements[request_id] = self._clock()
+            # A retry of the same request on another replica (or the same one): it runs only here now.
+            _drop_placement(self._replicas[previous], request_id)
+        record.placements[request_id] = Placement(self._clock(), prompt_tokens, max_tokens)
+        record.inflight_prompt_tokens += prompt_tokens
+        record.inflight_max_tokens += max_tokens
         self._request_index[request_id] = replica_id
 
     def complete(self, request_id: str, replica_id: str = "") -> ReplicaRecord | None:
@@ -312,7 +358,7 @@ class ReplicaRegistry:
         owner = self._request_index.pop(request_id, None) or replica_id
         record = self._replicas.get(owner)
         if record is not None:
-            record.placements.pop(request_id, None)
+            _drop_placement(record, request_id)
         return record
 
     def _forget_placements(self, record: ReplicaRecord) -> None:
@@ -320,3 +366,12 @@ class ReplicaRegistry:
             if self._request_index.get(request_id) == record.replica_id:
                 del self._request_index[request_id]
         record.placements.clear()
+        record.inflight_prompt_tokens = record.inflight_max_tokens = 0
+
+
+def _drop_placement(record: ReplicaRecord, request_id: str) -> None:
+    """Stop counting one request on a record, keeping its token sums in step."""
+    placement = record.placements.pop(request_id, None)
+    if placement is not None:
+        record.inflight_prompt_tokens -= placement.prompt_tokens
+        record.inflight_max_tokens -= placement.max_tokens
