@@ -11,6 +11,7 @@ or leaves it (an eviction in `allocate`) is recorded in the pool's `events` jour
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 
 from switchboard.replica.kv_events import KvEventJournal
 
@@ -63,6 +64,38 @@ class BlockPool:
         self.refcount[block] = 1
         return block
 
+    def allocate_many(self, n: int) -> list[int]:
+        """Take `n` blocks at once: the same blocks, in the same order, as `n` calls of `allocate`."""
+        plain = self._free_plain
+        if n <= len(plain):
+            cut = len(plain) - n
+            out = plain[cut:]
+            del plain[cut:]
+            out.reverse()
+        else:
+            need = n - len(plain)
+            if need > len(self._free_cached):
+                raise RuntimeError("KV block pool exhausted (the scheduler must check num_free first)")
+            out = plain[::-1]
+            plain.clear()
+            evicted: list[int] = []
+            block_to_hash, hash_to_block, cached = self.block_to_hash, self.hash_to_block, self._free_cached
+            for _ in range(need):
+                block, _ = cached.popitem(last=False)
+                old = block_to_hash[block]
+                if old is not None and hash_to_block.get(old) == block:
+                    del hash_to_block[old]
+                    evicted.append(old)
+                block_to_hash[block] = None
+                out.append(block)
+            self.num_evictions += need
+            if evicted:
+                self.events.evicted_many(evicted)
+        refcount = self.refcount
+        for block in out:
+            refcount[block] = 1
+        return out
+
     def lookup(self, h: int) -> int | None:
         """The block holding the content named `h`, or None (does not take a reference)."""
         return self.hash_to_block.get(h)
@@ -81,6 +114,32 @@ class BlockPool:
                 self._free_cached[block] = None
             else:
                 self._free_plain.append(block)
+
+    def release_many(self, blocks: Iterable[int]) -> None:
+        """`release` each block, in order."""
+        refcount, block_to_hash = self.refcount, self.block_to_hash
+        cached, plain = self._free_cached, self._free_plain
+        for block in blocks:
+            count = refcount[block] - 1
+            refcount[block] = count
+            if count == 0:
+                if block_to_hash[block] is not None:
+                    cached[block] = None
+                else:
+                    plain.append(block)
+
+    def register_many(self, blocks: Sequence[int], hashes: Sequence[int]) -> None:
+        """`register` each (block, hash) pair, in order."""
+        block_to_hash, hash_to_block = self.block_to_hash, self.hash_to_block
+        stored: list[int] = []
+        for block, h in zip(blocks, hashes, strict=True):
+            if block_to_hash[block] is not None or h in hash_to_block:
+                continue
+            block_to_hash[block] = h
+            hash_to_block[h] = block
+            stored.append(h)
+        if stored:
+            self.events.stored_many(stored)
 
     def register(self, block: int, h: int) -> None:
         """Record that `block` now holds the full block named `h` (first writer wins)."""

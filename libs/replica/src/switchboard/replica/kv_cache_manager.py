@@ -39,8 +39,9 @@ class KVCacheManager:
 
     def allocate_slots(self, req: Request, num_new: int) -> None:
         """Grow `req`'s block table to hold `num_new` more tokens (check `can_allocate` first)."""
-        for _ in range(self.new_blocks_needed(req, num_new)):
-            req.block_table.append(self.pool.allocate())
+        need = self.new_blocks_needed(req, num_new)
+        if need:
+            req.block_table.extend(self.pool.allocate_many(need))
 
     def block_hashes_of(self, req: Request, num_blocks: int) -> list[int]:
         """The chain of `req`'s first `num_blocks` full blocks (each hash computed once per request)."""
@@ -68,15 +69,14 @@ class KVCacheManager:
         full = req.num_computed // self.block_size
         if full <= len(req.block_hashes):
             return
+        start = len(req.block_hashes)
         chain = self.block_hashes_of(req, full)
-        for i in range(len(req.block_hashes), full):
-            self.pool.register(req.block_table[i], chain[i])
-            req.block_hashes.append(chain[i])
+        self.pool.register_many(req.block_table[start:full], chain[start:full])
+        req.block_hashes.extend(chain[start:full])
 
     def free(self, req: Request) -> None:
         """Return every block of `req` to the pool (tail first, so shared prefixes are evicted last)."""
-        for block in reversed(req.block_table):
-            self.pool.release(block)
+        self.pool.release_many(reversed(req.block_table))
         req.block_table = []
         req.block_hashes = []
         req.num_computed = 0

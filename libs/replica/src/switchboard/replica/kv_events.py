@@ -127,6 +127,34 @@ class KvEventJournal:
                 self._open_evicted[h] = None
             self._maybe_seal()
 
+    def stored_many(self, hashes: list[int]) -> None:
+        """Each of `hashes` became cached, in order (one lock for all: the pool publishes blocks in runs)."""
+        with self._lock:
+            cached, open_evicted, open_stored = self._cached, self._open_evicted, self._open_stored
+            limit = self.max_event_hashes
+            for h in hashes:
+                if h in cached:
+                    continue
+                cached[h] = None
+                if open_evicted.pop(h, 0) is None:
+                    continue
+                open_stored[h] = None
+                if len(open_stored) + len(open_evicted) >= limit:
+                    self._seal()
+                    open_evicted, open_stored = self._open_evicted, self._open_stored
+
+    def evicted_many(self, hashes: list[int]) -> None:
+        """Each of `hashes` left the cache, in order."""
+        with self._lock:
+            for h in hashes:
+                if self._cached.pop(h, 0) is not None:
+                    continue
+                if self._open_stored.pop(h, 0) is None:
+                    continue
+                if not self._open_cleared:
+                    self._open_evicted[h] = None
+                self._maybe_seal()
+
     def cleared(self) -> None:
         """The whole cache was dropped."""
         with self._lock:
