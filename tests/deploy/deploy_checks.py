@@ -708,6 +708,9 @@ def promtool(args: list[str], cwd: Path | None = None) -> list[str]:
 OPTIONAL_IMPORTS = {
     # Only for a demo-expert name in GENERATOR_MODEL; images are given model folders.
     "generator": {"switchboard.experts"},
+    # Only to find a demo expert's tokenizer (an experts-config `model` that is a demo name); in an
+    # image the router uses model folders it is given, or the gate artifact's tokenizer.
+    "router": {"switchboard.experts"},
 }
 
 

@@ -26,7 +26,7 @@ class RouteRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., expert: _Optional[str] = ..., tenant: _Optional[str] = ..., exclude_replica_ids: _Optional[_Iterable[str]] = ..., cost_weight: _Optional[float] = ...) -> None: ...
 
 class RouteResponse(_message.Message):
-    __slots__ = ("request_id", "candidates", "scores", "k", "cost_weight", "gate_kind", "gate_version", "prompt_tokens")
+    __slots__ = ("request_id", "candidates", "scores", "k", "cost_weight", "gate_kind", "gate_version", "prompt_tokens", "tokenizations")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class RouteResponse(_message.Message):
     GATE_KIND_FIELD_NUMBER: _ClassVar[int]
     GATE_VERSION_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZATIONS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     candidates: _containers.RepeatedCompositeFieldContainer[RouteCandidate]
     scores: _containers.RepeatedCompositeFieldContainer[ExpertScore]
@@ -43,17 +44,28 @@ class RouteResponse(_message.Message):
     gate_kind: str
     gate_version: str
     prompt_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[RouteCandidate, _Mapping]]] = ..., scores: _Optional[_Iterable[_Union[ExpertScore, _Mapping]]] = ..., k: _Optional[int] = ..., cost_weight: _Optional[float] = ..., gate_kind: _Optional[str] = ..., gate_version: _Optional[str] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
+    tokenizations: _containers.RepeatedCompositeFieldContainer[PromptTokenization]
+    def __init__(self, request_id: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[RouteCandidate, _Mapping]]] = ..., scores: _Optional[_Iterable[_Union[ExpertScore, _Mapping]]] = ..., k: _Optional[int] = ..., cost_weight: _Optional[float] = ..., gate_kind: _Optional[str] = ..., gate_version: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., tokenizations: _Optional[_Iterable[_Union[PromptTokenization, _Mapping]]] = ...) -> None: ...
+
+class PromptTokenization(_message.Message):
+    __slots__ = ("tokenizer_fingerprint", "token_ids")
+    TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    tokenizer_fingerprint: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, tokenizer_fingerprint: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RouteCandidate(_message.Message):
-    __slots__ = ("expert", "replica_id", "address")
+    __slots__ = ("expert", "replica_id", "address", "tokenizer_fingerprint")
     EXPERT_FIELD_NUMBER: _ClassVar[int]
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     expert: str
     replica_id: str
     address: str
-    def __init__(self, expert: _Optional[str] = ..., replica_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+    tokenizer_fingerprint: str
+    def __init__(self, expert: _Optional[str] = ..., replica_id: _Optional[str] = ..., address: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ...) -> None: ...
 
 class ExpertScore(_message.Message):
     __slots__ = ("expert", "score", "selected", "quality", "bias", "utility", "eligible", "ineligible_reason", "correction")

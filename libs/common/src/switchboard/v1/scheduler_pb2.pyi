@@ -54,7 +54,7 @@ class KvEvents(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[KvEvent, _Mapping]]] = ..., reset: _Optional[bool] = ...) -> None: ...
 
 class Replica(_message.Message):
-    __slots__ = ("replica_id", "expert", "address", "device", "model_name", "max_model_len", "load", "state", "seconds_since_heartbeat", "inflight")
+    __slots__ = ("replica_id", "expert", "address", "device", "model_name", "max_model_len", "load", "state", "seconds_since_heartbeat", "inflight", "kv_block_size", "kv_hash_seed", "tokenizer_fingerprint", "cost_model")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     EXPERT_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +65,10 @@ class Replica(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     SECONDS_SINCE_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_HASH_SEED_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    COST_MODEL_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     expert: str
     address: str
@@ -75,10 +79,26 @@ class Replica(_message.Message):
     state: ReplicaState
     seconds_since_heartbeat: float
     inflight: int
-    def __init__(self, replica_id: _Optional[str] = ..., expert: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., load: _Optional[_Union[ReplicaLoad, _Mapping]] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., seconds_since_heartbeat: _Optional[float] = ..., inflight: _Optional[int] = ...) -> None: ...
+    kv_block_size: int
+    kv_hash_seed: int
+    tokenizer_fingerprint: str
+    cost_model: StepCostModel
+    def __init__(self, replica_id: _Optional[str] = ..., expert: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., load: _Optional[_Union[ReplicaLoad, _Mapping]] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., seconds_since_heartbeat: _Optional[float] = ..., inflight: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_hash_seed: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., cost_model: _Optional[_Union[StepCostModel, _Mapping]] = ...) -> None: ...
+
+class StepCostModel(_message.Message):
+    __slots__ = ("base_ms", "prefill_token_ms", "decode_seq_ms", "context_token_ms")
+    BASE_MS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_SEQ_MS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
+    base_ms: float
+    prefill_token_ms: float
+    decode_seq_ms: float
+    context_token_ms: float
+    def __init__(self, base_ms: _Optional[float] = ..., prefill_token_ms: _Optional[float] = ..., decode_seq_ms: _Optional[float] = ..., context_token_ms: _Optional[float] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("replica_id", "expert", "address", "device", "model_name", "max_model_len", "load", "kv_events")
+    __slots__ = ("replica_id", "expert", "address", "device", "model_name", "max_model_len", "load", "kv_events", "kv_block_size", "kv_hash_seed", "tokenizer_fingerprint", "cost_model")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     EXPERT_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +107,10 @@ class RegisterRequest(_message.Message):
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     KV_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_HASH_SEED_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    COST_MODEL_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     expert: str
     address: str
@@ -95,7 +119,11 @@ class RegisterRequest(_message.Message):
     max_model_len: int
     load: ReplicaLoad
     kv_events: KvEvents
-    def __init__(self, replica_id: _Optional[str] = ..., expert: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., load: _Optional[_Union[ReplicaLoad, _Mapping]] = ..., kv_events: _Optional[_Union[KvEvents, _Mapping]] = ...) -> None: ...
+    kv_block_size: int
+    kv_hash_seed: int
+    tokenizer_fingerprint: str
+    cost_model: StepCostModel
+    def __init__(self, replica_id: _Optional[str] = ..., expert: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., load: _Optional[_Union[ReplicaLoad, _Mapping]] = ..., kv_events: _Optional[_Union[KvEvents, _Mapping]] = ..., kv_block_size: _Optional[int] = ..., kv_hash_seed: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., cost_model: _Optional[_Union[StepCostModel, _Mapping]] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("heartbeat_interval_seconds", "expiry_seconds", "kv_acked_sequence", "kv_resync_needed")
@@ -142,7 +170,7 @@ class DeregisterResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class PlaceRequest(_message.Message):
-    __slots__ = ("request_id", "expert", "prompt_tokens", "max_tokens", "exclude_replica_ids", "max_alternates", "experts", "min_model_len")
+    __slots__ = ("request_id", "expert", "prompt_tokens", "max_tokens", "exclude_replica_ids", "max_alternates", "experts", "min_model_len", "prompt_token_ids", "tokenizer_fingerprint")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EXPERT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +179,8 @@ class PlaceRequest(_message.Message):
     MAX_ALTERNATES_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     MIN_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     expert: str
     prompt_tokens: int
@@ -159,7 +189,9 @@ class PlaceRequest(_message.Message):
     max_alternates: int
     experts: _containers.RepeatedScalarFieldContainer[str]
     min_model_len: int
-    def __init__(self, request_id: _Optional[str] = ..., expert: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., exclude_replica_ids: _Optional[_Iterable[str]] = ..., max_alternates: _Optional[int] = ..., experts: _Optional[_Iterable[str]] = ..., min_model_len: _Optional[int] = ...) -> None: ...
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    tokenizer_fingerprint: str
+    def __init__(self, request_id: _Optional[str] = ..., expert: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., exclude_replica_ids: _Optional[_Iterable[str]] = ..., max_alternates: _Optional[int] = ..., experts: _Optional[_Iterable[str]] = ..., min_model_len: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., tokenizer_fingerprint: _Optional[str] = ...) -> None: ...
 
 class PlaceResponse(_message.Message):
     __slots__ = ("replica", "alternates", "placements", "unavailable")

@@ -2,8 +2,10 @@
 
 A request is authenticated (bearer API key), validated (each bad field named),
 given a deadline (the client's, or GATEWAY_DEFAULT_TIMEOUT_SECONDS), routed by
-the router, then streamed from the first candidate replica. If that replica
-fails before its first token the next candidate is tried (failover); after the
+the router, then streamed from the first candidate replica, with the prompt's
+token ids the router made with that candidate's tokenizer (and the text, for a
+replica that does not share it). If that replica fails before its first token
+the next candidate is tried (failover), with its own expert's ids; after the
 first token the stream ends with a clear status, because tokens already sent
 cannot be taken back. A client that cancels cancels the upstream call, which
 stops generation on the replica. The outcome goes to the router as Feedback
@@ -231,13 +233,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         """Try the candidates in order until one streams its first token."""
         failures: list[str] = []
-        upstream = generator_pb2.GeneratorGenerateRequest(request_id=request_id, prompt=prompt, sampling=sampling)
+        upstream = generator_requests(request_id, prompt, sampling, decision)
         for attempt, candidate in enumerate(decision.candidates):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise deadline_exceeded("the request deadline passed before a replica answered")
             outcome.expert, outcome.replica_id = candidate.expert, candidate.replica_id
-            call = self._generator(candidate.address).Generate(upstream, timeout=remaining)
+            call = self._generator(candidate.address).Generate(
+                upstream[candidate.tokenizer_fingerprint], timeout=remaining
+            )
             streamed = False
             try:
                 async for chunk in call:
@@ -414,6 +418,29 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 for e in experts.experts
             ]
         )
+
+
+def generator_requests(
+    request_id: str, prompt: str, sampling: common_pb2.SamplingParams, decision: router_pb2.RouteResponse
+) -> dict[str, generator_pb2.GeneratorGenerateRequest]:
+    """The Generate request for each tokenizer fingerprint the candidates name ("" included).
+
+    Every request carries the prompt text; a fingerprint with a tokenization in the router's answer
+    adds its token ids, so a candidate's replica gets the ids its expert's tokenizer makes (one
+    request per distinct tokenizer, shared by the candidates that name it). A fingerprint without a
+    tokenization (a router that broke its contract) gets the text only.
+    """
+    ids = {t.tokenizer_fingerprint: t.token_ids for t in decision.tokenizations if t.tokenizer_fingerprint}
+    requests: dict[str, generator_pb2.GeneratorGenerateRequest] = {}
+    for fingerprint in ["", *(c.tokenizer_fingerprint for c in decision.candidates)]:
+        if fingerprint in requests:
+            continue
+        request = generator_pb2.GeneratorGenerateRequest(request_id=request_id, prompt=prompt, sampling=sampling)
+        if fingerprint in ids:
+            request.prompt_token_ids.extend(ids[fingerprint])
+            request.tokenizer_fingerprint = fingerprint
+        requests[fingerprint] = request
+    return requests
 
 
 def error_has_retry(error: grpc.aio.AioRpcError) -> bool:

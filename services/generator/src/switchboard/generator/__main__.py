@@ -10,6 +10,7 @@ from switchboard.common.logging import get_logger
 from switchboard.common.service import run_service
 from switchboard.generator.config import (
     GeneratorSettings,
+    load_cost_profile,
     load_generator_settings,
     resolve_device,
     resolve_model_path,
@@ -21,9 +22,11 @@ MODEL_LOAD_EXIT_CODE = 1
 
 
 def load() -> GeneratorSettings:
-    """Settings plus the model folder check, so a wrong GENERATOR_MODEL fails at start with one clear line."""
+    """Settings plus the model folder and cost profile checks, so a wrong GENERATOR_MODEL or
+    GENERATOR_COST_PROFILE fails at start with one clear line."""
     settings = load_generator_settings()
     resolve_model_path(settings.model)
+    load_cost_profile(settings.cost_profile)
     return settings
 
 

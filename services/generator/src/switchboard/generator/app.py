@@ -14,7 +14,12 @@ import asyncio
 from switchboard.common.logging import get_logger
 from switchboard.common.service import GrpcService
 from switchboard.generator import metrics
-from switchboard.generator.config import GeneratorSettings, default_advertise_addr, default_replica_id
+from switchboard.generator.config import (
+    GeneratorSettings,
+    default_advertise_addr,
+    default_replica_id,
+    load_cost_profile,
+)
 from switchboard.generator.engine import Engine, EngineConfig
 from switchboard.generator.registration import Registrar
 from switchboard.generator.servicer import GeneratorServicer, ReplicaIdentity
@@ -58,14 +63,26 @@ class GeneratorApp:
         # Set once the port is bound and the replica id and address are known.
         self.ready = asyncio.Event()
         metrics.bind_engine_gauges(engine.load)
+        profile = load_cost_profile(settings.cost_profile)
+        self.cost_model = profile[0] if profile is not None else None
+        if profile is not None and profile[1] and profile[1] != engine.info.model_name:
+            log.warning(
+                "the cost profile was measured on another model; the scheduler's latency predictions may be off",
+                profile=str(settings.cost_profile),
+                profiled_model=profile[1],
+                model=engine.info.model_name,
+            )
 
     def _engine_failed(self, error: BaseException) -> None:
         log.error("engine failed; stopping so the replica is restarted", error=repr(error))
         self.service.stop(exit_code=ENGINE_FAILURE_EXIT_CODE)
 
     def announce(self) -> scheduler_pb2.RegisterRequest:
-        """What this replica tells the scheduler about itself."""
+        """What this replica tells the scheduler about itself: identity, model, how its prefix cache
+        hashes blocks (block size, chain seed), its tokenizer's fingerprint and, with a cost profile,
+        its step-cost model."""
         info = self.engine.info
+        cost = self.cost_model
         return scheduler_pb2.RegisterRequest(
             replica_id=self.identity.replica_id,
             expert=self.identity.expert,
@@ -73,6 +90,17 @@ class GeneratorApp:
             device=info.device,
             model_name=info.model_name,
             max_model_len=info.max_model_len,
+            kv_block_size=info.block_size,
+            kv_hash_seed=self.engine.hash_seed,
+            tokenizer_fingerprint=self.servicer.tokenizer_fingerprint,
+            cost_model=None
+            if cost is None
+            else scheduler_pb2.StepCostModel(
+                base_ms=cost.base_ms,
+                prefill_token_ms=cost.prefill_token_ms,
+                decode_seq_ms=cost.decode_seq_ms,
+                context_token_ms=cost.context_token_ms,
+            ),
         )
 
     async def _drain(self) -> None:
@@ -104,6 +132,8 @@ class GeneratorApp:
                     dtype=info.dtype,
                     kv_blocks=info.kv_blocks_total,
                     max_model_len=info.max_model_len,
+                    tokenizer_fingerprint=self.servicer.tokenizer_fingerprint[:12],
+                    cost_model=self.cost_model is not None,
                 )
                 if self.settings.scheduler_addr:
                     self.registrar = Registrar(

@@ -6,12 +6,15 @@ loaded model, so they are resolved by the helpers below once those are known.
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 from switchboard.common.settings import ServerSettings, SettingsError, load_settings, setting
+from switchboard.replica.cost_model import CostModel
 
 SERVER_PREFIX = "GENERATOR"
 DEFAULT_PORT = 50061
@@ -80,6 +83,11 @@ class GeneratorSettings:
     scheduler_addr: str = setting(
         "SCHEDULER_ADDR", "127.0.0.1:50053", "host:port of the scheduler (empty: do not register)"
     )
+    cost_profile: Path | None = setting(
+        "GENERATOR_COST_PROFILE",
+        None,
+        "step-cost profile JSON of this model on this device (`python -m switchboard.generator.engine.profile`), announced to the scheduler; unset: none",
+    )
 
     def __post_init__(self) -> None:
         if not _DEVICE.match(self.device):
@@ -107,6 +115,28 @@ def load_generator_settings() -> GeneratorSettings:
         default_port=DEFAULT_PORT,
         default_metrics_port=DEFAULT_METRICS_PORT,
     )
+
+
+def load_cost_profile(path: Path | None) -> tuple[CostModel, str] | None:
+    """The fitted step-cost model in GENERATOR_COST_PROFILE and the model it was profiled on (None
+    when unset); raises SettingsError naming the variable for a missing or unusable file."""
+    if path is None:
+        return None
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+        model = CostModel.from_profile(document)
+    except FileNotFoundError:
+        raise SettingsError(f"GENERATOR_COST_PROFILE: {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
+        raise SettingsError(
+            f"GENERATOR_COST_PROFILE: {path} is not a cost profile ({exc}); write one with "
+            "`python -m switchboard.generator.engine.profile`"
+        ) from None
+    if not all(math.isfinite(c) and c >= 0 for c in astuple(model)):
+        raise SettingsError(
+            f"GENERATOR_COST_PROFILE: {path} has a negative or non-finite coefficient ({model}); profile again"
+        )
+    return model, str(document.get("model", ""))
 
 
 def resolve_model_path(value: str) -> Path:

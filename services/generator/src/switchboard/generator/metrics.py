@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from prometheus_client import Counter, Gauge, Histogram
 from switchboard.generator.engine import EngineLoad
+from switchboard.generator.prompt_input import SOURCES
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -39,6 +40,14 @@ CACHED_PROMPT_TOKENS = Counter(
     "switchboard_generator_cached_prompt_tokens_total", "Prompt tokens served from the prefix cache."
 )
 GENERATION_TOKENS = Counter("switchboard_generator_generation_tokens_total", "Tokens generated.")
+PROMPT_TOKENIZATION = Counter(
+    "switchboard_generator_prompt_tokenization_total",
+    "Accepted Generate calls by where their prompt's token ids came from: upstream (sent with the "
+    "request, made by this replica's tokenizer) or local (the prompt text tokenized here).",
+    ["source"],
+)
+for _source in SOURCES:
+    PROMPT_TOKENIZATION.labels(source=_source)  # both series exist (at 0) from the start
 QUEUE_DEPTH = Gauge(
     "switchboard_generator_sequences", "Sequences in the engine by state (running, waiting).", ["state"]
 )

@@ -1,7 +1,9 @@
 """The `switchboard.v1.Generator` RPC handlers around the engine.
 
-`Generate` validates the request (INVALID_ARGUMENT naming the field), hands it to the engine and
-streams every engine output as one response message. Cancelling the call (or its deadline passing)
+`Generate` validates the request (INVALID_ARGUMENT naming the field), picks its prompt (the
+upstream token ids when their tokenizer fingerprint is this replica's, else the text tokenized
+here: `prompt_input.py`), hands it to the engine and streams every engine output as one response
+message. Cancelling the call (or its deadline passing)
 cancels the handler task; the engine's stream is closed with `aclosing`, which takes the sequence
 out of the batch at the next step and returns its KV blocks to the pool.
 """
@@ -21,6 +23,7 @@ from switchboard.common.logging import bind_request, get_logger
 from switchboard.common.telemetry import SpanAttributes, get_tracer
 from switchboard.generator import metrics
 from switchboard.generator.engine import Engine, EngineOutput, EngineRequest, RequestRejected
+from switchboard.generator.prompt_input import PromptRejected, choose_prompt
 from switchboard.generator.sampling import SamplingParams
 from switchboard.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 
@@ -109,6 +112,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         self.draining = False
         self._on_engine_failure = on_engine_failure
         self._failure_reported = False
+        # Upstream ids with this fingerprint were made by this replica's own tokenizer.
+        self.tokenizer_fingerprint = engine.tokenizer.fingerprint
 
     def _engine_request(
         self, request: generator_pb2.GeneratorGenerateRequest, request_id: str
@@ -116,13 +121,19 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         if len(request.request_id) > MAX_REQUEST_ID_LENGTH:
             raise invalid_argument("request_id", f"must be at most {MAX_REQUEST_ID_LENGTH} characters")
         sampling = sampling_from_proto(request.sampling, self.default_max_tokens)
-        if request.prompt_token_ids:
-            return EngineRequest(
-                request_id, prompt_token_ids=list(request.prompt_token_ids), sampling=sampling
+        try:
+            prompt = choose_prompt(
+                request.prompt,
+                request.prompt_token_ids,
+                request.tokenizer_fingerprint,
+                self.tokenizer_fingerprint,
+                self.engine.vocab_size,
+                self.engine.max_model_len,
             )
-        if not request.prompt:
-            raise invalid_argument("prompt", "is required (or send prompt_token_ids)")
-        return EngineRequest(request_id, prompt=request.prompt, sampling=sampling)
+        except PromptRejected as exc:
+            raise invalid_argument(exc.field, exc.message) from None
+        metrics.PROMPT_TOKENIZATION.labels(source=prompt.source).inc()
+        return EngineRequest(request_id, prompt=prompt.text, prompt_token_ids=prompt.token_ids, sampling=sampling)
 
     def _check_engine(self) -> None:
         failure = self.engine.failed

@@ -1,7 +1,8 @@
 """Tokenizer of a model folder and streaming detokenization.
 
 `Tokenizer` wraps a `tokenizers.Tokenizer` loaded from tokenizer.json and knows
-the model's special ids. `IncrementalDetokenizer` turns a growing list of
+the model's special ids and its fingerprint (`switchboard.common.tokenizer_fingerprint`, the
+digest the router names its upstream token ids by). `IncrementalDetokenizer` turns a growing list of
 generated ids into text deltas: it decodes only a small window of recent ids
 per step (the prefix-offset / read-offset technique of vLLM and TGI), and holds
 text back while it ends in an incomplete UTF-8 character, which byte-level BPE
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import tokenizers
+from switchboard.common.tokenizer_fingerprint import tokenizer_fingerprint
 
 #: What `tokenizers` decodes an incomplete UTF-8 sequence to.
 REPLACEMENT_CHAR = "\ufffd"
@@ -50,17 +52,28 @@ class Tokenizer:
         inner: tokenizers.Tokenizer,
         bos_token_id: int | None = None,
         eos_token_ids: Iterable[int] = (),
+        fingerprint: str | None = None,
     ) -> None:
         self.inner = inner
         self.bos_token_id = bos_token_id
         self.eos_token_ids: set[int] = set(eos_token_ids)
+        self._fingerprint = fingerprint
+
+    @property
+    def fingerprint(self) -> str:
+        """The tokenizer's fingerprint: of the tokenizer.json it was loaded from (`from_dir`), else
+        of the in-memory tokenizer's own serialization."""
+        if self._fingerprint is None:
+            self._fingerprint = tokenizer_fingerprint(self.inner.to_str())
+        return self._fingerprint
 
     @classmethod
     def from_dir(cls, path: Path, config: dict[str, Any] | None = None) -> Tokenizer:
         """Load tokenizer.json from a model folder; special ids come from tokenizer_config.json,
         generation_config.json and config.json (all optional)."""
         path = Path(path)
-        inner = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+        text = (path / "tokenizer.json").read_text(encoding="utf-8")
+        inner = tokenizers.Tokenizer.from_str(text)
         config = config or {}
         tok_config = _read_json(path / "tokenizer_config.json")
         gen_config = _read_json(path / "generation_config.json")
@@ -71,7 +84,7 @@ class Tokenizer:
         bos = gen_config.get("bos_token_id", config.get("bos_token_id"))
         if bos is None:
             bos = _special_id(inner, tok_config.get("bos_token"))
-        return cls(inner, bos_token_id=bos, eos_token_ids=eos)
+        return cls(inner, bos_token_id=bos, eos_token_ids=eos, fingerprint=tokenizer_fingerprint(text))
 
     @property
     def vocab_size(self) -> int:

@@ -1,4 +1,8 @@
-"""The router's core: gate -> selector -> one placement call -> decision log; feedback -> learning.
+"""The router's core: gate -> selector -> tokenize -> one placement call -> decision log; feedback -> learning.
+
+The prompt is tokenized once per distinct tokenizer of the experts it is placed on
+(`tokenization.py`): the first expert's ids go with the placement call (for prefix-aware
+placement), and every candidate names the tokenization of its expert.
 
 No gRPC here: the servicer (servicer.py) converts protobuf to these objects and back and maps the
 exceptions below to status codes; the scheduler is reached through the `Placer` protocol, so the
@@ -7,10 +11,11 @@ core runs in tests, benchmarks and a simulator without a server.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -19,6 +24,7 @@ from switchboard.router.gate import Gate, GateScores
 from switchboard.router.load_bias import LoadBias, PoolLoad
 from switchboard.router.online import OnlineHead
 from switchboard.router.selector import NoEligibleExpert, Selection, Selector
+from switchboard.router.tokenization import PromptTokenization, PromptTokenizers
 
 __all__ = [
     "Candidate",
@@ -28,6 +34,7 @@ __all__ = [
     "PlacementResult",
     "PlacementUnavailable",
     "Placer",
+    "PromptTokenization",
     "RequestTooLong",
     "RouteInput",
     "RouteOutput",
@@ -41,6 +48,12 @@ __all__ = [
 # crash loses at most this much learning.
 ONLINE_SNAPSHOT_EVERY = 100
 NO_READY_REPLICA = "no ready replica"
+# The scheduler's bound on the token ids of one Place (PlaceRequest.prompt_token_ids); a longer
+# prompt is placed without them (and still goes to its replica with its ids).
+MAX_PLACE_TOKEN_IDS = 131072
+# Prompts longer than this are tokenized on a worker thread, so the event loop keeps serving
+# other calls (about 2 ms of tokenizing at this length on the demo experts' tokenizer).
+INLINE_TOKENIZE_CHARS = 8192
 
 
 class UnknownExpert(ValueError):
@@ -73,6 +86,9 @@ class Candidate:
     expert: str
     replica_id: str
     address: str
+    # The fingerprint of its expert's tokenizer ("": none loaded); its ids are the RouteOutput
+    # tokenization with this fingerprint.
+    tokenizer_fingerprint: str = ""
 
 
 @dataclass(frozen=True)
@@ -87,6 +103,9 @@ class PlacementRequest:
     exclude_replica_ids: tuple[str, ...]
     max_alternates: int
     timeout_seconds: float | None = None  # what is left of the caller's deadline
+    # The prompt's ids under the first expert's tokenizer (empty: not tokenized) and its fingerprint.
+    prompt_token_ids: tuple[int, ...] = ()
+    tokenizer_fingerprint: str = ""
 
 
 @dataclass(frozen=True)
@@ -129,6 +148,9 @@ class RouteOutput:
     gate_kind: str
     gate_version: str
     decision_seconds: float  # gate + selector time
+    # The prompt tokenized once per distinct tokenizer the candidates name, in first-named order.
+    tokenizations: tuple[PromptTokenization, ...] = ()
+    tokenize_seconds: float = 0.0  # time spent making them
 
 
 @dataclass(frozen=True)
@@ -162,6 +184,7 @@ class RouterCore:
         sink: OutcomeSink | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        tokenizers: PromptTokenizers | None = None,
     ) -> None:
         self.experts = tuple(experts)
         if set(gate.experts) != set(self.experts):
@@ -175,6 +198,7 @@ class RouterCore:
         self.online = online
         self.online_snapshot = online_snapshot
         self.sink = sink
+        self.tokenizers = tokenizers  # None: no token ids upstream (every replica tokenizes)
         self._clock = clock
         self._rng = rng or random.Random()
         self.on_stale_view: Callable[[], None] | None = None  # asks for a fresh look at the cluster
@@ -267,9 +291,30 @@ class RouterCore:
         )
         return selection, scores, time.perf_counter() - started
 
+    def fingerprint(self, expert: str) -> str:
+        """The fingerprint of the expert's tokenizer ("" when the router has none for it)."""
+        return self.tokenizers.fingerprint(expert) if self.tokenizers is not None else ""
+
+    async def _tokenize(self, fingerprint: str, prompt: str, into: dict[str, tuple[int, ...] | None]) -> None:
+        """Add the prompt's ids under `fingerprint` to `into` unless it has them (None: cannot)."""
+        if not fingerprint or fingerprint in into or self.tokenizers is None:
+            return
+        if len(prompt) > INLINE_TOKENIZE_CHARS:
+            into[fingerprint] = await asyncio.to_thread(self.tokenizers.encode, fingerprint, prompt)
+        else:
+            into[fingerprint] = self.tokenizers.encode(fingerprint, prompt)
+
     async def route(self, request: RouteInput) -> RouteOutput:
-        """Decide, place with one scheduler call, record the decision."""
+        """Decide, tokenize for the first expert, place with one scheduler call, record the decision."""
         selection, scores, seconds = self.decide(request)
+        tokenized: dict[str, tuple[int, ...] | None] = {}
+        tokenize_started = time.perf_counter()
+        first = self.fingerprint(selection.order[0])
+        await self._tokenize(first, request.prompt, tokenized)
+        tokenize_seconds = time.perf_counter() - tokenize_started
+        place_ids = tokenized.get(first) or ()
+        if len(place_ids) > MAX_PLACE_TOKEN_IDS:
+            place_ids = ()
         result = await self.placer.place(
             PlacementRequest(
                 request_id=request.request_id,
@@ -280,6 +325,8 @@ class RouterCore:
                 exclude_replica_ids=request.exclude_replica_ids,
                 max_alternates=self.settings.max_alternates,
                 timeout_seconds=request.timeout_seconds,
+                prompt_token_ids=place_ids,
+                tokenizer_fingerprint=first if place_ids else "",
             )
         )
         stale = [c.expert for c in selection.choices if c.why_ineligible == NO_READY_REPLICA and result.candidates.get(c.expert)]
@@ -290,6 +337,7 @@ class RouterCore:
         candidates = candidates[: 1 + self.settings.max_alternates]
         if not candidates:
             raise PlacementUnavailable("; ".join(f"{k}: {v}" for k, v in result.unavailable.items()) or "no replica")
+        candidates, tokenizations, more_seconds = await self._name_tokenizations(candidates, request.prompt, tokenized)
         self.decision_log.record(
             Decision(
                 request_id=request.request_id,
@@ -306,7 +354,33 @@ class RouterCore:
                 decided_at=self._clock(),
             )
         )
-        return RouteOutput(candidates, selection, scores, self.gate.kind, self.gate.version, seconds)
+        return RouteOutput(
+            candidates,
+            selection,
+            scores,
+            self.gate.kind,
+            self.gate.version,
+            seconds,
+            tokenizations,
+            tokenize_seconds + more_seconds,
+        )
+
+    async def _name_tokenizations(
+        self, candidates: tuple[Candidate, ...], prompt: str, tokenized: dict[str, tuple[int, ...] | None]
+    ) -> tuple[tuple[Candidate, ...], tuple[PromptTokenization, ...], float]:
+        """Each candidate named with its expert's tokenization (the prompt tokenized once per
+        distinct tokenizer); returns the candidates, the tokenizations and the seconds it took."""
+        started = time.perf_counter()
+        named: list[Candidate] = []
+        for candidate in candidates:
+            fingerprint = self.fingerprint(candidate.expert)
+            await self._tokenize(fingerprint, prompt, tokenized)
+            if tokenized.get(fingerprint) is None:
+                fingerprint = ""  # no tokenizer, or it could not encode this prompt
+            named.append(replace(candidate, tokenizer_fingerprint=fingerprint))
+        order = dict.fromkeys(c.tokenizer_fingerprint for c in named if c.tokenizer_fingerprint)
+        tokenizations = tuple(PromptTokenization(fp, tokenized[fp] or ()) for fp in order)
+        return tuple(named), tokenizations, time.perf_counter() - started
 
     # -- feedback -------------------------------------------------------------------------------
 

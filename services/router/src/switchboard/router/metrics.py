@@ -63,6 +63,22 @@ REQUEST_LATENCY = Histogram(
     ["expert"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
+EXPERT_TOKENIZER = Gauge(
+    "switchboard_router_expert_tokenizer",
+    "1 when the router tokenizes prompts for the expert (its tokenizer loaded at start), 0 when it "
+    "cannot (the expert's replicas tokenize the prompt text themselves).",
+    ["expert"],
+)
+UNTOKENIZED_CANDIDATES = Counter(
+    "switchboard_router_untokenized_candidates_total",
+    "Route candidates returned without token ids (no tokenizer for their expert, or it failed on the prompt).",
+    ["expert"],
+)
+TOKENIZE_SECONDS = Histogram(
+    "switchboard_router_tokenize_seconds",
+    "Time to tokenize one request's prompt for its candidates (once per distinct tokenizer).",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1),
+)
 COMPLETION_TOKENS = Counter(
     "switchboard_router_completion_tokens_total", "Output tokens reported by the gateway, by expert.", ["expert"]
 )

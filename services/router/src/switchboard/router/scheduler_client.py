@@ -1,7 +1,8 @@
 """The router's side of the scheduler: one `Place` call per request, and a watch on pool loads.
 
 `SchedulerPlacer` implements the core's `Placer` over `Scheduler.Place` (the ordered experts in
-one call; the scheduler reserves only the primary). `ClusterWatcher` reads `GetCluster` every
+one call, with the prompt's token ids under the first expert's tokenizer; the scheduler reserves
+only the primary). `ClusterWatcher` reads `GetCluster` every
 poll period, sums it into one `PoolLoad` per expert and hands it to the core, which steps the load
 bias and uses it for eligibility.
 """
@@ -54,6 +55,8 @@ class SchedulerPlacer:
             min_model_len=request.min_model_len,
             exclude_replica_ids=list(request.exclude_replica_ids),
             max_alternates=request.max_alternates,
+            prompt_token_ids=request.prompt_token_ids,
+            tokenizer_fingerprint=request.tokenizer_fingerprint,
         )
         try:
             timeout = self._timeout

@@ -1,4 +1,5 @@
-"""The router's `serve()`: build the gate and the core from the settings and run the gRPC service."""
+"""The router's `serve()`: build the gate, the experts' tokenizers and the core from the settings and
+run the gRPC service."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from switchboard.common.experts_config import ExpertsConfigError, ExpertSpec, lo
 from switchboard.common.logging import get_logger
 from switchboard.common.service import GrpcService
 from switchboard.router import metrics
-from switchboard.router.artifact import GateArtifactError, check_expert_set, load_artifact
+from switchboard.router.artifact import TOKENIZER_FILE, GateArtifactError, check_expert_set, load_artifact
 from switchboard.router.config import RouterSettings, parse_tenant_cost_weights
 from switchboard.router.core import CoreSettings, RouterCore
 from switchboard.router.decision_log import OutcomeSink
@@ -22,6 +23,7 @@ from switchboard.router.online import OnlineHead
 from switchboard.router.scheduler_client import ClusterWatcher, SchedulerPlacer
 from switchboard.router.selector import Selector, SelectorConfig
 from switchboard.router.servicer import RouterServicer
+from switchboard.router.tokenization import PromptTokenizers, load_prompt_tokenizers
 from switchboard.v1 import router_pb2_grpc, scheduler_pb2_grpc
 
 log = get_logger(__name__)
@@ -53,10 +55,40 @@ def build_gate(settings: RouterSettings, experts: list[ExpertSpec]) -> tuple[Gat
     return artifact.gate(), artifact.default_cost_weight
 
 
+def build_tokenizers(settings: RouterSettings, experts: list[ExpertSpec]) -> PromptTokenizers:
+    """Every expert's tokenizer, loaded once (`tokenization.py`); says once in the log (and in
+    `switchboard_router_expert_tokenizer`) which experts have none, so their replicas tokenize."""
+    fallback = None
+    if settings.gate_path is not None:
+        # The gate's features use the cheapest expert's tokenizer, and the artifact carries a copy.
+        cheapest = min(experts, key=lambda spec: spec.relative_cost)
+        fallback = (cheapest.name, settings.gate_path / TOKENIZER_FILE)
+    loaded = load_prompt_tokenizers(experts, fallback)
+    for spec in experts:
+        metrics.EXPERT_TOKENIZER.labels(spec.name).set(0 if spec.name in loaded.missing else 1)
+    if loaded.experts:
+        log.info(
+            "prompt tokenizers loaded",
+            experts={name: fingerprint[:12] for name, fingerprint in loaded.experts.items()},
+            distinct=len(set(loaded.experts.values())),
+        )
+    if loaded.missing:
+        log.warning(
+            "no tokenizer for some experts: their prompts go without token ids and their replicas tokenize them",
+            missing=loaded.missing,
+        )
+    return loaded
+
+
 def build_core(
-    settings: RouterSettings, experts: list[ExpertSpec], placer: SchedulerPlacer, rng: random.Random | None = None
+    settings: RouterSettings,
+    experts: list[ExpertSpec],
+    placer: SchedulerPlacer,
+    rng: random.Random | None = None,
+    tokenizers: PromptTokenizers | None = None,
 ) -> RouterCore:
-    """Gate, selector, load bias, online head and decision log wired into one core."""
+    """Gate, selector, load bias, online head and decision log wired into one core (with
+    `tokenizers`, it tokenizes prompts upstream)."""
     gate, default_cost_weight = build_gate(settings, experts)
     names = [spec.name for spec in experts]
     # Each expert's TTFT objective from the experts config, else the router's default.
@@ -104,6 +136,7 @@ def build_core(
         online_snapshot=settings.online_state_path,
         sink=OutcomeSink(settings.outcomes_path) if settings.outcomes_path is not None else None,
         rng=rng,
+        tokenizers=tokenizers,
     )
 
 
@@ -123,7 +156,7 @@ async def serve(settings: RouterSettings, service: GrpcService | None = None, ha
     stub = scheduler_pb2_grpc.SchedulerStub(channel)
     placer = SchedulerPlacer(stub, settings.scheduler_timeout_seconds)
     try:
-        core = build_core(settings, experts, placer)
+        core = build_core(settings, experts, placer, tokenizers=build_tokenizers(settings, experts))
     except GateArtifactError as exc:
         log.error("unusable gate artifact (ROUTER_GATE_PATH)", error=str(exc))
         await channel.close()

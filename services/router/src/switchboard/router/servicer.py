@@ -124,6 +124,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         metrics.GATE_SCORE.labels(primary.expert).observe(selection.choice(primary.expert).probability)
         metrics.SELECTED_K.observe(selection.k)
         metrics.DECISION_SECONDS.observe(output.decision_seconds)
+        if output.tokenizations:
+            metrics.TOKENIZE_SECONDS.observe(output.tokenize_seconds)
+        for candidate in output.candidates:
+            if not candidate.tokenizer_fingerprint:
+                metrics.UNTOKENIZED_CANDIDATES.labels(candidate.expert).inc()
         if selection.explored:
             metrics.EXPLORED.inc()
         self._shares.observe(primary.expert)
@@ -136,6 +141,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             k=selection.k,
             cost_weight=selection.cost_weight,
             decision_ms=round(output.decision_seconds * 1000, 3),
+            tokenizations=len(output.tokenizations),
+            tokenize_ms=round(output.tokenize_seconds * 1000, 3),
         )
 
     def _response(self, request_id: str, output: RouteOutput) -> router_pb2.RouteResponse:
@@ -143,7 +150,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         return router_pb2.RouteResponse(
             request_id=request_id,
             candidates=[
-                router_pb2.RouteCandidate(expert=c.expert, replica_id=c.replica_id, address=c.address)
+                router_pb2.RouteCandidate(
+                    expert=c.expert,
+                    replica_id=c.replica_id,
+                    address=c.address,
+                    tokenizer_fingerprint=c.tokenizer_fingerprint,
+                )
                 for c in output.candidates
             ],
             scores=[
@@ -165,6 +177,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             gate_kind=output.gate_kind,
             gate_version=output.gate_version,
             prompt_tokens=output.scores.prompt_tokens,
+            tokenizations=[
+                router_pb2.PromptTokenization(tokenizer_fingerprint=t.fingerprint, token_ids=t.token_ids)
+                for t in output.tokenizations
+            ],
         )
 
     async def Feedback(

@@ -8,6 +8,7 @@ into canonical gRPC statuses with rich details (BadRequest, RetryInfo, ErrorInfo
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Collection, Mapping
 
 import grpc
@@ -15,6 +16,7 @@ from switchboard.common.errors import invalid_argument, not_found, unavailable
 from switchboard.common.experts_config import ExpertSLO
 from switchboard.common.logging import get_logger
 from switchboard.common.telemetry import SpanAttributes, get_tracer
+from switchboard.replica.cost_model import CostModel
 from switchboard.scheduler import metrics
 from switchboard.scheduler.placement import (
     InvalidPlacement,
@@ -40,6 +42,13 @@ log = get_logger(__name__)
 tracer = get_tracer(__name__)
 
 MAX_ID_LENGTH = 256
+# Largest KV block a replica may announce (tokens; the generator's GENERATOR_BLOCK_SIZE bound).
+MAX_KV_BLOCK_SIZE = 1024
+# Most prompt token ids one Place may carry (documented in PlaceRequest.prompt_token_ids): the
+# scheduler hashes them once per block size on every Place, so the bound bounds that work.
+MAX_PROMPT_TOKEN_IDS = 131072
+MAX_FINGERPRINT_LENGTH = 256
+_COST_FIELDS = ("base_ms", "prefill_token_ms", "decode_seq_ms", "context_token_ms")
 
 _STATE_TO_PROTO = {
     ReplicaState.READY: scheduler_pb2.REPLICA_STATE_READY,
@@ -106,6 +115,54 @@ def kv_events_from_proto(message: scheduler_pb2.KvEvents) -> KvEventsIn:
     return batch
 
 
+def cost_model_from_proto(message: scheduler_pb2.StepCostModel, field: str = "cost_model") -> CostModel:
+    """The domain cost model of an announced one; a non-finite or negative coefficient is
+    INVALID_ARGUMENT naming it (e.g. `cost_model.base_ms`)."""
+    values: dict[str, float] = {}
+    for name in _COST_FIELDS:
+        value = getattr(message, name)
+        if not math.isfinite(value) or value < 0:
+            raise invalid_argument(
+                f"{field}.{name}", f"must be a finite number of milliseconds >= 0, got {value!r}; refit the cost profile"
+            )
+        values[name] = value
+    return CostModel(**values)
+
+
+def cost_model_to_proto(model: CostModel) -> scheduler_pb2.StepCostModel:
+    """The wire form of a replica's cost model."""
+    return scheduler_pb2.StepCostModel(**{name: getattr(model, name) for name in _COST_FIELDS})
+
+
+def _check_fingerprint(field: str, value: str) -> None:
+    if len(value) > MAX_FINGERPRINT_LENGTH:
+        raise invalid_argument(field, f"must be at most {MAX_FINGERPRINT_LENGTH} characters, got {len(value)}")
+
+
+def replica_info_from_proto(request: scheduler_pb2.RegisterRequest) -> ReplicaInfo:
+    """The registry's view of an announced replica, its KV hashing, tokenizer and cost model validated
+    (INVALID_ARGUMENT naming the field). Identity fields are checked by the caller."""
+    if request.kv_block_size > MAX_KV_BLOCK_SIZE:
+        raise invalid_argument(
+            "kv_block_size",
+            f"must be at most {MAX_KV_BLOCK_SIZE} tokens per KV block (0: not announced), got {request.kv_block_size}",
+        )
+    _check_fingerprint("tokenizer_fingerprint", request.tokenizer_fingerprint)
+    cost = cost_model_from_proto(request.cost_model) if request.HasField("cost_model") else None
+    return ReplicaInfo(
+        replica_id=request.replica_id,
+        expert=request.expert,
+        address=request.address,
+        device=request.device,
+        model_name=request.model_name,
+        max_model_len=request.max_model_len,
+        kv_block_size=request.kv_block_size,
+        kv_hash_seed=request.kv_hash_seed,
+        tokenizer_fingerprint=request.tokenizer_fingerprint,
+        cost_model=cost,
+    )
+
+
 def placement_from_proto(request: scheduler_pb2.PlaceRequest) -> PlacementRequest:
     """The placer's view of a PlaceRequest; the deprecated `expert` means `experts: [expert]`."""
     if request.expert and request.experts:
@@ -114,6 +171,13 @@ def placement_from_proto(request: scheduler_pb2.PlaceRequest) -> PlacementReques
         )
     if len(request.request_id) > MAX_ID_LENGTH:
         raise invalid_argument("request_id", f"must be at most {MAX_ID_LENGTH} characters")
+    count = len(request.prompt_token_ids)
+    if count > MAX_PROMPT_TOKEN_IDS:
+        raise invalid_argument(
+            "prompt_token_ids",
+            f"at most {MAX_PROMPT_TOKEN_IDS} token ids per Place, got {count}; send none for longer prompts",
+        )
+    _check_fingerprint("tokenizer_fingerprint", request.tokenizer_fingerprint)
     return PlacementRequest(
         request_id=request.request_id,
         experts=(request.expert,) if request.expert else tuple(request.experts),
@@ -122,6 +186,8 @@ def placement_from_proto(request: scheduler_pb2.PlaceRequest) -> PlacementReques
         exclude_replica_ids=frozenset(request.exclude_replica_ids),
         max_alternates=request.max_alternates,
         min_model_len=request.min_model_len,
+        prompt_token_ids=tuple(request.prompt_token_ids),
+        tokenizer_fingerprint=request.tokenizer_fingerprint,
     )
 
 
@@ -167,6 +233,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             state=_STATE_TO_PROTO[view.state],
             seconds_since_heartbeat=view.heartbeat_age,
             inflight=view.inflight,
+            kv_block_size=info.kv_block_size,
+            kv_hash_seed=info.kv_hash_seed,
+            tokenizer_fingerprint=info.tokenizer_fingerprint,
+            cost_model=cost_model_to_proto(info.cost_model) if info.cost_model is not None else None,
         )
 
     def _changed(self) -> None:
@@ -187,15 +257,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         problem = address_problem(request.address)
         if problem is not None:
             raise invalid_argument("address", problem)
+        info = replica_info_from_proto(request)
         kv = kv_events_from_proto(request.kv_events) if request.HasField("kv_events") else None
-        info = ReplicaInfo(
-            replica_id=request.replica_id,
-            expert=request.expert,
-            address=request.address,
-            device=request.device,
-            model_name=request.model_name,
-            max_model_len=request.max_model_len,
-        )
         new = self.registry.register(info, load_from_proto(request.load))
         ack = self.registry.apply_kv_events(info.replica_id, kv) if kv is not None else None
         ack = ack or self.registry.kv_ack(info.replica_id) or KvAck(0, True)
@@ -207,6 +270,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             address=info.address,
             device=info.device,
             model=info.model_name,
+            kv_block_size=info.kv_block_size,
+            tokenizer_fingerprint=info.tokenizer_fingerprint[:12],
+            cost_model=info.cost_model is not None,
         )
         return scheduler_pb2.RegisterResponse(
             heartbeat_interval_seconds=self.heartbeat_seconds,
