@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from switchboard.scheduler.placement import LeastLoadedPolicy, PlacementQuery
-from switchboard.scheduler.registry import LoadSnapshot, ReplicaInfo, ReplicaRegistry, ReplicaState
+from switchboard.scheduler.registry import DuplicateReplica, LoadSnapshot, ReplicaInfo, ReplicaRegistry, ReplicaState
 
 
 class FakeClock:
@@ -83,13 +83,37 @@ def test_inflight_counts_placements_until_complete_or_ttl() -> None:
 
 
 def test_reregister_at_new_address_forgets_placements() -> None:
-    registry = ReplicaRegistry(expiry_seconds=5.0)
+    clock = FakeClock()
+    registry = ReplicaRegistry(expiry_seconds=5.0, clock=clock)
     registry.register(info("a"))
     registry.record_placement("r1", "a")
     registry.register(info("a"))
     assert registry.get("a").inflight == 1  # type: ignore[union-attr]
+    clock.now += 6.0  # the holder at the old address went silent past the expiry
     registry.register(info("a", port=50070))
     assert registry.get("a").inflight == 0  # type: ignore[union-attr]
+    assert registry.get("a").info.address == "127.0.0.1:50070"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("other", "says"),
+    [(info("a", port=50070), "the replica at 127.0.0.1:50061"), (info("a", expert="milton-small"), "expert 'bard-small'")],
+)
+def test_an_id_held_by_a_live_replica_elsewhere_is_refused(other: ReplicaInfo, says: str) -> None:
+    clock = FakeClock()
+    registry = ReplicaRegistry(expiry_seconds=5.0, clock=clock)
+    registry.register(info("a"))
+    registry.record_placement("r1", "a")
+    clock.now += 2.0
+    with pytest.raises(DuplicateReplica, match=f"taken by {says}, heard from 2.0 s ago") as caught:
+        registry.register(other)
+    assert caught.value.retry_after_seconds == pytest.approx(3.0)
+    # The holder keeps its id, address and work.
+    assert registry.get("a").info == info("a") and registry.get("a").inflight == 1  # type: ignore[union-attr]
+    # Draining, it gives the id up.
+    registry.report_load("a", LoadSnapshot(), draining=True)
+    registry.register(other)
+    assert registry.get("a").info == other  # type: ignore[union-attr]
 
 
 def test_expiry_must_be_positive() -> None:

@@ -92,6 +92,19 @@ async def test_register_rejects_bad_fields(
     assert field in details["message"]
 
 
+async def test_register_refuses_an_id_a_live_replica_holds(stub: scheduler_pb2_grpc.SchedulerStub) -> None:
+    await stub.Register(register_request("a"))
+    twin = register_request("a")
+    twin.address = "127.0.0.1:50070"
+    details = await expect_error(stub.Register(twin), grpc.StatusCode.ALREADY_EXISTS)
+    assert "replica id 'a' is taken by the replica at 127.0.0.1:50061" in details["message"]
+    assert "GENERATOR_REPLICA_ID" in details["message"]
+    cluster = await stub.GetCluster(scheduler_pb2.GetClusterRequest())
+    assert [r.address for r in cluster.replicas] == ["127.0.0.1:50061"]
+    # The holder itself re-registers as before.
+    await stub.Register(register_request("a"))
+
+
 async def test_register_accepts_bracketed_ipv6(stub: scheduler_pb2_grpc.SchedulerStub) -> None:
     request = register_request("a")
     request.address = "[::1]:50061"

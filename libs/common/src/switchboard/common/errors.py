@@ -86,6 +86,11 @@ def not_found(message: str, reason: str | None = None) -> ServiceError:
     return ServiceError(grpc.StatusCode.NOT_FOUND, message, reason=reason)
 
 
+def already_exists(message: str, reason: str | None = None, retry_after_seconds: float | None = None) -> ServiceError:
+    """ALREADY_EXISTS: the thing the call would create is there already (the message says whose)."""
+    return ServiceError(grpc.StatusCode.ALREADY_EXISTS, message, retry_after_seconds=retry_after_seconds, reason=reason)
+
+
 def failed_precondition(message: str, reason: str | None = None) -> ServiceError:
     """FAILED_PRECONDITION."""
     return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, message, reason=reason)

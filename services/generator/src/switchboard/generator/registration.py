@@ -210,9 +210,12 @@ class Registrar:
             except grpc.aio.AioRpcError as exc:
                 self.failures += 1
                 if not self._outage_logged:
-                    # One line per outage, not one per retry.
+                    # One line per outage, not one per retry. A refusal is not an outage: say so.
+                    refused = exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS)
                     log.warning(
-                        "scheduler unreachable; still serving, retrying with backoff",
+                        "scheduler refused the registration; retrying with backoff"
+                        if refused
+                        else "scheduler unreachable; still serving, retrying with backoff",
                         scheduler=self.scheduler_addr,
                         code=exc.code().name,
                         error=exc.details(),

@@ -31,6 +31,21 @@ from switchboard.replica.cost_model import CostModel
 from switchboard.scheduler.prefix_index import KvAck, KvEventsIn, PrefixIndex
 
 
+class DuplicateReplica(ValueError):
+    """A registration whose id a different live replica holds (another expert or address)."""
+
+    def __init__(self, info: ReplicaInfo, holder: ReplicaRecord, age: float, expiry: float) -> None:
+        what = (
+            f"expert {holder.expert!r}" if holder.expert != info.expert else f"the replica at {holder.info.address}"
+        )
+        super().__init__(
+            f"replica id {info.replica_id!r} is taken by {what}, heard from {age:.1f} s ago; give this replica "
+            f"its own id (GENERATOR_REPLICA_ID), or, if that replica is gone, it expires {expiry:g} s after its "
+            "last heartbeat and the id is free again"
+        )
+        self.retry_after_seconds = max(0.0, expiry - age)
+
+
 class ReplicaState(Enum):
     """The scheduler's view of a replica's health (mirrors `switchboard.v1.ReplicaState`)."""
 
@@ -214,10 +229,18 @@ class ReplicaRegistry:
 
         A re-registration (same id, e.g. after the scheduler restarted or the replica expired)
         keeps the placements still counted against it when it stays at the same address, and
-        resets the state to READY.
+        resets the state to READY. An id that a healthy replica of another expert or at another
+        address holds raises `DuplicateReplica`: two processes sharing an id would take each
+        other's traffic in turns (a draining or silent holder gives the id up).
         """
         now = self._clock()
         existing = self._replicas.get(info.replica_id)
+        if (
+            existing is not None
+            and self.is_healthy(existing)
+            and (existing.expert != info.expert or existing.info.address != info.address)
+        ):
+            raise DuplicateReplica(info, existing, now - existing.last_heartbeat, self.expiry_seconds)
         placements: dict[str, Placement] = {}
         if existing is not None and existing.info.address == info.address:
             placements = existing.placements

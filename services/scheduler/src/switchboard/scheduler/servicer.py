@@ -12,7 +12,7 @@ import math
 from collections.abc import Collection, Mapping
 
 import grpc
-from switchboard.common.errors import invalid_argument, not_found, unavailable
+from switchboard.common.errors import already_exists, invalid_argument, not_found, unavailable
 from switchboard.common.experts_config import ExpertSLO
 from switchboard.common.logging import get_logger
 from switchboard.common.telemetry import SpanAttributes, get_tracer
@@ -28,6 +28,7 @@ from switchboard.scheduler.placement import (
 )
 from switchboard.scheduler.prefix_index import InvalidKvEvents, KvAck, KvEventIn, KvEventsIn, validate
 from switchboard.scheduler.registry import (
+    DuplicateReplica,
     LoadSnapshot,
     ReplicaInfo,
     ReplicaRecord,
@@ -259,7 +260,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             raise invalid_argument("address", problem)
         info = replica_info_from_proto(request)
         kv = kv_events_from_proto(request.kv_events) if request.HasField("kv_events") else None
-        new = self.registry.register(info, load_from_proto(request.load))
+        try:
+            new = self.registry.register(info, load_from_proto(request.load))
+        except DuplicateReplica as exc:
+            raise already_exists(str(exc), reason="REPLICA_ID_TAKEN", retry_after_seconds=exc.retry_after_seconds) from None
         ack = self.registry.apply_kv_events(info.replica_id, kv) if kv is not None else None
         ack = ack or self.registry.kv_ack(info.replica_id) or KvAck(0, True)
         self._changed()
