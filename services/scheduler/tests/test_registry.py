@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 from switchboard.scheduler.placement import LeastLoadedPolicy, PlacementQuery
-from switchboard.scheduler.registry import DuplicateReplica, LoadSnapshot, ReplicaInfo, ReplicaRegistry, ReplicaState
+from switchboard.scheduler.registry import (
+    DuplicateReplica,
+    LoadSnapshot,
+    ReplicaInfo,
+    ReplicaRegistry,
+    ReplicaState,
+)
 
 
 class FakeClock:

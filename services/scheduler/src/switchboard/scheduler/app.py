@@ -29,7 +29,8 @@ class SchedulerApp:
     """One scheduler: build it, `await run()` until drained; `service.port` is the bound port.
 
     The placement policy is `policy` when given, else the one the settings name
-    (SCHEDULER_PLACEMENT_POLICY, seeded by SCHEDULER_PLACEMENT_SEED).
+    (SCHEDULER_PLACEMENT_POLICY, seeded by SCHEDULER_PLACEMENT_SEED, tuned by the SCHEDULER_PREFIX_*
+    and SCHEDULER_LATENCY_* settings; `slos`, the experts' objectives, also feed predicted-latency).
     """
 
     def __init__(
@@ -46,7 +47,13 @@ class SchedulerApp:
         self.servicer = SchedulerServicer(
             self.registry,
             experts,
-            policy or make_policy(settings.placement_policy, settings.placement_seed),
+            policy
+            or make_policy(
+                settings.placement_policy,
+                settings.placement_seed,
+                slos=slos,
+                options=settings.policy_options(),
+            ),
             heartbeat_seconds=settings.heartbeat_seconds,
             retry_after_seconds=settings.retry_after_seconds,
             slos=slos,

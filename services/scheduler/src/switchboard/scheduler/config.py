@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from switchboard.common.settings import ServerSettings, SettingsError, load_settings, setting
-from switchboard.scheduler.policies import POLICY_NAMES
+from switchboard.scheduler.policies import POLICY_NAMES, PolicyOptions
 
 SERVER_PREFIX = "SCHEDULER"
 DEFAULT_PORT = 50053
@@ -60,6 +61,44 @@ class SchedulerSettings:
         minimum=0,
         maximum=2**63 - 1,
     )
+    prefix_load_weight: float = setting(
+        "SCHEDULER_PREFIX_LOAD_WEIGHT",
+        0.5,
+        "prefix-load: score penalty per token of extra work over the least-loaded replica, "
+        "against 1 per cached prompt token",
+        minimum=0.0,
+        maximum=100.0,
+    )
+    prefix_balance_abs_tokens: float = setting(
+        "SCHEDULER_PREFIX_BALANCE_ABS_TOKENS",
+        8192.0,
+        "prefix-load: a replica is overloaded (ranked after all others, by work) when its work exceeds "
+        "the least-loaded one's by more than this many tokens and SCHEDULER_PREFIX_BALANCE_REL times",
+        minimum=0.0,
+        maximum=1e9,
+    )
+    prefix_balance_rel: float = setting(
+        "SCHEDULER_PREFIX_BALANCE_REL",
+        1.5,
+        "prefix-load: the relative part of the overload rule: the replica's work is also more than this "
+        "many times the least-loaded one's",
+        minimum=1.0,
+        maximum=1000.0,
+    )
+    latency_step_tokens: int = setting(
+        "SCHEDULER_LATENCY_STEP_TOKENS",
+        512,
+        "predicted-latency: the replicas' token budget per engine step (their GENERATOR_MAX_TOKENS_PER_STEP)",
+        minimum=1,
+        maximum=1_000_000,
+    )
+    latency_tpot_weight: float = setting(
+        "SCHEDULER_LATENCY_TPOT_WEIGHT",
+        16.0,
+        "predicted-latency, for an expert without an SLO: rank by predicted TTFT + this x predicted TPOT",
+        minimum=0.0,
+        maximum=100000.0,
+    )
     experts_config: Path = setting(
         "SWITCHBOARD_EXPERTS_CONFIG",
         DEFAULT_EXPERTS_CONFIG,
@@ -73,6 +112,25 @@ class SchedulerSettings:
                 "SCHEDULER_EXPIRY_SECONDS: must be greater than SCHEDULER_HEARTBEAT_SECONDS "
                 f"({self.expiry_seconds} <= {self.heartbeat_seconds})"
             )
+        # The bounds above let NaN through (it compares false with everything).
+        for env, value in (
+            ("SCHEDULER_PREFIX_LOAD_WEIGHT", self.prefix_load_weight),
+            ("SCHEDULER_PREFIX_BALANCE_ABS_TOKENS", self.prefix_balance_abs_tokens),
+            ("SCHEDULER_PREFIX_BALANCE_REL", self.prefix_balance_rel),
+            ("SCHEDULER_LATENCY_TPOT_WEIGHT", self.latency_tpot_weight),
+        ):
+            if not math.isfinite(value):
+                raise SettingsError(f"{env}: must be a finite number, got {value}")
+
+    def policy_options(self) -> PolicyOptions:
+        """The settings of the work-aware placement policies (prefix-load, predicted-latency)."""
+        return PolicyOptions(
+            prefix_load_weight=self.prefix_load_weight,
+            prefix_balance_abs_tokens=self.prefix_balance_abs_tokens,
+            prefix_balance_rel=self.prefix_balance_rel,
+            latency_step_tokens=self.latency_step_tokens,
+            latency_tpot_weight=self.latency_tpot_weight,
+        )
 
 
 def load_scheduler_settings() -> SchedulerSettings:

@@ -16,8 +16,8 @@ reinforcement learning policy of a later issue) replace the heuristics without t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from switchboard.scheduler.policies import LeastLoadedPolicy, PlacementPolicy, PlacementQuery
 from switchboard.scheduler.registry import ClusterSnapshot, ReplicaRegistry, ReplicaView
@@ -89,6 +89,9 @@ class PlacementRequest:
     prompt_token_ids: tuple[int, ...] = ()
     # The fingerprint of the tokenizer that made them ("" = unknown).
     tokenizer_fingerprint: str = ""
+    # Hash chains of the prompt already computed, by (block size, seed): a caller that has them
+    # (the simulator) saves the policies hashing the token ids again. Empty in the service.
+    block_hashes: Mapping[tuple[int, int], Sequence[int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -204,6 +207,7 @@ class Placer:
             max_tokens=request.max_tokens,
             prompt_token_ids=request.prompt_token_ids,
             tokenizer_fingerprint=request.tokenizer_fingerprint,
+            _hashes={key: list(chain) for key, chain in request.block_hashes.items()},
         )
 
     def _place_on(
