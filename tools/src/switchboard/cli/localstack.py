@@ -25,6 +25,8 @@ from switchboard.v1 import scheduler_pb2, scheduler_pb2_grpc
 # Default ports of `switchboard up` (the documented ones).
 GATEWAY_PORT, ROUTER_PORT, SCHEDULER_PORT, FIRST_GENERATOR_PORT = 50051, 50052, 50053, 50061
 GATEWAY_METRICS, ROUTER_METRICS, SCHEDULER_METRICS, FIRST_GENERATOR_METRICS = 9101, 9102, 9103, 9111
+# Next to the experts config: measured step-cost profiles, <expert>.json.
+COST_MODELS_DIR = "cost_models"
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,8 @@ class GeneratorPlan:
     replica_id: str
     port: int
     metrics_port: int
+    # Its step-cost profile (GENERATOR_COST_PROFILE; "" = none), announced to the scheduler.
+    cost_profile: str = ""
 
 
 @dataclass
@@ -93,12 +97,24 @@ def plan_stack(
     if not metrics:
         plan.gateway_metrics = plan.router_metrics = plan.scheduler_metrics = 0
     index = 0
+    profiles = experts_config.resolve().parent / COST_MODELS_DIR
     for spec in experts:
+        # A measured profile named after the expert (config/cost_models/<expert>.json), when there is one.
+        profile = profiles / f"{spec.name}.json"
         for replica in range(spec.replicas):
             port = free_port() if free_ports else FIRST_GENERATOR_PORT + index
             metrics_port = (free_port() if free_ports else FIRST_GENERATOR_METRICS + index) if metrics else 0
             model = (models or {}).get(spec.name, spec.model)
-            plan.generators.append(GeneratorPlan(spec.name, model, f"{spec.name}-{replica}", port, metrics_port))
+            plan.generators.append(
+                GeneratorPlan(
+                    spec.name,
+                    model,
+                    f"{spec.name}-{replica}",
+                    port,
+                    metrics_port,
+                    str(profile) if profile.is_file() else "",
+                )
+            )
             index += 1
     return plan
 
@@ -140,6 +156,7 @@ def service_specs(plan: StackPlan) -> dict[str, ServiceSpec]:
                 "GENERATOR_MODEL": generator.model,
                 "GENERATOR_EXPERT": generator.expert,
                 "GENERATOR_REPLICA_ID": generator.replica_id,
+                **({"GENERATOR_COST_PROFILE": generator.cost_profile} if generator.cost_profile else {}),
                 **plan.generator_env,
             },
             generator.metrics_port,

@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "experts": ("switchboard.experts.cli", "build, locate and sample the demo expert models"),
     "bench": ("switchboard.bench.cli", "replay request traces against Switchboard or an OpenAI-compatible server"),
     "router": ("switchboard.routing.cli", "build the router gate's data, train and evaluate it"),
+    "scheduler": ("switchboard.simulation.cli", "evaluate placement policies in the cluster simulator"),
 }
 
 

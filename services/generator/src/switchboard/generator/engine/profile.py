@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import sys
 import time
 from dataclasses import asdict
@@ -67,6 +68,17 @@ def _fit(samples: list[dict[str, Any]]) -> CostModel:
     return CostModel(base, per_token, per_seq, per_ctx)
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (step times are only valid on the machine they were measured on)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 @torch.inference_mode()
 def profile(
     engine: Engine,
@@ -110,8 +122,10 @@ def profile(
         "kv_blocks_total": info.kv_blocks_total,
         "max_tokens_per_step": engine.config.max_tokens_per_step,
         "max_num_seqs": engine.config.max_num_seqs,
+        "max_model_len": max_len,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "cpu": _cpu_model(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "formula": FORMULA,
         "fit": asdict(fit),

@@ -1,0 +1,221 @@
+"""Calibrate the cluster simulator against the real local stack, then check it on a second window.
+
+One command; every process it starts is stopped when it ends:
+
+    .venv/bin/python bench/calibrate_simulator.py              # bard-small, 2 replicas, two policies
+
+1. Shapes two windows of the Azure LLM inference trace 2023, conversation (Patel et al.,
+   "Splitwise", ISCA 2024, CC-BY 4.0) as `switchboard bench` would (lengths scaled to fit the
+   expert's 512-token context, outputs capped), gives every prompt one of 16 shared 128-token
+   system prompts (synthetic, as `switchboard scheduler eval` does: the trace has no content),
+   and writes each as a JSONL trace with `hash_ids`, so the real replay and the simulator get the
+   very same requests: the fit window, and a check window later in the trace at a higher load.
+2. Profiles the expert's step cost with the generators' settings (OMP_NUM_THREADS=1 per replica,
+   so two replicas do not fight over the 2 cores; the profile is written next to the results).
+3. For each policy: starts the local stack (`switchboard up`, one expert, --replicas generators,
+   SCHEDULER_PLACEMENT_POLICY=policy, the profile as GENERATOR_COST_PROFILE) and replays both
+   windows with `switchboard bench run`.
+4. Fits the simulator's two free parameters on the fit window of the first policy: the engine's
+   per-step cost outside the model (real TPOT p50 minus simulated) and the dispatch time of a
+   request through gateway, router and scheduler (real TTFT p50 minus simulated). Then
+   simulates every (policy, window) with those and prints TTFT and E2E p50/p90, real against
+   simulated, with the relative error. The check window and the second policy are out of sample.
+
+Results (JSON, the traces, the bench results, the stack logs) go under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from bench_common import machine
+from switchboard.bench.records import STATUS_OK
+from switchboard.bench.results import read_results, records_of
+from switchboard.bench.transform import WorkloadShape, shape
+from switchboard.bench.workload import TraceRequest, load_jsonl, load_trace
+from switchboard.common.experts_config import ExpertSpec
+from switchboard.scheduler.policies import make_policy
+from switchboard.simulation.cluster import SimConfig, Simulation
+from switchboard.simulation.evaluate import pool_from_profile
+from switchboard.simulation.metrics import quantile
+from switchboard.simulation.workload import assign_shared_prefixes, from_trace
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+TRACE = ROOT / ".." / "shared" / "data" / "traces" / "azure_llm_2023_conv.csv"
+TRACE_BLOCK = 64
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--expert", default="bard-small")
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--policies", default="least-loaded,prefix-load")
+    p.add_argument("--fit-window", default="0:120", help="start:seconds of the trace (default 0:120)")
+    p.add_argument("--fit-speedup", type=float, default=1.0)
+    p.add_argument("--check-window", default="1200:60", help="start:seconds (default 1200:60)")
+    p.add_argument("--check-speedup", type=float, default=2.0)
+    p.add_argument("--max-output-tokens", type=int, default=64)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "calibration")
+    return p.parse_args()
+
+
+def window(rows: list[TraceRequest], spec: str, speedup: float, max_output: int, seed: int) -> list[TraceRequest]:
+    start, seconds = (float(x) for x in spec.split(":"))
+    shaped, _ = shape(rows, WorkloadShape(window_start_s=start, window_duration_s=seconds, speedup=speedup,
+                                           fit_context=512, max_output_tokens=max_output))
+    return assign_shared_prefixes(shaped, groups=16, prefix_tokens=128, trace_block_size=TRACE_BLOCK, seed=seed)
+
+
+def write_jsonl(rows: list[TraceRequest], path: Path) -> None:
+    with path.open("w") as out:
+        for r in rows:
+            out.write(json.dumps({"timestamp": round(r.arrival_s * 1000, 3), "input_length": r.input_tokens,
+                                  "output_length": r.output_tokens, "hash_ids": list(r.hash_ids)}) + "\n")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    import signal
+
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGINT, 30.0), (signal.SIGTERM, 10.0)):
+        proc.send_signal(sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=wait)
+            return
+    proc.kill()
+    proc.wait()
+
+
+@contextlib.contextmanager
+def local_stack(expert: str, model: Path, replicas: int, policy: str, profile: Path, log: Path) -> Iterator[str]:
+    """`switchboard up` with `replicas` generators of one expert under `policy`; yields the gateway address."""
+    folder = Path(tempfile.mkdtemp())
+    config = folder / "experts.yaml"
+    config.write_text(
+        "experts:\n"
+        f"  - name: {expert}\n"
+        f"    description: the {expert} demo expert, alone, for the simulator's calibration\n"
+        f"    model: {model}\n"
+        "    relative_cost: 1.0\n"
+        f"    replicas: {replicas}\n"
+    )
+    # The stack finds <config folder>/cost_models/<expert>.json: the profile measured here.
+    (folder / "cost_models").mkdir()
+    (folder / "cost_models" / f"{expert}.json").write_text(profile.read_text())
+    env = {**os.environ, "SCHEDULER_PLACEMENT_POLICY": policy, "OMP_NUM_THREADS": "1"}
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(VENV_BIN / "switchboard"), "up", "--experts-config", str(config)],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    try:
+        deadline = time.monotonic() + 600
+        while "Switchboard is up" not in log.read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"switchboard up did not come up:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)  # polling interval for the readiness line
+        text = log.read_text()
+        address = next(line.split()[1] for line in text.splitlines() if line.strip().startswith("gateway "))
+        key = next(line.split("=", 1)[1] for line in text.splitlines() if "export SWITCHBOARD_API_KEY=" in line)
+        os.environ["SWITCHBOARD_API_KEY"] = key.strip()
+        yield address
+    finally:
+        stop(proc)
+
+
+def replay(address: str, trace: Path, tokenizer: Path, expert: str, out: Path) -> list:
+    command = [str(VENV_BIN / "switchboard"), "bench", "run", "--target", f"grpc://{address}", "--model", expert,
+               "--tokenizer", str(tokenizer), "--trace", str(trace), "--block-size", str(TRACE_BLOCK),
+               "--temperature", "0", "--timeout", "60", "--out", str(out)]
+    print("+", " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+    return [r for r in records_of(read_results(out)) if r.status == STATUS_OK]
+
+
+def simulate(trace: Path, expert: str, replicas: int, profile: Path, policy: str,
+             overhead_ms: float, dispatch_s: float) -> list:
+    rows = load_jsonl(trace)
+    requests = from_trace(rows, lambda _row: expert)
+    pool = pool_from_profile(ExpertSpec(name=expert, description="", model=expert), replicas, profile, overhead_ms)
+    config = SimConfig((pool,), trace_block_size=TRACE_BLOCK, dispatch_seconds=dispatch_s)
+    result = Simulation(config, make_policy(policy)).run(requests)
+    return [r for r in result.records if r.outcome == "ok"]
+
+
+def stats(ttft: list[float], e2e: list[float], tpot: list[float]) -> dict[str, float]:
+    return {"ttft_p50": quantile(ttft, 0.5), "ttft_p90": quantile(ttft, 0.9), "e2e_p50": quantile(e2e, 0.5),
+            "e2e_p90": quantile(e2e, 0.9), "tpot_p50": quantile(tpot, 0.5)}
+
+
+def real_stats(records: list) -> dict[str, float]:
+    return stats([r.ttft for r in records], [r.e2e for r in records], [r.tpot for r in records if r.tpot is not None])
+
+
+def sim_stats(records: list) -> dict[str, float]:
+    return stats([r.ttft for r in records], [r.e2e for r in records], [r.tpot for r in records if r.tpot is not None])
+
+
+def main() -> int:
+    args = parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    from switchboard.experts import ensure_experts
+
+    model = ensure_experts([args.expert])[args.expert]
+    rows = load_trace(TRACE)
+    traces = {}
+    for name, spec, speedup, seed in (("fit", args.fit_window, args.fit_speedup, 1),
+                                      ("check", args.check_window, args.check_speedup, 2)):
+        traces[name] = args.out / f"{name}.jsonl"
+        write_jsonl(window(rows, spec, speedup, args.max_output_tokens, seed), traces[name])
+    profile = args.out / f"{args.expert}.cost.json"
+    subprocess.run([sys.executable, "-m", "switchboard.generator.engine.profile", "--model", str(model),
+                    "--out", str(profile)], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    policies = [p for p in args.policies.split(",") if p]
+    real: dict[tuple[str, str], dict] = {}
+    for policy in policies:
+        with local_stack(args.expert, model, args.replicas, policy, profile, args.out / f"stack-{policy}.log") as addr:
+            for name, trace in traces.items():
+                recs = replay(addr, trace, model / "tokenizer.json", args.expert, args.out / f"real-{policy}-{name}.json")
+                real[(policy, name)] = real_stats(recs)
+    # Fit on (first policy, fit window): per-step overhead from TPOT, then dispatch from TTFT.
+    first = (policies[0], "fit")
+    base = sim_stats(simulate(traces["fit"], args.expert, args.replicas, profile, policies[0], 0.0, 0.0))
+    overhead_ms = max(0.0, 1000 * (real[first]["tpot_p50"] - base["tpot_p50"]))
+    stepped = sim_stats(simulate(traces["fit"], args.expert, args.replicas, profile, policies[0], overhead_ms, 0.0))
+    dispatch_s = max(0.0, real[first]["ttft_p50"] - stepped["ttft_p50"])
+    print(f"\nmachine: {machine()}")
+    print(f"fitted on {first}: step overhead {overhead_ms:.2f} ms, dispatch {1000 * dispatch_s:.1f} ms\n")
+    table = []
+    header = f"{'policy':<14} {'window':<6} " + " ".join(f"{m:>26}" for m in ("TTFT p50", "TTFT p90", "E2E p50", "E2E p90"))
+    print(header + "\n" + "-" * len(header))
+    for policy in policies:
+        for name, trace in traces.items():
+            sim = sim_stats(simulate(trace, args.expert, args.replicas, profile, policy, overhead_ms, dispatch_s))
+            cells = []
+            row = {"policy": policy, "window": name}
+            for metric in ("ttft_p50", "ttft_p90", "e2e_p50", "e2e_p90"):
+                r, s = real[(policy, name)][metric], sim[metric]
+                err = (s - r) / r
+                row[metric] = {"real_ms": 1000 * r, "sim_ms": 1000 * s, "rel_error": err}
+                cells.append(f"{1000 * r:7.1f} vs {1000 * s:7.1f} ({100 * err:+5.1f}%)")
+            table.append(row)
+            print(f"{policy:<14} {name:<6} " + " ".join(f"{c:>26}" for c in cells))
+    (args.out / "calibration.json").write_text(json.dumps(
+        {"machine": machine(), "step_overhead_ms": overhead_ms, "dispatch_seconds": dispatch_s,
+         "windows": {"fit": [args.fit_window, args.fit_speedup], "check": [args.check_window, args.check_speedup]},
+         "replicas": args.replicas, "expert": args.expert, "rows": table}, indent=2) + "\n")
+    print(f"\nwrote {args.out / 'calibration.json'} (real ms vs simulated ms, relative error)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

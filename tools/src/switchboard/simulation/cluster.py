@@ -1,0 +1,431 @@
+"""The discrete-event cluster simulator: the scheduler's own registry and placement over simulated replicas.
+
+What is real here and what is simulated:
+- Placement is the scheduler's code: a `ReplicaRegistry` on the simulated clock, `Placer.place`
+  with any policy of `switchboard.scheduler.policies` (or any object with their `rank`), reading
+  the cluster snapshot the registry builds, exactly as `Scheduler.Place` does.
+- What the registry knows arrives as in the real system: each replica registers after its
+  start-up delay, reports its load every heartbeat (running, waiting, KV blocks) with the KV
+  events its block pool journaled since the last report (`KvEventJournal.drain`), and each
+  finished request is `complete`d; a replica that stops reporting expires after the expiry.
+- Each replica is a `SimReplica`: the engine's replica scheduler, KV-cache manager and block pool,
+  timed by the replica's fitted cost model.
+- The gateway's part is modelled: a request placed on a dead replica (the registry has not expired
+  it yet) is re-placed at once on another one, excluding it; when a replica dies, its requests that
+  had no token yet are re-placed the same way, and those already streaming are dropped.
+- The router's part: each request's expert is fixed before (by the trace or a mix).
+
+Events: arrivals, replica wake-ups (the end of a step or of a planned decode stretch), heartbeats,
+and cluster events (a replica added, failed or drained at a given time). Wake-ups carry the
+replica's version, so one superseded by a later change is skipped.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from switchboard.common.experts_config import ExpertSLO
+from switchboard.replica.cost_model import CostModel
+from switchboard.replica.hashing import hash_seed
+from switchboard.replica.request import Request
+from switchboard.scheduler.placement import PlacementRequest, Placer, UnknownExperts
+from switchboard.scheduler.policies import PlacementPolicy
+from switchboard.scheduler.prefix_index import KvEventIn, KvEventsIn
+from switchboard.scheduler.registry import LoadSnapshot, ReplicaInfo, ReplicaRegistry
+from switchboard.simulation.replica import ReplicaSpec, SimRecord, SimReplica
+from switchboard.simulation.workload import HashChains, SimRequest
+
+# Event kinds, in the order they run at the same instant (cluster changes, then heartbeats,
+# then replica steps, then requests finishing, then requests reaching their replica, then arrivals).
+_CLUSTER, _HEARTBEAT, _WAKE, _COMPLETE, _DELIVER, _ARRIVAL = 0, 1, 2, 3, 4, 5
+
+# At most this many KV-event hashes per heartbeat, as the generator's registrar sends.
+MAX_REPORT_HASHES = 4096
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """One expert's pool: how many replicas, what each is, and its objectives."""
+
+    expert: str
+    replicas: int
+    cost: CostModel
+    spec: ReplicaSpec = field(default_factory=ReplicaSpec)
+    slo: ExpertSLO | None = None
+    step_overhead_ms: float = 0.0
+    startup_seconds: float = 0.0
+    # Names the model (its prefix hashes are seeded with it); default: the expert's name.
+    model_identity: str = ""
+
+    @property
+    def hash_seed(self) -> int:
+        """The prefix-hash chain seed of this pool's replicas."""
+        return hash_seed(self.model_identity or f"sim:{self.expert}")
+
+
+@dataclass(frozen=True)
+class ClusterEvent:
+    """A change to the cluster at a simulated time: `add` a replica to a pool, `fail` or `drain` one."""
+
+    at: float
+    kind: str  # "add", "fail" or "drain"
+    expert: str = ""  # for "add"
+    replica_id: str = ""  # for "fail" and "drain"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("add", "fail", "drain"):
+            raise ValueError(f"unknown cluster event {self.kind!r}: use add, fail or drain")
+        if self.kind == "add" and not self.expert:
+            raise ValueError("an add event needs the expert of the new replica")
+        if self.kind != "add" and not self.replica_id:
+            raise ValueError(f"a {self.kind} event needs a replica_id")
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """The simulated cluster and the scheduler's settings."""
+
+    pools: tuple[PoolSpec, ...]
+    heartbeat_seconds: float = 1.0
+    expiry_seconds: float = 5.0
+    trace_block_size: int = 64
+    events: tuple[ClusterEvent, ...] = ()
+    seed: int = 0
+    # Seconds from a request's arrival at the gateway until its replica has it (the gateway,
+    # router and scheduler hops and the stream back, which the replica's cost model does not
+    # see); calibrated against the real stack (bench/README.md).
+    dispatch_seconds: float = 0.0
+    fast_forward: bool = True
+
+    def pool(self, expert: str) -> PoolSpec:
+        for pool in self.pools:
+            if pool.expert == expert:
+                return pool
+        raise KeyError(expert)
+
+
+@dataclass
+class SimResult:
+    """Everything one run produced."""
+
+    records: list[SimRecord]
+    replicas: dict[str, SimReplica]
+    # replica id -> (started, stopped) in simulated seconds, for replica-seconds.
+    lifetimes: dict[str, tuple[float, float]]
+    end_time: float
+    slos: dict[str, ExpertSLO | None]
+
+
+class Simulation:
+    """One run of a workload on a simulated cluster under one placement policy."""
+
+    def __init__(self, config: SimConfig, policy: PlacementPolicy) -> None:
+        if not config.pools:
+            raise ValueError("the simulated cluster needs at least one pool")
+        self.config = config
+        self.now = 0.0
+        self.registry = ReplicaRegistry(config.expiry_seconds, clock=lambda: self.now)
+        self.placer = Placer(self.registry, policy, {p.expert for p in config.pools})
+        self.replicas: dict[str, SimReplica] = {}
+        self.dead: set[str] = set()
+        self.draining: set[str] = set()
+        self.lifetimes: dict[str, list[float]] = {}
+        self._heap: list[tuple[float, int, int, object, int]] = []
+        self._seq = 0
+        self._rng = random.Random(config.seed)
+        self._chains = {
+            p.expert: HashChains(p.spec.block_size, p.hash_seed, config.trace_block_size) for p in config.pools
+        }
+        self._counts: dict[str, int] = {}
+        self.records: list[SimRecord] = []
+        self._acked: dict[str, int] = {}
+        self._pending = 0  # events in the heap other than heartbeats
+
+    # ----------------------------------------------------------------- setup
+
+    def _push(self, at: float, kind: int, payload: object, version: int = 0) -> None:
+        self._seq += 1
+        if kind != _HEARTBEAT:
+            self._pending += 1
+        heapq.heappush(self._heap, (at, kind, self._seq, payload, version))
+
+    def _new_replica(self, pool: PoolSpec, at: float) -> None:
+        n = self._counts.get(pool.expert, 0)
+        self._counts[pool.expert] = n + 1
+        rid = f"{pool.expert}-{n}"
+        replica = SimReplica(
+            rid, pool.expert, pool.cost, pool.spec, pool.hash_seed, pool.step_overhead_ms, self.config.fast_forward
+        )
+        replica.busy_until = at + pool.startup_seconds
+        self.replicas[rid] = replica
+        self.lifetimes[rid] = [at, at]
+        # It registers once started, then reports every heartbeat (at a random phase, as real
+        # replicas started at different times do).
+        self._push(at + pool.startup_seconds, _CLUSTER, ("register", rid))
+
+    def _info(self, replica: SimReplica) -> ReplicaInfo:
+        spec = replica.spec
+        return ReplicaInfo(
+            replica_id=replica.replica_id,
+            expert=replica.expert,
+            address=f"sim:{replica.replica_id}",
+            device="sim",
+            model_name=replica.expert,
+            max_model_len=spec.max_model_len,
+            kv_block_size=spec.block_size,
+            kv_hash_seed=replica.hash_seed,
+            cost_model=replica.cost,
+        )
+
+    # ----------------------------------------------------------------- run
+
+    def run(self, requests: Sequence[SimRequest]) -> SimResult:
+        """Simulate every request to its end; returns the records and the replicas."""
+        for pool in self.config.pools:
+            for _ in range(pool.replicas):
+                self._new_replica(pool, 0.0)
+        for event in self.config.events:
+            self._push(event.at, _CLUSTER, event)
+        for req in requests:
+            self._push(req.arrival, _ARRIVAL, req)
+        heap = self._heap
+        while heap:
+            at, kind, _seq, payload, version = heapq.heappop(heap)
+            self.now = at
+            if kind == _HEARTBEAT:
+                # Heartbeats go on forever: stop once nothing else is left and no replica has work.
+                if self._pending == 0 and not self._busy():
+                    break
+                self._heartbeat(payload)  # type: ignore[arg-type]
+                continue
+            self._pending -= 1
+            if kind == _WAKE:
+                replica: SimReplica = payload  # type: ignore[assignment]
+                if version == replica.version and replica.replica_id not in self.dead:
+                    self._wake(replica)
+            elif kind == _ARRIVAL:
+                self._arrive(payload)  # type: ignore[arg-type]
+            elif kind == _DELIVER:
+                self._deliver(payload)  # type: ignore[arg-type]
+            elif kind == _COMPLETE:
+                self._complete(payload)  # type: ignore[arg-type]
+            else:
+                self._cluster_event(payload)
+        end = self.now
+        for rid, span in self.lifetimes.items():
+            if rid not in self.dead:
+                span[1] = max(span[1], end)
+        for record in self.records:
+            if not record.outcome:
+                record.outcome, record.reason = "dropped", "the simulation ended first"
+        return SimResult(
+            self.records,
+            self.replicas,
+            {rid: (span[0], span[1]) for rid, span in self.lifetimes.items()},
+            end,
+            {p.expert: p.slo for p in self.config.pools},
+        )
+
+    def _busy(self) -> bool:
+        """Whether a live replica still holds work."""
+        return any(r.has_work() for rid, r in self.replicas.items() if rid not in self.dead)
+
+    # ----------------------------------------------------------------- events
+
+    def _arrive(self, sim: SimRequest) -> None:
+        pool = self.config.pool(sim.expert) if sim.expert in self._chains else None
+        record = SimRecord(sim.index, str(sim.index), sim.expert, sim.arrival, sim.prompt_tokens, sim.output_tokens)
+        self.records.append(record)
+        if pool is None:
+            record.outcome, record.reason = "rejected", f"expert {sim.expert!r} is not in the cluster"
+            return
+        chain, shared = self._chains[sim.expert].chain(sim)
+        req = Request(
+            request_id=record.request_id,
+            arrival=sim.index,
+            prompt_len=sim.prompt_tokens,
+            token_ids=[0] * sim.prompt_tokens,
+            max_tokens=sim.output_tokens,
+            state=record,
+        )
+        req.hash_chain = chain
+        # The query's hashes: only the shared blocks can match a cache; hashing the unique rest
+        # (as the scheduler would from token ids) only costs time, so it is given as known.
+        prompt_blocks = sim.prompt_tokens // pool.spec.block_size
+        query_hashes = {(pool.spec.block_size, pool.hash_seed): chain[: min(shared, prompt_blocks)]}
+        req.params = query_hashes
+        self._place(req, frozenset())
+
+    def _place(self, req: Request, exclude: frozenset[str]) -> None:
+        record: SimRecord = req.state
+        while True:
+            placement = PlacementRequest(
+                request_id=record.request_id,
+                experts=(record.expert,),
+                prompt_tokens=record.prompt_tokens,
+                max_tokens=record.output_tokens,
+                exclude_replica_ids=exclude,
+                min_model_len=record.prompt_tokens + record.output_tokens,
+                block_hashes=req.params,
+            )
+            try:
+                result = self.placer.place(placement)
+            except UnknownExperts as exc:
+                record.outcome, record.reason = "rejected", str(exc)
+                return
+            primary = result.primary
+            if primary is None:
+                record.outcome, record.reason = "rejected", result.reasons()
+                return
+            rid = primary.replica.replica_id
+            if rid in self.dead:
+                # The gateway's connection fails at once: it re-places, excluding that replica.
+                exclude = exclude | {rid}
+                continue
+            break
+        record.replica_id = rid
+        record.placements += 1
+        if self.config.dispatch_seconds > 0:
+            self._push(self.now + self.config.dispatch_seconds, _DELIVER, req)
+        else:
+            self._deliver(req)
+
+    def _deliver(self, req: Request) -> None:
+        """The request reaches its replica (which may have died on the way: then it is re-placed)."""
+        record: SimRecord = req.state
+        rid = record.replica_id
+        if rid in self.dead:
+            self._place(req, frozenset({rid}))
+            return
+        replica = self.replicas[rid]
+        wake = replica.add(req, self.now)
+        self._push(wake, _WAKE, replica, replica.version)
+
+    def _wake(self, replica: SimReplica) -> None:
+        nxt = replica.wake(self.now)
+        # A step is applied when it starts; its requests finish (and the gateway says Complete)
+        # when it ends.
+        for record in replica.finished:
+            self._push(record.finished_at, _COMPLETE, record)
+        replica.finished.clear()
+        if nxt is not None:
+            self._push(nxt, _WAKE, replica, replica.version)
+        elif replica.replica_id in self.draining:
+            self._stop(replica, "drained")
+
+    def _complete(self, record: SimRecord) -> None:
+        """The step that produced a request's last token ended: it succeeded, unless its replica
+        failed during that step."""
+        rid = record.replica_id
+        if rid in self.dead and self.lifetimes[rid][1] < self.now and rid not in self.draining:
+            record.outcome, record.reason = "dropped", f"replica {rid} failed while streaming"
+            record.finished_at = None
+        else:
+            record.outcome = "ok"
+        self.registry.complete(record.request_id)
+
+    def _heartbeat(self, rid: str) -> None:
+        replica = self.replicas[rid]
+        if rid in self.dead:
+            return
+        if replica.sync(self.now):
+            self._push(replica.busy_until, _WAKE, replica, replica.version)
+        pool = replica.pool
+        load = LoadSnapshot(replica.num_running, replica.num_waiting, pool.num_used, pool.num_blocks)
+        self.registry.report_load(rid, load, draining=rid in self.draining)
+        self.registry.expire()  # the scheduler's sweep
+        batch = pool.events.drain(self._acked.get(rid, 0), MAX_REPORT_HASHES)
+        if batch.events:
+            ack = self.registry.apply_kv_events(rid, _events_in(batch))
+            if ack is not None:
+                if ack.resync_needed:
+                    snap = pool.events.snapshot(MAX_REPORT_HASHES)
+                    ack = self.registry.apply_kv_events(rid, _events_in(snap)) or ack
+                self._acked[rid] = ack.acked_sequence
+        self._push(self.now + self.config.heartbeat_seconds, _HEARTBEAT, rid)
+
+    def _cluster_event(self, payload: object) -> None:
+        if isinstance(payload, tuple):  # ("register", rid): a replica finished starting
+            rid = payload[1]
+            replica = self.replicas[rid]
+            self.registry.register(self._info(replica), LoadSnapshot(0, 0, 0, replica.pool.num_blocks))
+            snap = replica.pool.events.snapshot(MAX_REPORT_HASHES)
+            ack = self.registry.apply_kv_events(rid, _events_in(snap))
+            self._acked[rid] = ack.acked_sequence if ack else 0
+            phase = self._rng.random() * self.config.heartbeat_seconds
+            self._push(self.now + phase, _HEARTBEAT, rid)
+            return
+        event: ClusterEvent = payload  # type: ignore[assignment]
+        if event.kind == "add":
+            self._new_replica(self.config.pool(event.expert), self.now)
+            return
+        replica = self.replicas.get(event.replica_id)
+        if replica is None or event.replica_id in self.dead:
+            return
+        if event.kind == "drain":
+            self.draining.add(event.replica_id)
+            # The generator reports draining at once on SIGTERM, then finishes its work.
+            known = self.registry.get(event.replica_id)
+            if known is not None:
+                self.registry.report_load(event.replica_id, known.load, draining=True)
+            if replica.sync(self.now):
+                self._push(replica.busy_until, _WAKE, replica, replica.version)
+            if not replica.has_work():
+                self._stop(replica, "drained")
+            return
+        self._fail(replica)
+
+    def _fail(self, replica: SimReplica) -> None:
+        """The replica dies: its not-yet-streaming requests are re-placed, the others dropped."""
+        rid = replica.replica_id
+        replica.sync(self.now)
+        self.dead.add(rid)
+        self.lifetimes[rid][1] = self.now
+        for req in replica.drop_all():
+            record: SimRecord = req.state
+            if record.first_token_at is None:
+                fresh = Request(
+                    request_id=req.request_id,
+                    arrival=req.arrival,
+                    prompt_len=req.prompt_len,
+                    token_ids=[0] * req.prompt_len,
+                    max_tokens=req.max_tokens,
+                    params=req.params,
+                    state=record,
+                )
+                fresh.hash_chain = req.hash_chain
+                self._place(fresh, frozenset({rid}))
+            else:
+                record.outcome, record.reason = "dropped", f"replica {rid} failed while streaming"
+                record.finished_at = None
+                self.registry.complete(record.request_id)
+        # The registry keeps it until it expires (no more heartbeats): placements on it meanwhile
+        # fail over at once (see `_place`).
+
+    def _stop(self, replica: SimReplica, why: str) -> None:
+        rid = replica.replica_id
+        self.dead.add(rid)
+        self.lifetimes[rid][1] = self.now
+        self.registry.deregister(rid)
+
+
+def _events_in(batch: object) -> KvEventsIn:
+    """A replica's journal batch as the scheduler's input type (what the protobuf round trip gives)."""
+    return KvEventsIn(
+        tuple(KvEventIn(e.sequence, e.stored, e.evicted, e.cleared) for e in batch.events),  # type: ignore[attr-defined]
+        reset=batch.reset,  # type: ignore[attr-defined]
+    )
+
+
+def policy_factory(
+    name: str, seed: int = 0, slos: Mapping[str, ExpertSLO | None] | None = None
+) -> Callable[[], PlacementPolicy]:
+    """A factory of fresh policies (each run needs its own state: cursors, RNG), given the
+    experts' objectives as the scheduler's app gives them."""
+    from switchboard.scheduler.policies import make_policy
+
+    make_policy(name, seed, slos=slos)  # fail early on an unknown name
+    return lambda: make_policy(name, seed, slos=slos)
