@@ -196,6 +196,20 @@ async def test_long_prompts_tokenize_off_the_loop_and_too_many_ids_stay_out_of_p
     assert sent.prompt_token_ids == () and sent.tokenizer_fingerprint == ""  # over the scheduler's bound
 
 
+async def test_place_sizes_a_long_prompt_by_its_tokenization_not_the_gates_estimate(
+    tmp_path: Path, folders: dict[str, Path]
+) -> None:
+    core, placer, tokenizers = make_core(tmp_path, folders)
+    long_prompt = " ".join([PROMPT] * 40)  # past the gate's exact prefix: its count is an estimate
+    scores = core.gate.score(long_prompt)
+    assert not scores.exact_tokens
+    await core.route(RouteInput(request_id="r1", prompt=long_prompt, expert="bard-small", max_tokens=16))
+    (sent,) = placer.requests
+    exact = len(tokenizers.encode(tokenizers.fingerprint("bard-small"), long_prompt))
+    assert exact != scores.prompt_tokens
+    assert (sent.prompt_tokens, sent.min_model_len) == (exact, exact + 16)
+
+
 def sample(name: str, labels: dict[str, str]) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 

@@ -313,15 +313,20 @@ class RouterCore:
         await self._tokenize(first, request.prompt, tokenized)
         tokenize_seconds = time.perf_counter() - tokenize_started
         place_ids = tokenized.get(first) or ()
+        # The first expert's tokenization is the exact prompt length the gate may only have
+        # estimated (from a long prompt's prefix): replicas are chosen by it, not by the estimate.
+        prompt_tokens = len(place_ids) if place_ids else scores.prompt_tokens
+        if place_ids and not scores.exact_tokens:
+            self._check_fits(request, prompt_tokens, self.ineligible(request))
         if len(place_ids) > MAX_PLACE_TOKEN_IDS:
             place_ids = ()
         result = await self.placer.place(
             PlacementRequest(
                 request_id=request.request_id,
                 experts=selection.order,
-                prompt_tokens=scores.prompt_tokens,
+                prompt_tokens=prompt_tokens,
                 max_tokens=max(0, request.max_tokens),
-                min_model_len=scores.prompt_tokens + max(0, request.max_tokens),
+                min_model_len=prompt_tokens + max(0, request.max_tokens),
                 exclude_replica_ids=request.exclude_replica_ids,
                 max_alternates=self.settings.max_alternates,
                 timeout_seconds=request.timeout_seconds,
