@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -65,15 +66,20 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--check-window", default="1200:60", help="start:seconds (default 1200:60)")
     p.add_argument("--check-speedup", type=float, default=2.0)
     p.add_argument("--max-output-tokens", type=int, default=64)
+    p.add_argument("--prefix-groups", type=int, default=16, help="shared system prompts (synthetic)")
+    p.add_argument("--prefix-tokens", type=int, default=128)
+    p.add_argument("--kv-cache-mb", type=int, default=0, help="GENERATOR_KV_CACHE_MB of the replicas (0: default)")
+    p.add_argument("--reuse", action="store_true", help="reuse the real runs already under --out; only simulate")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "calibration")
     return p.parse_args()
 
 
-def window(rows: list[TraceRequest], spec: str, speedup: float, max_output: int, seed: int) -> list[TraceRequest]:
+def window(rows: list[TraceRequest], spec: str, speedup: float, args: argparse.Namespace, seed: int) -> list[TraceRequest]:
     start, seconds = (float(x) for x in spec.split(":"))
     shaped, _ = shape(rows, WorkloadShape(window_start_s=start, window_duration_s=seconds, speedup=speedup,
-                                           fit_context=512, max_output_tokens=max_output))
-    return assign_shared_prefixes(shaped, groups=16, prefix_tokens=128, trace_block_size=TRACE_BLOCK, seed=seed)
+                                           fit_context=512, max_output_tokens=args.max_output_tokens))
+    return assign_shared_prefixes(shaped, groups=args.prefix_groups, prefix_tokens=args.prefix_tokens,
+                                  trace_block_size=TRACE_BLOCK, seed=seed)
 
 
 def write_jsonl(rows: list[TraceRequest], path: Path) -> None:
@@ -98,7 +104,8 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def local_stack(expert: str, model: Path, replicas: int, policy: str, profile: Path, log: Path) -> Iterator[str]:
+def local_stack(expert: str, model: Path, replicas: int, policy: str, profile: Path, log: Path,
+                kv_cache_mb: int = 0) -> Iterator[str]:
     """`switchboard up` with `replicas` generators of one expert under `policy`; yields the gateway address."""
     folder = Path(tempfile.mkdtemp())
     config = folder / "experts.yaml"
@@ -114,6 +121,8 @@ def local_stack(expert: str, model: Path, replicas: int, policy: str, profile: P
     (folder / "cost_models").mkdir()
     (folder / "cost_models" / f"{expert}.json").write_text(profile.read_text())
     env = {**os.environ, "SCHEDULER_PLACEMENT_POLICY": policy, "OMP_NUM_THREADS": "1"}
+    if kv_cache_mb:
+        env["GENERATOR_KV_CACHE_MB"] = str(kv_cache_mb)
     with log.open("w") as out:
         proc = subprocess.Popen([str(VENV_BIN / "switchboard"), "up", "--experts-config", str(config)],
                                 stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
@@ -142,26 +151,40 @@ def replay(address: str, trace: Path, tokenizer: Path, expert: str, out: Path) -
 
 
 def simulate(trace: Path, expert: str, replicas: int, profile: Path, policy: str,
-             overhead_ms: float, dispatch_s: float) -> list:
+             overhead_ms: float, dispatch: float | tuple[float, ...], kv_blocks: int = 0) -> list:
     rows = load_jsonl(trace)
     requests = from_trace(rows, lambda _row: expert)
     pool = pool_from_profile(ExpertSpec(name=expert, description="", model=expert), replicas, profile, overhead_ms)
-    config = SimConfig((pool,), trace_block_size=TRACE_BLOCK, dispatch_seconds=dispatch_s)
+    if kv_blocks:
+        pool = dataclasses.replace(pool, spec=dataclasses.replace(pool.spec, num_blocks=kv_blocks))
+    samples = dispatch if isinstance(dispatch, tuple) else ()
+    constant = 0.0 if samples else float(dispatch)  # type: ignore[arg-type]
+    config = SimConfig((pool,), trace_block_size=TRACE_BLOCK, dispatch_seconds=constant, dispatch_samples=samples)
     result = Simulation(config, make_policy(policy)).run(requests)
     return [r for r in result.records if r.outcome == "ok"]
 
 
-def stats(ttft: list[float], e2e: list[float], tpot: list[float]) -> dict[str, float]:
-    return {"ttft_p50": quantile(ttft, 0.5), "ttft_p90": quantile(ttft, 0.9), "e2e_p50": quantile(e2e, 0.5),
-            "e2e_p90": quantile(e2e, 0.9), "tpot_p50": quantile(tpot, 0.5)}
+def stats(rows: list[tuple[float, float, int]]) -> dict[str, float]:
+    """(TTFT, E2E, output tokens) per request -> quantiles, and the mean time per token after the
+    first, weighted by tokens (what E2E adds up, unlike the TPOT median)."""
+    ttft = [t for t, _, _ in rows]
+    e2e = [e for _, e, _ in rows]
+    decode = sum(e - t for t, e, n in rows if n > 1)
+    tokens = sum(n - 1 for _, _, n in rows if n > 1)
+    return {"ttft_p50": quantile(ttft, 0.5), "ttft_p90": quantile(ttft, 0.9), "ttft_p99": quantile(ttft, 0.99),
+            "e2e_p50": quantile(e2e, 0.5), "e2e_p90": quantile(e2e, 0.9), "token_s": decode / max(tokens, 1)}
+
+
+def ok_records(path: Path) -> list:
+    return [r for r in records_of(read_results(path)) if r.status == STATUS_OK]
 
 
 def real_stats(records: list) -> dict[str, float]:
-    return stats([r.ttft for r in records], [r.e2e for r in records], [r.tpot for r in records if r.tpot is not None])
+    return stats([(r.ttft, r.e2e, r.output_tokens) for r in records])
 
 
 def sim_stats(records: list) -> dict[str, float]:
-    return stats([r.ttft for r in records], [r.e2e for r in records], [r.tpot for r in records if r.tpot is not None])
+    return stats([(r.ttft, r.e2e, r.generated) for r in records])
 
 
 def main() -> int:
@@ -175,33 +198,52 @@ def main() -> int:
     for name, spec, speedup, seed in (("fit", args.fit_window, args.fit_speedup, 1),
                                       ("check", args.check_window, args.check_speedup, 2)):
         traces[name] = args.out / f"{name}.jsonl"
-        write_jsonl(window(rows, spec, speedup, args.max_output_tokens, seed), traces[name])
+        if not args.reuse:
+            write_jsonl(window(rows, spec, speedup, args, seed), traces[name])
     profile = args.out / f"{args.expert}.cost.json"
-    subprocess.run([sys.executable, "-m", "switchboard.generator.engine.profile", "--model", str(model),
-                    "--out", str(profile)], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if not args.reuse:
+        kv = ["--kv-cache-bytes", str(args.kv_cache_mb << 20)] if args.kv_cache_mb else []
+        subprocess.run([sys.executable, "-m", "switchboard.generator.engine.profile", "--model", str(model),
+                        "--out", str(profile), *kv], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    kv_blocks = 0  # the profile's pool: measured with the replicas' own KV-cache size
     policies = [p for p in args.policies.split(",") if p]
     real: dict[tuple[str, str], dict] = {}
     for policy in policies:
-        with local_stack(args.expert, model, args.replicas, policy, profile, args.out / f"stack-{policy}.log") as addr:
+        for name in traces:
+            out = args.out / f"real-{policy}-{name}.json"
+            if not args.reuse:
+                continue
+            real[(policy, name)] = real_stats(ok_records(out))
+        if args.reuse:
+            continue
+        log = args.out / f"stack-{policy}.log"
+        with local_stack(args.expert, model, args.replicas, policy, profile, log, args.kv_cache_mb) as addr:
             for name, trace in traces.items():
                 recs = replay(addr, trace, model / "tokenizer.json", args.expert, args.out / f"real-{policy}-{name}.json")
                 real[(policy, name)] = real_stats(recs)
-    # Fit on (first policy, fit window): per-step overhead from TPOT, then dispatch from TTFT.
+    # Fit on (first policy, fit window): the per-step overhead from the mean time per token after
+    # the first; then the dispatch time of each request as its real TTFT minus its simulated one
+    # (with no dispatch), an empirical distribution the simulator draws from.
     first = (policies[0], "fit")
-    base = sim_stats(simulate(traces["fit"], args.expert, args.replicas, profile, policies[0], 0.0, 0.0))
-    overhead_ms = max(0.0, 1000 * (real[first]["tpot_p50"] - base["tpot_p50"]))
-    stepped = sim_stats(simulate(traces["fit"], args.expert, args.replicas, profile, policies[0], overhead_ms, 0.0))
-    dispatch_s = max(0.0, real[first]["ttft_p50"] - stepped["ttft_p50"])
+    fit = traces["fit"]
+    base = sim_stats(simulate(fit, args.expert, args.replicas, profile, policies[0], 0.0, 0.0, kv_blocks))
+    overhead_ms = max(0.0, 1000 * (real[first]["token_s"] - base["token_s"]))
+    stepped = simulate(fit, args.expert, args.replicas, profile, policies[0], overhead_ms, 0.0, kv_blocks)
+    measured = {r.index: r.ttft for r in ok_records(args.out / f"real-{policies[0]}-fit.json")}
+    residuals = tuple(sorted(max(0.0, measured[r.index] - r.ttft) for r in stepped if r.index in measured))
+    dispatch_s = quantile(residuals, 0.5)
     print(f"\nmachine: {machine()}")
-    print(f"fitted on {first}: step overhead {overhead_ms:.2f} ms, dispatch {1000 * dispatch_s:.1f} ms\n")
+    print(f"fitted on {first}: step overhead {overhead_ms:.2f} ms; dispatch drawn from {len(residuals)} samples,"
+          f" p50 {1000 * dispatch_s:.1f} ms, p90 {1000 * quantile(residuals, 0.9):.1f} ms\n")
     table = []
     header = f"{'policy':<14} {'window':<6} " + " ".join(f"{m:>26}" for m in ("TTFT p50", "TTFT p90", "E2E p50", "E2E p90"))
     print(header + "\n" + "-" * len(header))
     for policy in policies:
         for name, trace in traces.items():
-            sim = sim_stats(simulate(trace, args.expert, args.replicas, profile, policy, overhead_ms, dispatch_s))
+            sim = sim_stats(simulate(trace, args.expert, args.replicas, profile, policy, overhead_ms, residuals, kv_blocks))
             cells = []
-            row = {"policy": policy, "window": name}
+            row = {"policy": policy, "window": name, "real_ttft_p99_ms": 1000 * real[(policy, name)]["ttft_p99"],
+                   "sim_ttft_p99_ms": 1000 * sim["ttft_p99"]}
             for metric in ("ttft_p50", "ttft_p90", "e2e_p50", "e2e_p90"):
                 r, s = real[(policy, name)][metric], sim[metric]
                 err = (s - r) / r
@@ -210,7 +252,8 @@ def main() -> int:
             table.append(row)
             print(f"{policy:<14} {name:<6} " + " ".join(f"{c:>26}" for c in cells))
     (args.out / "calibration.json").write_text(json.dumps(
-        {"machine": machine(), "step_overhead_ms": overhead_ms, "dispatch_seconds": dispatch_s,
+        {"machine": machine(), "step_overhead_ms": overhead_ms, "dispatch_p50_seconds": dispatch_s,
+         "dispatch_p90_seconds": quantile(residuals, 0.9),
          "windows": {"fit": [args.fit_window, args.fit_speedup], "check": [args.check_window, args.check_speedup]},
          "replicas": args.replicas, "expert": args.expert, "rows": table}, indent=2) + "\n")
     print(f"\nwrote {args.out / 'calibration.json'} (real ms vs simulated ms, relative error)")

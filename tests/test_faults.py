@@ -170,3 +170,57 @@ def test_a_scheduler_restart_loses_no_replica_for_longer_than_a_report_period(st
     assert back_after < 2 * heartbeat + 2.0
     messages = request(stack)
     assert messages[-1].finish_reason in (common_pb2.FINISH_REASON_LENGTH, common_pb2.FINISH_REASON_EOS)
+
+
+def test_a_killed_replicas_queued_work_is_re_placed_and_its_streams_end_clearly(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    # One sequence at a time per replica: a second request placed on a replica waits in its queue.
+    running = start_stack(tmp_path, model_dir, {"bard-small": 2}, env={"GENERATOR_MAX_NUM_SEQS": "1"})
+    try:
+        limit = max_tokens(running, "bard-small-0")
+        with grpc.insecure_channel(running.gateway_addr) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+
+            def call(n: int):
+                return stub.Generate(
+                    gateway_pb2.GenerateRequest(
+                        request_id=f"queued-{n}",
+                        prompt="Now is the winter",
+                        sampling=common_pb2.SamplingParams(max_tokens=limit if n < 2 else 8, ignore_eos=True),
+                    ),
+                    metadata=running.auth(),
+                    timeout=60,
+                )
+
+            # Two long streams, one per replica (least-loaded spreads them), then two short requests
+            # that queue behind them, one per replica.
+            streams = [call(0), call(1)]
+            assert all(next(s).token_count for s in streams)
+            queued = [call(2), call(3)]
+            deadline = time.monotonic() + 10
+            while sum(r.inflight for r in replicas(running).values()) < 4:
+                assert time.monotonic() < deadline, "the short requests were never placed"
+                time.sleep(0.05)
+            assert all(r.inflight == 2 for r in replicas(running).values())
+            running.stack.group.kill("generator-bard-small-0")
+            # The short request queued on the dead replica had no token yet: the gateway re-places
+            # it on the survivor, where it runs once that replica's long stream has ended.
+            outcomes = []
+            for s in streams:
+                try:
+                    for _ in s:
+                        pass
+                    outcomes.append("finished")
+                except grpc.RpcError as exc:
+                    outcomes.append(error_details(exc)["reason"] or exc.code().name)
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                        raise
+            assert sorted(outcomes) == ["REPLICA_FAILED_MID_STREAM", "finished"]
+            for q in queued:
+                messages = list(q)
+                assert messages[-1].usage.completion_tokens == 8
+        assert gateway_failovers(running) >= 1
+        wait_dropped(running, "bard-small-0")
+    finally:
+        running.stack.stop()

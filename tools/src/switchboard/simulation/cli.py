@@ -48,6 +48,8 @@ def add_parser(subparsers: Any) -> None:
     ev.add_argument("--prefix-tokens", type=int, default=128, help="length of those system prompts (default: 128)")
     ev.add_argument("--step-overhead-ms", type=float, default=0.0,
                     help="added to every predicted step (the engine's per-step cost outside the model; see bench/README.md)")
+    ev.add_argument("--dispatch-ms", type=float, default=0.0,
+                    help="arrival-to-replica time of a request through gateway, router and scheduler (from the calibration)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", type=Path, default=Path("scheduler-eval"), help="folder for results.json and plots")
     ev.set_defaults(func=run_eval)
@@ -64,14 +66,15 @@ def run_eval(args: argparse.Namespace) -> int:
     from switchboard.simulation.plots import write_plots
     from switchboard.simulation.report import render_table
 
-    total = sum(len(w) for w in setup.windows())
+    windows = setup.windows()
+    total = sum(len(w) for w in windows)
     print(
         f"{len(setup.window_starts)} held-out windows of {setup.window_seconds:g} s from {args.trace.name}"
         f" ({total} requests, speedup {setup.speedup:g}); {args.replicas} replicas of each of "
         + ", ".join(p.expert for p in setup.pools),
         flush=True,
     )
-    results = evaluate(setup, policies)
+    results = evaluate(setup, policies, windows)
     print(render_table(results))
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -82,6 +85,8 @@ def run_eval(args: argparse.Namespace) -> int:
         "replicas_per_expert": args.replicas,
         "prefix_groups": setup.prefix_groups,
         "prefix_tokens": setup.prefix_tokens,
+        "step_overhead_ms": args.step_overhead_ms,
+        "dispatch_ms": args.dispatch_ms,
         "policies": {r.policy: {**r.summary.as_row(), "wall_seconds": r.wall_seconds} for r in results},
     }
     (args.out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
@@ -128,6 +133,7 @@ def _setup(args: argparse.Namespace) -> tuple[Any, list[str]]:
         max_output_tokens=args.max_output_tokens,
         prefix_groups=args.prefix_groups,
         prefix_tokens=args.prefix_tokens,
+        dispatch_seconds=args.dispatch_ms / 1000.0,
         seed=args.seed,
     )
     return setup, policies

@@ -98,6 +98,10 @@ class SimConfig:
     # router and scheduler hops and the stream back, which the replica's cost model does not
     # see); calibrated against the real stack (bench/README.md).
     dispatch_seconds: float = 0.0
+    # When given, each request's dispatch time is drawn (seeded) from these instead: an empirical
+    # distribution, e.g. real TTFT minus simulated TTFT per request of a calibration run, since
+    # the hops slow down when the processes share CPUs with busy generators.
+    dispatch_samples: tuple[float, ...] = ()
     fast_forward: bool = True
 
     def pool(self, expert: str) -> PoolSpec:
@@ -136,6 +140,7 @@ class Simulation:
         self._heap: list[tuple[float, int, int, object, int]] = []
         self._seq = 0
         self._rng = random.Random(config.seed)
+        self._dispatch_rng = random.Random(config.seed + 1)
         self._chains = {
             p.expert: HashChains(p.spec.block_size, p.hash_seed, config.trace_block_size) for p in config.pools
         }
@@ -288,8 +293,10 @@ class Simulation:
             break
         record.replica_id = rid
         record.placements += 1
-        if self.config.dispatch_seconds > 0:
-            self._push(self.now + self.config.dispatch_seconds, _DELIVER, req)
+        samples = self.config.dispatch_samples
+        delay = self._dispatch_rng.choice(samples) if samples else self.config.dispatch_seconds
+        if delay > 0:
+            self._push(self.now + delay, _DELIVER, req)
         else:
             self._deliver(req)
 

@@ -87,6 +87,7 @@ class EvalSetup:
     prefix_tokens: int = 0
     trace_block_size: int = 64
     heartbeat_seconds: float = 1.0
+    dispatch_seconds: float = 0.0
     seed: int = 0
 
     def windows(self) -> list[list[SimRequest]]:
@@ -110,7 +111,11 @@ class EvalSetup:
 
     def config(self) -> SimConfig:
         return SimConfig(
-            self.pools, heartbeat_seconds=self.heartbeat_seconds, trace_block_size=self.trace_block_size, seed=self.seed
+            self.pools,
+            heartbeat_seconds=self.heartbeat_seconds,
+            trace_block_size=self.trace_block_size,
+            seed=self.seed,
+            dispatch_seconds=self.dispatch_seconds,
         )
 
 
@@ -124,11 +129,14 @@ class PolicyResult:
     wall_seconds: float = 0.0
 
 
-def evaluate(setup: EvalSetup, policies: Sequence[str]) -> list[PolicyResult]:
-    """Run every window under every policy; one pooled summary per policy."""
+def evaluate(
+    setup: EvalSetup, policies: Sequence[str], windows: Sequence[Sequence[SimRequest]] | None = None
+) -> list[PolicyResult]:
+    """Run every window (default: `setup.windows()`) under every policy; one pooled summary per policy."""
     import time
 
-    windows = setup.windows()
+    if windows is None:
+        windows = setup.windows()
     config = setup.config()
     out: list[PolicyResult] = []
     for name in policies:

@@ -1,0 +1,79 @@
+"""`switchboard scheduler eval`: one table of every policy, results JSON and plots; clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from switchboard.bench.workload import TraceRequest
+from switchboard.cli.main import main
+from switchboard.simulation.evaluate import held_out_windows
+
+COST = {"fit": {"base_ms": 2.0, "prefill_token_ms": 0.05, "decode_seq_ms": 0.2, "context_token_ms": 0.001},
+        "block_size": 16, "kv_blocks_total": 256, "max_num_seqs": 32, "max_tokens_per_step": 256, "max_model_len": 1024}
+
+
+@pytest.fixture
+def setup_files(tmp_path: Path) -> dict[str, Path]:
+    experts = tmp_path / "experts.yaml"
+    experts.write_text(
+        "experts:\n"
+        "  - {name: a, description: first pool, model: a, slo: {ttft_seconds: 0.2, tpot_seconds: 0.02}}\n"
+        "  - {name: b, description: second pool, model: b}\n"
+    )
+    costs = tmp_path / "costs"
+    costs.mkdir()
+    for name in ("a", "b"):
+        (costs / f"{name}.json").write_text(json.dumps(COST))
+    trace = tmp_path / "trace.jsonl"
+    with trace.open("w") as out:
+        for i in range(400):
+            out.write(json.dumps({"timestamp": i * 50, "input_length": 200 + i % 90, "output_length": 10 + i % 30,
+                                  "hash_ids": [i % 3, 100 + i]}) + "\n")
+    return {"experts": experts, "costs": costs, "trace": trace, "out": tmp_path / "out"}
+
+
+def eval_args(files: dict[str, Path], *extra: str) -> list[str]:
+    return ["scheduler", "eval", "--trace", str(files["trace"]), "--experts-config", str(files["experts"]),
+            "--cost-models", str(files["costs"]), "--replicas", "2", "--windows", "2", "--window-seconds", "2",
+            "--out", str(files["out"]), *extra]
+
+
+def test_eval_prints_every_policy_and_writes_results_and_plots(setup_files, capsys) -> None:
+    assert main(eval_args(setup_files, "--policies", "least-loaded,prefix-load,predicted-latency")) == 0
+    printed = capsys.readouterr().out
+    for name in ("least-loaded", "prefix-load", "predicted-latency", "SLO att.", "TTFT p99", "imbalance"):
+        assert name in printed
+    results = json.loads((setup_files["out"] / "results.json").read_text())
+    assert set(results["policies"]) == {"least-loaded", "prefix-load", "predicted-latency"}
+    row = results["policies"]["prefix-load"]
+    assert row["requests"] == row["completed"] > 0 and 0 <= row["slo_attainment"] <= 1
+    assert row["prefix_hit_rate"] > 0  # the trace's hash_ids share a leading block three ways
+    for png in ("ttft_cdf.png", "policies.png"):
+        assert (setup_files["out"] / png).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (("--policies", "fastest"), "unknown policies fastest"),
+        (("--replicas", "0"), "--replicas must be at least 1"),
+        (("--mix", "a=1,zz=2"), "not in the experts config: zz"),
+        (("--window-seconds", "100"), "does not fit the held-out"),
+        (("--cost-models", "/nonexistent"), "no cost profile for expert 'a'"),
+        (("--trace", "/nonexistent.jsonl"), "no such trace file"),
+    ],
+)
+def test_bad_input_is_a_clear_error(setup_files, capsys, extra: tuple[str, ...], says: str) -> None:
+    assert main(eval_args(setup_files, *extra)) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_held_out_windows_lie_in_the_last_part_of_the_trace() -> None:
+    rows = [TraceRequest(i, float(i), 10, 10) for i in range(1001)]
+    starts = held_out_windows(rows, 3, 100.0)
+    assert starts == [700.0, 750.0, 800.0]
+    assert held_out_windows(rows, 1, 50.0) == [700.0]
+    with pytest.raises(ValueError, match="count >= 1"):
+        held_out_windows(rows, 0, 10.0)
