@@ -67,6 +67,17 @@ def test_a_second_request_sees_the_first_reservation() -> None:
     assert {first.placements[0].replica.replica_id, second.placements[0].replica.replica_id} == {"a1", "a2"}
 
 
+def test_the_reserved_primary_counts_the_request_and_its_size() -> None:
+    placer = make_placer(("a1", "a", 0))
+    placer.place(request("a", request_id="r1", prompt_tokens=300, max_tokens=40))
+    result = placer.place(request("a", request_id="r2", prompt_tokens=100, max_tokens=20))
+    view = result.placements[0].replica
+    assert (view.inflight, view.inflight_prompt_tokens, view.inflight_max_tokens) == (2, 400, 60)
+    placer.registry.complete("r1")
+    record = placer.registry.get("a1")
+    assert record is not None and (record.inflight_prompt_tokens, record.inflight_max_tokens) == (100, 20)
+
+
 def test_min_model_len_skips_short_replicas_and_says_why() -> None:
     placer = make_placer(("a-short", "a", 256), ("a-unknown", "a", 0), ("b1", "b", 512), ("b2", "b", 300))
     result = placer.place(request("b", "a", min_model_len=900))

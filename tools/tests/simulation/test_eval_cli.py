@@ -73,7 +73,7 @@ def test_bad_input_is_a_clear_error(setup_files, capsys, extra: tuple[str, ...],
 def test_held_out_windows_lie_in_the_last_part_of_the_trace() -> None:
     rows = [TraceRequest(i, float(i), 10, 10) for i in range(1001)]
     starts = held_out_windows(rows, 3, 100.0)
-    assert starts == [700.0, 750.0, 800.0]
+    assert starts == [700.0, 800.0, 900.0]  # spread over 700-1000 s, the last ending at the end
     assert held_out_windows(rows, 1, 50.0) == [700.0]
     with pytest.raises(ValueError, match="count >= 1"):
         held_out_windows(rows, 0, 10.0)

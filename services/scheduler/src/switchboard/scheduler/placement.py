@@ -17,7 +17,7 @@ reinforcement learning policy of a later issue) replace the heuristics without t
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from switchboard.scheduler.policies import LeastLoadedPolicy, PlacementPolicy, PlacementQuery
 from switchboard.scheduler.registry import ClusterSnapshot, ReplicaRegistry, ReplicaView
@@ -98,8 +98,8 @@ class PlacementRequest:
 class ExpertCandidates:
     """The placement on one expert: its best replica for the request and the next ones.
 
-    The views are those of the call's snapshot, except that the reserved primary's `inflight`
-    already counts the request.
+    The views are those of the call's snapshot, except that the reserved primary's `inflight` (and
+    its in-flight token sums) already count the request.
     """
 
     expert: str
@@ -195,7 +195,12 @@ class Placer:
         record = self.registry.get(replica_id)
         if record is None or record.inflight == primary.replica.inflight:
             return result
-        reserved = replace(primary, replica=primary.replica._replace(inflight=record.inflight))
+        view = primary.replica._replace(
+            inflight=record.inflight,
+            inflight_prompt_tokens=record.inflight_prompt_tokens,
+            inflight_max_tokens=record.inflight_max_tokens,
+        )
+        reserved = ExpertCandidates(primary.expert, view, primary.alternates)
         return PlacementResult((reserved, *result.placements[1:]), result.unavailable)
 
     @staticmethod
