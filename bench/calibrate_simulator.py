@@ -59,6 +59,9 @@ TRACE_BLOCK = 64
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--expert", default="bard-small")
+    p.add_argument("--model-dir", type=Path, default=None,
+                   help="serve this model folder as --expert instead of the demo expert (e.g. bench/make_random_llama.py's)")
+    p.add_argument("--fit-context", type=int, default=512, help="scale lengths so 99%% fit this context")
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--policies", default="least-loaded,prefix-load")
     p.add_argument("--fit-window", default="0:120", help="start:seconds of the trace (default 0:120)")
@@ -77,7 +80,7 @@ def parse_args() -> argparse.Namespace:
 def window(rows: list[TraceRequest], spec: str, speedup: float, args: argparse.Namespace, seed: int) -> list[TraceRequest]:
     start, seconds = (float(x) for x in spec.split(":"))
     shaped, _ = shape(rows, WorkloadShape(window_start_s=start, window_duration_s=seconds, speedup=speedup,
-                                           fit_context=512, max_output_tokens=args.max_output_tokens))
+                                           fit_context=args.fit_context, max_output_tokens=args.max_output_tokens))
     return assign_shared_prefixes(shaped, groups=args.prefix_groups, prefix_tokens=args.prefix_tokens,
                                   trace_block_size=TRACE_BLOCK, seed=seed)
 
@@ -124,7 +127,8 @@ def local_stack(expert: str, model: Path, replicas: int, policy: str, profile: P
     if kv_cache_mb:
         env["GENERATOR_KV_CACHE_MB"] = str(kv_cache_mb)
     with log.open("w") as out:
-        proc = subprocess.Popen([str(VENV_BIN / "switchboard"), "up", "--experts-config", str(config)],
+        # One expert, requests pinned to it: no learned gate to build or consult.
+        proc = subprocess.Popen([str(VENV_BIN / "switchboard"), "up", "--no-gate", "--experts-config", str(config)],
                                 stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     try:
         deadline = time.monotonic() + 600
@@ -192,7 +196,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     from switchboard.experts import ensure_experts
 
-    model = ensure_experts([args.expert])[args.expert]
+    model = args.model_dir.resolve() if args.model_dir else ensure_experts([args.expert])[args.expert]
     rows = load_trace(TRACE)
     traces = {}
     for name, spec, speedup, seed in (("fit", args.fit_window, args.fit_speedup, 1),
