@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from switchboard.common.experts_config import ExpertSLO
 from switchboard.replica.cost_model import CostModel
 from switchboard.replica.hashing import hash_seed
+from switchboard.replica.kv_events import KvEventBatch
 from switchboard.replica.request import Request
 from switchboard.scheduler.placement import PlacementRequest, Placer, UnknownExperts
 from switchboard.scheduler.policies import PlacementPolicy
@@ -260,8 +261,7 @@ class Simulation:
         # The query's hashes: only the shared blocks can match a cache; hashing the unique rest
         # (as the scheduler would from token ids) only costs time, so it is given as known.
         prompt_blocks = sim.prompt_tokens // pool.spec.block_size
-        query_hashes = {(pool.spec.block_size, pool.hash_seed): chain[: min(shared, prompt_blocks)]}
-        req.params = query_hashes
+        record.query_hashes = {(pool.spec.block_size, pool.hash_seed): chain[: min(shared, prompt_blocks)]}
         self._place(req, frozenset())
 
     def _place(self, req: Request, exclude: frozenset[str]) -> None:
@@ -274,7 +274,7 @@ class Simulation:
                 max_tokens=record.output_tokens,
                 exclude_replica_ids=exclude,
                 min_model_len=record.prompt_tokens + record.output_tokens,
-                block_hashes=req.params,
+                block_hashes=record.query_hashes,
             )
             try:
                 result = self.placer.place(placement)
@@ -321,7 +321,7 @@ class Simulation:
         if nxt is not None:
             self._push(nxt, _WAKE, replica, replica.version)
         elif replica.replica_id in self.draining:
-            self._stop(replica, "drained")
+            self._stop(replica)
 
     def _complete(self, record: SimRecord) -> None:
         """The step that produced a request's last token ended: it succeeded, unless its replica
@@ -381,7 +381,7 @@ class Simulation:
             if replica.sync(self.now):
                 self._push(replica.busy_until, _WAKE, replica, replica.version)
             if not replica.has_work():
-                self._stop(replica, "drained")
+                self._stop(replica)
             return
         self._fail(replica)
 
@@ -400,7 +400,6 @@ class Simulation:
                     prompt_len=req.prompt_len,
                     token_ids=[0] * req.prompt_len,
                     max_tokens=req.max_tokens,
-                    params=req.params,
                     state=record,
                 )
                 fresh.hash_chain = req.hash_chain
@@ -412,18 +411,18 @@ class Simulation:
         # The registry keeps it until it expires (no more heartbeats): placements on it meanwhile
         # fail over at once (see `_place`).
 
-    def _stop(self, replica: SimReplica, why: str) -> None:
+    def _stop(self, replica: SimReplica) -> None:
+        """A drained replica with no work left deregisters and stops."""
         rid = replica.replica_id
         self.dead.add(rid)
         self.lifetimes[rid][1] = self.now
         self.registry.deregister(rid)
 
 
-def _events_in(batch: object) -> KvEventsIn:
+def _events_in(batch: KvEventBatch) -> KvEventsIn:
     """A replica's journal batch as the scheduler's input type (what the protobuf round trip gives)."""
     return KvEventsIn(
-        tuple(KvEventIn(e.sequence, e.stored, e.evicted, e.cleared) for e in batch.events),  # type: ignore[attr-defined]
-        reset=batch.reset,  # type: ignore[attr-defined]
+        tuple(KvEventIn(e.sequence, e.stored, e.evicted, e.cleared) for e in batch.events), reset=batch.reset
     )
 
 

@@ -72,6 +72,8 @@ class SimRecord:
     cached_prompt_tokens: int = 0
     outcome: str = ""  # "" while running; "ok", "rejected" or "dropped" at the end
     reason: str = ""
+    # The prompt's shared hash chain by (block size, seed), handed to placement as known hashes.
+    query_hashes: dict[tuple[int, int], list[int]] = field(default_factory=dict, repr=False)
 
     @property
     def ttft(self) -> float | None:
