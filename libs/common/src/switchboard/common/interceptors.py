@@ -2,7 +2,11 @@
 
 1. OpenTelemetry (from telemetry.server_interceptors): the server span.
 2. `MetricsInterceptor`: request count by method and status code, latency.
-3. `ErrorInterceptor`: `ServiceError` -> its status with rich details; any other
+3. `DecodeInterceptor`: request bytes that do not decode as the method's message
+   -> INVALID_ARGUMENT naming the message type (reason MALFORMED_REQUEST), before
+   any later interceptor or the servicer sees them; no Python exception text.
+4. The service's own interceptors (`extra_interceptors`).
+5. `ErrorInterceptor`: `ServiceError` -> its status with rich details; any other
    exception -> INTERNAL with a generic message (the stack goes to the log, never
    to the client).
 Streaming handlers must be async generators (the style all servicers use).
@@ -10,6 +14,7 @@ Streaming handlers must be async generators (the style all servicers use).
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -52,6 +57,18 @@ def _rewrap(handler: grpc.RpcMethodHandler, wrap: Wrapper) -> grpc.RpcMethodHand
     return grpc.stream_stream_rpc_method_handler(
         wrap(handler.stream_stream, True), handler.request_deserializer, handler.response_serializer
     )
+
+
+def _rewrap_with(handler: grpc.RpcMethodHandler, wrap: Wrapper, deserializer: Callable[[bytes], Any] | None) -> grpc.RpcMethodHandler:
+    """Like `_rewrap`, with another request deserializer."""
+    factory = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(bool(handler.request_streaming), bool(handler.response_streaming))]
+    behavior = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    return factory(wrap(behavior, bool(handler.response_streaming)), deserializer, handler.response_serializer)
 
 
 def _is_infrastructure(method: str) -> bool:
@@ -150,3 +167,107 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             return unary
 
         return _rewrap(handler, wrap)
+
+
+MALFORMED_REQUEST = "MALFORMED_REQUEST"
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes did not decode; the handler wrapper answers for it."""
+
+    __slots__ = ("message_type",)
+
+    def __init__(self, message_type: str) -> None:
+        self.message_type = message_type
+
+
+def message_type_name(deserializer: Callable[[bytes], Any] | None) -> str:
+    """The full protobuf name a deserializer decodes (`Message.FromString`), or a generic phrase."""
+    owner = getattr(deserializer, "__self__", None)
+    name = getattr(getattr(owner, "DESCRIPTOR", None), "full_name", None)
+    return name if isinstance(name, str) and name else "the method's request message"
+
+
+def malformed_request(message_type: str) -> ServiceError:
+    """INVALID_ARGUMENT for undecodable request bytes: names the type, never the decoder's exception."""
+    return ServiceError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"the request is not a valid {message_type} (its bytes do not decode)",
+        reason=MALFORMED_REQUEST,
+        metadata={"message_type": message_type},
+    )
+
+
+def safe_deserializer(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """`deserializer` that returns a stand-in instead of raising on bytes it cannot decode."""
+    if deserializer is None:
+        return None
+    message_type = message_type_name(deserializer)
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # DecodeError, invalid UTF-8, nesting too deep, ...: all the same to the caller
+            return _Undecodable(message_type)
+
+    return deserialize
+
+
+async def _reject(item: _Undecodable, context: grpc.aio.ServicerContext) -> None:
+    status = malformed_request(item.message_type).to_status()
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+class DecodeInterceptor(grpc.aio.ServerInterceptor):
+    """Answer undecodable request bytes with INVALID_ARGUMENT naming the message type.
+
+    grpc.aio decodes a request with the handler's `request_deserializer` and turns a decode
+    exception into UNKNOWN carrying the Python exception's class and text. This interceptor
+    swaps in a deserializer that never raises (`safe_deserializer`) and a behavior that, for a
+    request that did not decode, aborts with `malformed_request` before anything after it runs.
+    Applied to every method of every service (health and reflection included).
+    """
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]], details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        behavior = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+        if not (inspect.isasyncgenfunction(behavior) or inspect.iscoroutinefunction(behavior)):
+            return handler  # a sync handler (none in this project): left as it is
+        request_streaming = bool(handler.request_streaming)
+
+        def checked_requests(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def iterate() -> AsyncIterator[Any]:
+                async for item in requests:
+                    if isinstance(item, _Undecodable):
+                        await _reject(item, context)
+                    yield item
+
+            return iterate()
+
+        async def check(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if request_streaming:
+                return checked_requests(request, context)
+            if isinstance(request, _Undecodable):
+                await _reject(request, context)
+            return request
+
+        def wrap(behavior: Behavior, streaming: bool) -> Behavior:
+            if inspect.isasyncgenfunction(behavior):
+
+                async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                    request = await check(request, context)
+                    async for item in behavior(request, context):
+                        yield item
+
+                return stream
+
+            async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                return await behavior(await check(request, context), context)
+
+            return call
+
+        return _rewrap_with(handler, wrap, safe_deserializer(handler.request_deserializer))

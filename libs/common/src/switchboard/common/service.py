@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
-from switchboard.common.interceptors import ErrorInterceptor, MetricsInterceptor
+from switchboard.common.interceptors import DecodeInterceptor, ErrorInterceptor, MetricsInterceptor
 from switchboard.common.logging import configure_logging, get_logger
 from switchboard.common.settings import ServerSettings, SettingsError
 from switchboard.common.telemetry import configure_tracing, server_interceptors, shutdown_tracing
@@ -29,16 +29,30 @@ from switchboard.common.telemetry import configure_tracing, server_interceptors,
 log = get_logger(__name__)
 S = TypeVar("S")
 
-# Keepalive and message limits shared by every server (a stream may idle while a
-# long prompt is prefilled; pings keep NATs and proxies from dropping it).
-SERVER_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-    ("grpc.so_reuseport", 0),
-]
+def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
+    """The grpc server options of one service: its limits and keepalive enforcement, from its settings.
+
+    gRPC applies these before any handler or interceptor that reads the request runs: a message
+    over max_receive_message_bytes or metadata over max_metadata_bytes is refused (RESOURCE_EXHAUSTED)
+    without reaching a handler, auth included. Keepalive: the server pings every
+    keepalive_time_seconds (a stream may idle while a long prompt is prefilled; pings keep NATs and
+    proxies from dropping it); a client pinging more often than min_client_ping_interval_seconds
+    collects strikes, and after max_ping_strikes the connection is closed.
+    """
+    return [
+        ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
+        ("grpc.max_send_message_length", settings.max_send_message_bytes),
+        ("grpc.max_metadata_size", settings.max_metadata_bytes),
+        ("grpc.absolute_max_metadata_size", settings.max_metadata_bytes),
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time_seconds * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_seconds * 1000)),
+        ("grpc.keepalive_permit_without_calls", int(settings.keepalive_permit_without_calls)),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", int(settings.min_client_ping_interval_seconds * 1000)),
+        ("grpc.http2.max_ping_strikes", settings.max_ping_strikes),
+        ("grpc.so_reuseport", 0),
+    ]
 
 
 class GrpcService:
@@ -49,8 +63,14 @@ class GrpcService:
     ) -> None:
         self.name = name
         self.settings = settings
-        interceptors = [*server_interceptors(), MetricsInterceptor(name), *extra_interceptors, ErrorInterceptor()]
-        self.server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
+        interceptors = [
+            *server_interceptors(),
+            MetricsInterceptor(name),
+            DecodeInterceptor(),
+            *extra_interceptors,
+            ErrorInterceptor(),
+        ]
+        self.server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = 0

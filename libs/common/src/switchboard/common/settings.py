@@ -61,6 +61,81 @@ class ServerSettings:
     metrics_port: int = 0
     drain_seconds: float = 10.0
     log_level: str = "info"
+    # Limits gRPC enforces before any handler (or interceptor that reads the
+    # request) runs; `_LIMIT_FIELDS` below documents each.
+    max_receive_message_bytes: int = 4 * 1024 * 1024
+    max_send_message_bytes: int = 4 * 1024 * 1024
+    max_metadata_bytes: int = 16 * 1024
+    max_concurrent_streams: int = 1024
+    keepalive_time_seconds: float = 30.0
+    keepalive_timeout_seconds: float = 10.0
+    keepalive_permit_without_calls: bool = True
+    min_client_ping_interval_seconds: float = 10.0
+    max_ping_strikes: int = 2
+
+
+# The limit variables of every server: (attribute, env suffix, doc, bounds). A
+# service chooses its own defaults with a `server_defaults` ClassVar on its
+# settings class (a mapping attribute -> default); the rest come from
+# ServerSettings. Internal services carry token ids (a Place or a generator
+# request holds up to 131,072 of them, at most 5 bytes each), so their message
+# limit is larger than the public gateway's, which is sized to its prompt limit.
+_LIMIT_FIELDS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
+    (
+        "max_receive_message_bytes",
+        "MAX_RECEIVE_MESSAGE_BYTES",
+        "largest request message accepted; gRPC refuses a larger one with RESOURCE_EXHAUSTED before any handler runs",
+        {"minimum": 1024, "maximum": 1024**3},
+    ),
+    (
+        "max_send_message_bytes",
+        "MAX_SEND_MESSAGE_BYTES",
+        "largest response message sent (a larger one fails the call with RESOURCE_EXHAUSTED)",
+        {"minimum": 1024, "maximum": 1024**3},
+    ),
+    (
+        "max_metadata_bytes",
+        "MAX_METADATA_BYTES",
+        "largest request metadata (headers) accepted, in bytes (grpc.max_metadata_size)",
+        {"minimum": 1024, "maximum": 1024 * 1024},
+    ),
+    (
+        "max_concurrent_streams",
+        "MAX_CONCURRENT_STREAMS",
+        "most concurrent calls on one client connection (HTTP/2 MAX_CONCURRENT_STREAMS; more wait in the client)",
+        {"minimum": 1, "maximum": 1_000_000},
+    ),
+    (
+        "keepalive_time_seconds",
+        "KEEPALIVE_TIME_SECONDS",
+        "interval of the server's keepalive pings on a connection",
+        {"minimum": 1.0, "maximum": 86_400.0},
+    ),
+    (
+        "keepalive_timeout_seconds",
+        "KEEPALIVE_TIMEOUT_SECONDS",
+        "how long the server waits for a ping's answer before closing the connection",
+        {"minimum": 1.0, "maximum": 3600.0},
+    ),
+    (
+        "keepalive_permit_without_calls",
+        "KEEPALIVE_PERMIT_WITHOUT_CALLS",
+        "keepalive pings (the server's and a client's) allowed on a connection with no call in flight",
+        {},
+    ),
+    (
+        "min_client_ping_interval_seconds",
+        "MIN_CLIENT_PING_INTERVAL_SECONDS",
+        "shortest interval between a client's pings without data; a faster ping is a strike",
+        {"minimum": 1.0, "maximum": 86_400.0},
+    ),
+    (
+        "max_ping_strikes",
+        "MAX_PING_STRIKES",
+        "ping strikes before the server closes the connection (GOAWAY too_many_pings; 0: unlimited)",
+        {"minimum": 0, "maximum": 1000},
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -75,8 +150,22 @@ class SettingDoc:
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-def _server_fields(prefix: str, default_port: int, default_metrics_port: int) -> list[tuple[str, str, Any, str, dict[str, Any]]]:
-    """(attribute, env, default, doc, bounds) of the ServerSettings variables for one service."""
+def _server_fields(
+    prefix: str, default_port: int, default_metrics_port: int, defaults: Mapping[str, Any] | None = None
+) -> list[tuple[str, str, Any, str, dict[str, Any]]]:
+    """(attribute, env, default, doc, bounds) of the ServerSettings variables for one service.
+
+    `defaults` overrides the limit defaults of ServerSettings (the service's `server_defaults`).
+    """
+    chosen = dict(defaults or {})
+    unknown = set(chosen) - {attr for attr, *_ in _LIMIT_FIELDS}
+    if unknown:
+        raise TypeError(f"server_defaults names no server limit: {', '.join(sorted(unknown))}")
+    plain = ServerSettings()
+    limits = [
+        (attr, f"{prefix}_{suffix}", chosen.get(attr, getattr(plain, attr)), doc, bounds)
+        for attr, suffix, doc, bounds in _LIMIT_FIELDS
+    ]
     return [
         ("host", f"{prefix}_HOST", "127.0.0.1", "address to listen on (0.0.0.0 in containers)", {}),
         ("port", f"{prefix}_PORT", default_port, "gRPC port (0 picks a free port)", {"minimum": 0, "maximum": 65535}),
@@ -95,6 +184,7 @@ def _server_fields(prefix: str, default_port: int, default_metrics_port: int) ->
             {"minimum": 0.0, "maximum": 3600.0},
         ),
         ("log_level", "LOG_LEVEL", "info", "log level: " + ", ".join(LOG_LEVELS), {"choices": LOG_LEVELS}),
+        *limits,
     ]
 
 
@@ -152,16 +242,29 @@ def _read(env: str, default: Any, kind: Any, environ: Mapping[str, str], bounds:
 
 
 def load_server_settings(
-    prefix: str, default_port: int, default_metrics_port: int, environ: Mapping[str, str] | None = None
+    prefix: str,
+    default_port: int,
+    default_metrics_port: int,
+    environ: Mapping[str, str] | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> ServerSettings:
-    """ServerSettings of one service from `{prefix}_HOST`, `{prefix}_PORT`, ... and LOG_LEVEL."""
+    """ServerSettings of one service from `{prefix}_HOST`, `{prefix}_PORT`, ... and LOG_LEVEL.
+
+    `defaults` are the service's own limit defaults (attribute -> value), e.g. a smaller
+    max_receive_message_bytes for a public front.
+    """
     env = os.environ if environ is None else environ
     hints = typing.get_type_hints(ServerSettings)
     values = {
         attr: _read(name, default, hints[attr], env, bounds)
-        for attr, name, default, _, bounds in _server_fields(prefix, default_port, default_metrics_port)
+        for attr, name, default, _, bounds in _server_fields(prefix, default_port, default_metrics_port, defaults)
     }
     return ServerSettings(**values)
+
+
+def server_defaults(cls: type) -> Mapping[str, Any]:
+    """The server limit defaults a settings class chooses (its `server_defaults` ClassVar; {} if none)."""
+    return dict(getattr(cls, "server_defaults", None) or {})
 
 
 def load_settings(
@@ -180,7 +283,7 @@ def load_settings(
         if hints[f.name] is ServerSettings:
             if server_prefix is None:
                 raise TypeError(f"{cls.__name__}.{f.name} needs server_prefix")
-            values[f.name] = load_server_settings(server_prefix, default_port, default_metrics_port, env)
+            values[f.name] = load_server_settings(server_prefix, default_port, default_metrics_port, env, server_defaults(cls))
             continue
         name = f.metadata.get(_ENV)
         if name is None:
@@ -206,7 +309,9 @@ def settings_reference(
         if hints[f.name] is ServerSettings and server_prefix is not None:
             docs.extend(
                 SettingDoc(name, _show(default), doc)
-                for _, name, default, doc, _ in _server_fields(server_prefix, default_port, default_metrics_port)
+                for _, name, default, doc, _ in _server_fields(
+                    server_prefix, default_port, default_metrics_port, server_defaults(cls)
+                )
             )
         elif _ENV in f.metadata:
             docs.append(SettingDoc(f.metadata[_ENV], _show(f.default), f.metadata[_DOC]))

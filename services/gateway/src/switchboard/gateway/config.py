@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 from switchboard.common.settings import ServerSettings, SettingsError, load_settings, setting
+from switchboard.gateway.validation import maximal_request_bytes
 
 SERVER_PREFIX = "GATEWAY"
 DEFAULT_PORT = 50051
@@ -15,6 +18,18 @@ DEFAULT_METRICS_PORT = 9101
 @dataclass(frozen=True)
 class GatewaySettings:
     """Everything the gateway reads from its environment."""
+
+    # The public front's server limits: a request message just above the largest valid request
+    # (a GATEWAY_MAX_PROMPT_CHARS prompt of 4-byte characters, every other field at its limit:
+    # about 131 KB at the default 32,000 characters), so a 16 MiB message is refused by gRPC
+    # before auth or any handler runs; small metadata (an API key and trace headers) and
+    # answers (a CompleteResponse of GATEWAY_MAX_TOKENS_LIMIT tokens).
+    server_defaults: ClassVar[Mapping[str, Any]] = {
+        "max_receive_message_bytes": 160 * 1024,
+        "max_send_message_bytes": 1024 * 1024,
+        "max_metadata_bytes": 8 * 1024,
+        "max_concurrent_streams": 256,
+    }
 
     server: ServerSettings
     router_addr: str = setting("ROUTER_ADDR", "127.0.0.1:50052", "host:port of the router")
@@ -48,6 +63,12 @@ class GatewaySettings:
             raise SettingsError(
                 "GATEWAY_DEFAULT_MAX_TOKENS: must be <= GATEWAY_MAX_TOKENS_LIMIT "
                 f"({self.default_max_tokens} > {self.max_tokens_limit})"
+            )
+        needed = maximal_request_bytes(self.max_prompt_chars)
+        if self.server.max_receive_message_bytes < needed:
+            raise SettingsError(
+                f"{SERVER_PREFIX}_MAX_RECEIVE_MESSAGE_BYTES: must be >= {needed} (the largest valid request with "
+                f"GATEWAY_MAX_PROMPT_CHARS={self.max_prompt_chars}), got {self.server.max_receive_message_bytes}"
             )
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import grpc
 from opentelemetry import trace
 from switchboard.common.channels import open_channel
+from switchboard.common.enums import enum_name
 from switchboard.common.errors import (
     ServiceError,
     error_details,
@@ -333,7 +334,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         span.set_attribute(SpanAttributes.GEN_AI_USAGE_INPUT_TOKENS, outcome.usage.prompt_tokens)
         span.set_attribute(SpanAttributes.GEN_AI_USAGE_OUTPUT_TOKENS, outcome.usage.completion_tokens)
         span.set_attribute(
-            SpanAttributes.GEN_AI_RESPONSE_FINISH_REASONS, [common_pb2.FinishReason.Name(outcome.finish_reason)]
+            SpanAttributes.GEN_AI_RESPONSE_FINISH_REASONS, [enum_name(common_pb2.FinishReason, outcome.finish_reason)]
         )
         if ttft:
             span.set_attribute(SpanAttributes.TIME_TO_FIRST_TOKEN, ttft)
@@ -342,7 +343,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             expert=outcome.expert,
             replica_id=outcome.replica_id,
             code=outcome.code.name,
-            finish_reason=common_pb2.FinishReason.Name(outcome.finish_reason),
+            finish_reason=enum_name(common_pb2.FinishReason, outcome.finish_reason),
             completion_tokens=outcome.usage.completion_tokens,
             seconds=round(now - started, 4),
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from switchboard.v1 import common_pb2
+from switchboard.v1 import common_pb2, gateway_pb2
 
 MAX_STOP_SEQUENCES = 8
 MAX_STOP_CHARS = 64
@@ -35,6 +35,33 @@ class Limits:
     max_prompt_chars: int
     default_max_tokens: int
     max_tokens_limit: int
+
+
+def maximal_request_bytes(max_prompt_chars: int) -> int:
+    """Encoded size of the largest request that passes `validate_request` (every string of 4-byte characters).
+
+    The gateway's max receive message size must be at least this, so no valid request is refused
+    by the transport; a little above it, so an oversized one is refused before any work.
+    """
+    wide = "\U0001F600"  # 4 bytes in UTF-8, the most a character takes
+    biggest = gateway_pb2.CompleteRequest(
+        prompt=wide * max_prompt_chars,
+        sampling=common_pb2.SamplingParams(
+            max_tokens=2**31 - 1,
+            temperature=2.0,
+            top_p=1.0,
+            top_k=2**31 - 1,
+            repetition_penalty=2.0,
+            stop=[wide * MAX_STOP_CHARS] * MAX_STOP_SEQUENCES,
+            seed=2**64 - 1,
+            min_tokens=2**31 - 1,
+            ignore_eos=True,
+        ),
+        model=wide * MAX_MODEL_CHARS,
+        request_id=wide * MAX_REQUEST_ID_CHARS,
+        cost_weight=MAX_COST_WEIGHT,
+    )
+    return biggest.ByteSize()
 
 
 def _check_range(field: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:

@@ -8,6 +8,7 @@ are written here from what the core returns.
 from __future__ import annotations
 
 import grpc
+from switchboard.common.enums import enum_name
 from switchboard.common.errors import invalid_argument, not_found, unavailable
 from switchboard.common.experts_config import ExpertSpec
 from switchboard.common.logging import bind_request, get_logger
@@ -191,7 +192,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             raise invalid_argument("request_id", "must not be empty")
         if request.expert not in self._experts:
             raise not_found(f"expert {request.expert!r} is not served here", reason="EXPERT_NOT_FOUND")
-        reason = common_pb2.FinishReason.Name(request.finish_reason) if request.finish_reason in common_pb2.FinishReason.values() else "FINISH_REASON_UNSPECIFIED"
+        reason = enum_name(common_pb2.FinishReason, request.finish_reason)  # a newer peer's value: unspecified
         metrics.FEEDBACK.labels(request.expert, str(request.success).lower(), reason).inc()
         if request.time_to_first_token_seconds > 0:
             metrics.TIME_TO_FIRST_TOKEN.labels(request.expert).observe(request.time_to_first_token_seconds)

@@ -12,6 +12,7 @@ import math
 from collections.abc import Collection, Mapping
 
 import grpc
+from switchboard.common.enums import enum_name
 from switchboard.common.errors import already_exists, invalid_argument, not_found, unavailable
 from switchboard.common.experts_config import ExpertSLO
 from switchboard.common.logging import get_logger
@@ -391,7 +392,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             request_id=request.request_id,
             replica_id=request.replica_id,
             success=request.success,
-            finish_reason=common_pb2.FinishReason.Name(request.finish_reason),
+            finish_reason=enum_name(common_pb2.FinishReason, request.finish_reason),
         )
         return scheduler_pb2.SchedulerCompleteResponse()
 

@@ -1,0 +1,195 @@
+"""The public gateway's limits before work, and clean statuses for malformed input.
+
+A real gateway (its own settings' server limits, from `load_settings`) in-process, a stand-in
+router and replica over real channels, and a spy on the key check: a 16 MiB message is refused
+with RESOURCE_EXHAUSTED by gRPC before the servicer or auth runs; the largest valid request is
+served; undecodable bytes answer INVALID_ARGUMENT naming the message type, auth not consulted;
+a replica's finish reason this build does not know (a newer generator) is no INTERNAL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from switchboard.common.errors import error_details
+from switchboard.common.service import GrpcService, wait_started
+from switchboard.common.settings import SettingsError, load_settings
+from switchboard.gateway.auth import KeyStore
+from switchboard.gateway.config import DEFAULT_METRICS_PORT, DEFAULT_PORT, SERVER_PREFIX, GatewaySettings
+from switchboard.gateway.keys import append_key, new_key
+from switchboard.gateway.server import serve
+from switchboard.gateway.validation import (
+    MAX_MODEL_CHARS,
+    MAX_REQUEST_ID_CHARS,
+    MAX_STOP_CHARS,
+    MAX_STOP_SEQUENCES,
+    maximal_request_bytes,
+)
+from switchboard.v1 import (
+    common_pb2,
+    gateway_pb2,
+    generator_pb2,
+    generator_pb2_grpc,
+    router_pb2,
+    router_pb2_grpc,
+)
+
+WIDE = "\U0001f600"  # 4 bytes in UTF-8
+
+
+def load(env: dict[str, str]) -> GatewaySettings:
+    return load_settings(
+        GatewaySettings, server_prefix=SERVER_PREFIX, default_port=DEFAULT_PORT, default_metrics_port=DEFAULT_METRICS_PORT, environ=env
+    )
+
+
+def test_receive_limit_is_sized_to_the_prompt_limit() -> None:
+    settings = load({})
+    needed = maximal_request_bytes(settings.max_prompt_chars)
+    assert needed < settings.server.max_receive_message_bytes <= needed + 64 * 1024
+    assert settings.server.max_receive_message_bytes < 16 * 1024 * 1024
+    assert settings.server.max_metadata_bytes == 8 * 1024 and settings.server.max_concurrent_streams == 256
+    # Raising the prompt limit without the message limit is a start error naming the variable.
+    with pytest.raises(SettingsError, match=r"GATEWAY_MAX_RECEIVE_MESSAGE_BYTES.*GATEWAY_MAX_PROMPT_CHARS=100000"):
+        load({"GATEWAY_MAX_PROMPT_CHARS": "100000"})
+    assert load({"GATEWAY_MAX_PROMPT_CHARS": "100000", "GATEWAY_MAX_RECEIVE_MESSAGE_BYTES": "500000"}).max_prompt_chars == 100_000
+    with pytest.raises(SettingsError, match="GATEWAY_MAX_RECEIVE_MESSAGE_BYTES"):
+        load({"GATEWAY_MAX_RECEIVE_MESSAGE_BYTES": "huge"})
+
+
+class FakeRouter(router_pb2_grpc.RouterServicer):
+    def __init__(self) -> None:
+        self.address = ""
+
+    async def Route(self, request: Any, context: Any) -> router_pb2.RouteResponse:
+        candidate = router_pb2.RouteCandidate(expert="e", replica_id="e-1", address=self.address)
+        return router_pb2.RouteResponse(request_id=request.request_id or "r1", candidates=[candidate])
+
+    async def Feedback(self, request: Any, context: Any) -> router_pb2.FeedbackResponse:
+        return router_pb2.FeedbackResponse()
+
+
+class FakeReplica(generator_pb2_grpc.GeneratorServicer):
+    """Streams one token that ends with a finish reason newer than this build (99)."""
+
+    def __init__(self) -> None:
+        self.prompts: list[str] = []
+
+    async def Generate(self, request: Any, context: Any) -> AsyncIterator[generator_pb2.GeneratorGenerateResponse]:
+        self.prompts.append(request.prompt)
+        yield generator_pb2.GeneratorGenerateResponse(text="x", token_ids=[5], finish_reason=99, usage=common_pb2.Usage(completion_tokens=1))
+
+
+@asynccontextmanager
+async def plain_server(add: Any) -> AsyncIterator[str]:
+    server = grpc.aio.server()
+    add(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(0)
+
+
+@asynccontextmanager
+async def gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[grpc.aio.Channel, str, list[Any], FakeReplica]]:
+    """A real gateway with its default limits; yields a raw channel, a valid key, the auth calls, the replica."""
+    keys_file, key = tmp_path / "keys.jsonl", new_key()
+    append_key(keys_file, "tenant", key)
+    consulted: list[Any] = []
+    authenticate = KeyStore.authenticate
+
+    def spy(self: KeyStore, metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+        consulted.append(metadata)
+        return authenticate(self, metadata)
+
+    monkeypatch.setattr(KeyStore, "authenticate", spy)
+    router, replica = FakeRouter(), FakeReplica()
+    async with (
+        plain_server(lambda s: router_pb2_grpc.add_RouterServicer_to_server(router, s)) as router_addr,
+        plain_server(lambda s: generator_pb2_grpc.add_GeneratorServicer_to_server(replica, s)) as replica_addr,
+    ):
+        router.address = replica_addr
+        settings = load({"GATEWAY_PORT": "0", "GATEWAY_METRICS_PORT": "0", "GATEWAY_DRAIN_SECONDS": "0.2", "ROUTER_ADDR": router_addr, "GATEWAY_KEYS_FILE": str(keys_file)})
+        service = GrpcService("gateway", settings.server)
+        task = asyncio.create_task(serve(settings, service, False))
+        await wait_started(task, service.started)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}", options=[("grpc.max_send_message_length", 32 * 1024 * 1024)])
+        try:
+            yield channel, key, consulted, replica
+        finally:
+            await channel.close()
+            service.stop()
+            await task
+
+
+def largest_valid_request(settings: GatewaySettings) -> gateway_pb2.CompleteRequest:
+    return gateway_pb2.CompleteRequest(
+        prompt=WIDE * settings.max_prompt_chars,
+        sampling=common_pb2.SamplingParams(max_tokens=4, stop=[WIDE * MAX_STOP_CHARS] * MAX_STOP_SEQUENCES),
+        model=WIDE * MAX_MODEL_CHARS,
+        request_id=WIDE * MAX_REQUEST_ID_CHARS,
+        cost_weight=1.0,
+    )
+
+
+async def test_oversized_message_is_refused_before_auth_and_the_largest_valid_one_is_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = load({})
+    async with gateway(tmp_path, monkeypatch) as (channel, key, consulted, replica):
+        auth = [("authorization", f"Bearer {key}")]
+        complete = channel.unary_unary("/switchboard.v1.Gateway/Complete")
+        generate = channel.unary_stream("/switchboard.v1.Gateway/Generate")
+        huge = gateway_pb2.CompleteRequest(prompt="a" * (16 * 1024 * 1024)).SerializeToString()
+        for call in (complete, generate):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                reply = call(huge, metadata=auth, timeout=20)
+                if call is complete:
+                    await reply
+                else:
+                    async for _ in reply:
+                        pass
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value.details()
+        assert consulted == [] and replica.prompts == []
+        # The largest valid request passes the transport, auth and validation, and is served.
+        largest = largest_valid_request(settings)
+        assert largest.ByteSize() <= settings.server.max_receive_message_bytes
+        reply = gateway_pb2.CompleteResponse.FromString(await complete(largest.SerializeToString(), metadata=auth, timeout=20))
+        assert reply.text == "x" and len(consulted) == 1 and replica.prompts == [largest.prompt]
+        # The replica's finish reason 99 (unknown to this build) is carried, not an INTERNAL.
+        assert reply.finish_reason == 99
+
+
+async def test_undecodable_bytes_answer_invalid_argument_without_auth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with gateway(tmp_path, monkeypatch) as (channel, key, consulted, replica):
+        auth = [("authorization", f"Bearer {key}")]
+        for method, kind, message_type in (
+            ("Complete", channel.unary_unary, "switchboard.v1.CompleteRequest"),
+            ("Generate", channel.unary_stream, "switchboard.v1.GenerateRequest"),
+            ("ListModels", channel.unary_unary, "switchboard.v1.ListModelsRequest"),
+        ):
+            call = kind(f"/switchboard.v1.Gateway/{method}", request_serializer=None, response_deserializer=None)
+            # Corrupt wire format; and (for messages with a string field 1) a prompt that is not UTF-8.
+            utf8 = () if method == "ListModels" else (b"\x0a\x02\xc3\x28",)
+            for garbage in (b"\xff\xff\xff", b"\x0a\x05ab", *utf8):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    reply = call(garbage, metadata=auth, timeout=10)
+                    if method == "Generate":
+                        async for _ in reply:
+                            pass
+                    else:
+                        await reply
+                error = caught.value
+                assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, error.code(), error.details())
+                assert message_type in (error.details() or "")
+                assert not any(leak in (error.details() or "") for leak in ("DecodeError", "Error parsing", "<class", "Unexpected"))
+                assert error_details(error)["reason"] == "MALFORMED_REQUEST"
+        assert consulted == [] and replica.prompts == []
