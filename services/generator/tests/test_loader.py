@@ -223,11 +223,16 @@ def test_unknown_architecture(make_model_dir: Maker) -> None:
 
 
 def test_unsupported_rope_scaling(make_model_dir: Maker) -> None:
+    """More cases (malformed parameters, v4 spelling) are in test_rope_scaling.py."""
     folder, _ = make_model_dir("llama")
     config = json.loads((folder / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}
+    config["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 500000.0, "factor": 8.0}
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match=r"cannot serve model in .*: RoPE scaling type 'llama3'"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"cannot serve model in .*: RoPE scaling type 'longrope' is not supported; "
+        r"supported: default, dynamic, linear, llama3, yarn",
+    ):
         load_model(folder)
 
 

@@ -4,11 +4,14 @@ Parameter names equal those of Hugging Face's `LlamaForCausalLM`, so a
 `model.safetensors` written by either loads into the other unchanged.
 `forward` is the plain causal pass over whole sequences (training, scoring,
 reference checks); the serving engine adds its own paged-KV paths on top of the
-same submodules.
+same submodules. RoPE is plain or scaled (`linear`, `dynamic`, `llama3`, `yarn`),
+computed as transformers' `modeling_rope_utils` computes it.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +39,9 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     head_dim: int | None = None
+    #: RoPE scaling parameters (transformers' `rope_scaling` / `rope_parameters` without
+    #: `rope_theta`), or None for plain RoPE; checked by `rope_scaling_parameters`.
+    rope_scaling: dict[str, Any] | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -47,7 +53,25 @@ class LlamaConfig:
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any]) -> LlamaConfig:
-        """Build from a Hugging Face config.json dictionary (unknown keys kept in `extra`)."""
+        """Build from a Hugging Face config.json dictionary (unknown keys kept in `extra`).
+
+        Both RoPE spellings are read: transformers v5's `rope_parameters` (with
+        `rope_theta` and `rope_type` inside) and v4's top-level `rope_theta` plus
+        `rope_scaling` (`type` or `rope_type`). As in transformers, `rope_scaling`
+        wins over `rope_parameters`, and a `rope_theta` inside the dict over the
+        top-level one.
+        """
+        data = dict(data)
+        rope = data.pop("rope_parameters", None)
+        scaling = data.pop("rope_scaling", None) or rope
+        if isinstance(scaling, dict):
+            scaling = dict(scaling)
+            theta = scaling.pop("rope_theta", None)
+            if theta is not None:
+                data["rope_theta"] = theta
+            if not (set(scaling) - {"rope_type", "type"}) and _rope_type(scaling) == "default":
+                scaling = None
+        data["rope_scaling"] = scaling or None
         known = {f for f in cls.__dataclass_fields__ if f != "extra"}
         values = {k: v for k, v in data.items() if k in known}
         values.setdefault("num_key_value_heads", data.get("num_attention_heads"))
@@ -79,17 +103,212 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
-def rope_inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
-    """Inverse frequencies of rotary position embeddings (plain RoPE)."""
+def _rope_type(scaling: dict[str, Any]) -> Any:
+    """The scaling type of a RoPE dict, read from `rope_type` or the older `type` key."""
+    return scaling.get("rope_type", scaling.get("type", "default"))
+
+
+def _default_inv_freq(base: float, dim: int) -> torch.Tensor:
+    """Plain RoPE inverse frequencies 1 / base^(2i/dim)."""
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+
+# Each scaling function below mirrors transformers' `modeling_rope_utils._compute_<type>_parameters`
+# operation for operation (same float32/float64 steps, same order), so the tables match bit for bit.
+# Each takes the config and the checked parameters and returns (inverse frequencies, the factor
+# that multiplies cos and sin).
+
+
+def _linear_rope(config: LlamaConfig, params: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """Linear (position interpolation) scaling: every frequency divided by `factor`."""
+    inv_freq = _default_inv_freq(config.rope_theta, config.head_size)
+    inv_freq /= params["factor"]
+    return inv_freq, 1.0
+
+
+def _dynamic_ntk_rope(config: LlamaConfig, params: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """Dynamic NTK scaling at sequence length max_position_embeddings.
+
+    transformers recomputes the base from the running sequence length only once a
+    forward pass reaches beyond max_position_embeddings; the engine's context length
+    is max_position_embeddings (`_llama_max_len`), so inside it these are exactly
+    the frequencies transformers uses (the base formula at seq_len = max positions).
+    """
     dim = config.head_size
-    return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = params["factor"]
+    seq_len = config.max_position_embeddings
+    scale = (factor * seq_len / config.max_position_embeddings) - (factor - 1)
+    base = config.rope_theta * scale ** (dim / (dim - 2))
+    return _default_inv_freq(base, dim), 1.0
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables for the given positions, shaped [..., head_dim]."""
+def _llama3_rope(config: LlamaConfig, params: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """Llama 3.1 scaling: low frequencies divided by `factor`, high kept, a smooth ramp between."""
+    inv_freq = _default_inv_freq(config.rope_theta, config.head_size)
+    factor = params["factor"]
+    low_freq_factor = params["low_freq_factor"]
+    high_freq_factor = params["high_freq_factor"]
+    old_context_len = params["original_max_position_embeddings"]
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth_factor = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed_inv_freq = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
+    is_medium_freq = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium_freq, smoothed_inv_freq, inv_freq_llama), 1.0
+
+
+def _yarn_rope(config: LlamaConfig, params: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """YaRN: interpolation and extrapolation blended per dimension, plus an attention factor on cos/sin."""
+    base = config.rope_theta
+    dim = config.head_size
+    factor = params["factor"]
+    attention_factor = params.get("attention_factor")
+    mscale = params.get("mscale")
+    mscale_all_dim = params.get("mscale_all_dim")
+    original_max = params["original_max_position_embeddings"]
+    if factor is None:  # DeepSeek-style configs: the ratio of the extended to the original length
+        factor = config.max_position_embeddings / original_max
+
+    def get_mscale(scale: float, mscale: float = 1) -> float:
+        if scale <= 1:
+            return 1.0
+        return 0.1 * mscale * math.log(scale) + 1.0
+
+    if attention_factor is None:
+        if mscale and mscale_all_dim:
+            attention_factor = float(get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim))
+        else:
+            attention_factor = get_mscale(factor)
+    beta_fast = params.get("beta_fast") or 32
+    beta_slow = params.get("beta_slow") or 1
+
+    def correction_dim(num_rotations: float) -> float:
+        return (dim * math.log(original_max / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: avoids a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+
+    pos_freqs = base ** (torch.arange(0, dim, 2).to(dtype=torch.float) / dim)
+    inv_freq_extrapolation = 1.0 / pos_freqs
+    inv_freq_interpolation = 1.0 / (factor * pos_freqs)
+    extrapolation_factor = 1 - ramp
+    inv_freq = (
+        inv_freq_interpolation * (1 - extrapolation_factor) + inv_freq_extrapolation * extrapolation_factor
+    )
+    return inv_freq, float(attention_factor)
+
+
+#: RoPE scaling types the engine computes, by transformers' `rope_type` name.
+ROPE_SCALING_TYPES: dict[str, Callable[[LlamaConfig, dict[str, Any]], tuple[torch.Tensor, float]]] = {
+    "linear": _linear_rope,
+    "dynamic": _dynamic_ntk_rope,
+    "llama3": _llama3_rope,
+    "yarn": _yarn_rope,
+}
+
+#: Parameters each type needs (transformers refuses a config without them too).
+_REQUIRED_KEYS = {
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+    "yarn": ("factor",),
+}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def rope_scaling_parameters(config: LlamaConfig) -> dict[str, Any] | None:
+    """The checked RoPE scaling parameters of `config` (None: plain RoPE).
+
+    Fills `rope_type` and, for llama3 and yarn, `original_max_position_embeddings`
+    the way transformers does (a top-level config.json value first, then the dict's,
+    then max_position_embeddings). Raises ValueError naming the type and what is
+    wrong for a type that is not implemented or parameters it cannot use.
+    """
+    scaling = config.rope_scaling
+    if scaling is None:
+        return None
+    supported = ", ".join(["default", *sorted(ROPE_SCALING_TYPES)])
+    if not isinstance(scaling, dict):
+        raise ValueError(f"rope_scaling={scaling!r} is not an object; supported: {supported}")
+    kind = _rope_type(scaling)
+    if kind == "default":
+        return None
+    if not isinstance(kind, str) or kind not in ROPE_SCALING_TYPES:
+        raise ValueError(f"RoPE scaling type {kind!r} is not supported; supported: {supported}")
+    params = {k: v for k, v in scaling.items() if k != "type"}
+    params["rope_type"] = kind
+
+    def bad(what: str) -> ValueError:
+        return ValueError(f"RoPE scaling type {kind!r}: {what}")
+
+    missing = [key for key in _REQUIRED_KEYS[kind] if key not in params]
+    if missing:
+        raise bad(f"missing {', '.join(missing)}")
+    partial = params.get("partial_rotary_factor", config.extra.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise bad(f"partial_rotary_factor={partial!r} (only full-head rotation is implemented)")
+    if kind in ("llama3", "yarn"):
+        top_level = config.extra.get("original_max_position_embeddings")
+        if top_level is not None:
+            params["original_max_position_embeddings"] = top_level
+        original = params.setdefault("original_max_position_embeddings", config.max_position_embeddings)
+        if not isinstance(original, int) or isinstance(original, bool) or original <= 0:
+            raise bad(f"original_max_position_embeddings={original!r} must be a positive integer")
+    factor = params["factor"]
+    if not (kind == "yarn" and factor is None) and not (_is_number(factor) and factor > 0):
+        raise bad(f"factor={factor!r} must be a positive number")
+    if kind == "llama3":
+        low, high = params["low_freq_factor"], params["high_freq_factor"]
+        if not (_is_number(low) and low > 0 and _is_number(high) and high > low):
+            raise bad(
+                f"low_freq_factor={low!r} and high_freq_factor={high!r} must be numbers with 0 < low < high"
+            )
+    if kind == "yarn":
+        for key in ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+            value = params.get(key)
+            if value is not None and not _is_number(value):
+                raise bad(f"{key}={value!r} must be a number")
+        attention_factor = params.get("attention_factor")
+        if attention_factor is not None and attention_factor < 0:
+            raise bad(f"attention_factor={attention_factor!r} must not be negative")
+        if not isinstance(params.get("truncate", True), bool):
+            raise bad(f"truncate={params['truncate']!r} must be true or false")
+    return params
+
+
+def rope_parameters(config: LlamaConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and the cos/sin scaling factor of the config's RoPE (plain or scaled)."""
+    params = rope_scaling_parameters(config)
+    if params is None:
+        return _default_inv_freq(config.rope_theta, config.head_size), 1.0
+    return ROPE_SCALING_TYPES[params["rope_type"]](config, params)
+
+
+def rope_inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
+    """Inverse frequencies of rotary position embeddings (with the config's RoPE scaling)."""
+    return rope_parameters(config)[0]
+
+
+def rope_cos_sin(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables for the given positions, shaped [..., head_dim], times `scale` (yarn's factor)."""
     freqs = positions.float().unsqueeze(-1) * inv_freq.to(positions.device)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = emb.cos(), emb.sin()
+    if scale != 1.0:  # in float32 before the cast, as transformers does
+        cos, sin = cos * scale, sin * scale
+    return cos.to(dtype), sin.to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -250,14 +469,15 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
+        inv_freq, self.rope_attention_scaling = rope_parameters(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits [batch, length, vocab] of a causal pass over whole sequences [batch, length]."""
         x = self.model.embed_tokens(input_ids)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype, self.rope_attention_scaling)
         for layer in self.model.layers:
             x = layer(x, cos, sin)
         return self.lm_head(self.model.norm(x))
@@ -271,7 +491,7 @@ class LlamaForCausalLM(nn.Module):
         table = self._rope_table
         if table is None or table[0].dtype != dtype or table[0].device != device:
             positions = torch.arange(self.config.max_position_embeddings, device=device)
-            table = rope_cos_sin(self.inv_freq.to(device), positions, dtype)
+            table = rope_cos_sin(self.inv_freq.to(device), positions, dtype, self.rope_attention_scaling)
             self._rope_table = table
         return table
 

@@ -15,7 +15,12 @@ from typing import Any
 
 import torch
 from switchboard.generator.models.gpt2 import GPT2Config, GPT2LMHeadModel
-from switchboard.generator.models.llama import LlamaConfig, LlamaForCausalLM, rope_inverse_frequencies
+from switchboard.generator.models.llama import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    rope_inverse_frequencies,
+    rope_scaling_parameters,
+)
 from torch import nn
 
 
@@ -54,15 +59,12 @@ def _parse_llama(data: dict[str, Any]) -> LlamaConfig:
         raise UnsupportedModelError(f"hidden_act={act!r} (the Llama family here uses silu)")
     if data.get("mlp_bias"):
         raise UnsupportedModelError("mlp_bias=true")
-    # transformers v5 writes rope_parameters={"rope_theta", "rope_type"}; v4 wrote rope_theta + rope_scaling.
-    rope = data.pop("rope_parameters", None) or {}
-    if "rope_theta" in rope:
-        data.setdefault("rope_theta", rope["rope_theta"])
-    for scaling in (rope, data.get("rope_scaling") or {}):
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
-        if kind != "default":
-            raise UnsupportedModelError(f"RoPE scaling type {kind!r} (only plain RoPE is implemented)")
+    # from_hf_dict reads both RoPE spellings (v5 rope_parameters, v4 rope_theta + rope_scaling).
     config = LlamaConfig.from_hf_dict(data)
+    try:
+        rope_scaling_parameters(config)
+    except ValueError as exc:
+        raise UnsupportedModelError(str(exc)) from exc
     if config.hidden_size % config.num_attention_heads and data.get("head_dim") is None:
         raise UnsupportedModelError(
             f"hidden_size={config.hidden_size} is not a multiple of num_attention_heads={config.num_attention_heads}"
@@ -79,7 +81,9 @@ def _llama_max_len(config: LlamaConfig) -> int:
     """max_position_embeddings, capped at the sliding window where one is in force.
 
     Our attention is full attention; it equals the reference's sliding-window
-    attention exactly only for sequences no longer than the window.
+    attention exactly only for sequences no longer than the window. The cap at
+    max_position_embeddings also keeps "dynamic" RoPE scaling exact: transformers
+    changes its frequencies only past that length (see `_dynamic_ntk_rope`).
     """
     extra = config.extra
     window = extra.get("sliding_window")
