@@ -50,7 +50,7 @@ def bpe_tokenizer() -> tokenizers.Tokenizer:
 
 
 def tiny_hf_model(kind: str, **overrides: Any) -> Any:
-    """A tiny randomly initialised transformers model of `kind` (gpt2, llama, llama-gqa, qwen2, mistral)."""
+    """A tiny random transformers model of `kind` (gpt2, llama, llama-gqa, llama-bias, qwen2, qwen3, mistral)."""
     import torch
     import transformers
 
@@ -95,11 +95,38 @@ def tiny_hf_model(kind: str, **overrides: Any) -> Any:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(std=0.5)
         return model
+    if kind == "llama-bias":  # attention_bias: biases on q, k, v and o_proj
+        base.update(num_key_value_heads=2, attention_bias=True)
+        base.update(overrides)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**base)).eval()
+        _randomize_attention_extras(model)
+        return model
+    if kind == "qwen3":  # q_norm/k_norm, head_dim 24 != hidden_size / heads (16)
+        base.update(num_key_value_heads=2, head_dim=24, rope_theta=1000000.0, rms_norm_eps=1e-6)
+        base.update(overrides)
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**base)).eval()
+        _randomize_attention_extras(model)
+        return model
     if kind == "mistral":
         base.update(num_key_value_heads=2, sliding_window=64)
         base.update(overrides)
         return transformers.MistralForCausalLM(transformers.MistralConfig(**base)).eval()
     raise ValueError(kind)
+
+
+def _randomize_attention_extras(model: Any) -> None:
+    """Random attention biases and q/k norm weights, so a dropped or misplaced one shows in the logits."""
+    import torch
+
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+                if proj.bias is not None:
+                    proj.bias.normal_(std=0.5)
+            for norm in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)):
+                if norm is not None:
+                    norm.weight.uniform_(0.5, 1.5)
 
 
 @pytest.fixture

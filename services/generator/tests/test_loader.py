@@ -219,7 +219,8 @@ def test_unknown_architecture(make_model_dir: Maker) -> None:
     message = str(info.value)
     assert str(folder) in message
     assert "unknown architecture (architectures=['BertForMaskedLM'], model_type='bert')" in message
-    assert "supported: GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM" in message
+    supported = "GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"
+    assert f"supported: {supported}" in message
 
 
 def test_unsupported_rope_scaling(make_model_dir: Maker) -> None:

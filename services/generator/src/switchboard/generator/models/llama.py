@@ -1,11 +1,14 @@
-"""The Llama family (Llama, Mistral, Qwen2, SmolLM, TinyLlama) in plain torch.
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3, SmolLM, TinyLlama) in plain torch.
 
 Parameter names equal those of Hugging Face's `LlamaForCausalLM`, so a
 `model.safetensors` written by either loads into the other unchanged.
 `forward` is the plain causal pass over whole sequences (training, scoring,
 reference checks); the serving engine adds its own paged-KV paths on top of the
 same submodules. RoPE is plain or scaled (`linear`, `dynamic`, `llama3`, `yarn`),
-computed as transformers' `modeling_rope_utils` computes it.
+computed as transformers' `modeling_rope_utils` computes it. Attention projections
+may carry biases (`attention_bias`: q/k/v and o as in transformers' Llama and
+Qwen3; q/k/v only in Qwen2), and Qwen3's per-head RMSNorm on queries and keys
+(`qk_norm`) runs before RoPE.
 """
 
 from __future__ import annotations
@@ -37,7 +40,13 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
+    #: Biases on the q/k/v projections, and on o_proj too unless `o_proj_bias` says otherwise
+    #: (transformers' Llama and Qwen3 put `attention_bias` on all four).
     attention_bias: bool = False
+    #: Bias on o_proj; None: as `attention_bias`. Qwen2 has q/k/v biases and none on o_proj.
+    o_proj_bias: bool | None = None
+    #: Per-head RMSNorm of queries and keys before RoPE (`q_norm`/`k_norm`, Qwen3).
+    qk_norm: bool = False
     head_dim: int | None = None
     #: RoPE scaling parameters (transformers' `rope_scaling` / `rope_parameters` without
     #: `rope_theta`), or None for plain RoPE; checked by `rope_scaling_parameters`.
@@ -50,6 +59,11 @@ class LlamaConfig:
     def head_size(self) -> int:
         """Size of one attention head."""
         return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def output_bias(self) -> bool:
+        """Whether o_proj has a bias."""
+        return self.attention_bias if self.o_proj_bias is None else self.o_proj_bias
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any]) -> LlamaConfig:
@@ -75,16 +89,26 @@ class LlamaConfig:
         known = {f for f in cls.__dataclass_fields__ if f != "extra"}
         values = {k: v for k, v in data.items() if k in known}
         values.setdefault("num_key_value_heads", data.get("num_attention_heads"))
-        # Qwen2 checkpoints carry q/k/v biases without saying so in an attention_bias key.
+        # Qwen2 checkpoints carry q/k/v biases (never one on o_proj) without an attention_bias key.
         if data.get("model_type") == "qwen2":
             values["attention_bias"] = True
+            values["o_proj_bias"] = False
+        if data.get("model_type") == "qwen3":
+            values["qk_norm"] = True
+            # transformers' Qwen3Config defaults; head_dim is not hidden_size / heads there.
+            values.setdefault("head_dim", 128)
+            values.setdefault("rms_norm_eps", 1e-6)
         return cls(**values, extra={k: v for k, v in data.items() if k not in known})
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The config.json dictionary that Hugging Face's LlamaForCausalLM reads."""
-        data = {k: v for k, v in asdict(self).items() if k != "extra" and v is not None}
+        """The config.json dictionary that HF's LlamaForCausalLM (Qwen3ForCausalLM with `qk_norm`) reads."""
+        if self.o_proj_bias is not None and self.o_proj_bias != self.attention_bias:
+            raise ValueError("q/k/v biases without an o_proj bias (Qwen2) have no LlamaForCausalLM config")
+        skip = {"extra", "o_proj_bias", "qk_norm"}
+        data = {k: v for k, v in asdict(self).items() if k not in skip and v is not None}
         data.update(self.extra)
-        data.update({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu"})
+        arch, model_type = ("Qwen3ForCausalLM", "qwen3") if self.qk_norm else ("LlamaForCausalLM", "llama")
+        data.update({"architectures": [arch], "model_type": model_type, "hidden_act": "silu"})
         return data
 
 
@@ -359,7 +383,8 @@ class LlamaAttention(nn.Module):
     """Grouped-query self-attention.
 
     Loaded with separate q/k/v projections (the checkpoint's names); `fuse` merges them
-    into one `qkv_proj` for serving (one matmul instead of three).
+    into one `qkv_proj` for serving (one matmul instead of three). With `qk_norm`
+    (Qwen3) each query and key head is RMS-normalised over head_dim before RoPE.
     """
 
     def __init__(self, config: LlamaConfig) -> None:
@@ -372,7 +397,9 @@ class LlamaAttention(nn.Module):
         self.k_proj: nn.Module | None = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj: nn.Module | None = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.qkv_proj: nn.Module | None = None
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.output_bias)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
     def fuse(self) -> None:
         """Replace q/k/v_proj with one `qkv_proj` (outputs: query heads, then key heads, then value heads)."""
@@ -383,17 +410,19 @@ class LlamaAttention(nn.Module):
             self.q_proj = self.k_proj = self.v_proj = None
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys and values of x [..., hidden], each [..., heads, head_dim]."""
+        """Queries, keys and values of x [..., hidden], each [..., heads, head_dim] (q/k after qk_norm)."""
         lead = x.shape[:-1]
         if self.qkv_proj is not None:
             qkv = self.qkv_proj(x).view(*lead, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-            return qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=-2)
-        assert self.q_proj is not None and self.k_proj is not None and self.v_proj is not None
-        return (
-            self.q_proj(x).view(*lead, self.num_heads, self.head_dim),
-            self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim),
-            self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim),
-        )
+            q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=-2)
+        else:
+            assert self.q_proj is not None and self.k_proj is not None and self.v_proj is not None
+            q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)
+            k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
+            v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
@@ -533,9 +562,13 @@ class LlamaForCausalLM(nn.Module):
         cfg = self.config
         heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
         for index, layer in enumerate(self.model.layers):
-            qkv = layer.self_attn.qkv_proj(layer.input_layernorm(x)).view(n, heads + 2 * kv_heads, dim)
+            attn_layer = layer.self_attn
+            qkv = attn_layer.qkv_proj(layer.input_layernorm(x)).view(n, heads + 2 * kv_heads, dim)
+            qk = qkv[:, : heads + kv_heads]
+            if attn_layer.q_norm is not None and attn_layer.k_norm is not None:
+                qk = torch.cat((attn_layer.q_norm(qk[:, :heads]), attn_layer.k_norm(qk[:, heads:])), dim=1)
             # RoPE on queries and keys in one pass; values are the trailing heads.
-            qk = apply_rope(qkv[:, : heads + kv_heads], cos, sin)
+            qk = apply_rope(qk, cos, sin)
             out = attn.attend(index, qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :])
             x = x + layer.self_attn.o_proj(out)
             x = x + layer.mlp(layer.post_attention_layernorm(x))

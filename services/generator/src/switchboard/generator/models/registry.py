@@ -65,16 +65,39 @@ def _parse_llama(data: dict[str, Any]) -> LlamaConfig:
         rope_scaling_parameters(config)
     except ValueError as exc:
         raise UnsupportedModelError(str(exc)) from exc
-    if config.hidden_size % config.num_attention_heads and data.get("head_dim") is None:
+    if config.hidden_size % config.num_attention_heads and config.head_dim is None:
         raise UnsupportedModelError(
             f"hidden_size={config.hidden_size} is not a multiple of num_attention_heads={config.num_attention_heads}"
         )
+    if data.get("model_type") == "qwen3":
+        _refuse_qwen3_sliding_window(data)
     if config.num_attention_heads % config.num_key_value_heads:
         raise UnsupportedModelError(
             f"num_attention_heads={config.num_attention_heads} is not a multiple of "
             f"num_key_value_heads={config.num_key_value_heads}"
         )
     return config
+
+
+def _refuse_qwen3_sliding_window(data: dict[str, Any]) -> None:
+    """Qwen3 with sliding-window layers is refused: our attention is full attention on every layer.
+
+    transformers' Qwen3 makes layers from `max_window_layers` on sliding-window ones when
+    `use_sliding_window` is set (or where `layer_types` says so); full attention would differ
+    from it on those layers past the window, so such a checkpoint is not served at all.
+    """
+    if data.get("use_sliding_window"):
+        raise UnsupportedModelError(
+            f"use_sliding_window=true (sliding_window={data.get('sliding_window')!r}, "
+            f"max_window_layers={data.get('max_window_layers')!r}): Qwen3 sliding-window attention "
+            "is not implemented; only full attention on every layer"
+        )
+    layer_types = data.get("layer_types") or []
+    other = sorted({t for t in layer_types if t != "full_attention"}, key=str)
+    if other:
+        raise UnsupportedModelError(
+            f"layer_types with {', '.join(map(repr, other))}: only 'full_attention' layers are implemented"
+        )
 
 
 def _llama_max_len(config: LlamaConfig) -> int:
@@ -87,7 +110,7 @@ def _llama_max_len(config: LlamaConfig) -> int:
     """
     extra = config.extra
     window = extra.get("sliding_window")
-    if extra.get("model_type") == "qwen2" and not extra.get("use_sliding_window", False):
+    if extra.get("model_type") in ("qwen2", "qwen3") and not extra.get("use_sliding_window", False):
         window = None
     if window:
         return min(config.max_position_embeddings, int(window))
@@ -152,11 +175,18 @@ ARCHITECTURES: dict[str, ModelFamily] = {
     "LlamaForCausalLM": LLAMA,
     "MistralForCausalLM": LLAMA,
     "Qwen2ForCausalLM": LLAMA,
+    "Qwen3ForCausalLM": LLAMA,
     "GPT2LMHeadModel": GPT2,
 }
 
 #: config.json "model_type" values, used when "architectures" is absent.
-MODEL_TYPES: dict[str, ModelFamily] = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "gpt2": GPT2}
+MODEL_TYPES: dict[str, ModelFamily] = {
+    "llama": LLAMA,
+    "mistral": LLAMA,
+    "qwen2": LLAMA,
+    "qwen3": LLAMA,
+    "gpt2": GPT2,
+}
 
 
 def resolve_family(config_json: dict[str, Any]) -> ModelFamily:
