@@ -22,6 +22,7 @@ from switchboard.generator.engine import (
     EngineConfig,
     EngineOutput,
     EngineRequest,
+    QueueFull,
     RequestRejected,
 )
 from switchboard.generator.engine.attention import AttentionContext, SequenceSlice
@@ -341,6 +342,45 @@ async def test_requests_that_can_never_run_are_rejected(llama: LoadedModel) -> N
         await stream.aclose()
     finally:
         await engine.stop()
+
+
+async def test_request_beyond_the_waiting_bound_is_refused_before_any_work(llama: LoadedModel) -> None:
+    """With max_waiting requests waiting, the next one raises QueueFull before it is tokenized or
+    queued (nothing of it reaches the engine); once the queue drains, requests are admitted again."""
+    engine = await running_engine(llama, max_num_seqs=1, max_waiting=2)
+    try:
+        stream = engine.generate(EngineRequest("q-run", prompt=PROMPTS[1], sampling=greedy(200)))
+        await stream.__anext__()
+        waiters = [
+            asyncio.create_task(
+                collect(engine, EngineRequest(f"q-wait{i}", prompt=PROMPTS[0], sampling=greedy(3)))
+            )
+            for i in range(2)
+        ]
+        await asyncio.sleep(0)
+        assert engine.load().waiting == 2
+        tokenized: list[str] = []
+        original = engine._tokenize
+        engine._tokenize = lambda request: tokenized.append(request.request_id) or original(request)  # type: ignore[method-assign]
+        with pytest.raises(QueueFull) as info:
+            await engine.generate(EngineRequest("q-over", prompt=PROMPTS[0], sampling=greedy(3))).__anext__()
+        assert (info.value.waiting, info.value.max_waiting) == (2, 2)
+        assert "2 requests waiting, bound 2" in str(info.value)
+        assert tokenized == [] and "q-over" not in engine._live and engine.load().waiting == 2
+        engine._tokenize = original  # type: ignore[method-assign]
+        await stream.aclose()
+        for task in waiters:
+            ids, _, last = await task
+            assert len(ids) == 3 and last.finish_reason == "length"
+        ids, _, _ = await collect(engine, EngineRequest("q-after", prompt=PROMPTS[0], sampling=greedy(3)))
+        assert len(ids) == 3
+    finally:
+        await engine.stop()
+
+
+def test_max_waiting_must_be_positive(llama: LoadedModel) -> None:
+    with pytest.raises(ValueError, match="max_waiting"):
+        Engine(llama, EngineConfig(block_size=4, num_blocks=16, max_waiting=0))
 
 
 async def test_seed_reproduces_regardless_of_batch(llama: LoadedModel) -> None:

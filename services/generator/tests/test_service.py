@@ -242,6 +242,44 @@ async def test_draining_replica_refuses_new_requests(
     assert "draining" in (info.value.details() or "")
 
 
+async def test_generate_beyond_the_waiting_bound_is_resource_exhausted(
+    loaded: LoadedModel, model_dir: Path
+) -> None:
+    """One running, one waiting with GENERATOR_MAX_WAITING=1: the next call is refused with
+    RESOURCE_EXHAUSTED, RetryInfo and reason REPLICA_QUEUE_FULL, and its message names the bound."""
+    settings = generator_settings(str(model_dir), max_num_seqs=1, max_waiting=1)
+    async with running_generator(loaded, settings) as app:
+        channel = open_channel(f"127.0.0.1:{app.service.port}")
+        try:
+            stub = generator_pb2_grpc.GeneratorStub(channel)
+            long_request = generator_pb2.GeneratorGenerateRequest(
+                prompt=PROMPT, sampling=greedy(LONG_CONTEXT - 64, ignore_eos=True)
+            )
+            running = stub.Generate(long_request)
+            await running.read()
+            waiting = stub.Generate(generator_pb2.GeneratorGenerateRequest(prompt=PROMPT, sampling=greedy(2)))
+            assert await wait_for(lambda: app.engine.load().waiting == 1), app.engine.load()
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await collect(
+                    stub.Generate(generator_pb2.GeneratorGenerateRequest(prompt=PROMPT, sampling=greedy(2)))
+                )
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+            details = error_details(info.value)
+            assert details["reason"] == "REPLICA_QUEUE_FULL"
+            assert details["retry_after"] is not None and details["retry_after"] > 0
+            assert "waiting queue is full" in details["message"] and "bound 1" in details["message"]
+            assert app.identity.replica_id in details["message"]
+            running.cancel()
+            messages = await collect(waiting)
+            assert messages[-1].finish_reason in (
+                common_pb2.FINISH_REASON_LENGTH,
+                common_pb2.FINISH_REASON_EOS,
+            )
+        finally:
+            await channel.close()
+    assert app.announce().max_waiting == 1
+
+
 def test_settings_defaults_and_errors(tmp_path: Path) -> None:
     def load(environ: dict[str, str]) -> GeneratorSettings:
         return load_settings(

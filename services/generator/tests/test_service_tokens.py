@@ -154,11 +154,13 @@ async def test_registration_announces_kv_hashing_tokenizer_and_cost_model(
             assert replica.kv_block_size == generator.engine.info.block_size == settings.block_size
             assert replica.kv_hash_seed == generator.engine.hash_seed
             assert replica.tokenizer_fingerprint == fingerprint_file(model_dir)
+            assert replica.max_waiting == settings.max_waiting == generator.engine.config.max_waiting
             assert replica.cost_model == scheduler_pb2.StepCostModel(
                 base_ms=2.5, prefill_token_ms=0.04, decode_seq_ms=0.3, context_token_ms=0.001
             )
             info = scheduler.registry.get(replica.replica_id).info
             assert info.cost_model == CostModel(2.5, 0.04, 0.3, 0.001)
+            assert info.max_waiting == settings.max_waiting
 
 
 async def test_without_a_cost_profile_no_cost_model_is_announced(loaded: LoadedModel, model_dir: Path) -> None:

@@ -10,6 +10,7 @@ import pytest
 from switchboard.scheduler.placement import (
     MAX_EXPERTS,
     NO_REPLICA,
+    QUEUE_FULL,
     TOO_SHORT,
     InvalidPlacement,
     LeastLoadedPolicy,
@@ -87,6 +88,47 @@ def test_min_model_len_skips_short_replicas_and_says_why() -> None:
     assert shortfall.reason == "replicas of 'b' accept at most 512 tokens, the request needs 900"
     # Without a requirement every replica is eligible.
     assert placer.plan(request("b")).primary is not None
+
+
+def full_queue_placer(*replicas: tuple[str, str, int, int]) -> Placer:
+    """A placer over (replica_id, expert, max_waiting, waiting) replicas."""
+    registry = ReplicaRegistry(expiry_seconds=5.0)
+    for port, (replica_id, expert, max_waiting, waiting) in enumerate(replicas, start=50061):
+        registry.register(
+            ReplicaInfo(replica_id, expert, f"127.0.0.1:{port}", max_waiting=max_waiting),
+            LoadSnapshot(waiting=waiting),
+        )
+    return Placer(registry, LeastLoadedPolicy(), EXPERTS)
+
+
+def test_replicas_with_a_full_queue_are_not_candidates() -> None:
+    """a1 reports 4 waiting of 4 (full), a2 one below its bound, a3 no bound (0): only a2 and a3 are candidates."""
+    placer = full_queue_placer(("a1", "a", 4, 4), ("a2", "a", 4, 3), ("a3", "a", 0, 50))
+    result = placer.place(request("a", max_alternates=4))
+    assert result.primary is not None
+    ids = {result.primary.replica.replica_id, *(r.replica_id for r in result.primary.alternates)}
+    assert ids == {"a2", "a3"} and not result.unavailable
+    assert inflight(placer)["a1"] == 0
+
+
+def test_every_replica_full_is_its_own_outcome_and_the_next_expert_takes_it() -> None:
+    placer = full_queue_placer(("a1", "a", 8, 8), ("b1", "b", 2, 5), ("b2", "b", 2, 2), ("c1", "c", 8, 0))
+    result = placer.place(request("a", "b", "c"))
+    assert result.primary is not None and result.primary.replica.replica_id == "c1"
+    assert [(u.expert, u.outcome) for u in result.unavailable] == [("a", QUEUE_FULL), ("b", QUEUE_FULL)]
+    assert result.unavailable[0].reason == "every replica of expert 'a' has a full queue (8 waiting of 8)"
+    assert result.unavailable[1].reason == (
+        "every replica of expert 'b' has a full queue (b1: 5 waiting of 2; b2: 2 waiting of 2)"
+    )
+    # Once a heartbeat reports the queue below its bound, the replica is a candidate again.
+    placer.registry.report_load("a1", LoadSnapshot(waiting=7))
+    assert placer.place(request("a", request_id="r2")).primary is not None
+
+
+def test_a_full_queue_reason_names_at_most_four_replicas() -> None:
+    placer = full_queue_placer(*((f"a{i}", "a", 1, 1) for i in range(6)))
+    (shortfall,) = placer.place(request("a")).unavailable
+    assert shortfall.outcome == QUEUE_FULL and shortfall.reason.endswith("a3: 1 waiting of 1; 2 more)")
 
 
 def test_exclusions_and_reasons_in_request_order() -> None:

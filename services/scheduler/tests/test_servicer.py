@@ -323,6 +323,36 @@ async def test_min_model_len_skips_short_replicas(stub: scheduler_pb2_grpc.Sched
     assert reply.placements[0].replica.replica_id == "m"
 
 
+async def test_place_skips_replicas_whose_queue_is_full(stub: scheduler_pb2_grpc.SchedulerStub) -> None:
+    """max_waiting is announced and shown; a replica reporting that many waiting gets nothing, and when
+    every replica is full Place answers UNAVAILABLE with RetryInfo saying whose queue is full."""
+    full = register_request("full", port=50061, waiting=3)
+    full.max_waiting = 3
+    await stub.Register(full)
+    other = register_request("other", port=50062, running=9, waiting=2)
+    other.max_waiting = 3
+    await stub.Register(other)
+    cluster = await stub.GetCluster(scheduler_pb2.GetClusterRequest())
+    assert {r.replica_id: r.max_waiting for r in cluster.replicas} == {"full": 3, "other": 3}
+    reply = await stub.Place(
+        scheduler_pb2.PlaceRequest(request_id="q1", experts=["bard-small"], max_alternates=4)
+    )
+    assert reply.placements[0].replica.replica_id == "other" and not reply.placements[0].alternates
+    await stub.ReportLoad(
+        scheduler_pb2.ReportLoadRequest(replica_id="other", load=scheduler_pb2.ReplicaLoad(waiting=3))
+    )
+    before = placements_count("bard-small", "queue_full")
+    details = await expect_error(
+        stub.Place(scheduler_pb2.PlaceRequest(request_id="q2", experts=["bard-small"])),
+        grpc.StatusCode.UNAVAILABLE,
+    )
+    assert details["message"] == (
+        "every replica of expert 'bard-small' has a full queue (full: 3 waiting of 3; other: 3 waiting of 3)"
+    )
+    assert details["retry_after"] is not None
+    assert placements_count("bard-small", "queue_full") == before + 1
+
+
 async def test_exclusions_apply_to_every_expert(stub: scheduler_pb2_grpc.SchedulerStub) -> None:
     await stub.Register(register_request("b1", expert="bard-small", port=50061))
     await stub.Register(register_request("b2", expert="bard-small", port=50062, running=3))

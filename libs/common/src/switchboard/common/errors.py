@@ -19,6 +19,9 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 ERROR_DOMAIN = "switchboard.dev"
+# ErrorInfo reason of a generator's RESOURCE_EXHAUSTED when its waiting queue is at its bound: the
+# replica is busy, the request is fine (the gateway fails over to the next candidate on it).
+REPLICA_QUEUE_FULL = "REPLICA_QUEUE_FULL"
 _DETAILS_KEY = "grpc-status-details-bin"
 
 

@@ -54,7 +54,7 @@ class KvEvents(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[KvEvent, _Mapping]]] = ..., reset: _Optional[bool] = ...) -> None: ...
 
 class Replica(_message.Message):
-    __slots__ = ("replica_id", "expert", "address", "device", "model_name", "max_model_len", "load", "state", "seconds_since_heartbeat", "inflight", "kv_block_size", "kv_hash_seed", "tokenizer_fingerprint", "cost_model")
+    __slots__ = ("replica_id", "expert", "address", "device", "model_name", "max_model_len", "load", "state", "seconds_since_heartbeat", "inflight", "kv_block_size", "kv_hash_seed", "tokenizer_fingerprint", "cost_model", "max_waiting")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     EXPERT_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class Replica(_message.Message):
     KV_HASH_SEED_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     COST_MODEL_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAITING_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     expert: str
     address: str
@@ -83,7 +84,8 @@ class Replica(_message.Message):
     kv_hash_seed: int
     tokenizer_fingerprint: str
     cost_model: StepCostModel
-    def __init__(self, replica_id: _Optional[str] = ..., expert: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., load: _Optional[_Union[ReplicaLoad, _Mapping]] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., seconds_since_heartbeat: _Optional[float] = ..., inflight: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_hash_seed: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., cost_model: _Optional[_Union[StepCostModel, _Mapping]] = ...) -> None: ...
+    max_waiting: int
+    def __init__(self, replica_id: _Optional[str] = ..., expert: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., load: _Optional[_Union[ReplicaLoad, _Mapping]] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., seconds_since_heartbeat: _Optional[float] = ..., inflight: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_hash_seed: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., cost_model: _Optional[_Union[StepCostModel, _Mapping]] = ..., max_waiting: _Optional[int] = ...) -> None: ...
 
 class StepCostModel(_message.Message):
     __slots__ = ("base_ms", "prefill_token_ms", "decode_seq_ms", "context_token_ms")
@@ -98,7 +100,7 @@ class StepCostModel(_message.Message):
     def __init__(self, base_ms: _Optional[float] = ..., prefill_token_ms: _Optional[float] = ..., decode_seq_ms: _Optional[float] = ..., context_token_ms: _Optional[float] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("replica_id", "expert", "address", "device", "model_name", "max_model_len", "load", "kv_events", "kv_block_size", "kv_hash_seed", "tokenizer_fingerprint", "cost_model")
+    __slots__ = ("replica_id", "expert", "address", "device", "model_name", "max_model_len", "load", "kv_events", "kv_block_size", "kv_hash_seed", "tokenizer_fingerprint", "cost_model", "max_waiting")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     EXPERT_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +113,7 @@ class RegisterRequest(_message.Message):
     KV_HASH_SEED_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     COST_MODEL_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAITING_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     expert: str
     address: str
@@ -123,7 +126,8 @@ class RegisterRequest(_message.Message):
     kv_hash_seed: int
     tokenizer_fingerprint: str
     cost_model: StepCostModel
-    def __init__(self, replica_id: _Optional[str] = ..., expert: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., load: _Optional[_Union[ReplicaLoad, _Mapping]] = ..., kv_events: _Optional[_Union[KvEvents, _Mapping]] = ..., kv_block_size: _Optional[int] = ..., kv_hash_seed: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., cost_model: _Optional[_Union[StepCostModel, _Mapping]] = ...) -> None: ...
+    max_waiting: int
+    def __init__(self, replica_id: _Optional[str] = ..., expert: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., load: _Optional[_Union[ReplicaLoad, _Mapping]] = ..., kv_events: _Optional[_Union[KvEvents, _Mapping]] = ..., kv_block_size: _Optional[int] = ..., kv_hash_seed: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., cost_model: _Optional[_Union[StepCostModel, _Mapping]] = ..., max_waiting: _Optional[int] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("heartbeat_interval_seconds", "expiry_seconds", "kv_acked_sequence", "kv_resync_needed")

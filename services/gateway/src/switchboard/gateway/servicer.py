@@ -25,9 +25,11 @@ from opentelemetry import trace
 from switchboard.common.channels import open_channel
 from switchboard.common.enums import enum_name
 from switchboard.common.errors import (
+    REPLICA_QUEUE_FULL,
     ServiceError,
     error_details,
     invalid_argument,
+    resource_exhausted,
     unauthenticated,
     unavailable,
 )
@@ -53,13 +55,25 @@ log = get_logger(__name__)
 FAILOVER_CODES = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
         grpc.StatusCode.INTERNAL,
         grpc.StatusCode.UNKNOWN,
         grpc.StatusCode.ABORTED,
         grpc.StatusCode.CANCELLED,
     }
 )
+# RESOURCE_EXHAUSTED reasons that describe the replica, not the request: the next candidate is
+# tried. A RESOURCE_EXHAUSTED without one (gRPC's own message-size limits) is about the request
+# and every replica would answer the same, so it goes back to the client.
+FAILOVER_RESOURCE_REASONS = frozenset({REPLICA_QUEUE_FULL})
+
+
+def fails_over(code: grpc.StatusCode, reason: str | None) -> bool:
+    """Whether a replica's error before its first token is a reason to try the next candidate."""
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return reason in FAILOVER_RESOURCE_REASONS
+    return code in FAILOVER_CODES
+
+
 # Router answers passed to the client unchanged (they describe the request, not the gateway).
 ROUTER_PASSTHROUGH = frozenset(
     {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED}
@@ -234,6 +248,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         """Try the candidates in order until one streams its first token."""
         failures: list[str] = []
+        busy: list[float] = []  # RetryInfo delays of the candidates that refused with a full queue
         upstream = generator_requests(request_id, prompt, sampling, decision)
         for attempt, candidate in enumerate(decision.candidates):
             remaining = deadline - time.monotonic()
@@ -286,10 +301,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                         f"({code.name}); the partial output cannot be resumed, retry the request",
                         reason="REPLICA_FAILED_MID_STREAM",
                     ) from None
-                if code not in FAILOVER_CODES:
+                details = error_details(error)
+                if not fails_over(code, details["reason"]):
                     raise _passthrough(error) from None
                 metrics.FAILOVERS.labels(candidate.expert, code.name).inc()
-                failures.append(f"{candidate.replica_id} ({code.name})")
+                if details["reason"] == REPLICA_QUEUE_FULL:
+                    busy.append(details["retry_after"] or 0.0)
+                    failures.append(f"{candidate.replica_id} (queue full)")
+                else:
+                    failures.append(f"{candidate.replica_id} ({code.name})")
                 log.warning(
                     "replica failed before the first token",
                     expert=candidate.expert,
@@ -309,6 +329,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 )
             failures.append(f"{candidate.replica_id} (empty stream)")
         outcome.finish_reason = common_pb2.FINISH_REASON_ERROR
+        if busy and len(busy) == len(decision.candidates):
+            raise resource_exhausted(
+                f"all {len(busy)} candidate replicas have a full queue: " + ", ".join(failures) + "; retry later",
+                retry_after_seconds=max(max(busy), 0.1),
+                reason="ALL_REPLICAS_BUSY",
+            )
         raise unavailable(
             f"all {len(decision.candidates)} candidate replicas failed before the first token: " + ", ".join(failures),
             reason="ALL_REPLICAS_FAILED",

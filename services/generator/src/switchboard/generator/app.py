@@ -38,6 +38,7 @@ def engine_config(settings: GeneratorSettings, model_identity: str | None = None
         block_size=settings.block_size,
         kv_cache_bytes=settings.kv_cache_mb * (1 << 20) if settings.kv_cache_mb else None,
         max_num_seqs=settings.max_num_seqs,
+        max_waiting=settings.max_waiting,
         max_tokens_per_step=settings.max_tokens_per_step,
         enable_prefix_caching=settings.prefix_caching,
     )
@@ -79,8 +80,8 @@ class GeneratorApp:
 
     def announce(self) -> scheduler_pb2.RegisterRequest:
         """What this replica tells the scheduler about itself: identity, model, how its prefix cache
-        hashes blocks (block size, chain seed), its tokenizer's fingerprint and, with a cost profile,
-        its step-cost model."""
+        hashes blocks (block size, chain seed), its tokenizer's fingerprint, the bound on its waiting
+        queue and, with a cost profile, its step-cost model."""
         info = self.engine.info
         cost = self.cost_model
         return scheduler_pb2.RegisterRequest(
@@ -93,6 +94,7 @@ class GeneratorApp:
             kv_block_size=info.block_size,
             kv_hash_seed=self.engine.hash_seed,
             tokenizer_fingerprint=self.servicer.tokenizer_fingerprint,
+            max_waiting=self.engine.config.max_waiting,
             cost_model=None
             if cost is None
             else scheduler_pb2.StepCostModel(

@@ -60,6 +60,13 @@ class GeneratorSettings:
     max_num_seqs: int = setting(
         "GENERATOR_MAX_NUM_SEQS", 64, "most sequences in the running batch", minimum=1, maximum=4096
     )
+    max_waiting: int = setting(
+        "GENERATOR_MAX_WAITING",
+        256,
+        "bound on the waiting queue (accepted, not yet running): a Generate arriving while this many wait is refused with RESOURCE_EXHAUSTED (reason REPLICA_QUEUE_FULL); announced to the scheduler, which stops placing here while the queue is full (default: 4 x the default GENERATOR_MAX_NUM_SEQS)",
+        minimum=1,
+        maximum=1 << 20,
+    )
     block_size: int = setting(
         "GENERATOR_BLOCK_SIZE", 16, "tokens per KV-cache block", minimum=1, maximum=1024
     )

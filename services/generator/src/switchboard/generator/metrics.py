@@ -32,7 +32,7 @@ REQUEST_SECONDS = Histogram(
 )
 REQUESTS = Counter(
     "switchboard_generator_requests_total",
-    "Finished Generate calls by finish reason (length, eos, stop_sequence, cancelled, rejected, error).",
+    "Finished Generate calls by finish reason (length, eos, stop_sequence, cancelled, rejected, queue_full, error).",
     ["finish_reason"],
 )
 PROMPT_TOKENS = Counter("switchboard_generator_prompt_tokens_total", "Prompt tokens of finished requests.")

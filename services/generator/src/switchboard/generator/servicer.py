@@ -3,7 +3,9 @@
 `Generate` validates the request (INVALID_ARGUMENT naming the field), picks its prompt (the
 upstream token ids when their tokenizer fingerprint is this replica's, else the text tokenized
 here: `prompt_input.py`), hands it to the engine and streams every engine output as one response
-message. Cancelling the call (or its deadline passing)
+message. A request arriving while the engine's waiting queue is at its bound
+(GENERATOR_MAX_WAITING) is refused before any work with RESOURCE_EXHAUSTED, RetryInfo and reason
+REPLICA_QUEUE_FULL. Cancelling the call (or its deadline passing)
 cancels the handler task; the engine's stream is closed with `aclosing`, which takes the sequence
 out of the batch at the next step and returns its KV blocks to the pool.
 """
@@ -18,11 +20,11 @@ from dataclasses import dataclass
 
 import grpc
 from opentelemetry import trace
-from switchboard.common.errors import invalid_argument, unavailable
+from switchboard.common.errors import REPLICA_QUEUE_FULL, invalid_argument, resource_exhausted, unavailable
 from switchboard.common.logging import bind_request, get_logger
 from switchboard.common.telemetry import SpanAttributes, get_tracer
 from switchboard.generator import metrics
-from switchboard.generator.engine import Engine, EngineOutput, EngineRequest, RequestRejected
+from switchboard.generator.engine import Engine, EngineOutput, EngineRequest, QueueFull, RequestRejected
 from switchboard.generator.prompt_input import PromptRejected, choose_prompt
 from switchboard.generator.sampling import SamplingParams
 from switchboard.v1 import common_pb2, generator_pb2, generator_pb2_grpc
@@ -31,6 +33,9 @@ log = get_logger(__name__)
 tracer = get_tracer(__name__)
 
 MAX_REQUEST_ID_LENGTH = 256
+# RetryInfo delay of a Generate refused with a full waiting queue (reason REPLICA_QUEUE_FULL): about
+# one scheduler heartbeat, by when the queue has moved and the scheduler has seen it.
+QUEUE_FULL_RETRY_SECONDS = 1.0
 
 FINISH_REASONS = {
     "length": common_pb2.FINISH_REASON_LENGTH,
@@ -217,6 +222,13 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                         finish_reason = output.finish_reason
                         usage = output.usage
                     yield response_from_output(output)
+        except QueueFull as exc:
+            finish_reason = "queue_full"
+            raise resource_exhausted(
+                f"replica {self.identity.replica_id}: {exc}",
+                retry_after_seconds=QUEUE_FULL_RETRY_SECONDS,
+                reason=REPLICA_QUEUE_FULL,
+            ) from None
         except RequestRejected as exc:
             finish_reason = "rejected"
             raise invalid_argument(exc.field, exc.message) from None

@@ -17,7 +17,8 @@ REPLICAS = Gauge(
 PLACEMENTS = Counter(
     "switchboard_scheduler_placements_total",
     "Requested experts of Place calls by outcome: placed (holds the reserved primary), candidate (placed, not"
-    " reserved), no_replica, too_short (every replica's max_model_len is below the request's), unknown_expert.",
+    " reserved), no_replica, too_short (every replica's max_model_len is below the request's), queue_full (every fitting replica's"
+    " reported waiting queue is at its announced bound), unknown_expert.",
     ["expert", "outcome"],
 )
 EXPIRATIONS = Counter(

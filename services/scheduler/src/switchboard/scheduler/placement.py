@@ -3,7 +3,8 @@
 `Placer` is the core of `Scheduler.Place` (no gRPC here: the servicer only converts protobuf to a
 `PlacementRequest` and the result back, and maps the exceptions below to status codes). For each
 candidate expert, best first, it narrows the replicas to the healthy, non-excluded ones long
-enough for the request, asks the policy to rank them, and keeps the best as that expert's choice
+enough for the request whose last reported waiting queue is below the bound they announced
+(`max_waiting`), asks the policy to rank them, and keeps the best as that expert's choice
 and the next ones as alternates; then it reserves only the primary (the choice of the first
 expert that has one) in the registry. Reserving in the same call as placing is what makes the
 primary independent of the order in which callers place their requests.
@@ -27,6 +28,7 @@ __all__ = [
     "MAX_ALTERNATES",
     "MAX_EXPERTS",
     "NO_REPLICA",
+    "QUEUE_FULL",
     "TOO_SHORT",
     "UNDECLARED",
     "ExpertCandidates",
@@ -49,6 +51,9 @@ MAX_ALTERNATES = 16
 NO_REPLICA = "no_replica"
 UNDECLARED = "unknown_expert"
 TOO_SHORT = "too_short"
+QUEUE_FULL = "queue_full"
+# Replicas a QUEUE_FULL reason names (the rest are counted).
+_NAMED_FULL = 4
 
 
 class InvalidPlacement(ValueError):
@@ -109,7 +114,8 @@ class ExpertCandidates:
 
 @dataclass(frozen=True)
 class ExpertShortfall:
-    """Why one expert got no placement: `outcome` is NO_REPLICA or TOO_SHORT, `reason` is for people."""
+    """Why one expert got no placement: `outcome` is NO_REPLICA, UNDECLARED, TOO_SHORT or QUEUE_FULL,
+    `reason` is for people."""
 
     expert: str
     outcome: str
@@ -238,5 +244,29 @@ class Placer:
                 TOO_SHORT,
                 f"replicas of {expert!r} accept at most {longest} tokens, the request needs {needed}",
             )
-        ranked = self.policy.rank(self._query(expert, request), fitting)
+        # A replica whose last reported waiting count has reached the bound it announced would
+        # refuse the request (RESOURCE_EXHAUSTED); 0 = no bound announced.
+        open_ = [r for r in fitting if not _queue_full(r)]
+        if not open_:
+            return ExpertShortfall(expert, QUEUE_FULL, _queue_full_reason(expert, fitting))
+        ranked = self.policy.rank(self._query(expert, request), open_)
         return ExpertCandidates(expert, ranked[0], tuple(ranked[1 : 1 + request.max_alternates]))
+
+
+def _queue_full(replica: ReplicaView) -> bool:
+    bound = replica.info.max_waiting
+    return bound > 0 and replica.load.waiting >= bound
+
+
+def _queue_full_reason(expert: str, full: Sequence[ReplicaView]) -> str:
+    """E.g. "every replica of 'bard' has a full queue (8 waiting of 8)", naming each replica when there are several."""
+    if len(full) == 1:
+        load = f"{full[0].load.waiting} waiting of {full[0].info.max_waiting}"
+    else:
+        named = [
+            f"{r.replica_id}: {r.load.waiting} waiting of {r.info.max_waiting}" for r in full[:_NAMED_FULL]
+        ]
+        if len(full) > _NAMED_FULL:
+            named.append(f"{len(full) - _NAMED_FULL} more")
+        load = "; ".join(named)
+    return f"every replica of expert {expert!r} has a full queue ({load})"

@@ -90,6 +90,9 @@ class ReplicaInfo:
     tokenizer_fingerprint: str = ""
     # Its fitted step-cost model, for latency-predicting policies (None = not announced).
     cost_model: CostModel | None = None
+    # The bound on its waiting queue: nothing is placed on it while its reported `waiting` is at
+    # least this (it would refuse with RESOURCE_EXHAUSTED). 0 = not announced (no bound known).
+    max_waiting: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -162,6 +162,7 @@ def replica_info_from_proto(request: scheduler_pb2.RegisterRequest) -> ReplicaIn
         kv_hash_seed=request.kv_hash_seed,
         tokenizer_fingerprint=request.tokenizer_fingerprint,
         cost_model=cost,
+        max_waiting=request.max_waiting,
     )
 
 
@@ -239,6 +240,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             kv_hash_seed=info.kv_hash_seed,
             tokenizer_fingerprint=info.tokenizer_fingerprint,
             cost_model=cost_model_to_proto(info.cost_model) if info.cost_model is not None else None,
+            max_waiting=info.max_waiting,
         )
 
     def _changed(self) -> None:

@@ -15,6 +15,7 @@ from switchboard.generator.engine.types import (
     EngineLoad,
     EngineOutput,
     EngineRequest,
+    QueueFull,
     RequestRejected,
     Usage,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "EngineLoad",
     "EngineOutput",
     "EngineRequest",
+    "QueueFull",
     "RequestRejected",
     "Usage",
 ]

@@ -29,6 +29,7 @@ from switchboard.generator.engine.types import (
     EngineLoad,
     EngineOutput,
     EngineRequest,
+    QueueFull,
     RequestRejected,
     Usage,
 )
@@ -92,8 +93,8 @@ class Engine:
         self.max_model_len = int(loaded.max_model_len)
         self.vocab_size = int(self.model.config.vocab_size)
         cfg = self.config
-        if cfg.block_size < 1 or cfg.max_num_seqs < 1 or cfg.max_tokens_per_step < 1:
-            raise ValueError("block_size, max_num_seqs and max_tokens_per_step must be positive")
+        if cfg.block_size < 1 or cfg.max_num_seqs < 1 or cfg.max_tokens_per_step < 1 or cfg.max_waiting < 1:
+            raise ValueError("block_size, max_num_seqs, max_tokens_per_step and max_waiting must be positive")
         pack = cfg.pack_weights
         if pack is None:
             pack = self.device.type == "cpu" and packing_available()
@@ -204,6 +205,17 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
 
+    def _num_waiting(self) -> int:
+        """Requests accepted and not running: the scheduler's waiting queue (preempted ones
+        included) and those not yet taken in by the loop."""
+        return len(self.scheduler.waiting) + len(self._inbox)
+
+    def check_admission(self) -> None:
+        """Raise QueueFull when the waiting queue is at its bound (cheap: call before any work)."""
+        waiting = self._num_waiting()
+        if waiting >= self.config.max_waiting:
+            raise QueueFull(waiting, self.config.max_waiting)
+
     def _tokenize(self, request: EngineRequest) -> list[int]:
         if request.prompt_token_ids is not None:
             ids = [int(t) for t in request.prompt_token_ids]
@@ -243,12 +255,15 @@ class Engine:
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         """Stream the outputs of one request; leaving the loop early cancels it.
 
-        Raises RequestRejected before the first output for a request that can never run.
+        Raises QueueFull before the first output when the waiting queue is at its bound
+        (`EngineConfig.max_waiting`; checked before the request is tokenized or queued), and
+        RequestRejected for a request that can never run.
         """
         if self.failed is not None:
             raise RuntimeError(f"engine failed: {self.failed!r}")
         if self._task is None or self._stopping:
             raise RuntimeError("engine is not running (call await engine.start())")
+        self.check_admission()
         prompt_ids = self._tokenize(request)
         self._validate(request, prompt_ids)
         params = request.sampling
@@ -300,7 +315,7 @@ class Engine:
         span = min(10.0, now - window[0][0]) if window else 0.0
         return EngineLoad(
             running=len(self.scheduler.running),
-            waiting=len(self.scheduler.waiting) + len(self._inbox),
+            waiting=self._num_waiting(),
             kv_blocks_used=self.pool.num_used,
             kv_blocks_total=self.pool.num_blocks,
             tokens_per_second=tokens / span if span > 0.5 else float(tokens),

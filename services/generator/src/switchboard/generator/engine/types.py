@@ -19,6 +19,18 @@ class RequestRejected(Exception):
         self.message = message
 
 
+class QueueFull(Exception):
+    """The replica's waiting queue is at its bound (`EngineConfig.max_waiting`); raised before the
+    request is tokenized or queued, so nothing was done for it. The caller may retry later or elsewhere."""
+
+    def __init__(self, waiting: int, max_waiting: int) -> None:
+        self.waiting = waiting
+        self.max_waiting = max_waiting
+        super().__init__(
+            f"the waiting queue is full ({waiting} requests waiting, bound {max_waiting}); retry later or on another replica"
+        )
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Engine sizing. `kv_cache_bytes=None` picks a default for the device (see `Engine`)."""
@@ -26,6 +38,10 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_bytes: int | None = None
     max_num_seqs: int = 64
+    # Bound on the waiting queue (requests accepted and not yet running, preempted ones
+    # included): a request arriving while this many wait is refused with QueueFull before any
+    # work is done for it. Default: 4 x the default max_num_seqs.
+    max_waiting: int = 256
     max_tokens_per_step: int = 512
     enable_prefix_caching: bool = True
     # Exact pool size in blocks; overrides kv_cache_bytes (tests use tiny pools).
