@@ -705,13 +705,9 @@ def promtool(args: list[str], cwd: Path | None = None) -> list[str]:
 
 
 # Imports an image may lack on purpose, and why.
-OPTIONAL_IMPORTS = {
-    # Only for a demo-expert name in GENERATOR_MODEL; images are given model folders.
-    "generator": {"switchboard.experts"},
-    # Only to find a demo expert's tokenizer (an experts-config `model` that is a demo name); in an
-    # image the router uses model folders it is given, or the gate artifact's tokenizer.
-    "router": {"switchboard.experts"},
-}
+# Imports a service may make of a package its image does not copy (none: services are given
+# model folders and import no CLI/tools package; tests/test_layering.py keeps it so).
+OPTIONAL_IMPORTS: dict[str, set[str]] = {}
 
 
 def image_requirement_files(dockerfile: Path) -> list[str]:

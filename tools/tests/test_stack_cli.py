@@ -50,6 +50,20 @@ def test_default_plan_uses_documented_ports_and_one_generator_per_replica(tmp_pa
     assert specs["router"].env["SCHEDULER_ADDR"] == "127.0.0.1:50053"
 
 
+def test_plan_hands_services_model_folders_not_demo_names(tmp_path: Path) -> None:
+    # `switchboard up` resolves the demo names; the services get folders (they resolve no names).
+    folders = {name: tmp_path / name for name in ("bard-small", "milton-small")}
+    for folder in folders.values():
+        folder.mkdir()
+    models = {name: str(folder) for name, folder in folders.items()}
+    specs = service_specs(plan_stack(REPO_ROOT / "config" / "experts.yaml", tmp_path / "k", models=models))
+    assert specs["generator-bard-small-0"].env["GENERATOR_MODEL"] == str(folders["bard-small"])
+    pairs = dict(pair.split("=", 1) for pair in specs["router"].env["ROUTER_MODEL_FOLDERS"].split(","))
+    # scribe-large's demo name was not resolved (no folder given): the router is not told a name.
+    assert pairs == {name: str(folder.resolve()) for name, folder in folders.items()}
+    assert "ROUTER_MODEL_FOLDERS" not in service_specs(plan_stack(REPO_ROOT / "config" / "experts.yaml", tmp_path / "k"))["router"].env
+
+
 def test_free_port_plan_has_distinct_ports(tmp_path: Path) -> None:
     plan = plan_stack(REPO_ROOT / "config" / "experts.yaml", tmp_path / "k", free_ports=True, metrics=False)
     ports = [plan.gateway_port, plan.router_port, plan.scheduler_port, *(g.port for g in plan.generators)]

@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY
 from switchboard.common.channels import open_channel
 from switchboard.common.errors import error_details, invalid_argument, unavailable
 from switchboard.common.logging import bind_request, configure_logging, get_logger
-from switchboard.common.service import GrpcService
+from switchboard.common.service import HEALTH_LIST_LIMIT, GrpcService
 from switchboard.common.settings import ServerSettings
 from switchboard.common.telemetry import configure_tracing, get_tracer
 
@@ -83,6 +83,34 @@ async def test_health_serving_and_reflection(channel: grpc.aio.Channel) -> None:
         names = {s.name for s in reply.list_services_response.service}
         assert {SERVICE, "grpc.health.v1.Health"} <= names
         break
+
+
+async def test_health_list_names_every_service_with_its_status(
+    service: GrpcService, channel: grpc.aio.Channel
+) -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+    reply = await stub.List(health_pb2.HealthListRequest(), timeout=5)
+    assert {name: r.status for name, r in reply.statuses.items()} == {
+        "": health_pb2.HealthCheckResponse.SERVING,
+        SERVICE: health_pb2.HealthCheckResponse.SERVING,
+    }
+    # List reads the same statuses as Check: a change shows in both.
+    await service.health.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reply = await stub.List(health_pb2.HealthListRequest(), timeout=5)
+    assert reply.statuses[SERVICE].status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert reply.statuses[""].status == health_pb2.HealthCheckResponse.SERVING
+    check = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5)
+    assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def test_health_list_over_the_limit_is_resource_exhausted(
+    service: GrpcService, channel: grpc.aio.Channel
+) -> None:
+    for i in range(HEALTH_LIST_LIMIT):
+        await service.health.set(f"switchboard.test.Extra{i}", health_pb2.HealthCheckResponse.SERVING)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await health_pb2_grpc.HealthStub(channel).List(health_pb2.HealthListRequest(), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 async def test_service_error_becomes_rich_status(channel: grpc.aio.Channel) -> None:

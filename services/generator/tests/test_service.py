@@ -287,9 +287,11 @@ def test_settings_defaults_and_errors(tmp_path: Path) -> None:
             server_prefix=SERVER_PREFIX,
             default_port=DEFAULT_PORT,
             default_metrics_port=DEFAULT_METRICS_PORT,
-            environ=environ,
+            environ={"GENERATOR_MODEL": str(tmp_path), **environ},
         )
 
+    with pytest.raises(SettingsError, match="GENERATOR_MODEL: required"):
+        load_settings(GeneratorSettings, server_prefix=SERVER_PREFIX, environ={})
     settings = load({})
     assert settings.server.port == 50061 and settings.server.metrics_port == 9111
     assert (

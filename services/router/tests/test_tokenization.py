@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 from switchboard.common.experts_config import ExpertSpec, load_experts_config
-from switchboard.common.settings import ServerSettings
+from switchboard.common.settings import ServerSettings, SettingsError
 from switchboard.common.tokenizer_fingerprint import fingerprint_file
 from switchboard.router import core as core_module
-from switchboard.router.config import RouterSettings
+from switchboard.router.config import RouterSettings, parse_model_folders
 from switchboard.router.core import Candidate, PlacementRequest, PlacementResult, RouteInput
 from switchboard.router.server import build_core, build_tokenizers
 from switchboard.router.tokenization import load_prompt_tokenizers, resolve_model_folder
@@ -111,8 +111,19 @@ def test_model_names_resolve_like_the_generators(tmp_path: Path) -> None:
     assert resolve_model_folder(str(tmp_path)) == tmp_path
     with pytest.raises(LookupError, match="does not exist"):
         resolve_model_folder(str(tmp_path / "absent"))
-    with pytest.raises(LookupError, match="neither a model folder nor a demo expert"):
-        resolve_model_folder("no-such-demo-expert")
+    # The router resolves no demo expert names (that is the tools' job); the error says what to set.
+    with pytest.raises(LookupError, match="ROUTER_MODEL_FOLDERS"):
+        resolve_model_folder("bard-small")
+
+
+def test_model_folders_override_the_configs_model(tmp_path: Path, folders: dict[str, Path]) -> None:
+    experts = load_experts_config(experts_config(tmp_path, folders))
+    # ROUTER_MODEL_FOLDERS as `switchboard up` sets it: the lost expert's folder is given.
+    given = parse_model_folders((f"lost-expert={folders['b']}",))
+    loaded = load_prompt_tokenizers(experts, folders=given)
+    assert loaded.fingerprint("lost-expert") == fingerprint_file(folders["b"]) and not loaded.missing
+    with pytest.raises(SettingsError, match="ROUTER_MODEL_FOLDERS"):
+        parse_model_folders(("lost-expert",))
 
 
 class RecordingPlacer:

@@ -34,7 +34,7 @@ class GeneratorPlan:
     """One generator replica to start."""
 
     expert: str
-    model: str  # folder path or demo expert name (GENERATOR_MODEL)
+    model: str  # the model folder (GENERATOR_MODEL); services resolve no demo expert names
     replica_id: str
     port: int
     metrics_port: int
@@ -57,6 +57,9 @@ class StackPlan:
     generators: list[GeneratorPlan] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)  # added to every service (OTEL_*, LOG_LEVEL, ...)
     generator_env: dict[str, str] = field(default_factory=dict)  # added to every generator
+    # {expert: model folder} of the experts whose model is a folder here, for the router's
+    # tokenizers (ROUTER_MODEL_FOLDERS): the router resolves no demo expert names.
+    model_folders: dict[str, str] = field(default_factory=dict)
 
     @property
     def gateway_addr(self) -> str:
@@ -99,6 +102,9 @@ def plan_stack(
     index = 0
     profiles = experts_config.resolve().parent / COST_MODELS_DIR
     for spec in experts:
+        folder = Path((models or {}).get(spec.name, spec.model)).expanduser()
+        if folder.is_dir():
+            plan.model_folders[spec.name] = str(folder.resolve())
         # A measured profile named after the expert (config/cost_models/<expert>.json), when there is one.
         profile = profiles / f"{spec.name}.json"
         for replica in range(spec.replicas):
@@ -139,7 +145,16 @@ def service_specs(plan: StackPlan) -> dict[str, ServiceSpec]:
             "router",
             "switchboard.router",
             plan.router_port,
-            {**shared, "ROUTER_PORT": str(plan.router_port), "ROUTER_METRICS_PORT": str(plan.router_metrics)},
+            {
+                **shared,
+                "ROUTER_PORT": str(plan.router_port),
+                "ROUTER_METRICS_PORT": str(plan.router_metrics),
+                **(
+                    {"ROUTER_MODEL_FOLDERS": ",".join(f"{e}={f}" for e, f in plan.model_folders.items())}
+                    if plan.model_folders
+                    else {}
+                ),
+            },
             plan.router_metrics,
         ),
     }

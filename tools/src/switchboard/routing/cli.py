@@ -78,16 +78,23 @@ def _fail(message: str) -> int:
 def resolve_expert_model(value: str) -> Path:
     """Folder of an experts-config `model`: a folder path, or a demo expert name (built if missing).
 
-    Resolution is the generator's own (`resolve_model_path`, as for GENERATOR_MODEL); a demo
-    expert that is not built yet is built first. Raises ValueError naming what is wrong.
+    A folder is checked as the generator checks GENERATOR_MODEL (`resolve_model_path`); a demo
+    expert name is resolved here (the services resolve no names), built first when it is not yet.
+    Raises ValueError naming what is wrong.
     """
     from switchboard.common.settings import SettingsError
     from switchboard.experts import DEMO_EXPERTS, ensure_experts, expert_dir, is_built
     from switchboard.generator.config import resolve_model_path
 
-    if value in DEMO_EXPERTS and not Path(value).expanduser().is_dir() and not is_built(expert_dir(value)):
-        print(f"building demo expert {value} (first use)...", file=sys.stderr, flush=True)
-        ensure_experts([value])
+    if value in DEMO_EXPERTS and not Path(value).expanduser().is_dir():
+        if not is_built(expert_dir(value)):
+            print(f"building demo expert {value} (first use)...", file=sys.stderr, flush=True)
+            ensure_experts([value])
+        return expert_dir(value)
+    if not Path(value).expanduser().is_dir() and "/" not in value and not value.startswith((".", "~")):
+        raise ValueError(
+            f"{value!r} is neither a model folder nor a demo expert (known: {', '.join(DEMO_EXPERTS)})"
+        )
     try:
         return resolve_model_path(value)
     except SettingsError as exc:

@@ -29,6 +29,35 @@ from switchboard.common.telemetry import configure_tracing, server_interceptors,
 log = get_logger(__name__)
 S = TypeVar("S")
 
+# The grpc.health.v1 contract lets a server cap List ("a server-defined limit (e.g., 100)") and answer
+# RESOURCE_EXHAUSTED beyond it; a service here registers a handful of names, so the cap only guards
+# against a future bug that registers names per request.
+HEALTH_LIST_LIMIT = 100
+
+
+class HealthServicer(health.aio.HealthServicer):
+    """The reference `grpc.health.v1` servicer plus `List`, which the reference leaves unimplemented.
+
+    `List` answers every service whose status was set (the overall server "" included) with its
+    current status, as grpc-health-checking's proto defines it; statuses are read from the same map
+    that `Check` and `Watch` read, so the three never disagree.
+    """
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthListResponse:
+        """All known services and their statuses; RESOURCE_EXHAUSTED over HEALTH_LIST_LIMIT."""
+        statuses = dict(self._server_status)
+        if len(statuses) > HEALTH_LIST_LIMIT:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"more than {HEALTH_LIST_LIMIT} services registered; use Check per service",
+            )
+        reply = health_pb2.HealthListResponse()
+        for service_name, status in statuses.items():
+            reply.statuses[service_name].status = status
+        return reply
+
 def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
     """The grpc server options of one service: its limits and keepalive enforcement, from its settings.
 
@@ -71,7 +100,7 @@ class GrpcService:
             ErrorInterceptor(),
         ]
         self.server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = 0
         self.started = asyncio.Event()

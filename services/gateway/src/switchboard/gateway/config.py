@@ -57,6 +57,14 @@ class GatewaySettings:
     router_timeout_seconds: float = setting(
         "GATEWAY_ROUTER_TIMEOUT_SECONDS", 5.0, "deadline of each call to the router", minimum=0.05, maximum=600.0
     )
+    channel_idle_seconds: float = setting(
+        "GATEWAY_CHANNEL_IDLE_SECONDS",
+        300.0,
+        "a pooled channel to a replica with no call in flight is closed after this long unused "
+        "(so replicas that left the cluster do not keep one)",
+        minimum=1.0,
+        maximum=86_400.0,
+    )
 
     def __post_init__(self) -> None:
         if self.default_max_tokens > self.max_tokens_limit:

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import grpc
 from opentelemetry import trace
-from switchboard.common.channels import open_channel
 from switchboard.common.enums import enum_name
 from switchboard.common.errors import (
     REPLICA_QUEUE_FULL,
@@ -37,6 +36,7 @@ from switchboard.common.logging import bind_request, get_logger
 from switchboard.common.telemetry import SpanAttributes
 from switchboard.gateway import metrics
 from switchboard.gateway.auth import AuthError, KeyStore
+from switchboard.gateway.channels import ChannelPool
 from switchboard.gateway.config import GatewaySettings
 from switchboard.gateway.validation import FieldError, Limits, validate_request
 from switchboard.v1 import (
@@ -124,7 +124,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             default_max_tokens=settings.default_max_tokens,
             max_tokens_limit=settings.max_tokens_limit,
         )
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels = ChannelPool(settings.channel_idle_seconds)
         self._background: set[asyncio.Task[None]] = set()
 
     # -- plumbing -----------------------------------------------------------------
@@ -137,13 +137,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             log.warning("authentication failed", reason=error.reason, peer=context.peer())
             raise unauthenticated(error.message, reason=error.reason) from None
 
-    def _generator(self, address: str) -> generator_pb2_grpc.GeneratorStub:
-        """A stub on a cached channel per replica address."""
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = open_channel(address)
-        return generator_pb2_grpc.GeneratorStub(channel)
-
     def _budget(self, context: grpc.aio.ServicerContext) -> float:
         """Seconds this request may take: the client's deadline, else the configured default."""
         remaining = context.time_remaining()
@@ -153,9 +146,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         """Wait for pending feedback and close the replica channels (on drain)."""
         if self._background:
             await asyncio.wait(self._background, timeout=FEEDBACK_TIMEOUT_SECONDS + 1)
-        for channel in self._channels.values():
-            await channel.close()
-        self._channels.clear()
+        await self._channels.close()
 
     # -- the request path -----------------------------------------------------------
 
@@ -255,11 +246,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             if remaining <= 0:
                 raise deadline_exceeded("the request deadline passed before a replica answered")
             outcome.expert, outcome.replica_id = candidate.expert, candidate.replica_id
-            call = self._generator(candidate.address).Generate(
-                upstream[candidate.tokenizer_fingerprint], timeout=remaining
-            )
+            upstream_request = upstream[candidate.tokenizer_fingerprint]
+            # The lease keeps the pooled channel open until this attempt's call has ended.
+            channel = self._channels.acquire(candidate.address)
+            call: grpc.aio.UnaryStreamCall | None = None
             streamed = False
             try:
+                call = generator_pb2_grpc.GeneratorStub(channel).Generate(upstream_request, timeout=remaining)
                 async for chunk in call:
                     now = time.monotonic()
                     message = gateway_pb2.GenerateResponse(
@@ -319,7 +312,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 )
                 continue
             finally:
-                call.cancel()  # a no-op after a clean end; stops the replica on client cancel
+                if call is not None:
+                    call.cancel()  # a no-op after a clean end; stops the replica on client cancel
+                self._channels.release(candidate.address)
             # The stream closed with OK but without a finish reason: the replica broke its contract.
             if streamed:
                 outcome.finish_reason = common_pb2.FINISH_REASON_ERROR

@@ -31,8 +31,8 @@ class GeneratorSettings:
     server: ServerSettings
     model: str = setting(
         "GENERATOR_MODEL",
-        "bard-small",
-        "model to serve: a Hugging Face model folder, or a demo expert name (bard-small, milton-small, scribe-large)",
+        "",
+        "model to serve: a Hugging Face model folder (required; `switchboard up` passes the demo experts' folders)",
     )
     expert: str = setting(
         "GENERATOR_EXPERT", "", "expert pool this replica serves (empty: the model folder's name)"
@@ -100,7 +100,7 @@ class GeneratorSettings:
         if not _DEVICE.match(self.device):
             raise SettingsError(f"GENERATOR_DEVICE: must be auto, cpu, cuda or cuda:N; got {self.device!r}")
         if not self.model.strip():
-            raise SettingsError("GENERATOR_MODEL: required (a model folder or a demo expert name)")
+            raise SettingsError("GENERATOR_MODEL: required (the folder of the model to serve)")
         for env, value in (
             ("GENERATOR_ADVERTISE_ADDR", self.advertise_addr),
             ("SCHEDULER_ADDR", self.scheduler_addr),
@@ -147,10 +147,11 @@ def load_cost_profile(path: Path | None) -> tuple[CostModel, str] | None:
 
 
 def resolve_model_path(value: str) -> Path:
-    """The model folder named by GENERATOR_MODEL: an existing path, or a demo expert's cache folder.
+    """The model folder named by GENERATOR_MODEL, which must be an existing folder.
 
-    Raises SettingsError naming GENERATOR_MODEL when it is neither, or when the demo expert is not
-    built yet.
+    The generator resolves no names: demo expert names are the tools' business (`switchboard up`
+    builds them and hands each generator its folder), so the service never imports the CLI
+    package. Raises SettingsError naming GENERATOR_MODEL when the folder is not there.
     """
     path = Path(value).expanduser()
     if path.is_dir():
@@ -158,27 +159,10 @@ def resolve_model_path(value: str) -> Path:
     looks_like_path = "/" in value or value.startswith(".") or value.startswith("~")
     if looks_like_path:
         raise SettingsError(f"GENERATOR_MODEL: model folder {path} does not exist")
-    # Imported lazily: the experts tooling is only needed when a demo name is given, and the
-    # generator image does not carry it (models are mounted folders there).
-    try:
-        from switchboard.experts import expert_dir, is_built
-    except ImportError:
-        raise SettingsError(
-            f"GENERATOR_MODEL: model folder {path} does not exist (demo expert names need the "
-            "switchboard-tools package; in a container, mount the model and give its folder)"
-        ) from None
-
-    try:
-        folder = expert_dir(value)
-    except KeyError as exc:
-        raise SettingsError(
-            f"GENERATOR_MODEL: {value!r} is neither a model folder nor a demo expert ({exc})"
-        ) from None
-    if not is_built(folder):
-        raise SettingsError(
-            f"GENERATOR_MODEL: demo expert {value!r} is not built yet ({folder}); run `switchboard experts build`"
-        )
-    return folder
+    raise SettingsError(
+        f"GENERATOR_MODEL: {value!r} is not a model folder; give the path of one (a demo expert name is "
+        "resolved by `switchboard up`; outside it, `switchboard experts path NAME` prints its folder)"
+    )
 
 
 def resolve_device(value: str) -> str:

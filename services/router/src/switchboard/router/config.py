@@ -48,6 +48,11 @@ class RouterSettings:
     tenant_cost_weights: tuple[str, ...] = setting(
         "ROUTER_TENANT_COST_WEIGHTS", (), "per-tenant lambda as tenant=value pairs, comma-separated"
     )
+    model_folders: tuple[str, ...] = setting(
+        "ROUTER_MODEL_FOLDERS",
+        (),
+        "each expert's model folder as expert=folder pairs, comma-separated, used instead of the experts config's `model` to load its tokenizer",
+    )
     gate_temperature: float = setting(
         "ROUTER_GATE_TEMPERATURE", 0.05, "softmax temperature of the built-in n-gram rule", minimum=0.001, maximum=10.0
     )
@@ -113,6 +118,17 @@ def parse_tenant_cost_weights(pairs: tuple[str, ...]) -> dict[str, float]:
     return out
 
 
+def parse_model_folders(pairs: tuple[str, ...]) -> dict[str, Path]:
+    """ROUTER_MODEL_FOLDERS as {expert: folder}; SettingsError naming the variable on a bad pair."""
+    out: dict[str, Path] = {}
+    for pair in pairs:
+        expert, sep, folder = pair.partition("=")
+        if not sep or not expert.strip() or not folder.strip():
+            raise SettingsError(f"ROUTER_MODEL_FOLDERS: expected expert=folder, got {pair!r}")
+        out[expert.strip()] = Path(folder.strip()).expanduser()
+    return out
+
+
 def load_router_settings() -> RouterSettings:
     """Read the router's settings from the environment (raises SettingsError naming the variable).
 
@@ -127,4 +143,5 @@ def load_router_settings() -> RouterSettings:
     except ExpertsConfigError as exc:
         raise SettingsError(f"SWITCHBOARD_EXPERTS_CONFIG: {exc}") from None
     parse_tenant_cost_weights(settings.tenant_cost_weights)
+    parse_model_folders(settings.model_folders)
     return settings

@@ -14,7 +14,7 @@ from switchboard.common.logging import get_logger
 from switchboard.common.service import GrpcService
 from switchboard.router import metrics
 from switchboard.router.artifact import TOKENIZER_FILE, GateArtifactError, check_expert_set, load_artifact
-from switchboard.router.config import RouterSettings, parse_tenant_cost_weights
+from switchboard.router.config import RouterSettings, parse_model_folders, parse_tenant_cost_weights
 from switchboard.router.core import CoreSettings, RouterCore
 from switchboard.router.decision_log import OutcomeSink
 from switchboard.router.gate import Gate, NgramGate
@@ -63,7 +63,7 @@ def build_tokenizers(settings: RouterSettings, experts: list[ExpertSpec]) -> Pro
         # The gate's features use the cheapest expert's tokenizer, and the artifact carries a copy.
         cheapest = min(experts, key=lambda spec: spec.relative_cost)
         fallback = (cheapest.name, settings.gate_path / TOKENIZER_FILE)
-    loaded = load_prompt_tokenizers(experts, fallback)
+    loaded = load_prompt_tokenizers(experts, fallback, folders=parse_model_folders(settings.model_folders))
     for spec in experts:
         metrics.EXPERT_TOKENIZER.labels(spec.name).set(0 if spec.name in loaded.missing else 1)
     if loaded.experts:

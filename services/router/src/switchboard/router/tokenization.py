@@ -1,8 +1,8 @@
 """The prompt's token ids, made once upstream with each candidate expert's own tokenizer.
 
 At start the router loads the tokenizer of every expert in the experts config from its model
-folder (the config's `model`: a folder path, or a demo expert name resolved to its built cache
-folder as the generator resolves GENERATOR_MODEL). Experts whose tokenizers have the same
+folder: ROUTER_MODEL_FOLDERS' folder for it when set (the local stack sets it, having resolved the
+demo expert names), else the config's `model` when that is a folder here. Experts whose tokenizers have the same
 fingerprint (`switchboard.common.tokenizer_fingerprint`, the digest the replicas announce) share
 one loaded tokenizer and, per request, one tokenization. An expert whose folder is not there (a
 router image carries no model folders) falls back, if it is the gate artifact's cheapest expert,
@@ -41,28 +41,19 @@ class PromptTokenization:
 def resolve_model_folder(model: str) -> Path:
     """The model folder an experts-config `model` names; LookupError saying why when there is none here.
 
-    An existing folder is used as it is; a name that is not a path is a demo expert, whose cache
-    folder is found through `switchboard.experts` (the tools package; not in the router's image).
+    Only an existing folder resolves: the router resolves no names (demo expert names are the
+    tools' business; `switchboard up` passes their folders in ROUTER_MODEL_FOLDERS), so the service
+    never imports the CLI package.
     """
     path = Path(model).expanduser()
     if path.is_dir():
         return path
     if "/" in model or model.startswith((".", "~")):
         raise LookupError(f"model folder {path} does not exist here")
-    try:
-        # Imported lazily: only demo expert names need it, and the router image does not carry it.
-        from switchboard.experts import expert_dir, is_built
-    except ImportError:
-        raise LookupError(
-            f"{model!r} is not a folder here, and demo expert names need the switchboard-tools package"
-        ) from None
-    try:
-        folder = expert_dir(model)
-    except KeyError:
-        raise LookupError(f"{model!r} is neither a model folder nor a demo expert") from None
-    if not is_built(folder):
-        raise LookupError(f"demo expert {model!r} is not built ({folder}); run `switchboard experts build`")
-    return folder
+    raise LookupError(
+        f"{model!r} is not a model folder here; give its folder in ROUTER_MODEL_FOLDERS "
+        "(`switchboard up` does for demo experts) or as the expert's `model`"
+    )
 
 
 class PromptTokenizers:
@@ -119,11 +110,13 @@ def load_prompt_tokenizers(
     experts: Sequence[ExpertSpec],
     fallback: tuple[str, Path] | None = None,
     resolve: Callable[[str], Path] = resolve_model_folder,
+    folders: Mapping[str, Path] | None = None,
 ) -> PromptTokenizers:
     """Load every expert's tokenizer once (see the module docstring).
 
     fallback: (expert, tokenizer.json) to use for that expert when its own folder has none (the
-    gate artifact's copy of its cheapest expert's tokenizer).
+    gate artifact's copy of its cheapest expert's tokenizer). folders: {expert: model folder}
+    overriding the config's `model` (ROUTER_MODEL_FOLDERS).
     """
     by_fingerprint: dict[str, tokenizers.Tokenizer] = {}
     by_path: dict[Path, str] = {}
@@ -134,7 +127,8 @@ def load_prompt_tokenizers(
         candidates: list[Path] = []
         why = ""
         try:
-            candidates.append(resolve(spec.model) / TOKENIZER_FILE)
+            model = str((folders or {}).get(spec.name, spec.model))
+            candidates.append(resolve(model) / TOKENIZER_FILE)
         except LookupError as exc:
             why = str(exc)
         if fallback is not None and fallback[0] == spec.name:
