@@ -23,11 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from switchboard.generator.engine import EngineRequest
-from switchboard.generator.engine.kv_cache import KVCache
 from switchboard.generator.loader import ModelLoadError, load_model
 from switchboard.generator.models.llama import LlamaConfig
-from test_engine import collect, greedy, running_engine
-from test_models import paged_step
+from test_engine import collect, greedy, reference_greedy, running_engine
+from test_models import assert_paged_steps_match, save_with_larger_weights
 from test_rope_scaling import PROMPTS
 
 Maker = Callable[..., tuple[Path, Any]]
@@ -56,24 +55,8 @@ def make_variant(make_model_dir: Maker, name: str) -> tuple[Path, Any]:
     """The named tiny model, saved, with larger matrix weights (as test_rope_scaling) so greedy tokens depend on every term."""
     kind, overrides = VARIANTS[name]
     folder, hf = make_model_dir(kind, name=name, **json.loads(json.dumps(overrides)))
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.08)
-    hf.save_pretrained(folder, safe_serialization=True)
+    save_with_larger_weights(hf, folder)
     return folder, hf
-
-
-def reference_greedy(hf: Any, ids: list[int], n: int, banned: set[int]) -> list[int]:
-    """transformers' greedy continuation by full re-computation, never choosing `banned` (EOS under ignore_eos)."""
-    out = list(ids)
-    with torch.inference_mode():
-        for _ in range(n):
-            logits = hf(torch.tensor([out])).logits[0, -1]
-            logits[list(banned)] = -float("inf")
-            out.append(int(logits.argmax()))
-    return out[len(ids) :]
 
 
 def test_variant_configs_read_as_transformers_does(make_model_dir: Maker) -> None:
@@ -121,24 +104,7 @@ def test_forward_and_paged_step_match_transformers(name: str, make_model_dir: Ma
             with torch.no_grad():
                 torch.testing.assert_close(loaded.model(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
         loaded.model.prepare_for_serving(pack=pack)
-        cache = KVCache(
-            c.num_hidden_layers, 32, 4, c.num_key_value_heads, c.head_size, torch.float32, torch.device("cpu")
-        )
-        gen = torch.Generator().manual_seed(0)
-        seqs = [
-            {
-                "ids": torch.randint(0, c.vocab_size, (n,), generator=gen).tolist(),
-                "done": 0,
-                "table": list(range(i * 12, i * 12 + 12)),
-            }
-            for i, n in enumerate([44, 40])
-        ]
-        with torch.no_grad():
-            refs = [hf(torch.tensor([s["ids"]])).logits[0] for s in seqs]
-        for chunks in [[30, 36], [12, 1], [1, 1], [1, 1]]:
-            logits = paged_step(loaded.model, cache, seqs, chunks)
-            for i, s in enumerate(seqs):
-                torch.testing.assert_close(logits[i], refs[i][s["done"] - 1], rtol=1e-4, atol=1e-4)
+        assert_paged_steps_match(loaded.model, hf)
 
 
 @pytest.mark.parametrize("prefix_caching", [False, True])

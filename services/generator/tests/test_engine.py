@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -79,12 +80,16 @@ def gpt2_ref(gpt2_dir: Path) -> Any:
     return GPT2LMHeadModel.from_pretrained(gpt2_dir).eval()
 
 
-def reference_greedy(ref: Any, ids: list[int], n: int) -> list[int]:
-    """Greedy continuation of `ids` by full re-computation with the reference model."""
+def reference_greedy(ref: Any, ids: list[int], n: int, banned: Collection[int] = ()) -> list[int]:
+    """Greedy continuation of `ids` by full re-computation with the reference model, never choosing
+    `banned` (the EOS ids, to match an engine request with ignore_eos)."""
     out = list(ids)
+    banned = list(banned)
     with torch.inference_mode():
         for _ in range(n):
             logits = ref(torch.tensor([out])).logits[0, -1]
+            if banned:
+                logits[banned] = -float("inf")
             out.append(int(logits.argmax()))
     return out[len(ids) :]
 

@@ -66,6 +66,42 @@ def paged_step(model: Any, cache: KVCache, seqs: list[dict], chunks: list[int]) 
     return out
 
 
+def assert_paged_steps_match(model: Any, hf: Any) -> None:
+    """Two sequences through paged steps (block size 4): prefill chunks that cross position 32,
+    then a chunk beside a decode, then decodes; each step's logits within 1e-4 of transformers'."""
+    c = model.config
+    cache = KVCache(
+        c.num_hidden_layers, 32, 4, c.num_key_value_heads, c.head_size, torch.float32, torch.device("cpu")
+    )
+    gen = torch.Generator().manual_seed(0)
+    seqs = [
+        {
+            "ids": torch.randint(0, c.vocab_size, (n,), generator=gen).tolist(),
+            "done": 0,
+            "table": list(range(i * 12, i * 12 + 12)),
+        }
+        for i, n in enumerate([44, 40])
+    ]
+    with torch.no_grad():
+        refs = [hf(torch.tensor([s["ids"]])).logits[0] for s in seqs]
+    for chunks in [[30, 36], [12, 1], [1, 1], [1, 1]]:
+        logits = paged_step(model, cache, seqs, chunks)
+        for i, s in enumerate(seqs):
+            torch.testing.assert_close(logits[i], refs[i][s["done"] - 1], rtol=1e-4, atol=1e-4)
+
+
+def save_with_larger_weights(hf: Any, folder: Path) -> None:
+    """Rescale every matrix of `hf` to std 0.08 (as engine_fixtures does) and save it to `folder`:
+    attention then depends on position strongly enough that greedy tokens change when a term is
+    left out."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.08)
+    hf.save_pretrained(folder, safe_serialization=True)
+
+
 @pytest.mark.parametrize("pack", [False, True])
 @pytest.mark.parametrize("kind", ["gpt2", "llama-gqa", "qwen2"])
 def test_forward_step_matches_transformers(
@@ -172,7 +208,9 @@ def test_packed_linear_equals_linear_for_any_row_count(dtype: torch.dtype) -> No
                 torch.testing.assert_close(packed(x), dense(x), rtol=1e-5, atol=1e-5)
 
 
-def test_prepare_for_serving_fuses_and_packs_every_projection(make_model_dir: Callable[..., tuple[Path, Any]]) -> None:
+def test_prepare_for_serving_fuses_and_packs_every_projection(
+    make_model_dir: Callable[..., tuple[Path, Any]],
+) -> None:
     """After packing no dense Linear is left; the plain forward still matches the reference."""
     folder, hf = make_model_dir("llama-gqa")
     loaded = load_model(folder, dtype="float32")

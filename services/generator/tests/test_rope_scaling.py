@@ -21,11 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from switchboard.generator.engine import EngineRequest
-from switchboard.generator.engine.kv_cache import KVCache
 from switchboard.generator.loader import ModelLoadError, load_model
 from switchboard.generator.models.llama import LlamaConfig, rope_parameters
 from test_engine import collect, greedy, reference_greedy, running_engine
-from test_models import paged_step
+from test_models import assert_paged_steps_match, save_with_larger_weights
 
 Maker = Callable[..., tuple[Path, Any]]
 
@@ -75,14 +74,7 @@ def make_scaled(make_model_dir: Maker, name: str) -> tuple[Path, Any]:
     folder, hf = make_model_dir(
         "llama-gqa", name=name, max_position_embeddings=max_positions, rope_parameters=dict(params)
     )
-    # Larger weights than the default init, as engine_fixtures does: attention then depends on
-    # position strongly enough that greedy tokens change when the RoPE scaling is ignored.
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.08)
-    hf.save_pretrained(folder, safe_serialization=True)
+    save_with_larger_weights(hf, folder)  # so greedy tokens change when the RoPE scaling is ignored
     return folder, hf
 
 
@@ -115,26 +107,7 @@ def test_forward_and_paged_step_match_transformers(name: str, make_model_dir: Ma
             torch.testing.assert_close(loaded.model(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
 
     loaded.model.prepare_for_serving(pack=False)
-    block = 4
-    cache = KVCache(
-        c.num_hidden_layers, 32, block, c.num_key_value_heads, c.head_size, torch.float32, torch.device("cpu")
-    )
-    gen = torch.Generator().manual_seed(0)
-    seqs = [
-        {
-            "ids": torch.randint(0, c.vocab_size, (n,), generator=gen).tolist(),
-            "done": 0,
-            "table": list(range(i * 12, i * 12 + 12)),
-        }
-        for i, n in enumerate([44, 40])
-    ]
-    with torch.no_grad():
-        refs = [hf(torch.tensor([s["ids"]])).logits[0] for s in seqs]
-    # Prefill chunks that cross position 32, then a chunk beside a decode, then decodes.
-    for chunks in [[30, 36], [12, 1], [1, 1], [1, 1]]:
-        logits = paged_step(loaded.model, cache, seqs, chunks)
-        for i, s in enumerate(seqs):
-            torch.testing.assert_close(logits[i], refs[i][s["done"] - 1], rtol=1e-4, atol=1e-4)
+    assert_paged_steps_match(loaded.model, hf)
 
 
 @pytest.mark.parametrize("prefix_caching", [False, True])
