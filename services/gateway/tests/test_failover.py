@@ -9,7 +9,6 @@ test_token_ids.py); the real generator's refusal is tested in the generator's ow
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,13 +16,10 @@ from pathlib import Path
 import grpc
 import pytest
 from prometheus_client import REGISTRY
-from switchboard.common.channels import open_channel
 from switchboard.common.errors import REPLICA_QUEUE_FULL, error_details, resource_exhausted
-from switchboard.common.service import GrpcService, wait_started
 from switchboard.common.settings import ServerSettings
 from switchboard.gateway.config import GatewaySettings
 from switchboard.gateway.keys import append_key, new_key
-from switchboard.gateway.server import serve
 from switchboard.gateway.servicer import fails_over
 from switchboard.v1 import (
     common_pb2,
@@ -34,7 +30,7 @@ from switchboard.v1 import (
     router_pb2_grpc,
 )
 
-from .test_token_ids import FP_A, FP_B, SAMPLING, FakeRouter, decision, grpc_server
+from .test_token_ids import FP_A, FP_B, SAMPLING, FakeRouter, decision, grpc_server, started_gateway
 
 
 class Replica(generator_pb2_grpc.GeneratorServicer):
@@ -80,17 +76,11 @@ async def gateway_over(
         router.answer = decision(
             *((chr(ord("a") + i), address, fingerprints[i % 2]) for i, address in enumerate(addresses))
         )
-        service = GrpcService("gateway", ServerSettings(port=0, metrics_port=0, drain_seconds=0.2))
-        settings = GatewaySettings(server=service.settings, router_addr=router_addr, keys_file=keys_file)
-        task = asyncio.create_task(serve(settings, service, False))
-        await wait_started(task, service.started)
-        channel = open_channel(f"127.0.0.1:{service.port}")
-        try:
+        settings = GatewaySettings(
+            server=ServerSettings(port=0, metrics_port=0, drain_seconds=0.2), router_addr=router_addr, keys_file=keys_file
+        )
+        async with started_gateway(settings) as channel:
             yield gateway_pb2_grpc.GatewayStub(channel), key, replicas
-        finally:
-            await channel.close()
-            service.stop()
-            await task
 
 
 @asynccontextmanager

@@ -9,7 +9,6 @@ a replica's finish reason this build does not know (a newer generator) is no INT
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,12 +17,10 @@ from typing import Any
 import grpc
 import pytest
 from switchboard.common.errors import error_details
-from switchboard.common.service import GrpcService, wait_started
 from switchboard.common.settings import SettingsError, load_settings
 from switchboard.gateway.auth import KeyStore
 from switchboard.gateway.config import DEFAULT_METRICS_PORT, DEFAULT_PORT, SERVER_PREFIX, GatewaySettings
 from switchboard.gateway.keys import append_key, new_key
-from switchboard.gateway.server import serve
 from switchboard.gateway.validation import (
     MAX_MODEL_CHARS,
     MAX_REQUEST_ID_CHARS,
@@ -39,6 +36,8 @@ from switchboard.v1 import (
     router_pb2,
     router_pb2_grpc,
 )
+
+from .test_token_ids import grpc_server, started_gateway
 
 WIDE = "\U0001f600"  # 4 bytes in UTF-8
 
@@ -87,18 +86,6 @@ class FakeReplica(generator_pb2_grpc.GeneratorServicer):
 
 
 @asynccontextmanager
-async def plain_server(add: Any) -> AsyncIterator[str]:
-    server = grpc.aio.server()
-    add(server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await server.stop(0)
-
-
-@asynccontextmanager
 async def gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[grpc.aio.Channel, str, list[Any], FakeReplica]]:
     """A real gateway with its default limits; yields a raw channel, a valid key, the auth calls, the replica."""
     keys_file, key = tmp_path / "keys.jsonl", new_key()
@@ -113,21 +100,14 @@ async def gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
     monkeypatch.setattr(KeyStore, "authenticate", spy)
     router, replica = FakeRouter(), FakeReplica()
     async with (
-        plain_server(lambda s: router_pb2_grpc.add_RouterServicer_to_server(router, s)) as router_addr,
-        plain_server(lambda s: generator_pb2_grpc.add_GeneratorServicer_to_server(replica, s)) as replica_addr,
+        grpc_server(lambda s: router_pb2_grpc.add_RouterServicer_to_server(router, s)) as router_addr,
+        grpc_server(lambda s: generator_pb2_grpc.add_GeneratorServicer_to_server(replica, s)) as replica_addr,
     ):
         router.address = replica_addr
         settings = load({"GATEWAY_PORT": "0", "GATEWAY_METRICS_PORT": "0", "GATEWAY_DRAIN_SECONDS": "0.2", "ROUTER_ADDR": router_addr, "GATEWAY_KEYS_FILE": str(keys_file)})
-        service = GrpcService("gateway", settings.server)
-        task = asyncio.create_task(serve(settings, service, False))
-        await wait_started(task, service.started)
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}", options=[("grpc.max_send_message_length", 32 * 1024 * 1024)])
-        try:
+        # The client may send far more than the gateway accepts: the refusal must be the gateway's.
+        async with started_gateway(settings, [("grpc.max_send_message_length", 32 * 1024 * 1024)]) as channel:
             yield channel, key, consulted, replica
-        finally:
-            await channel.close()
-            service.stop()
-            await task
 
 
 def largest_valid_request(settings: GatewaySettings) -> gateway_pb2.CompleteRequest:

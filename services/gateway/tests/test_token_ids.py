@@ -9,9 +9,10 @@ together in tests/test_tokenize_upstream.py.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 from switchboard.common.channels import open_channel
@@ -92,6 +93,22 @@ class FakeReplica(generator_pb2_grpc.GeneratorServicer):
 
 
 @asynccontextmanager
+async def started_gateway(settings: GatewaySettings, channel_options: Sequence[tuple[str, Any]] = ()) -> AsyncIterator[grpc.aio.Channel]:
+    """A real gateway serving `settings` (port 0: the OS picks), and a channel to it; stopped after."""
+    service = GrpcService("gateway", settings.server)
+    task = asyncio.create_task(serve(settings, service, False))
+    await wait_started(task, service.started)
+    address = f"127.0.0.1:{service.port}"
+    channel = grpc.aio.insecure_channel(address, options=list(channel_options)) if channel_options else open_channel(address)
+    try:
+        yield channel
+    finally:
+        await channel.close()
+        service.stop()
+        await task
+
+
+@asynccontextmanager
 async def grpc_server(add) -> AsyncIterator[str]:
     server = grpc.aio.server()
     add(server)
@@ -114,21 +131,15 @@ async def test_failover_sends_the_next_candidate_its_own_experts_ids(tmp_path: P
         grpc_server(lambda s: router_pb2_grpc.add_RouterServicer_to_server(router, s)) as router_addr,
     ):
         router.answer = decision(("a", first, FP_A), ("b", second, FP_B))
-        service = GrpcService("gateway", ServerSettings(port=0, metrics_port=0, drain_seconds=0.2))
-        settings = GatewaySettings(server=service.settings, router_addr=router_addr, keys_file=keys_file)
-        task = asyncio.create_task(serve(settings, service, False))
-        await wait_started(task, service.started)
-        channel = open_channel(f"127.0.0.1:{service.port}")
-        try:
+        settings = GatewaySettings(
+            server=ServerSettings(port=0, metrics_port=0, drain_seconds=0.2), router_addr=router_addr, keys_file=keys_file
+        )
+        async with started_gateway(settings) as channel:
             reply = await gateway_pb2_grpc.GatewayStub(channel).Complete(
                 gateway_pb2.CompleteRequest(prompt="To be", sampling=SAMPLING),
                 metadata=[("authorization", f"Bearer {key}")],
                 timeout=20,
             )
-        finally:
-            await channel.close()
-            service.stop()
-            await task
     assert reply.text == "x" and reply.model == "b"
     (sent_first,) = failing.requests
     (sent_second,) = serving.requests
