@@ -5,11 +5,19 @@ Imported by the bench scripts, which run as `python bench/<name>.py` (so this fo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import signal
 import statistics
-from collections.abc import Sequence
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
 
 
 def machine(torch_threads: int | None = None, load: bool = True) -> str:
@@ -45,3 +53,54 @@ def quantiles_ms(seconds: Sequence[float]) -> dict[str, float]:
         "mean": statistics.fmean(ordered) * 1000,
         "n": len(ordered),
     }
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """SIGINT (the stack's Ctrl-C path), then SIGTERM, then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGINT, grace_s), (signal.SIGTERM, 10.0)):
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+    proc.kill()
+    proc.wait()
+
+
+@contextlib.contextmanager
+def switchboard_up(
+    config: Path,
+    log: Path,
+    *,
+    args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    ready_timeout_s: float = 900.0,
+) -> Iterator[str]:
+    """`switchboard up --experts-config CONFIG ARGS` until ready; yields the gateway address.
+
+    Sets SWITCHBOARD_API_KEY from the stack's banner (the client commands read it) and stops the
+    stack when the block ends, also on errors and Ctrl-C.
+    """
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "switchboard"), "up", *args, "--experts-config", str(config)],
+            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})},
+        )
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while "Switchboard is up" not in log.read_text(errors="replace"):
+            if proc.poll() is not None:
+                raise RuntimeError(f"switchboard up exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"switchboard up not ready after {ready_timeout_s:.0f} s; see {log}")
+            time.sleep(0.5)  # polling interval for the readiness line
+        text = log.read_text()
+        address = next(line.split()[1] for line in text.splitlines() if line.strip().startswith("gateway "))
+        key = next(line.split("=", 1)[1] for line in text.splitlines() if "export SWITCHBOARD_API_KEY=" in line)
+        os.environ["SWITCHBOARD_API_KEY"] = key.strip()
+        yield address
+    finally:
+        stop(proc)

@@ -34,11 +34,10 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench_common import machine
+from bench_common import machine, switchboard_up
 from switchboard.bench.records import STATUS_OK
 from switchboard.bench.results import read_results, records_of
 from switchboard.bench.transform import WorkloadShape, shape
@@ -92,20 +91,6 @@ def write_jsonl(rows: list[TraceRequest], path: Path) -> None:
                                   "output_length": r.output_tokens, "hash_ids": list(r.hash_ids)}) + "\n")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    import signal
-
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGINT, 30.0), (signal.SIGTERM, 10.0)):
-        proc.send_signal(sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=wait)
-            return
-    proc.kill()
-    proc.wait()
-
-
 @contextlib.contextmanager
 def local_stack(expert: str, model: Path, replicas: int, policy: str, profile: Path, log: Path,
                 kv_cache_mb: int = 0) -> Iterator[str]:
@@ -123,26 +108,12 @@ def local_stack(expert: str, model: Path, replicas: int, policy: str, profile: P
     # The stack finds <config folder>/cost_models/<expert>.json: the profile measured here.
     (folder / "cost_models").mkdir()
     (folder / "cost_models" / f"{expert}.json").write_text(profile.read_text())
-    env = {**os.environ, "SCHEDULER_PLACEMENT_POLICY": policy, "OMP_NUM_THREADS": "1"}
+    env = {"SCHEDULER_PLACEMENT_POLICY": policy, "OMP_NUM_THREADS": "1"}
     if kv_cache_mb:
         env["GENERATOR_KV_CACHE_MB"] = str(kv_cache_mb)
-    with log.open("w") as out:
-        # One expert, requests pinned to it: no learned gate to build or consult.
-        proc = subprocess.Popen([str(VENV_BIN / "switchboard"), "up", "--no-gate", "--experts-config", str(config)],
-                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-    try:
-        deadline = time.monotonic() + 600
-        while "Switchboard is up" not in log.read_text(errors="replace"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"switchboard up did not come up:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)  # polling interval for the readiness line
-        text = log.read_text()
-        address = next(line.split()[1] for line in text.splitlines() if line.strip().startswith("gateway "))
-        key = next(line.split("=", 1)[1] for line in text.splitlines() if "export SWITCHBOARD_API_KEY=" in line)
-        os.environ["SWITCHBOARD_API_KEY"] = key.strip()
+    # One expert, requests pinned to it: no learned gate to build or consult.
+    with switchboard_up(config, log, args=["--no-gate"], env=env, ready_timeout_s=600) as address:
         yield address
-    finally:
-        stop(proc)
 
 
 def replay(address: str, trace: Path, tokenizer: Path, expert: str, out: Path) -> list:

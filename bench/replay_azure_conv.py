@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+from bench_common import stop, switchboard_up
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -56,21 +56,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
-    """SIGINT (the stack's Ctrl-C path), then SIGTERM, then SIGKILL."""
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGINT, grace_s), (signal.SIGTERM, 10.0)):
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-    proc.kill()
-    proc.wait()
-
-
 @contextlib.contextmanager
 def local_stack(expert: str, model: str, log: Path, ready_timeout_s: float = 900.0) -> Iterator[str]:
     """`switchboard up` with one expert and one replica; yields the gateway address."""
@@ -83,24 +68,8 @@ def local_stack(expert: str, model: str, log: Path, ready_timeout_s: float = 900
         "    relative_cost: 1.0\n"
         "    replicas: 1\n"
     )
-    with log.open("w") as out:
-        proc = subprocess.Popen([str(VENV_BIN / "switchboard"), "up", "--experts-config", str(config)],
-                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    try:
-        deadline = time.monotonic() + ready_timeout_s
-        while "Switchboard is up" not in log.read_text(errors="replace"):
-            if proc.poll() is not None:
-                raise RuntimeError(f"switchboard up exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"switchboard up not ready after {ready_timeout_s:.0f} s; see {log}")
-            time.sleep(0.5)  # polling interval for the readiness line
-        text = log.read_text()
-        address = next(line.split()[1] for line in text.splitlines() if line.strip().startswith("gateway "))
-        key = next(line.split("=", 1)[1] for line in text.splitlines() if "export SWITCHBOARD_API_KEY=" in line)
-        os.environ["SWITCHBOARD_API_KEY"] = key.strip()
+    with switchboard_up(config, log, ready_timeout_s=ready_timeout_s) as address:
         yield address
-    finally:
-        stop(proc)
 
 
 @contextlib.contextmanager
