@@ -23,7 +23,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from switchboard.cli.localstack import LocalStack, plan_stack
 from switchboard.cli.processes import free_port
-from switchboard.gateway.keys import append_key, new_key
+from switchboard.gateway.keys import add_key, new_key
 
 TINY_CORPUS = [
     "To be, or not to be, that is the question:",
@@ -223,9 +223,9 @@ def start_stack_from_config(
     env: dict[str, str] | None = None,
 ) -> RunningStack:
     """Start the stack an experts config declares (`models`: {expert: folder} overrides)."""
-    keys_file = tmp_path / "keys.jsonl"
+    keys_file = tmp_path / "tenants.yaml"
     key = new_key()
-    append_key(keys_file, "test-tenant", key)
+    add_key(keys_file, "test-tenant", key)
     plan = plan_stack(config, keys_file, models=models, free_ports=True)
     plan.env.update({**TEST_ENV, **(env or {})})
     plan.generator_env.update(GENERATOR_ENV)

@@ -25,7 +25,8 @@ from switchboard.common.service import GrpcService, wait_started
 from switchboard.common.settings import ServerSettings
 from switchboard.common.tokenizer_fingerprint import fingerprint_file
 from switchboard.gateway.config import GatewaySettings
-from switchboard.gateway.keys import append_key, new_key
+from switchboard.gateway.keys import add_key, new_key
+from switchboard.gateway.server import gateway_service as make_gateway_service
 from switchboard.gateway.server import serve as serve_gateway
 from switchboard.generator.app import GeneratorApp, engine_config
 from switchboard.generator.config import GeneratorSettings
@@ -72,8 +73,8 @@ class InProcessStack:
 async def in_process_stack(tmp_path: Path, model: Path) -> AsyncIterator[InProcessStack]:
     """Scheduler, router, generator and gateway in this process; everything stopped on exit."""
     config = write_experts_config(tmp_path / "experts.yaml", model, {EXPERT: 1})
-    keys_file, key = tmp_path / "keys.jsonl", new_key()
-    append_key(keys_file, "test-tenant", key)
+    keys_file, key = tmp_path / "tenants.yaml", new_key()
+    add_key(keys_file, "test-tenant", key)
     async with AsyncExitStack() as stack:
 
         async def start(task: asyncio.Task, service: GrpcService) -> None:
@@ -119,9 +120,9 @@ async def in_process_stack(tmp_path: Path, model: Path) -> AsyncIterator[InProce
             server=router_service.settings, scheduler_addr=scheduler_addr, experts_config=config, load_poll_seconds=0.1
         )
         await start(asyncio.create_task(serve_router(router_settings, router_service, False)), router_service)
-        gateway_service = GrpcService("gateway", server())
+        gateway_service = make_gateway_service(server())
         gateway_settings = GatewaySettings(
-            server=gateway_service.settings, router_addr=f"127.0.0.1:{router_service.port}", keys_file=keys_file
+            server=gateway_service.settings, router_addr=f"127.0.0.1:{router_service.port}", tenants_file=keys_file, http_port=0
         )
         await start(asyncio.create_task(serve_gateway(gateway_settings, gateway_service, False)), gateway_service)
         channel = open_channel(f"127.0.0.1:{gateway_service.port}")

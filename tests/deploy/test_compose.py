@@ -8,7 +8,7 @@ from pathlib import Path
 import deploy_checks as dc
 import pytest
 from switchboard.common.experts_config import load_experts_config
-from switchboard.gateway.auth import parse_keys
+from switchboard.gateway.tenants import hash_key, parse_tenants
 
 COMBINATIONS = [
     (["compose.yaml"], []),
@@ -56,10 +56,12 @@ def test_observability_overlay_sends_traces_to_jaeger(repo: Path) -> None:
             assert service["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317", name
 
 
-def test_dev_keys_file_is_a_valid_keys_file_and_matches_the_kubernetes_secret(repo: Path) -> None:
-    text = (repo / "compose/dev-keys.jsonl").read_text()
-    assert [r.tenant for r in parse_keys(text.splitlines())] == ["dev"]
-    assert (repo / "compose/k8s/base/gateway-keys.jsonl").read_text() == text
+def test_dev_tenants_file_is_valid_and_matches_the_kubernetes_secret(repo: Path) -> None:
+    text = (repo / "compose/dev-tenants.yaml").read_text()
+    config = parse_tenants(text)
+    assert list(config.tenants) == ["dev"]
+    assert config.by_key_hash[bytes.fromhex(hash_key("sb-dev-local-only"))].tenant == "dev"
+    assert (repo / "compose/k8s/base/gateway-tenants.yaml").read_text() == text
 
 
 # ----------------------------------------------------------------- broken copies must fail

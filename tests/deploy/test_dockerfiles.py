@@ -20,7 +20,7 @@ def stack_commands(tmp_path_factory: pytest.TempPathFactory, repo: Path) -> dict
     `<venv python> -m <module>`; in an image `python` is the venv's python on PATH).
     """
     tmp = tmp_path_factory.mktemp("stack")
-    keys = tmp / "keys.jsonl"
+    keys = tmp / "tenants.yaml"
     keys.write_text("")
     specs = service_specs(plan_stack(repo / "config/experts.yaml", keys))
     modules = {name.split("-")[0]: spec.module for name, spec in specs.items()}

@@ -10,25 +10,25 @@ from switchboard.cli.localstack import plan_stack, service_specs
 from switchboard.cli.main import build_parser
 from switchboard.cli.processes import ProcessGroup, ServiceSpec, StartupError, free_port
 from switchboard.cli.stack import ensure_dev_key
-from switchboard.gateway.auth import KeyStore
+from switchboard.gateway.tenants import TenantDirectory
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_dev_key_is_stable_and_accepted(tmp_path: Path) -> None:
-    keys_file = tmp_path / "keys.jsonl"
-    first = ensure_dev_key(tmp_path, keys_file)
-    assert ensure_dev_key(tmp_path, keys_file) == first
-    assert KeyStore(keys_file).tenant_for(first) == "dev"
+    tenants_file = tmp_path / "tenants.yaml"
+    first = ensure_dev_key(tmp_path, tenants_file)
+    assert ensure_dev_key(tmp_path, tenants_file) == first
+    assert TenantDirectory(tenants_file).principal_for_key(first).tenant == "dev"  # type: ignore[union-attr]
     assert (tmp_path / "dev-api-key").stat().st_mode & 0o777 == 0o600
-    # A keys file that lost the hash gets a fresh key instead of a dead one.
-    keys_file.write_text("")
-    second = ensure_dev_key(tmp_path, keys_file)
-    assert second != first and KeyStore(keys_file).tenant_for(second) == "dev"
+    # A tenants file that lost the hash gets a fresh key instead of a dead one.
+    tenants_file.write_text("")
+    second = ensure_dev_key(tmp_path, tenants_file)
+    assert second != first and TenantDirectory(tenants_file).principal_for_key(second).tenant == "dev"  # type: ignore[union-attr]
 
 
 def test_default_plan_uses_documented_ports_and_one_generator_per_replica(tmp_path: Path) -> None:
-    plan = plan_stack(REPO_ROOT / "config" / "experts.yaml", tmp_path / "keys.jsonl")
+    plan = plan_stack(REPO_ROOT / "config" / "experts.yaml", tmp_path / "tenants.yaml")
     assert (plan.gateway_port, plan.router_port, plan.scheduler_port) == (50051, 50052, 50053)
     assert [(g.expert, g.port, g.metrics_port) for g in plan.generators] == [
         ("bard-small", 50061, 9111),
@@ -45,7 +45,7 @@ def test_default_plan_uses_documented_ports_and_one_generator_per_replica(tmp_pa
         "gateway",
     ]
     assert specs["gateway"].env["ROUTER_ADDR"] == "127.0.0.1:50052"
-    assert specs["gateway"].env["GATEWAY_KEYS_FILE"] == str(tmp_path / "keys.jsonl")
+    assert specs["gateway"].env["GATEWAY_TENANTS_FILE"] == str(tmp_path / "tenants.yaml")
     assert specs["generator-milton-small-0"].env["GENERATOR_EXPERT"] == "milton-small"
     assert specs["router"].env["SCHEDULER_ADDR"] == "127.0.0.1:50053"
 

@@ -14,7 +14,8 @@ from switchboard.common.experts_config import load_experts_config
 from switchboard.common.service import GrpcService, wait_started
 from switchboard.common.settings import ServerSettings
 from switchboard.gateway.config import GatewaySettings
-from switchboard.gateway.keys import append_key, new_key
+from switchboard.gateway.keys import add_key, new_key
+from switchboard.gateway.server import gateway_service as make_gateway_service
 from switchboard.gateway.server import serve as serve_gateway
 from switchboard.router.config import RouterSettings
 from switchboard.router.server import serve as serve_router
@@ -51,9 +52,9 @@ class Stack:
 @asynccontextmanager
 async def running_stack(tmp_path: Path, **gateway_overrides: object) -> AsyncIterator[Stack]:
     """Scheduler, router and gateway on loopback; everything stopped on exit."""
-    keys_file = tmp_path / "keys.jsonl"
+    keys_file = tmp_path / "tenants.yaml"
     key = new_key()
-    append_key(keys_file, "test-tenant", key)
+    add_key(keys_file, "test-tenant", key)
     tasks: list[tuple[asyncio.Task[int], GrpcService]] = []
     channels = []
     try:
@@ -69,12 +70,12 @@ async def running_stack(tmp_path: Path, **gateway_overrides: object) -> AsyncIte
         )
         tasks.append((asyncio.create_task(serve_router(router_settings, router_service, False)), router_service))
         await wait_started(tasks[-1][0], tasks[-1][1].started)
-        gateway_service = GrpcService("gateway", ServerSettings(port=0, drain_seconds=0.2))
+        gateway_service = make_gateway_service(ServerSettings(port=0, drain_seconds=0.2))
         settings = GatewaySettings(
             server=gateway_service.settings,
             router_addr=f"127.0.0.1:{router_service.port}",
-            keys_file=keys_file,
-            **{"max_prompt_chars": 200, "default_max_tokens": 8, "max_tokens_limit": 64, **gateway_overrides},  # type: ignore[arg-type]
+            tenants_file=keys_file,
+            **{"max_prompt_chars": 200, "default_max_tokens": 8, "max_tokens_limit": 64, "http_port": 0, **gateway_overrides},  # type: ignore[arg-type]
         )
         tasks.append((asyncio.create_task(serve_gateway(settings, gateway_service, False)), gateway_service))
         await wait_started(tasks[-1][0], tasks[-1][1].started)

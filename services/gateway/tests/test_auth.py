@@ -1,82 +1,153 @@
-"""Tests of API-key parsing, hashing and authentication."""
+"""Tests of authentication: bearer parsing, API keys and signed tokens resolved to principals."""
 
 from __future__ import annotations
 
-import json
-import os
+import secrets
+import time
 from pathlib import Path
 
+import jwt
 import pytest
-from switchboard.gateway.auth import AuthError, KeysFileError, KeyStore, bearer_key, hash_key, parse_keys
-from switchboard.gateway.keys import append_key, main, new_key
+from switchboard.gateway.auth import (
+    Authenticator,
+    AuthError,
+    authorization_from_metadata,
+    bearer_credential,
+    narrow_scopes,
+)
+from switchboard.gateway.keys import add_key, new_key
+from switchboard.gateway.principal import Priority
+from switchboard.gateway.tenants import TenantDirectory, hash_key
+
+SECRET = secrets.token_bytes(48)
 
 
-def test_bearer_key_extraction() -> None:
-    assert bearer_key([("authorization", "Bearer abc")]) == "abc"
-    assert bearer_key([("x-other", "1"), ("Authorization", b"bearer  xyz ")]) == "xyz"
-    with pytest.raises(AuthError) as missing:
-        bearer_key([("x-other", "1")])
-    assert missing.value.reason == "API_KEY_MISSING"
-    with pytest.raises(AuthError) as malformed:
-        bearer_key([("authorization", "Basic abc")])
-    assert malformed.value.reason == "API_KEY_MALFORMED"
+def test_bearer_credential_extraction() -> None:
+    assert bearer_credential("Bearer abc") == "abc"
+    assert bearer_credential("bearer  xyz ") == "xyz"
+    assert authorization_from_metadata([("x-other", "1"), ("Authorization", b"Bearer k")]) == "Bearer k"
+    assert authorization_from_metadata([("x-other", "1")]) is None
+    for value, reason in ((None, "API_KEY_MISSING"), ("Basic abc", "API_KEY_MALFORMED"), ("Bearer   ", "API_KEY_MALFORMED")):
+        with pytest.raises(AuthError) as error:
+            bearer_credential(value)
+        assert error.value.reason == reason
+
+
+def write_tenants(tmp_path: Path, jwt_section: str = "") -> Path:
+    (tmp_path / "hs.secret").write_bytes(SECRET)
+    path = tmp_path / "tenants.yaml"
+    path.write_text(
+        f"""
+tenants:
+  acme:
+    keys: [{{id: acme-1, sha256: "{hash_key("acme-key")}"}}]
+    scopes: ["experts:*"]
+    priority: high
+  narrow:
+    scopes: ["experts:bard-small"]
+{jwt_section}
+"""
+    )
+    return path
+
+
+JWT_SECTION = """
+jwt:
+  issuer: https://auth.example
+  audience: switchboard
+  keys:
+    - {kid: k1, algorithm: HS256, secret_file: hs.secret}
+"""
+
+
+def token(claims: dict[str, object], key: bytes = SECRET, kid: str = "k1") -> str:
+    now = int(time.time())
+    body = {"iss": "https://auth.example", "aud": "switchboard", "iat": now, "exp": now + 600, **claims}
+    return jwt.encode(body, key, algorithm="HS256", headers={"kid": kid})
+
+
+def test_an_api_key_resolves_to_its_tenant(tmp_path: Path) -> None:
+    auth = Authenticator(TenantDirectory(write_tenants(tmp_path)))
+    principal = auth.authenticate("Bearer acme-key")
+    assert (principal.tenant, principal.key_id, principal.priority) == ("acme", "acme-1", Priority.HIGH)
+    with pytest.raises(AuthError) as error:
+        auth.authenticate("Bearer not-a-key")
+    assert error.value.reason == "API_KEY_INVALID" and "not-a-key" not in error.value.message
+    assert auth.authenticate_metadata([("authorization", "Bearer acme-key")]).tenant == "acme"
+
+
+def test_a_signed_token_resolves_to_its_tenant_with_narrowed_scopes(tmp_path: Path) -> None:
+    auth = Authenticator(TenantDirectory(write_tenants(tmp_path, JWT_SECTION)))
+    auth.check()
+    principal = auth.authenticate("Bearer " + token({"tenant": "acme", "scope": "experts:bard-small admin"}))
+    assert principal.tenant == "acme" and principal.priority is Priority.HIGH and principal.key_id.startswith("jwt:k1:")
+    # admin is not the tenant's to give: the token can narrow scopes, never widen them.
+    assert principal.scopes == frozenset({"experts:bard-small"})
+    whole = auth.authenticate("Bearer " + token({"sub": "acme"}))
+    assert whole.scopes == frozenset({"experts:*"})
+    narrow = auth.authenticate("Bearer " + token({"tenant": "narrow", "scope": "experts:scribe-large"}))
+    assert narrow.scopes == frozenset() and not narrow.may_use("scribe-large")
+
+
+@pytest.mark.parametrize(
+    ("claims", "key", "reason"),
+    [
+        ({"tenant": "ghost"}, SECRET, "TOKEN_TENANT_UNKNOWN"),
+        ({"tenant": "acme"}, secrets.token_bytes(48), "TOKEN_SIGNATURE_INVALID"),
+        ({"tenant": "acme", "exp": int(time.time()) - 3600}, SECRET, "TOKEN_EXPIRED"),
+        ({"tenant": "acme", "aud": "someone-else"}, SECRET, "TOKEN_CLAIMS_INVALID"),
+    ],
+)
+def test_bad_tokens_are_refused_with_a_reason(tmp_path: Path, claims: dict[str, object], key: bytes, reason: str) -> None:
+    auth = Authenticator(TenantDirectory(write_tenants(tmp_path, JWT_SECTION)))
+    credential = token(claims, key)
+    with pytest.raises(AuthError) as error:
+        auth.authenticate("Bearer " + credential)
+    assert error.value.reason == reason
+    assert credential not in error.value.message
+
+
+def test_tokens_are_refused_when_no_jwt_keys_are_configured(tmp_path: Path) -> None:
+    auth = Authenticator(TenantDirectory(write_tenants(tmp_path)))
+    with pytest.raises(AuthError) as error:
+        auth.authenticate("Bearer " + token({"tenant": "acme"}))
+    assert error.value.reason == "TOKEN_NOT_ACCEPTED"
+
+
+def test_unusable_jwt_keys_are_a_start_error_and_leave_api_keys_working(tmp_path: Path) -> None:
+    path = write_tenants(tmp_path, JWT_SECTION.replace("hs.secret", "missing.secret"))
+    auth = Authenticator(TenantDirectory(path))
+    with pytest.raises(Exception, match=r"missing\.secret"):
+        auth.check()
+    assert auth.authenticate("Bearer acme-key").tenant == "acme"
+    with pytest.raises(AuthError) as error:
+        auth.authenticate("Bearer " + token({"tenant": "acme"}))
+    assert error.value.reason == "TOKEN_NOT_ACCEPTED"
+
+
+def test_a_reload_with_jwt_keys_starts_accepting_tokens(tmp_path: Path) -> None:
+    path = write_tenants(tmp_path)
+    auth = Authenticator(TenantDirectory(path))
+    credential = "Bearer " + token({"tenant": "acme"})
     with pytest.raises(AuthError):
-        bearer_key([("authorization", "Bearer   ")])
+        auth.authenticate(credential)
+    write_tenants(tmp_path, JWT_SECTION)
+    assert auth.authenticate(credential).tenant == "acme"
 
 
-def test_parse_keys_names_the_bad_line() -> None:
-    good = json.dumps({"tenant": "a", "sha256": hash_key("k")})
-    records = parse_keys(["# comment", "", good])
-    assert [r.tenant for r in records] == ["a"]
-    with pytest.raises(KeysFileError, match="keys:2"):
-        parse_keys([good, "not json"], "keys")
-    with pytest.raises(KeysFileError, match="64 hex"):
-        parse_keys([json.dumps({"tenant": "a", "sha256": "abcd"})])
-    with pytest.raises(KeysFileError):
-        parse_keys([json.dumps({"tenant": "", "sha256": hash_key("k")})])
+def test_narrow_scopes() -> None:
+    tenant = frozenset({"experts:*", "admin"})
+    assert narrow_scopes(tenant, frozenset()) == tenant
+    assert narrow_scopes(tenant, frozenset({"experts:a", "admin"})) == frozenset({"experts:a", "admin"})
+    assert narrow_scopes(frozenset({"experts:a"}), frozenset({"experts:b", "admin"})) == frozenset()
 
 
-def test_keystore_authenticates_and_reloads(tmp_path: Path) -> None:
-    path = tmp_path / "keys.jsonl"
+def test_a_new_key_works_without_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "tenants.yaml"
     first = new_key()
-    append_key(path, "alpha", first)
-    assert oct(path.stat().st_mode & 0o777) == "0o600"
-    store = KeyStore(path)
-    assert store.authenticate([("authorization", f"Bearer {first}")]) == "alpha"
-    with pytest.raises(AuthError) as wrong:
-        store.authenticate([("authorization", "Bearer sb-wrong")])
-    assert wrong.value.reason == "API_KEY_INVALID"
+    add_key(path, "alpha", first)
+    auth = Authenticator(TenantDirectory(path))
     second = new_key()
-    append_key(path, "beta", second)
-    # Force a visible mtime change even on coarse-grained filesystems.
-    stat = path.stat()
-    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
-    assert store.tenant_for(second) == "beta"
-    assert store.tenant_for(first) == "alpha"
-    assert len(store) == 2
-
-
-def test_keystore_missing_file_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(KeysFileError, match="cannot read keys file"):
-        KeyStore(tmp_path / "absent.jsonl")
-
-
-def test_keys_command_prints_a_working_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = tmp_path / "sub" / "keys.jsonl"
-    assert main(["add", "--tenant", "dev", "--file", str(path)]) == 0
-    key = capsys.readouterr().out.strip()
-    assert key.startswith("sb-") and len(key) > 40
-    assert key not in path.read_text()  # only the hash is stored
-    assert KeyStore(path).tenant_for(key) == "dev"
-
-
-def test_keys_command_default_is_the_gateways_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    from switchboard.common.settings import load_settings
-    from switchboard.gateway.config import GatewaySettings
-    from switchboard.gateway.keys import default_keys_file
-
-    monkeypatch.delenv("GATEWAY_KEYS_FILE", raising=False)
-    settings = load_settings(GatewaySettings, server_prefix="GATEWAY", environ={})
-    assert default_keys_file() == settings.keys_file.expanduser()
-    monkeypatch.setenv("GATEWAY_KEYS_FILE", "/tmp/some/keys.jsonl")
-    assert default_keys_file() == Path("/tmp/some/keys.jsonl")
+    add_key(path, "beta", second)
+    assert auth.authenticate(f"Bearer {second}").tenant == "beta"
+    assert auth.authenticate(f"Bearer {first}").tenant == "alpha"

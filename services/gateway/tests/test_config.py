@@ -36,8 +36,8 @@ def test_bad_values_name_the_variable() -> None:
 
 
 def test_missing_keys_file_is_a_start_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("GATEWAY_KEYS_FILE", str(tmp_path / "absent.jsonl"))
-    with pytest.raises(SettingsError, match=r"GATEWAY_KEYS_FILE.*keys add"):
+    monkeypatch.setenv("GATEWAY_TENANTS_FILE", str(tmp_path / "absent.jsonl"))
+    with pytest.raises(SettingsError, match=r"GATEWAY_TENANTS_FILE.*keys add"):
         load_gateway_settings()
 
 

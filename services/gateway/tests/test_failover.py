@@ -19,8 +19,8 @@ from prometheus_client import REGISTRY
 from switchboard.common.errors import REPLICA_QUEUE_FULL, error_details, resource_exhausted
 from switchboard.common.settings import ServerSettings
 from switchboard.gateway.config import GatewaySettings
-from switchboard.gateway.keys import append_key, new_key
-from switchboard.gateway.servicer import fails_over
+from switchboard.gateway.core import fails_over
+from switchboard.gateway.keys import add_key, new_key
 from switchboard.v1 import (
     common_pb2,
     gateway_pb2,
@@ -66,8 +66,8 @@ async def gateway_over(
     """A gateway whose router answers with one candidate per replica (experts a, b, ...), in order."""
     replicas = [Replica(mode) for mode in modes]
     router = FakeRouter(decision())
-    keys_file, key = tmp_path / "keys.jsonl", new_key()
-    append_key(keys_file, "tenant", key)
+    keys_file, key = tmp_path / "tenants.yaml", new_key()
+    add_key(keys_file, "tenant", key)
     async with (
         grpc_server(lambda s: router_pb2_grpc.add_RouterServicer_to_server(router, s)) as router_addr,
         _servers(replicas) as addresses,
@@ -77,7 +77,7 @@ async def gateway_over(
             *((chr(ord("a") + i), address, fingerprints[i % 2]) for i, address in enumerate(addresses))
         )
         settings = GatewaySettings(
-            server=ServerSettings(port=0, metrics_port=0, drain_seconds=0.2), router_addr=router_addr, keys_file=keys_file
+            server=ServerSettings(port=0, metrics_port=0, drain_seconds=0.2), router_addr=router_addr, tenants_file=keys_file, http_port=0
         )
         async with started_gateway(settings) as channel:
             yield gateway_pb2_grpc.GatewayStub(channel), key, replicas

@@ -18,9 +18,10 @@ import grpc
 import pytest
 from switchboard.common.errors import error_details
 from switchboard.common.settings import SettingsError, load_settings
-from switchboard.gateway.auth import KeyStore
+from switchboard.gateway.auth import Authenticator
 from switchboard.gateway.config import DEFAULT_METRICS_PORT, DEFAULT_PORT, SERVER_PREFIX, GatewaySettings
-from switchboard.gateway.keys import append_key, new_key
+from switchboard.gateway.keys import add_key, new_key
+from switchboard.gateway.principal import Principal
 from switchboard.gateway.validation import (
     MAX_MODEL_CHARS,
     MAX_REQUEST_ID_CHARS,
@@ -88,23 +89,23 @@ class FakeReplica(generator_pb2_grpc.GeneratorServicer):
 @asynccontextmanager
 async def gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[grpc.aio.Channel, str, list[Any], FakeReplica]]:
     """A real gateway with its default limits; yields a raw channel, a valid key, the auth calls, the replica."""
-    keys_file, key = tmp_path / "keys.jsonl", new_key()
-    append_key(keys_file, "tenant", key)
+    keys_file, key = tmp_path / "tenants.yaml", new_key()
+    add_key(keys_file, "tenant", key)
     consulted: list[Any] = []
-    authenticate = KeyStore.authenticate
+    authenticate = Authenticator.authenticate_metadata
 
-    def spy(self: KeyStore, metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+    def spy(self: Authenticator, metadata: Iterable[tuple[str, str | bytes]] | None) -> Principal:
         consulted.append(metadata)
         return authenticate(self, metadata)
 
-    monkeypatch.setattr(KeyStore, "authenticate", spy)
+    monkeypatch.setattr(Authenticator, "authenticate_metadata", spy)
     router, replica = FakeRouter(), FakeReplica()
     async with (
         grpc_server(lambda s: router_pb2_grpc.add_RouterServicer_to_server(router, s)) as router_addr,
         grpc_server(lambda s: generator_pb2_grpc.add_GeneratorServicer_to_server(replica, s)) as replica_addr,
     ):
         router.address = replica_addr
-        settings = load({"GATEWAY_PORT": "0", "GATEWAY_METRICS_PORT": "0", "GATEWAY_DRAIN_SECONDS": "0.2", "ROUTER_ADDR": router_addr, "GATEWAY_KEYS_FILE": str(keys_file)})
+        settings = load({"GATEWAY_PORT": "0", "GATEWAY_METRICS_PORT": "0", "GATEWAY_HTTP_PORT": "0", "GATEWAY_DRAIN_SECONDS": "0.2", "ROUTER_ADDR": router_addr, "GATEWAY_TENANTS_FILE": str(keys_file)})
         # The client may send far more than the gateway accepts: the refusal must be the gateway's.
         async with started_gateway(settings, [("grpc.max_send_message_length", 32 * 1024 * 1024)]) as channel:
             yield channel, key, consulted, replica

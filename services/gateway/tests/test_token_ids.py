@@ -16,12 +16,12 @@ from typing import Any
 
 import grpc
 from switchboard.common.channels import open_channel
-from switchboard.common.service import GrpcService, wait_started
+from switchboard.common.service import wait_started
 from switchboard.common.settings import ServerSettings
 from switchboard.gateway.config import GatewaySettings
-from switchboard.gateway.keys import append_key, new_key
-from switchboard.gateway.server import serve
-from switchboard.gateway.servicer import generator_requests
+from switchboard.gateway.core import generator_requests
+from switchboard.gateway.keys import add_key, new_key
+from switchboard.gateway.server import gateway_service, serve
 from switchboard.v1 import (
     common_pb2,
     gateway_pb2,
@@ -95,7 +95,7 @@ class FakeReplica(generator_pb2_grpc.GeneratorServicer):
 @asynccontextmanager
 async def started_gateway(settings: GatewaySettings, channel_options: Sequence[tuple[str, Any]] = ()) -> AsyncIterator[grpc.aio.Channel]:
     """A real gateway serving `settings` (port 0: the OS picks), and a channel to it; stopped after."""
-    service = GrpcService("gateway", settings.server)
+    service = gateway_service(settings.server)
     task = asyncio.create_task(serve(settings, service, False))
     await wait_started(task, service.started)
     address = f"127.0.0.1:{service.port}"
@@ -123,8 +123,8 @@ async def grpc_server(add) -> AsyncIterator[str]:
 async def test_failover_sends_the_next_candidate_its_own_experts_ids(tmp_path: Path) -> None:
     failing, serving = FakeReplica(fail=True), FakeReplica(fail=False)
     router = FakeRouter(router_pb2.RouteResponse())
-    keys_file, key = tmp_path / "keys.jsonl", new_key()
-    append_key(keys_file, "tenant", key)
+    keys_file, key = tmp_path / "tenants.yaml", new_key()
+    add_key(keys_file, "tenant", key)
     async with (
         grpc_server(lambda s: generator_pb2_grpc.add_GeneratorServicer_to_server(failing, s)) as first,
         grpc_server(lambda s: generator_pb2_grpc.add_GeneratorServicer_to_server(serving, s)) as second,
@@ -132,7 +132,7 @@ async def test_failover_sends_the_next_candidate_its_own_experts_ids(tmp_path: P
     ):
         router.answer = decision(("a", first, FP_A), ("b", second, FP_B))
         settings = GatewaySettings(
-            server=ServerSettings(port=0, metrics_port=0, drain_seconds=0.2), router_addr=router_addr, keys_file=keys_file
+            server=ServerSettings(port=0, metrics_port=0, drain_seconds=0.2), router_addr=router_addr, tenants_file=keys_file, http_port=0
         )
         async with started_gateway(settings) as channel:
             reply = await gateway_pb2_grpc.GatewayStub(channel).Complete(

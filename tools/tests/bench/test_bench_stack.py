@@ -15,7 +15,7 @@ from switchboard.bench.runner import replay
 from switchboard.bench.targets.gateway_grpc import GatewayTarget
 from switchboard.bench.workload import LengthDist, synthetic
 from switchboard.cli.localstack import LocalStack, plan_stack
-from switchboard.gateway.keys import append_key, new_key
+from switchboard.gateway.keys import add_key, new_key
 
 pytestmark = pytest.mark.slow
 
@@ -32,8 +32,8 @@ def stack(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         "    relative_cost: 1.0\n"
         "    replicas: 1\n")
     key = new_key()
-    append_key(folder / "keys.jsonl", "bench", key)
-    plan = plan_stack(config, folder / "keys.jsonl", free_ports=True, metrics=False)
+    add_key(folder / "tenants.yaml", "bench", key)
+    plan = plan_stack(config, folder / "tenants.yaml", free_ports=True, metrics=False)
     with LocalStack(plan, folder / "logs"):
         yield plan.gateway_addr, key
 

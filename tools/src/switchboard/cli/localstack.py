@@ -25,6 +25,7 @@ from switchboard.v1 import scheduler_pb2, scheduler_pb2_grpc
 # Default ports of `switchboard up` (the documented ones).
 GATEWAY_PORT, ROUTER_PORT, SCHEDULER_PORT, FIRST_GENERATOR_PORT = 50051, 50052, 50053, 50061
 GATEWAY_METRICS, ROUTER_METRICS, SCHEDULER_METRICS, FIRST_GENERATOR_METRICS = 9101, 9102, 9103, 9111
+GATEWAY_HTTP_PORT = 8080  # the gateway's OpenAI-compatible HTTP front
 # Next to the experts config: measured step-cost profiles, <expert>.json.
 COST_MODELS_DIR = "cost_models"
 
@@ -47,8 +48,9 @@ class StackPlan:
     """Every port and path of one local stack."""
 
     experts_config: Path
-    keys_file: Path
+    tenants_file: Path
     gateway_port: int = GATEWAY_PORT
+    gateway_http_port: int = GATEWAY_HTTP_PORT  # the OpenAI-compatible HTTP front
     router_port: int = ROUTER_PORT
     scheduler_port: int = SCHEDULER_PORT
     gateway_metrics: int = GATEWAY_METRICS
@@ -67,6 +69,11 @@ class StackPlan:
         return f"127.0.0.1:{self.gateway_port}"
 
     @property
+    def openai_base_url(self) -> str:
+        """The OpenAI-compatible HTTP front's base URL (what an OpenAI client's base_url takes)."""
+        return f"http://127.0.0.1:{self.gateway_http_port}/v1"
+
+    @property
     def scheduler_addr(self) -> str:
         """The scheduler's address."""
         return f"127.0.0.1:{self.scheduler_port}"
@@ -79,7 +86,7 @@ class StackPlan:
 
 def plan_stack(
     experts_config: Path,
-    keys_file: Path,
+    tenants_file: Path,
     *,
     models: Mapping[str, str] | None = None,
     free_ports: bool = False,
@@ -93,9 +100,10 @@ def plan_stack(
     disables the metrics endpoints.
     """
     experts: list[ExpertSpec] = load_experts_config(experts_config)
-    plan = StackPlan(experts_config=experts_config.resolve(), keys_file=keys_file)
+    plan = StackPlan(experts_config=experts_config.resolve(), tenants_file=tenants_file)
     if free_ports:
         plan.gateway_port, plan.router_port, plan.scheduler_port = free_port(), free_port(), free_port()
+        plan.gateway_http_port = free_port()
         plan.gateway_metrics, plan.router_metrics, plan.scheduler_metrics = free_port(), free_port(), free_port()
     if not metrics:
         plan.gateway_metrics = plan.router_metrics = plan.scheduler_metrics = 0
@@ -184,7 +192,8 @@ def service_specs(plan: StackPlan) -> dict[str, ServiceSpec]:
             **shared,
             "GATEWAY_PORT": str(plan.gateway_port),
             "GATEWAY_METRICS_PORT": str(plan.gateway_metrics),
-            "GATEWAY_KEYS_FILE": str(plan.keys_file),
+            "GATEWAY_HTTP_PORT": str(plan.gateway_http_port),
+            "GATEWAY_TENANTS_FILE": str(plan.tenants_file),
         },
         plan.gateway_metrics,
     )

@@ -3,8 +3,8 @@
 It builds the demo experts if they are missing (switchboard.experts) and the router's
 default learned gate for the experts config (`switchboard router build`, cached; skipped when
 ROUTER_GATE_PATH is set, or with --no-gate), makes sure a
-dev API key exists (the key in `<cache>/dev-api-key`, its hash in the gateway's keys
-file `<cache>/gateway-keys.jsonl`), starts the scheduler, the router, one generator
+dev API key exists (the key in `<cache>/dev-api-key`, its hash in the gateway's tenants
+file `<cache>/gateway-tenants.yaml`), starts the scheduler, the router, one generator
 per replica in the experts config and the gateway as separate processes (each
 `python -m switchboard.<service>`, as in the Dockerfiles), waits until every one
 answers grpc.health.v1 SERVING and every generator is registered, prints the
@@ -16,7 +16,6 @@ the command exits 1.
 from __future__ import annotations
 
 import argparse
-import hmac
 import os
 import signal
 import sys
@@ -43,19 +42,24 @@ def default_experts_config() -> Path:
     return Path(__file__).resolve().parents[4] / "config" / "experts.yaml"
 
 
-def ensure_dev_key(directory: Path, keys_file: Path, tenant: str = "dev") -> str:
-    """The stable dev API key: reuse `<dir>/dev-api-key` if its hash is in the keys file, else make one."""
-    from switchboard.gateway.auth import hash_key, parse_keys
-    from switchboard.gateway.keys import append_key, new_key
+def ensure_dev_key(directory: Path, tenants_file: Path, tenant: str = "dev") -> str:
+    """The stable dev API key: reuse `<dir>/dev-api-key` if it is the tenants file's, else make one.
+
+    The dev tenant gets every expert and the admin scope (so `Usage` works locally) and no limits.
+    """
+    from switchboard.gateway.keys import add_key, new_key
+    from switchboard.gateway.tenants import TenantDirectory, TenantsFileError
 
     key_path = directory / "dev-api-key"
-    if key_path.is_file() and keys_file.is_file():
+    if key_path.is_file() and tenants_file.is_file():
         key = key_path.read_text().strip()
-        digest = bytes.fromhex(hash_key(key))
-        if key and any(hmac.compare_digest(digest, r.sha256) for r in parse_keys(keys_file.read_text().splitlines())):
-            return key
+        try:
+            if key and TenantDirectory(tenants_file).principal_for_key(key) is not None:
+                return key
+        except TenantsFileError:
+            pass  # a broken file: add_key below refuses it with the reason
     key = new_key()
-    append_key(keys_file, tenant, key)
+    add_key(tenants_file, tenant, key, scopes=["experts:*", "admin"])
     directory.mkdir(parents=True, exist_ok=True)
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
@@ -91,9 +95,9 @@ def run(args: argparse.Namespace) -> int:
         folders = ensure_experts(sorted(set(demo)))
         models = {spec.name: str(folders[spec.model]) for spec in experts if spec.model in folders}
     cache = cache_dir()
-    keys_file = Path(os.environ.get("GATEWAY_KEYS_FILE") or cache / "gateway-keys.jsonl")
-    key = ensure_dev_key(cache, keys_file)
-    plan = plan_stack(experts_config, keys_file, models=models, free_ports=args.free_ports)
+    tenants_file = Path(os.environ.get("GATEWAY_TENANTS_FILE") or cache / "gateway-tenants.yaml")
+    key = ensure_dev_key(cache, tenants_file)
+    plan = plan_stack(experts_config, tenants_file, models=models, free_ports=args.free_ports)
     gate = os.environ.get("ROUTER_GATE_PATH", "")
     if not gate and not args.no_gate:
         from switchboard.routing.gate_cli import build_default_gate
@@ -115,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         stack.start(args.timeout)
         print(f"\nSwitchboard is up ({time.monotonic() - started:.1f}s)\n")
         print(f"  gateway    {plan.gateway_addr}   metrics http://127.0.0.1:{plan.gateway_metrics}/metrics")
+        print(f"  OpenAI API {plan.openai_base_url}   (the same key; model: an expert's name or auto)")
         print(f"  router     {plan.router_addr}   metrics http://127.0.0.1:{plan.router_metrics}/metrics   gate: {gate or 'built-in n-gram rule'}")
         print(f"  scheduler  {plan.scheduler_addr}   metrics http://127.0.0.1:{plan.scheduler_metrics}/metrics")
         for g in plan.generators:
@@ -126,6 +131,10 @@ def run(args: argparse.Namespace) -> int:
         print(
             f'  grpcurl -plaintext -H "authorization: Bearer $SWITCHBOARD_API_KEY" '
             f"-d '{{\"prompt\":\"To be\",\"sampling\":{{\"max_tokens\":16}}}}' {plan.gateway_addr} switchboard.v1.Gateway/Generate"
+        )
+        print(
+            f"  curl {plan.openai_base_url}/completions -H \"authorization: Bearer $SWITCHBOARD_API_KEY\" "
+            "-H 'content-type: application/json' -d '{\"model\":\"auto\",\"prompt\":\"To be\",\"max_tokens\":16}'"
         )
         print(f"\n  logs: {log_dir}/<service>.log   traces: set OTEL_EXPORTER_OTLP_ENDPOINT before `switchboard up`")
         print("\nCtrl-C stops everything.", flush=True)

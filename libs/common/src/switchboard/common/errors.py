@@ -35,6 +35,8 @@ class ServiceError(Exception):
     retry_after_seconds: float | None = None
     reason: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    # google.rpc.QuotaFailure violations: (subject, description), e.g. ("tenant:acme", "tokens_per_second: ...").
+    quota_violations: Sequence[tuple[str, str]] = ()
 
     def __post_init__(self) -> None:
         super().__init__(self.message)
@@ -48,6 +50,15 @@ class ServiceError(Exception):
                     field_violations=[
                         error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
                         for f, d in self.field_violations
+                    ]
+                )
+            )
+        if self.quota_violations:
+            details.append(
+                error_details_pb2.QuotaFailure(
+                    violations=[
+                        error_details_pb2.QuotaFailure.Violation(subject=subject, description=description)
+                        for subject, description in self.quota_violations
                     ]
                 )
             )
@@ -99,10 +110,21 @@ def failed_precondition(message: str, reason: str | None = None) -> ServiceError
     return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, message, reason=reason)
 
 
-def resource_exhausted(message: str, retry_after_seconds: float | None = None, reason: str | None = None) -> ServiceError:
-    """RESOURCE_EXHAUSTED (quotas, rate limits, a full queue)."""
+def resource_exhausted(
+    message: str,
+    retry_after_seconds: float | None = None,
+    reason: str | None = None,
+    quota_violations: Sequence[tuple[str, str]] = (),
+    metadata: dict[str, str] | None = None,
+) -> ServiceError:
+    """RESOURCE_EXHAUSTED (quotas, rate limits, a full queue); QuotaFailure names the spent limit."""
     return ServiceError(
-        grpc.StatusCode.RESOURCE_EXHAUSTED, message, retry_after_seconds=retry_after_seconds, reason=reason
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        message,
+        retry_after_seconds=retry_after_seconds,
+        reason=reason,
+        quota_violations=quota_violations,
+        metadata=metadata or {},
     )
 
 
@@ -115,6 +137,8 @@ def error_details(error: grpc.RpcError) -> dict[str, Any]:
         "field_violations": [],
         "retry_after": None,
         "reason": None,
+        "quota_violations": [],
+        "metadata": {},
     }
     trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
     for key, value in trailing or ():
@@ -134,4 +158,9 @@ def error_details(error: grpc.RpcError) -> dict[str, Any]:
                 error_info = error_details_pb2.ErrorInfo()
                 detail.Unpack(error_info)
                 info["reason"] = error_info.reason
+                info["metadata"] = dict(error_info.metadata)
+            elif detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+                quota = error_details_pb2.QuotaFailure()
+                detail.Unpack(quota)
+                info["quota_violations"] += [(v.subject, v.description) for v in quota.violations]
     return info

@@ -40,7 +40,7 @@ Behavior = Callable[..., Any]
 Wrapper = Callable[[Behavior, bool], Behavior]
 
 
-def _rewrap(handler: grpc.RpcMethodHandler, wrap: Wrapper) -> grpc.RpcMethodHandler:
+def rewrap_handler(handler: grpc.RpcMethodHandler, wrap: Wrapper) -> grpc.RpcMethodHandler:
     """The same handler with its behavior wrapped; wrap(behavior, response_streaming)."""
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
@@ -59,8 +59,8 @@ def _rewrap(handler: grpc.RpcMethodHandler, wrap: Wrapper) -> grpc.RpcMethodHand
     )
 
 
-def _rewrap_with(handler: grpc.RpcMethodHandler, wrap: Wrapper, deserializer: Callable[[bytes], Any] | None) -> grpc.RpcMethodHandler:
-    """Like `_rewrap`, with another request deserializer."""
+def rewrap_handler_with(handler: grpc.RpcMethodHandler, wrap: Wrapper, deserializer: Callable[[bytes], Any] | None) -> grpc.RpcMethodHandler:
+    """Like `rewrap_handler`, with another request deserializer."""
     factory = {
         (False, False): grpc.unary_unary_rpc_method_handler,
         (False, True): grpc.unary_stream_rpc_method_handler,
@@ -71,7 +71,7 @@ def _rewrap_with(handler: grpc.RpcMethodHandler, wrap: Wrapper, deserializer: Ca
     return factory(wrap(behavior, bool(handler.response_streaming)), deserializer, handler.response_serializer)
 
 
-def _is_infrastructure(method: str) -> bool:
+def is_infrastructure(method: str) -> bool:
     return method.startswith(("/grpc.health.v1.", "/grpc.reflection."))
 
 
@@ -82,7 +82,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]], details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or _is_infrastructure(details.method):
+        if handler is None or is_infrastructure(details.method):
             return handler
         method = details.method
 
@@ -117,7 +117,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             return unary
 
-        return _rewrap(handler, wrap)
+        return rewrap_handler(handler, wrap)
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
@@ -130,7 +130,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]], details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or _is_infrastructure(details.method):
+        if handler is None or is_infrastructure(details.method):
             return handler
         method = details.method.rsplit("/", 1)[-1]
 
@@ -166,7 +166,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
             return unary
 
-        return _rewrap(handler, wrap)
+        return rewrap_handler(handler, wrap)
 
 
 MALFORMED_REQUEST = "MALFORMED_REQUEST"
@@ -270,4 +270,4 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
 
             return call
 
-        return _rewrap_with(handler, wrap, safe_deserializer(handler.request_deserializer))
+        return rewrap_handler_with(handler, wrap, safe_deserializer(handler.request_deserializer))

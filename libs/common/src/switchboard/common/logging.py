@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 from opentelemetry import trace
+from switchboard.common.redaction import RedactingProcessor
 
 _configured_service: str | None = None
 
@@ -61,6 +62,9 @@ def configure_logging(service: str, level: str = "info") -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _add_service,
         _add_trace_context,
+        # Services log lengths and ids, not text; where an operator opts into text (GATEWAY_LOG_TEXT),
+        # the text fields pass this filter (e-mail addresses, phone and card numbers, keys and tokens).
+        RedactingProcessor(),
     ]
     structlog.configure(
         processors=[

@@ -92,6 +92,7 @@ class GrpcService:
     ) -> None:
         self.name = name
         self.settings = settings
+        self.extra_interceptors = tuple(extra_interceptors)
         interceptors = [
             *server_interceptors(),
             MetricsInterceptor(name),

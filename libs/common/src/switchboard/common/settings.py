@@ -323,3 +323,14 @@ def reference_markdown(docs: Sequence[SettingDoc]) -> str:
     lines = ["| variable | default | meaning |", "|---|---|---|"]
     lines += [f"| `{d.env}` | `{d.default}` | {d.doc} |" for d in docs]
     return "\n".join(lines)
+
+
+def parse_expert_folders(variable: str, pairs: tuple[str, ...]) -> dict[str, Path]:
+    """`expert=folder` pairs (a model-folders setting) as {expert: folder}; SettingsError naming `variable`."""
+    out: dict[str, Path] = {}
+    for pair in pairs:
+        expert, sep, folder = pair.partition("=")
+        if not sep or not expert.strip() or not folder.strip():
+            raise SettingsError(f"{variable}: expected expert=folder, got {pair!r}")
+        out[expert.strip()] = Path(folder.strip()).expanduser()
+    return out

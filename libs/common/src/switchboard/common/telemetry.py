@@ -44,6 +44,7 @@ class SpanAttributes:
     GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
     REQUEST_ID = "switchboard.request_id"
     TENANT = "switchboard.tenant"
+    PRIORITY = "switchboard.priority"
     EXPERT = "switchboard.expert"
     EXPERTS_REQUESTED = "switchboard.experts_requested"
     REPLICA_ID = "switchboard.replica_id"

@@ -86,3 +86,35 @@ class ModelInfo(_message.Message):
     ready_replicas: int
     relative_cost: float
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., ready_replicas: _Optional[int] = ..., relative_cost: _Optional[float] = ...) -> None: ...
+
+class UsageRequest(_message.Message):
+    __slots__ = ("tenant",)
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    def __init__(self, tenant: _Optional[str] = ...) -> None: ...
+
+class UsageResponse(_message.Message):
+    __slots__ = ("usage", "month")
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    MONTH_FIELD_NUMBER: _ClassVar[int]
+    usage: _containers.RepeatedCompositeFieldContainer[TenantUsage]
+    month: str
+    def __init__(self, usage: _Optional[_Iterable[_Union[TenantUsage, _Mapping]]] = ..., month: _Optional[str] = ...) -> None: ...
+
+class TenantUsage(_message.Message):
+    __slots__ = ("tenant", "expert", "prompt_tokens", "completion_tokens", "requests", "month_tokens", "monthly_token_budget")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MONTH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MONTHLY_TOKEN_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    expert: str
+    prompt_tokens: int
+    completion_tokens: int
+    requests: int
+    month_tokens: int
+    monthly_token_budget: int
+    def __init__(self, tenant: _Optional[str] = ..., expert: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., requests: _Optional[int] = ..., month_tokens: _Optional[int] = ..., monthly_token_budget: _Optional[int] = ...) -> None: ...

@@ -53,6 +53,11 @@ class GatewayStub:
                 request_serializer=switchboard_dot_v1_dot_gateway__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=switchboard_dot_v1_dot_gateway__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.Usage = channel.unary_unary(
+                '/switchboard.v1.Gateway/Usage',
+                request_serializer=switchboard_dot_v1_dot_gateway__pb2.UsageRequest.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_gateway__pb2.UsageResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -86,6 +91,15 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Usage(self, request, context):
+        """Usage reports the tokens used per tenant and expert, this month and since
+        the gateway started. Needs the `admin` scope; a caller without it may ask
+        for its own tenant only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -103,6 +117,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=switchboard_dot_v1_dot_gateway__pb2.ListModelsRequest.FromString,
                     response_serializer=switchboard_dot_v1_dot_gateway__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'Usage': grpc.unary_unary_rpc_method_handler(
+                    servicer.Usage,
+                    request_deserializer=switchboard_dot_v1_dot_gateway__pb2.UsageRequest.FromString,
+                    response_serializer=switchboard_dot_v1_dot_gateway__pb2.UsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -190,6 +209,33 @@ class Gateway:
             '/switchboard.v1.Gateway/ListModels',
             switchboard_dot_v1_dot_gateway__pb2.ListModelsRequest.SerializeToString,
             switchboard_dot_v1_dot_gateway__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Usage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.v1.Gateway/Usage',
+            switchboard_dot_v1_dot_gateway__pb2.UsageRequest.SerializeToString,
+            switchboard_dot_v1_dot_gateway__pb2.UsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

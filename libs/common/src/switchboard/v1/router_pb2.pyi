@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RouteRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "sampling", "expert", "tenant", "exclude_replica_ids", "cost_weight")
+    __slots__ = ("request_id", "prompt", "sampling", "expert", "tenant", "exclude_replica_ids", "cost_weight", "priority", "allowed_experts")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,8 @@ class RouteRequest(_message.Message):
     TENANT_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_REPLICA_IDS_FIELD_NUMBER: _ClassVar[int]
     COST_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: str
     sampling: _common_pb2.SamplingParams
@@ -23,7 +25,9 @@ class RouteRequest(_message.Message):
     tenant: str
     exclude_replica_ids: _containers.RepeatedScalarFieldContainer[str]
     cost_weight: float
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., expert: _Optional[str] = ..., tenant: _Optional[str] = ..., exclude_replica_ids: _Optional[_Iterable[str]] = ..., cost_weight: _Optional[float] = ...) -> None: ...
+    priority: _common_pb2.Priority
+    allowed_experts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., expert: _Optional[str] = ..., tenant: _Optional[str] = ..., exclude_replica_ids: _Optional[_Iterable[str]] = ..., cost_weight: _Optional[float] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ..., allowed_experts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RouteResponse(_message.Message):
     __slots__ = ("request_id", "candidates", "scores", "k", "cost_weight", "gate_kind", "gate_version", "prompt_tokens", "tokenizations")

@@ -174,7 +174,7 @@ class DeregisterResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class PlaceRequest(_message.Message):
-    __slots__ = ("request_id", "expert", "prompt_tokens", "max_tokens", "exclude_replica_ids", "max_alternates", "experts", "min_model_len", "prompt_token_ids", "tokenizer_fingerprint")
+    __slots__ = ("request_id", "expert", "prompt_tokens", "max_tokens", "exclude_replica_ids", "max_alternates", "experts", "min_model_len", "prompt_token_ids", "tokenizer_fingerprint", "priority")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EXPERT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -185,6 +185,7 @@ class PlaceRequest(_message.Message):
     MIN_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     expert: str
     prompt_tokens: int
@@ -195,7 +196,8 @@ class PlaceRequest(_message.Message):
     min_model_len: int
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     tokenizer_fingerprint: str
-    def __init__(self, request_id: _Optional[str] = ..., expert: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., exclude_replica_ids: _Optional[_Iterable[str]] = ..., max_alternates: _Optional[int] = ..., experts: _Optional[_Iterable[str]] = ..., min_model_len: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., tokenizer_fingerprint: _Optional[str] = ...) -> None: ...
+    priority: _common_pb2.Priority
+    def __init__(self, request_id: _Optional[str] = ..., expert: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., exclude_replica_ids: _Optional[_Iterable[str]] = ..., max_alternates: _Optional[int] = ..., experts: _Optional[_Iterable[str]] = ..., min_model_len: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., tokenizer_fingerprint: _Optional[str] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ...) -> None: ...
 
 class PlaceResponse(_message.Message):
     __slots__ = ("replica", "alternates", "placements", "unavailable")

@@ -1,28 +1,42 @@
-"""API-key authentication: `authorization: Bearer <key>` checked against hashed keys.
+"""Authentication: a bearer credential (an API key or a signed JWT) resolved to a `Principal`.
 
-The keys file (GATEWAY_KEYS_FILE) holds one JSON object per line,
-`{"tenant": "dev", "sha256": "<hex digest of the key>"}`; blank lines and lines
-starting with `#` are ignored. Only hashes are stored, so a leaked keys file does
-not leak keys. The file is re-read when its modification time changes, so keys
-added with `python -m switchboard.gateway.keys add` work without a restart.
+`Authenticator.authenticate(authorization)` takes the value of the `authorization` header (gRPC
+metadata or HTTP), so the gRPC interceptor and the HTTP front share one rule:
+
+- `Bearer <api key>`: the key's SHA-256 is looked up in the tenants file; the principal is that
+  key's tenant with its scopes, priority and limits.
+- `Bearer <JWT>` (when the tenants file has a `jwt` section): the token's signature and claims are
+  checked by `JwtVerifier`; its tenant must be in the tenants file (limits and priority come from
+  there), and its scopes can only narrow the tenant's, never widen them.
+
+Every failure is an `AuthError` with a stable reason and a message that says what to send, never
+the credential itself.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
-import os
-import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import replace
+
+from switchboard.common.logging import get_logger
+from switchboard.gateway.jwt_tokens import (
+    JwtConfig,
+    JwtConfigError,
+    JwtKey,
+    JwtVerifier,
+    TokenInvalid,
+    looks_like_jwt,
+)
+from switchboard.gateway.principal import ALL_EXPERTS_SCOPE, Principal
+from switchboard.gateway.tenants import JwtSpec, TenantDirectory
+
+log = get_logger(__name__)
 
 BEARER_PREFIX = "bearer "
 
 
 class AuthError(Exception):
-    """The request carries no usable API key; `reason` is a stable machine-readable code."""
+    """The request carries no usable credential; `reason` is a stable machine-readable code."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
@@ -30,109 +44,101 @@ class AuthError(Exception):
         self.message = message
 
 
-class KeysFileError(Exception):
-    """The keys file cannot be read or has a malformed line."""
+def bearer_credential(authorization: str | None) -> str:
+    """The credential of an `authorization: Bearer <credential>` value, or AuthError."""
+    if authorization is None:
+        raise AuthError("API_KEY_MISSING", "missing API key: send 'authorization: Bearer <key>'")
+    if not authorization.lower().startswith(BEARER_PREFIX) or not authorization[len(BEARER_PREFIX) :].strip():
+        raise AuthError("API_KEY_MALFORMED", "malformed authorization: expected 'Bearer <api key or token>'")
+    return authorization[len(BEARER_PREFIX) :].strip()
 
 
-@dataclass(frozen=True)
-class KeyRecord:
-    """One accepted key, stored as the SHA-256 of the key."""
-
-    tenant: str
-    sha256: bytes
-
-
-def hash_key(key: str) -> str:
-    """Hex SHA-256 of an API key, as stored in the keys file."""
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
-
-
-def parse_keys(lines: Iterable[str], source: str = "keys file") -> list[KeyRecord]:
-    """Parse the JSON-lines keys file; raise KeysFileError naming the bad line."""
-    records: list[KeyRecord] = []
-    for number, raw in enumerate(lines, start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        try:
-            entry = json.loads(line)
-            tenant = entry["tenant"]
-            digest = bytes.fromhex(entry["sha256"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise KeysFileError(
-                f"{source}:{number}: expected {{\"tenant\": ..., \"sha256\": <64 hex chars>}} ({exc})"
-            ) from exc
-        if not isinstance(tenant, str) or not tenant or len(digest) != 32:
-            raise KeysFileError(f"{source}:{number}: tenant must be a non-empty string and sha256 64 hex chars")
-        records.append(KeyRecord(tenant=tenant, sha256=digest))
-    return records
-
-
-def bearer_key(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
-    """Extract the key from `authorization: Bearer <key>` metadata, or raise AuthError."""
+def authorization_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    """The `authorization` value of gRPC metadata (the first one), or None."""
     for name, value in metadata or ():
-        if name.lower() != "authorization":
-            continue
-        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-        if not text.lower().startswith(BEARER_PREFIX) or not text[len(BEARER_PREFIX) :].strip():
-            raise AuthError("API_KEY_MALFORMED", "malformed authorization metadata: expected 'Bearer <api key>'")
-        return text[len(BEARER_PREFIX) :].strip()
-    raise AuthError("API_KEY_MISSING", "missing API key: send metadata 'authorization: Bearer <key>'")
+        if name.lower() == "authorization":
+            return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    return None
 
 
-class KeyStore:
-    """The accepted keys, reloaded from their file when it changes."""
+def narrow_scopes(tenant_scopes: frozenset[str], token_scopes: frozenset[str]) -> frozenset[str]:
+    """The token's scopes that the tenant holds (experts:* in the tenant covers every experts:<name>)."""
+    if not token_scopes:
+        return tenant_scopes
+    allowed = set()
+    for scope in token_scopes:
+        if scope in tenant_scopes or (scope.startswith("experts:") and ALL_EXPERTS_SCOPE in tenant_scopes):
+            allowed.add(scope)
+    return frozenset(allowed)
 
-    def __init__(self, path: Path) -> None:
-        """Load the keys file; raise KeysFileError if it is missing or malformed."""
-        self._path = path
-        self._lock = threading.Lock()
-        self._mtime_ns = -1
-        self._records: list[KeyRecord] = []
-        self._reload_if_changed()
+
+class Authenticator:
+    """Resolves credentials against the tenants file (reloaded when it changes)."""
+
+    def __init__(self, tenants: TenantDirectory) -> None:
+        self._tenants = tenants
+        self._jwt_spec: JwtSpec | None = None
+        self._jwt: JwtVerifier | None = None
+        self._jwt_error: str | None = None
 
     @property
-    def path(self) -> Path:
-        """The keys file."""
-        return self._path
+    def tenants(self) -> TenantDirectory:
+        """The tenants directory this authenticator reads."""
+        return self._tenants
 
-    def __len__(self) -> int:
-        return len(self._records)
+    def _verifier(self) -> JwtVerifier | None:
+        spec = self._tenants.config.jwt
+        if spec is not self._jwt_spec:  # the tenants file changed: rebuild from its jwt section
+            self._jwt_spec, self._jwt, self._jwt_error = spec, None, None
+            if spec is not None:
+                try:
+                    self._jwt = JwtVerifier(jwt_config(spec))
+                except JwtConfigError as exc:  # a bad key file after a reload: tokens refused, API keys work
+                    self._jwt_error = str(exc)
+                    log.error("JWT keys unusable; bearer tokens are refused until fixed", error=str(exc))
+        return self._jwt
 
-    def _reload_if_changed(self) -> None:
-        try:
-            mtime = os.stat(self._path).st_mtime_ns
-        except OSError as exc:
-            raise KeysFileError(f"cannot read keys file {self._path}: {exc.strerror}") from exc
-        if mtime == self._mtime_ns:
-            return
-        with self._lock:
-            text = self._path.read_text(encoding="utf-8")
-            self._records = parse_keys(text.splitlines(), str(self._path))
-            self._mtime_ns = mtime
+    def check(self) -> None:
+        """Raise JwtConfigError if the tenants file's JWT keys are unusable (a start error)."""
+        self._verifier()
+        if self._jwt_error:
+            raise JwtConfigError(self._jwt_error)
 
-    def tenant_for(self, key: str) -> str | None:
-        """The tenant owning `key`, or None.
-
-        Every stored hash is compared with hmac.compare_digest and the loop never
-        exits early, so the time taken does not reveal which hash nearly matched.
-        """
-        try:
-            self._reload_if_changed()
-        except KeysFileError:
-            # Keep serving with the last good keys if the file is mid-rewrite or broken.
-            pass
-        digest = hashlib.sha256(key.encode("utf-8")).digest()
-        found: str | None = None
-        for record in self._records:
-            if hmac.compare_digest(digest, record.sha256) and found is None:
-                found = record.tenant
-        return found
-
-    def authenticate(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
-        """Return the tenant of the request's bearer key, or raise AuthError."""
-        key = bearer_key(metadata)
-        tenant = self.tenant_for(key)
-        if tenant is None:
+    def authenticate(self, authorization: str | None) -> Principal:
+        """The principal of an `authorization` header value, or AuthError."""
+        credential = bearer_credential(authorization)
+        if looks_like_jwt(credential):
+            return self._from_token(credential)
+        principal = self._tenants.principal_for_key(credential)
+        if principal is None:
             raise AuthError("API_KEY_INVALID", "invalid API key")
-        return tenant
+        return principal
+
+    def authenticate_metadata(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Principal:
+        """The principal of gRPC invocation metadata, or AuthError."""
+        return self.authenticate(authorization_from_metadata(metadata))
+
+    def _from_token(self, token: str) -> Principal:
+        verifier = self._verifier()
+        if verifier is None:
+            detail = "bearer tokens are not accepted by this gateway (no jwt section in its tenants file)"
+            if self._jwt_error:
+                detail = "bearer tokens cannot be checked: the gateway's JWT keys are misconfigured"
+            raise AuthError("TOKEN_NOT_ACCEPTED", detail)
+        try:
+            claims = verifier.verify(token)
+        except TokenInvalid as exc:
+            raise AuthError(exc.reason, exc.message) from None
+        tenant = self._tenants.tenant(claims.tenant)
+        if tenant is None:
+            raise AuthError("TOKEN_TENANT_UNKNOWN", "the token's tenant is not configured on this gateway")
+        return replace(tenant, key_id=claims.key_id, scopes=narrow_scopes(tenant.scopes, claims.scopes))
+
+
+def jwt_config(spec: JwtSpec) -> JwtConfig:
+    """The verifier's configuration from the tenants file's jwt section (reads the key files)."""
+    keys = [
+        JwtKey(kid=k.kid, algorithm=k.algorithm, secret_file=k.secret_file, public_key_file=k.public_key_file)  # type: ignore[arg-type]
+        for k in spec.keys
+    ]
+    return JwtConfig(keys=keys, issuer=spec.issuer, audience=spec.audience)

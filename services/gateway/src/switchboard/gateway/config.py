@@ -33,10 +33,65 @@ class GatewaySettings:
 
     server: ServerSettings
     router_addr: str = setting("ROUTER_ADDR", "127.0.0.1:50052", "host:port of the router")
-    keys_file: Path = setting(
-        "GATEWAY_KEYS_FILE",
-        Path("~/.cache/switchboard/gateway-keys.jsonl"),
-        "API keys file: JSON lines {tenant, sha256 of the key}; re-read when it changes",
+    tenants_file: Path = setting(
+        "GATEWAY_TENANTS_FILE",
+        Path("~/.cache/switchboard/gateway-tenants.yaml"),
+        "tenants file (YAML): per tenant the SHA-256 of its API keys, scopes, priority and limits, and the JWT "
+        "signing keys; re-read when it changes (a malformed file keeps the last good one)",
+    )
+    redis_url: str = setting(
+        "REDIS_URL",
+        "",
+        "Redis holding the tenants' rate-limit, stream and budget state shared by every gateway replica "
+        "(redis://host:port/db); empty: kept in this process (one gateway)",
+    )
+    limit_store_timeout_seconds: float = setting(
+        "GATEWAY_LIMIT_STORE_TIMEOUT_SECONDS",
+        0.25,
+        "deadline of each call to the limits store; past it the tenant's on_store_unavailable rule applies",
+        minimum=0.01,
+        maximum=10.0,
+    )
+    max_inflight: int = setting(
+        "GATEWAY_MAX_INFLIGHT",
+        256,
+        "requests this gateway runs at once (past the router); more wait in the admission queue",
+        minimum=1,
+        maximum=100_000,
+    )
+    max_queued: int = setting(
+        "GATEWAY_MAX_QUEUED",
+        1024,
+        "requests that may wait for admission; past it the lowest priority is shed with RESOURCE_EXHAUSTED",
+        minimum=0,
+        maximum=1_000_000,
+    )
+    fair_quantum_tokens: int = setting(
+        "GATEWAY_FAIR_QUANTUM_TOKENS",
+        512,
+        "tokens each waiting tenant is credited per deficit-round-robin round within a priority band",
+        minimum=1,
+        maximum=1_000_000,
+    )
+    http_port: int = setting(
+        "GATEWAY_HTTP_PORT",
+        8080,
+        "port of the OpenAI-compatible HTTP front (/v1/completions, /v1/chat/completions, /v1/models) on "
+        "GATEWAY_HOST; 0 disables it",
+        minimum=0,
+        maximum=65535,
+    )
+    model_folders: tuple[str, ...] = setting(
+        "GATEWAY_MODEL_FOLDERS",
+        (),
+        "expert=folder pairs, comma-separated: a folder's tokenizer_config.json chat_template renders chat requests "
+        "pinned to that expert (others use the plain default template)",
+    )
+    log_text: bool = setting(
+        "GATEWAY_LOG_TEXT",
+        False,
+        "also log each request's prompt and output on its audit line, through the redaction filter (e-mail "
+        "addresses, phone and card numbers, keys and tokens masked); off: only lengths and ids are logged",
     )
     max_prompt_chars: int = setting(
         "GATEWAY_MAX_PROMPT_CHARS", 32_000, "longest accepted prompt, in characters", minimum=1, maximum=10_000_000
@@ -85,9 +140,9 @@ def load_gateway_settings() -> GatewaySettings:
     settings = load_settings(
         GatewaySettings, server_prefix=SERVER_PREFIX, default_port=DEFAULT_PORT, default_metrics_port=DEFAULT_METRICS_PORT
     )
-    if not settings.keys_file.expanduser().is_file():
+    if not settings.tenants_file.expanduser().is_file():
         raise SettingsError(
-            f"GATEWAY_KEYS_FILE: {settings.keys_file} does not exist; create a key with "
+            f"GATEWAY_TENANTS_FILE: {settings.tenants_file} does not exist; create a key with "
             "`python -m switchboard.gateway.keys add --tenant dev`"
         )
     return settings

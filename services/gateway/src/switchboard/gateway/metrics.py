@@ -30,3 +30,13 @@ OUTPUT_TOKENS = Counter(
     "switchboard_gateway_output_tokens_total", "Tokens streamed to clients, by tenant and expert.", ["tenant", "expert"]
 )
 AUTH_FAILURES = Counter("switchboard_gateway_auth_failures_total", "Rejected API keys, by reason.", ["reason"])
+HTTP_REQUESTS = Counter(
+    "switchboard_gateway_http_requests_total", "Requests to the OpenAI-compatible HTTP front, by route and HTTP status.", ["route", "status"]
+)
+LIMIT_REFUSALS = Counter(
+    "switchboard_gateway_limit_refusals_total",
+    "Requests refused by a tenant limit or by admission, by tenant and limit "
+    "(requests_per_second, tokens_per_second, max_concurrent_streams, monthly_token_budget, max_prompt_tokens, "
+    "max_output_tokens, admission, limit_store_unavailable).",
+    ["tenant", "limit"],
+)

@@ -1,37 +1,106 @@
-"""The gateway's `serve()`: load the keys, connect to the router, run the gRPC service."""
+"""The gateway's `serve()`: load the tenants, connect to the router and the limits store, run the gRPC service."""
 
 from __future__ import annotations
 
 from switchboard.common.channels import open_channel
 from switchboard.common.logging import get_logger
 from switchboard.common.service import GrpcService
-from switchboard.gateway.auth import KeysFileError, KeyStore
+from switchboard.common.settings import ServerSettings, parse_expert_folders
+from switchboard.gateway.admission import AdmissionController
+from switchboard.gateway.auth import Authenticator
+from switchboard.gateway.auth_interceptor import AuthInterceptor
+from switchboard.gateway.chat import ChatTemplates
 from switchboard.gateway.config import GatewaySettings
+from switchboard.gateway.core import GatewayCore
+from switchboard.gateway.http_front import OpenAIFront, build_app, http_max_body_bytes
+from switchboard.gateway.http_server import HttpServer
+from switchboard.gateway.jwt_tokens import JwtConfigError
+from switchboard.gateway.limiter import TenantLimiter
+from switchboard.gateway.limitstore import LimitStore, MemoryLimitStore, RedisLimitStore
+from switchboard.gateway.metering import UsageMeter
 from switchboard.gateway.servicer import GatewayServicer
+from switchboard.gateway.tenants import TenantDirectory, TenantsFileError
 from switchboard.v1 import gateway_pb2_grpc, router_pb2_grpc
 
 log = get_logger(__name__)
 
 
+def gateway_service(settings: ServerSettings) -> GrpcService:
+    """The gateway's gRPC server: the shared one with authentication installed in front of every RPC."""
+    return GrpcService("gateway", settings, extra_interceptors=[AuthInterceptor()])
+
+
+def _auth_interceptor(service: GrpcService) -> AuthInterceptor:
+    found = [i for i in service.extra_interceptors if isinstance(i, AuthInterceptor)]
+    if not found:
+        # Fail closed: a server without the interceptor would serve unauthenticated calls.
+        raise RuntimeError("the gateway's GrpcService must be made by gateway_service(), which installs authentication")
+    return found[0]
+
+
+def limit_store(settings: GatewaySettings) -> LimitStore:
+    """Redis when REDIS_URL is set (limits shared by every gateway replica), else in this process."""
+    if settings.redis_url:
+        return RedisLimitStore(settings.redis_url, timeout_seconds=settings.limit_store_timeout_seconds)
+    return MemoryLimitStore()
+
+
 async def serve(settings: GatewaySettings, service: GrpcService | None = None, handle_signals: bool = True) -> int:
     """Run the gateway until SIGTERM/SIGINT (or `service.stop()`); returns the process exit code.
 
-    Tests pass their own `service` (to read its bound port) and handle_signals=False.
+    Tests pass their own `service` (made by `gateway_service`, to read its bound port) and handle_signals=False.
     """
     try:
-        keys = KeyStore(settings.keys_file.expanduser())
-    except KeysFileError as exc:
-        log.error("bad keys file", error=str(exc))
+        tenants = TenantDirectory(settings.tenants_file.expanduser())
+    except TenantsFileError as exc:
+        log.error("bad tenants file", error=str(exc))
         return 2
+    service = service or gateway_service(settings.server)
+    authenticator = Authenticator(tenants)
+    try:
+        authenticator.check()
+    except JwtConfigError as exc:
+        log.error("bad JWT keys in the tenants file", error=str(exc))
+        return 2
+    _auth_interceptor(service).bind(authenticator)
     router_channel = open_channel(settings.router_addr)
-    service = service or GrpcService("gateway", settings.server)
-    servicer = GatewayServicer(settings, keys, router_pb2_grpc.RouterStub(router_channel))
-    gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, service.server)
-    log.info("gateway configured", router=settings.router_addr, keys=len(keys), keys_file=str(keys.path))
+    store = limit_store(settings)
+    core = GatewayCore(
+        settings,
+        router_pb2_grpc.RouterStub(router_channel),
+        TenantLimiter(store),
+        AdmissionController(settings.max_inflight, settings.max_queued, quantum_tokens=settings.fair_quantum_tokens),
+        UsageMeter(),
+        tenants,
+    )
+    gateway_pb2_grpc.add_GatewayServicer_to_server(
+        GatewayServicer(core, settings.default_timeout_seconds), service.server
+    )
+    http: HttpServer | None = None
+    if settings.http_port:
+        templates = ChatTemplates(parse_expert_folders("GATEWAY_MODEL_FOLDERS", settings.model_folders))
+        front = OpenAIFront(
+            core, templates, settings.default_timeout_seconds, max_body_bytes=http_max_body_bytes(settings.max_prompt_chars)
+        )
+        http = HttpServer(build_app(front, authenticator), settings.server.host, settings.http_port)
+        await http.start()
+        service.on_drain(http.stop)
+    log.info(
+        "gateway configured",
+        http_port=http.port if http is not None else 0,
+        router=settings.router_addr,
+        tenants=len(tenants.config.tenants),
+        keys=len(tenants.config.by_key_hash),
+        tenants_file=str(tenants.path),
+        limits_store="redis" if settings.redis_url else "memory",
+    )
     try:
         await service.run(["switchboard.v1.Gateway"], handle_signals=handle_signals)
     finally:
         # After the drain: in-flight streams have finished (or been cancelled) by now.
-        await servicer.close()
+        if http is not None:
+            await http.stop()
+        await core.close()
+        await store.close()
         await router_channel.close()
     return service.exit_code

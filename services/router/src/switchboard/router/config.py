@@ -6,7 +6,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from switchboard.common.experts_config import ExpertsConfigError, load_experts_config
-from switchboard.common.settings import ServerSettings, SettingsError, load_settings, setting
+from switchboard.common.settings import (
+    ServerSettings,
+    SettingsError,
+    load_settings,
+    parse_expert_folders,
+    setting,
+)
 
 SERVER_PREFIX = "ROUTER"
 DEFAULT_PORT = 50052
@@ -120,13 +126,7 @@ def parse_tenant_cost_weights(pairs: tuple[str, ...]) -> dict[str, float]:
 
 def parse_model_folders(pairs: tuple[str, ...]) -> dict[str, Path]:
     """ROUTER_MODEL_FOLDERS as {expert: folder}; SettingsError naming the variable on a bad pair."""
-    out: dict[str, Path] = {}
-    for pair in pairs:
-        expert, sep, folder = pair.partition("=")
-        if not sep or not expert.strip() or not folder.strip():
-            raise SettingsError(f"ROUTER_MODEL_FOLDERS: expected expert=folder, got {pair!r}")
-        out[expert.strip()] = Path(folder.strip()).expanduser()
-    return out
+    return parse_expert_folders("ROUTER_MODEL_FOLDERS", pairs)
 
 
 def load_router_settings() -> RouterSettings:

@@ -48,6 +48,8 @@ __all__ = [
 # crash loses at most this much learning.
 ONLINE_SNAPSHOT_EVERY = 100
 NO_READY_REPLICA = "no ready replica"
+# Why an expert outside the tenant's scopes is ineligible (the router answers PERMISSION_DENIED when that is every expert).
+NOT_IN_SCOPE = "the tenant may not use it"
 # The scheduler's bound on the token ids of one Place (PlaceRequest.prompt_token_ids); a longer
 # prompt is placed without them (and still goes to its replica with its ids).
 MAX_PLACE_TOKEN_IDS = 131072
@@ -106,6 +108,7 @@ class PlacementRequest:
     # The prompt's ids under the first expert's tokenizer (empty: not tokenized) and its fingerprint.
     prompt_token_ids: tuple[int, ...] = ()
     tokenizer_fingerprint: str = ""
+    priority: int = 0  # the tenant's priority class (common.Priority; 0: unspecified)
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,8 @@ class RouteInput:
     exclude_replica_ids: tuple[str, ...] = ()
     cost_weight: float | None = None  # the request's lambda (None: tenant's, else the gate's default)
     timeout_seconds: float | None = None  # what is left of the caller's deadline
+    allowed_experts: tuple[str, ...] = ()  # the tenant's scopes: only these experts (empty: every one)
+    priority: int = 0  # the tenant's priority class (common.Priority; 0: unspecified)
 
 
 @dataclass(frozen=True)
@@ -228,10 +233,14 @@ class RouterCore:
         return self.settings.tenant_cost_weights.get(request.tenant, self.settings.default_cost_weight)
 
     def ineligible(self, request: RouteInput) -> dict[str, str]:
-        """Experts that may not serve this request at all, with why (pinned elsewhere)."""
-        if not request.expert:
-            return {}
-        return {name: f"the request is pinned to {request.expert}" for name in self.experts if name != request.expert}
+        """Experts that may not serve this request at all, with why (pinned elsewhere, or outside the tenant's scopes)."""
+        out: dict[str, str] = {}
+        if request.allowed_experts:
+            allowed = set(request.allowed_experts)
+            out = {name: NOT_IN_SCOPE for name in self.experts if name not in allowed}
+        if request.expert:
+            out.update({name: f"the request is pinned to {request.expert}" for name in self.experts if name != request.expert})
+        return out
 
     def unavailable(self, request: RouteInput, prompt_tokens: int) -> dict[str, str]:
         """Experts the last look at the cluster says cannot serve now, with why (advisory)."""
@@ -332,6 +341,7 @@ class RouterCore:
                 timeout_seconds=request.timeout_seconds,
                 prompt_token_ids=place_ids,
                 tokenizer_fingerprint=first if place_ids else "",
+                priority=request.priority,
             )
         )
         stale = [c.expert for c in selection.choices if c.why_ineligible == NO_READY_REPLICA and result.candidates.get(c.expert)]

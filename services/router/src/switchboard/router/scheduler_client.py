@@ -57,6 +57,7 @@ class SchedulerPlacer:
             max_alternates=request.max_alternates,
             prompt_token_ids=request.prompt_token_ids,
             tokenizer_fingerprint=request.tokenizer_fingerprint,
+            priority=request.priority,  # type: ignore[arg-type]
         )
         try:
             timeout = self._timeout

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import grpc
 from switchboard.common.enums import enum_name
-from switchboard.common.errors import invalid_argument, not_found, unavailable
+from switchboard.common.errors import ServiceError, invalid_argument, not_found, unavailable
 from switchboard.common.experts_config import ExpertSpec
 from switchboard.common.logging import bind_request, get_logger
 from switchboard.common.telemetry import SpanAttributes, get_tracer
 from switchboard.router import metrics
 from switchboard.router.config import RouterSettings
 from switchboard.router.core import (
+    NOT_IN_SCOPE,
     NoEligibleExpert,
     PlacementUnavailable,
     RequestTooLong,
@@ -32,6 +33,7 @@ log = get_logger(__name__)
 tracer = get_tracer(__name__)
 
 MAX_COST_WEIGHT = 100.0
+MAX_ALLOWED_EXPERTS = 64
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
@@ -68,6 +70,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         cost_weight = request.cost_weight if request.HasField("cost_weight") else None
         if cost_weight is not None and not 0.0 <= cost_weight <= MAX_COST_WEIGHT:
             raise invalid_argument("cost_weight", f"must be in [0, {MAX_COST_WEIGHT:g}], got {cost_weight}")
+        if len(request.allowed_experts) > MAX_ALLOWED_EXPERTS:
+            raise invalid_argument(
+                "allowed_experts", f"at most {MAX_ALLOWED_EXPERTS} names, got {len(request.allowed_experts)}"
+            )
         route = RouteInput(
             request_id=request.request_id,
             prompt=request.prompt,
@@ -77,6 +83,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             exclude_replica_ids=tuple(request.exclude_replica_ids),
             cost_weight=cost_weight,
             timeout_seconds=self._timeout(context),
+            allowed_experts=tuple(request.allowed_experts[:MAX_ALLOWED_EXPERTS]),
+            priority=request.priority,
         )
         with bind_request(request.request_id), tracer.start_as_current_span("router.route") as span:
             span.set_attribute(SpanAttributes.REQUEST_ID, request.request_id)
@@ -88,6 +96,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             except RequestTooLong as exc:
                 raise invalid_argument("prompt", str(exc)) from None
             except NoEligibleExpert as exc:
+                if all(reason == NOT_IN_SCOPE for reason in exc.reasons.values()):
+                    raise ServiceError(
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        "none of the tenant's allowed experts is served here",
+                        reason="NO_ALLOWED_EXPERT",
+                    ) from None
                 metrics.ROUTE_UNAVAILABLE.inc()
                 log.warning("no eligible expert", reasons=exc.reasons)
                 raise self._unavailable(f"no expert can serve this request now: {exc}", "NO_ELIGIBLE_EXPERT") from None

@@ -327,6 +327,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         with tracer.start_as_current_span("scheduler.place") as span:
             span.set_attribute(SpanAttributes.REQUEST_ID, request.request_id)
             span.set_attribute(SpanAttributes.EXPERTS_REQUESTED, len(placement.experts))
+            span.set_attribute(SpanAttributes.PRIORITY, enum_name(common_pb2.Priority, request.priority))
             try:
                 result = self.placer.place(placement)
             except InvalidPlacement as error:
