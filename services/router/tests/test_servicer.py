@@ -80,6 +80,18 @@ async def test_pinned_expert_gets_only_its_replicas(stack: Stack) -> None:
     assert [s.expert for s in reply.scores if s.selected] == ["milton-small"]
 
 
+async def test_allowed_experts_restrict_the_candidates(stack: Stack) -> None:
+    await register(stack, "bard-1", "bard-small", 50061)
+    await register(stack, "milton-1", "milton-small", 50063)
+    reply = await stack.router.Route(route(allowed_experts=["milton-small"], priority=common_pb2.PRIORITY_HIGH))
+    assert {c.expert for c in reply.candidates} == {"milton-small"}
+    # Only experts outside the tenant's scopes: PERMISSION_DENIED, not a retryable UNAVAILABLE.
+    details = await expect(stack.router.Route(route(allowed_experts=["gpt-9"])), grpc.StatusCode.PERMISSION_DENIED)
+    assert details["reason"] == "NO_ALLOWED_EXPERT"
+    details = await expect(stack.router.Route(route(allowed_experts=["x"] * 65)), grpc.StatusCode.INVALID_ARGUMENT)
+    assert details["field_violations"][0][0] == "allowed_experts"
+
+
 async def test_alternates_are_capped() -> None:
     async with running_stack(max_alternates=0) as stack:
         await register(stack, "bard-1", "bard-small", 50061)

@@ -47,7 +47,7 @@ from switchboard.gateway import metrics
 from switchboard.gateway.admission import AdmissionController, AdmissionRejected, AdmissionTimeout
 from switchboard.gateway.channels import ChannelPool
 from switchboard.gateway.config import GatewaySettings
-from switchboard.gateway.limiter import Admission, LimitExceeded, TenantLimiter
+from switchboard.gateway.limiter import Admission, LimitExceeded, LimitKind, TenantLimiter
 from switchboard.gateway.limitstore import LimitStoreUnavailable
 from switchboard.gateway.metering import UsageMeter
 from switchboard.gateway.principal import Principal, Priority
@@ -135,6 +135,7 @@ PROTO_PRIORITY = {
 # The gateway has no tokenizer: before the router's exact count, a prompt is sized at one token per
 # CHARS_PER_TOKEN characters (the router's own estimate), then settled to the exact count.
 CHARS_PER_TOKEN = 4
+STREAM_RETRY_SECONDS = 1.0
 
 
 def estimate_prompt_tokens(prompt: str) -> int:
@@ -154,12 +155,13 @@ def limit_error(error: LimitExceeded) -> ServiceError:
     naming the limit); a request larger than the tenant may ever send is INVALID_ARGUMENT, since
     retrying cannot help.
     """
-    if error.retry_after_seconds is None:
+    if error.kind is LimitKind.TOO_LARGE:
         field_name = "prompt" if error.limit == "max_prompt_tokens" else "sampling.max_tokens"
         return invalid_argument(field_name, error.message)
     return resource_exhausted(
         error.message,
-        retry_after_seconds=error.retry_after_seconds,
+        # A stream slot frees when one of the tenant's streams ends, which nobody can know: retry soon.
+        retry_after_seconds=error.retry_after_seconds if error.retry_after_seconds is not None else STREAM_RETRY_SECONDS,
         reason="TENANT_LIMIT_EXCEEDED",
         quota_violations=[(error.quota_subject, f"{error.limit}: {error.message}")],
         metadata={"limit": error.limit},
