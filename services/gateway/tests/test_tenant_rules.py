@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 from switchboard.common.errors import error_details
 from switchboard.common.settings import ServerSettings
 from switchboard.gateway.config import GatewaySettings
@@ -124,6 +125,15 @@ class Gateway:
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await self.complete(key, **kwargs)
         return error.value.code(), error_details(error.value), error.value.details() or ""
+
+
+async def queued(priority: str) -> None:
+    """Wait until a request of this priority waits in the admission queue (bounded, no time assumption)."""
+    for _ in range(2000):
+        if (REGISTRY.get_sample_value("switchboard_gateway_admission_queued", {"priority": priority}) or 0) >= 1:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"no {priority} request was queued")
 
 
 @asynccontextmanager
@@ -259,7 +269,7 @@ async def test_low_priority_is_shed_first_under_overload(tmp_path: Path) -> None
         running = asyncio.create_task(gw.complete("main-key"))
         await gw.replica.streaming.wait()
         low = asyncio.create_task(gw.complete("low-key"))
-        await asyncio.sleep(0.1)  # low is queued (the one slot is held)
+        await queued("low")  # the one slot is held, so low waits
         high = asyncio.create_task(gw.complete("high-key"))
         with pytest.raises(grpc.aio.AioRpcError) as shed:
             await low
