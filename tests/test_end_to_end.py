@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import openai
 import pytest
 from switchboard.common.errors import error_details
 from switchboard.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
@@ -244,6 +245,65 @@ def test_client_cancel_stops_generation_on_the_replica(
         list(call)
     assert info.value.code() == grpc.StatusCode.CANCELLED
     # The replica ends the request as cancelled, long before its max_tokens.
+    finished = replica_finish(stack, replica.replica_id, request_id)
+    assert finished["finish_reason"] == "cancelled"
+    assert finished["completion_tokens"] < max_tokens
+
+
+def test_the_openai_client_streams_completions_and_chats_through_the_stack(
+    stack: RunningStack, trace_receiver: tuple[TraceReceiver, str]
+) -> None:
+    client = openai.OpenAI(base_url=stack.stack.plan.openai_base_url, api_key=stack.key, max_retries=0, timeout=60)
+    assert "bard-small" in [m.id for m in client.models.list()]
+    chunks = list(
+        client.completions.create(
+            model="auto",
+            prompt="To be, or not to be",
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text and chunks[0].model == "bard-small"
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens == 8 and usage.prompt_tokens > 0
+    whole = client.completions.create(model="bard-small", prompt="To be, or not to be", max_tokens=8, temperature=0)
+    assert whole.choices[0].text == text  # greedy: the same text streamed or whole
+    chat = client.chat.completions.create(
+        model="auto", messages=[{"role": "user", "content": "Speak, Hamlet."}], max_tokens=6, temperature=0
+    )
+    assert chat.choices[0].message.content and chat.usage is not None and chat.usage.completion_tokens == 6
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=stack.stack.plan.openai_base_url, api_key="sb-wrong", max_retries=0).models.list()
+    # One trace: the HTTP request's span is the root of the router's, scheduler's and generator's spans.
+    request_id = whole.id.removeprefix("cmpl-")
+    services = {"switchboard-gateway", "switchboard-router", "switchboard-scheduler", "switchboard-generator"}
+    deadline = time.monotonic() + 30
+    while True:
+        complete, why = _trace_is_complete(trace_receiver[0].snapshot(), request_id, services)
+        if complete:
+            break
+        assert time.monotonic() < deadline, why
+        time.sleep(0.2)
+
+
+def test_an_http_client_that_goes_away_stops_generation_on_the_replica(stack: RunningStack) -> None:
+    with grpc.insecure_channel(stack.stack.plan.scheduler_addr) as channel:
+        scheduler = scheduler_pb2_grpc.SchedulerStub(channel)
+        replica = scheduler.GetCluster(scheduler_pb2.GetClusterRequest(), timeout=5).replicas[0]
+    max_tokens = min(4000, replica.max_model_len - 16)
+    client = openai.OpenAI(base_url=stack.stack.plan.openai_base_url, api_key=stack.key, max_retries=0, timeout=60)
+    stream = client.completions.create(
+        model="bard-small", prompt="To be, or not to be", max_tokens=max_tokens, stream=True
+    )
+    request_id = ""
+    for count, chunk in enumerate(stream):
+        request_id = chunk.id.removeprefix("cmpl-")
+        if count == 2:
+            break
+    stream.close()  # the connection goes away mid-stream
     finished = replica_finish(stack, replica.replica_id, request_id)
     assert finished["finish_reason"] == "cancelled"
     assert finished["completion_tokens"] < max_tokens
