@@ -4,7 +4,10 @@ A chat request is routed like any prompt, so its messages become text at the gat
 request names an expert whose model folder (GATEWAY_MODEL_FOLDERS) has a `chat_template` in its
 `tokenizer_config.json`, that template renders the messages exactly as transformers'
 `apply_chat_template` would (a sandboxed Jinja environment with the same options, the folder's BOS
-and EOS tokens, `add_generation_prompt=True`). Otherwise, and for requests the router places, the
+and EOS tokens, `add_generation_prompt=True`). The prompt text is tokenized later with special tokens
+(by the router, or the replica); when that tokenizer adds BOS itself (`add_bos_token`, or BOS in
+`tokenizer.json`'s post-processor, as Llama's do) the template's leading BOS is dropped from the text,
+so the ids are the ones `apply_chat_template(tokenize=True)` makes: one BOS, not two. Otherwise, and for requests the router places, the
 default template writes one `role: content` line per message and ends with `assistant:`, which the
 demo experts (plain language models) continue sensibly.
 """
@@ -60,6 +63,26 @@ def _token_text(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
+def _tokenizer_adds_bos(folder: Path, bos: str) -> bool:
+    """Whether encoding text with special tokens adds `bos` (tokenizer_config's add_bos_token, else tokenizer.json)."""
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    if isinstance(config.get("add_bos_token"), bool):
+        return bool(config["add_bos_token"])
+    try:
+        processor = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8")).get("post_processor") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    processors = processor.get("processors", [processor]) if isinstance(processor, Mapping) else []
+    for step in processors:
+        if isinstance(step, Mapping) and step.get("type") == "TemplateProcessing":
+            single = step.get("single") or []
+            return any(isinstance(p, Mapping) and p.get("SpecialToken", {}).get("id") == bos for p in single)
+    return False
+
+
 def normalize_messages(raw: Any) -> list[dict[str, str]]:
     """Check OpenAI chat messages; return [{role, content}] with text parts joined. ChatError names the bad one."""
     if not isinstance(raw, list) or not raw:
@@ -97,11 +120,13 @@ class ChatTemplates:
         self._environment = _environment()
         self._default = self._environment.from_string(DEFAULT_TEMPLATE)
         self._templates: dict[str, tuple[jinja2.Template, str, str]] = {}
+        self._strip_bos: dict[str, bool] = {}
         for expert, folder in folders.items():
             loaded = self._load(folder / "tokenizer_config.json")
             if loaded is not None:
                 self._templates[expert] = loaded
-                log.info("chat template loaded", expert=expert)
+                self._strip_bos[expert] = bool(loaded[1]) and _tokenizer_adds_bos(folder, loaded[1])
+                log.info("chat template loaded", expert=expert, tokenizer_adds_bos=self._strip_bos[expert])
 
     def _load(self, path: Path) -> tuple[jinja2.Template, str, str] | None:
         try:
@@ -132,7 +157,10 @@ class ChatTemplates:
         """The prompt for `messages`: the expert's template if it has one, else the default."""
         template, bos, eos = self._templates.get(expert, (self._default, "", ""))
         try:
-            return template.render(messages=list(messages), add_generation_prompt=True, bos_token=bos, eos_token=eos)
+            text = template.render(messages=list(messages), add_generation_prompt=True, bos_token=bos, eos_token=eos)
         except jinja2.TemplateError as exc:
             # A template's raise_exception (e.g. "roles must alternate") describes the request.
             raise ChatError("messages", f"the model's chat template refused the messages: {exc}") from None
+        if self._strip_bos.get(expert) and text.startswith(bos):
+            text = text[len(bos) :]
+        return text
