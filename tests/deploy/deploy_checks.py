@@ -20,6 +20,7 @@ import shlex
 import subprocess
 import sys
 import typing
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,48 @@ GENERIC_ENV = {
 }
 
 
+@dataclass(frozen=True)
+class ThirdParty:
+    """A service that runs someone else's image (no Dockerfile here), allowed by name.
+
+    image: its repository (the tag must pin a version); port: what it listens on;
+    hardened: part of the core stack, so it takes the Switchboard hardening (non-root user,
+    read-only root with `writable` paths on tmpfs/volumes, no capabilities, no privilege
+    escalation, the `healthcheck` command) rather than being an overlay's development tool;
+    clients: the Switchboard services that may connect to it (Kubernetes NetworkPolicy).
+    """
+
+    image: str
+    port: int
+    hardened: bool
+    healthcheck: tuple[str, ...] = ()
+    writable: tuple[str, ...] = ()
+    clients: tuple[str, ...] = ()
+
+
+# Every third-party service of the compose files and manifests; anything else without a
+# Switchboard Dockerfile is refused.
+THIRD_PARTY = {
+    # The gateway's limits state (REDIS_URL), shared by its replicas.
+    "redis": ThirdParty("redis", 6379, True, ("redis-cli", "ping"), ("/data",), ("gateway",)),
+    # compose.observability.yaml: the trace viewer and Prometheus, for development.
+    "jaeger": ThirdParty("jaegertracing/all-in-one", 4317, False),
+    "prometheus": ThirdParty("prom/prometheus", 9090, False),
+}
+
+
+def check_image_pinned(image: str, third_party: ThirdParty, where: str) -> list[str]:
+    """The image is the expected repository with a version tag (or a digest), never `latest` or untagged."""
+    name, _, digest = image.partition("@")
+    repository, _, tag = name.rpartition(":") if ":" in name.rsplit("/", 1)[-1] else (name, "", "")
+    problems = []
+    if repository not in (third_party.image, f"docker.io/{third_party.image}", f"docker.io/library/{third_party.image}"):
+        problems.append(f"{where}: image {image} is not {third_party.image}")
+    if not digest and (not tag or tag == "latest" or not re.search(r"\d", tag)):
+        problems.append(f"{where}: image {image} must be pinned by a version tag (not latest or untagged)")
+    return problems
+
+
 # --------------------------------------------------------------------------- settings
 
 
@@ -64,6 +107,12 @@ class ServiceContract:
     metrics_port: int
     settings_class: type
     variables: frozenset[str]
+    http_port: int = 0  # default of its HTTP front's port variable; 0: it has none
+
+    @property
+    def http_env(self) -> str:
+        """The variable of its HTTP front's port (read only by services that have one)."""
+        return f"{self.prefix}_HTTP_PORT"
 
     @property
     def port_env(self) -> str:
@@ -93,6 +142,18 @@ class ServiceContract:
         """Its metrics port under `env`."""
         return int(env.get(self.metrics_env, self.metrics_port))
 
+    def http_port_in(self, env: Mapping[str, str]) -> int:
+        """Its HTTP front's port under `env` (0: none, or disabled)."""
+        return int(env.get(self.http_env, self.http_port)) if self.http_env in self.variables else 0
+
+    def traffic_ports_in(self, env: Mapping[str, str]) -> set[int]:
+        """The ports it serves requests on under `env`: gRPC, and the HTTP front if any."""
+        return {self.port_in(env), self.http_port_in(env)} - {0}
+
+    def listening_ports_in(self, env: Mapping[str, str]) -> set[int]:
+        """Every port it listens on under `env` (requests and metrics)."""
+        return self.traffic_ports_in(env) | ({self.metrics_port_in(env)} - {0})
+
     def drain_in(self, env: Mapping[str, str]) -> float:
         """Its drain period in seconds under `env` (ServerSettings' default when unset)."""
         return float(env.get(self.drain_env, ServerSettings.drain_seconds))
@@ -119,7 +180,8 @@ def service_contract(name: str) -> ServiceContract:
     cls = classes[0]
     prefix, port, metrics = module.SERVER_PREFIX, module.DEFAULT_PORT, module.DEFAULT_METRICS_PORT
     docs = settings_reference(cls, server_prefix=prefix, default_port=port, default_metrics_port=metrics)
-    return ServiceContract(name, prefix, port, metrics, cls, frozenset(d.env for d in docs))
+    http = next((int(d.default) for d in docs if d.env == f"{prefix}_HTTP_PORT"), 0)
+    return ServiceContract(name, prefix, port, metrics, cls, frozenset(d.env for d in docs), http)
 
 
 def contracts() -> dict[str, ServiceContract]:
@@ -329,8 +391,9 @@ def check_dockerfile_contract(dockerfile: Path, contract: ServiceContract, stack
     if not health or " CMD " not in f" {health[-1]} " or exec_form(health[-1].split(" CMD ", 1)[-1].strip()) != expected_probe:
         problems.append(f"{where}: HEALTHCHECK must run {expected_probe} (the gRPC health service on the service's port)")
     exposed = {int(word.split("/")[0]) for ins in final if ins.keyword == "EXPOSE" for word in ins.args.split()}
-    if exposed != {port, metrics}:
-        problems.append(f"{where}: EXPOSE {sorted(exposed)} differs from the service's ports {[port, metrics]}")
+    ports = {port, metrics, contract.http_port_in(env)} - {0}
+    if exposed != ports:
+        problems.append(f"{where}: EXPOSE {sorted(exposed)} differs from the service's ports {sorted(ports)}")
     text = "\n".join(f"{ins.keyword} {ins.args}" for ins in instructions)  # comments may mention torch
     installs = " ".join(ins.args for ins in instructions if ins.keyword == "RUN" and "pip install" in ins.args)
     for package in ("./libs/common", f"./services/{contract.name}"):
@@ -386,6 +449,17 @@ def compose_service_kind(service: Mapping[str, Any]) -> str | None:
     return match.group(1) if match else None
 
 
+def redis_address(url: str) -> tuple[str, int] | None:
+    """(host, port) of a redis:// or rediss:// URL (port 6379 when unset); None when it is not one."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        return None
+    try:
+        return parts.hostname, parts.port or 6379
+    except ValueError:
+        return None
+
+
 def _dns_names(name: str, service: Mapping[str, Any]) -> set[str]:
     names = {name}
     for network in (service.get("networks") or {}).values():
@@ -398,15 +472,25 @@ def check_compose(model: dict[str, Any], contracts_: Mapping[str, ServiceContrac
     problems = []
     services: dict[str, Any] = model.get("services", {})
     listening: dict[str, int] = {}  # dns name -> gRPC port
+    third_party: dict[str, tuple[str, ThirdParty]] = {}  # dns name -> (its service, what it runs)
     metrics_targets: list[tuple[set[str], int]] = []  # (dns names of one service, its metrics port)
     for name, service in services.items():
+        if compose_service_kind(service) is None and name in THIRD_PARTY:
+            third_party.update((dns, (name, THIRD_PARTY[name])) for dns in _dns_names(name, service))
+    for name, service in services.items():
         kind = compose_service_kind(service)
+        where = f"compose service {name}"
         if kind is None:
+            if name in THIRD_PARTY:
+                problems += _check_compose_third_party(where, service, THIRD_PARTY[name])
+            else:
+                problems.append(f"{where}: runs neither a Switchboard Dockerfile nor an allowed third-party image (THIRD_PARTY)")
             continue
         contract = contracts_[kind]
         env = {k: str(v) for k, v in (service.get("environment") or {}).items()}
-        where = f"compose service {name}"
         problems += check_env(contract, env, where)
+        problems += _check_compose_hardening(where, service)
+        problems += _check_compose_published(where, service, contract, env)
         port = contract.port_in(env)
         for dns in _dns_names(name, service):
             listening[dns] = port
@@ -420,8 +504,11 @@ def check_compose(model: dict[str, Any], contracts_: Mapping[str, ServiceContrac
         if grace <= contract.drain_in(env):
             problems.append(f"{where}: stop_grace_period {grace}s must exceed {contract.drain_env}={contract.drain_in(env)}")
         for dependency, spec in (service.get("depends_on") or {}).items():
-            if compose_service_kind(services.get(dependency, {})) and spec.get("condition") != "service_healthy":
+            target = services.get(dependency, {})
+            if (compose_service_kind(target) or target.get("healthcheck")) and spec.get("condition") != "service_healthy":
                 problems.append(f"{where}: depends on {dependency} with {spec.get('condition')}, not service_healthy")
+        if env.get("REDIS_URL"):
+            problems += _check_compose_redis_url(where, env["REDIS_URL"], service, third_party)
         if kind == "generator":
             problems += _check_compose_generator(where, env, service)
     for name, service in services.items():
@@ -438,6 +525,75 @@ def check_compose(model: dict[str, Any], contracts_: Mapping[str, ServiceContrac
     if prometheus is not None:
         problems += check_prometheus_targets(prometheus, metrics_targets)
     return problems
+
+
+def _check_compose_hardening(where: str, service: Mapping[str, Any]) -> list[str]:
+    """The `x-hardening` anchor: read-only root, every capability dropped, no privilege escalation."""
+    problems = []
+    if service.get("read_only") is not True:
+        problems.append(f"{where}: read_only must be true (writable paths on tmpfs or volumes)")
+    if "ALL" not in (service.get("cap_drop") or []):
+        problems.append(f"{where}: cap_drop must include ALL")
+    if "no-new-privileges:true" not in (service.get("security_opt") or []):
+        problems.append(f"{where}: security_opt must include no-new-privileges:true")
+    if service.get("privileged"):
+        problems.append(f"{where}: must not be privileged")
+    return problems
+
+
+def _check_compose_third_party(where: str, service: Mapping[str, Any], third_party: ThirdParty) -> list[str]:
+    """Pinned by tag; a core-stack one also hardened, non-root, with its writable paths and healthcheck."""
+    problems = check_image_pinned(str(service.get("image", "")), third_party, where)
+    if service.get("build"):
+        problems.append(f"{where}: a third-party service is pulled, not built")
+    if not third_party.hardened:
+        return problems
+    problems += _check_compose_hardening(where, service)
+    user = str(service.get("user", ""))
+    if not re.fullmatch(r"\d+(:\d+)?", user) or user.split(":")[0] == "0":
+        problems.append(f"{where}: user must be a numeric non-root uid (got {user!r}); the image would start as root")
+    writable = set(service.get("tmpfs") or []) | {v.get("target") for v in service.get("volumes") or [] if not v.get("read_only")}
+    writable = {w.split(":")[0] for w in writable if w}
+    for path in third_party.writable:
+        if path not in writable:
+            problems.append(f"{where}: {path} must be a tmpfs or a volume (the root filesystem is read-only)")
+    expected = ["CMD", *third_party.healthcheck]
+    if (service.get("healthcheck") or {}).get("test") != expected:
+        problems.append(f"{where}: healthcheck {(service.get('healthcheck') or {}).get('test')} differs from {expected}")
+    if service.get("ports"):
+        problems.append(f"{where}: publishes {[p.get('published') for p in service['ports']]}; only the gateway is published")
+    return problems
+
+
+def _check_compose_published(where: str, service: Mapping[str, Any], contract: ServiceContract, env: Mapping[str, str]) -> list[str]:
+    """Only the gateway is published, on exactly its gRPC and HTTP ports, on the loopback address by default."""
+    problems = []
+    ports = service.get("ports") or []
+    targets = {int(p["target"]) for p in ports}
+    expected = contract.traffic_ports_in(env) if contract.name == "gateway" else set()
+    if targets != expected:
+        problems.append(f"{where}: publishes container ports {sorted(targets)}, expected {sorted(expected)}")
+    for port in ports:
+        if port.get("host_ip") not in ("127.0.0.1", "::1"):
+            problems.append(f"{where}: port {port['target']} is published on {port.get('host_ip') or 'every address'}, not 127.0.0.1")
+    return problems
+
+
+def _check_compose_redis_url(
+    where: str, url: str, service: Mapping[str, Any], third_party: Mapping[str, tuple[str, ThirdParty]]
+) -> list[str]:
+    """REDIS_URL names the compose Redis on its port, and the service waits for it to be healthy."""
+    address = redis_address(url)
+    if address is None:
+        return [f"{where}: REDIS_URL={url} is not a redis:// URL"]
+    host, port = address
+    name, runs = third_party.get(host, ("", None))
+    if runs is None or runs is not THIRD_PARTY["redis"] or port != runs.port:
+        return [f"{where}: REDIS_URL={url} names no redis service listening there"]
+    condition = ((service.get("depends_on") or {}).get(name) or {}).get("condition")
+    if condition != "service_healthy":
+        return [f"{where}: REDIS_URL names {name} but it does not depend on it with service_healthy (got {condition})"]
+    return []
 
 
 def _check_compose_generator(where: str, env: Mapping[str, str], service: Mapping[str, Any]) -> list[str]:
@@ -531,12 +687,105 @@ def check_kubernetes(objects: list[dict[str, Any]], contracts_: Mapping[str, Ser
     services = _by_kind(objects, "Service")
     service_ports = {s["metadata"]["name"]: {p["port"] for p in s["spec"].get("ports", [])} for s in services}
     for deployment in deployments:
-        problems += _check_deployment(deployment, objects, contracts_, service_ports, gpu)
-    problems += _check_network_policies(objects, deployments)
+        kind = _pod_kind(deployment)
+        if kind in THIRD_PARTY and THIRD_PARTY[kind].hardened:
+            problems += _check_third_party_deployment(deployment, objects, THIRD_PARTY[kind])
+        else:
+            problems += _check_deployment(deployment, objects, contracts_, service_ports, gpu)
+        for container in deployment["spec"]["template"]["spec"].get("containers", []):
+            where = f"Deployment {deployment['metadata']['name']} container {container['name']}"
+            problems += _check_exposed(where, container, deployment["spec"]["template"]["metadata"].get("labels", {}), services)
+    problems += _check_network_policies(objects, deployments, contracts_)
     problems += _check_rbac(objects, deployments)
     hpas = _by_kind(objects, "HorizontalPodAutoscaler")
     if not any(h["spec"]["scaleTargetRef"]["name"] == "gateway" for h in hpas):
         problems.append("no HorizontalPodAutoscaler scales the gateway Deployment")
+    for deployment in deployments:
+        name = deployment["metadata"]["name"]
+        replicas = max(
+            [deployment["spec"].get("replicas", 1)]
+            + [h["spec"].get("maxReplicas", 1) for h in hpas if h["spec"]["scaleTargetRef"]["name"] == name]
+        )
+        if _pod_kind(deployment) == "gateway" and replicas > 1:
+            for container in deployment["spec"]["template"]["spec"]["containers"]:
+                if not _container_env(container)[0].get("REDIS_URL"):
+                    problems.append(
+                        f"Deployment {name} container {container['name']}: up to {replicas} replicas but no REDIS_URL; "
+                        "each replica would hold the tenants' limits on its own"
+                    )
+    return problems
+
+
+def _pod_kind(deployment: Mapping[str, Any]) -> str | None:
+    return deployment["spec"]["template"]["metadata"].get("labels", {}).get("app.kubernetes.io/name")
+
+
+def _check_exposed(where: str, container: Mapping[str, Any], labels: Mapping[str, str], services: list[dict[str, Any]]) -> list[str]:
+    """Every containerPort is the target of a port of a Service that selects the pod."""
+    problems = []
+    selecting = [s for s in services if _selects(s["spec"].get("selector"), labels)]
+    targets = {p.get("targetPort", p["port"]) for s in selecting for p in s["spec"].get("ports", [])}
+    for port in container.get("ports", []):
+        if port.get("name") not in targets and port["containerPort"] not in targets:
+            problems.append(f"{where}: containerPort {port.get('name')} {port['containerPort']} is in no Service selecting the pod")
+    return problems
+
+
+def _port_names(deployment: Mapping[str, Any], port: int) -> set[str]:
+    """The names its containers give `port` (a NetworkPolicy or probe may use either)."""
+    containers = deployment["spec"]["template"]["spec"].get("containers", [])
+    return {p["name"] for c in containers for p in c.get("ports", []) if p["containerPort"] == port and p.get("name")}
+
+
+def _check_third_party_deployment(
+    deployment: dict[str, Any], objects: list[dict[str, Any]], third_party: ThirdParty
+) -> list[str]:
+    """Pinned by tag and hardened like the Switchboard pods: non-root, seccomp, read-only root, probes, resources."""
+    problems = []
+    name = deployment["metadata"]["name"]
+    spec = deployment["spec"]["template"]["spec"]
+    labels = deployment["spec"]["template"]["metadata"].get("labels", {})
+    where = f"Deployment {name}"
+    pod_security = spec.get("securityContext") or {}
+    if pod_security.get("runAsNonRoot") is not True or not pod_security.get("runAsUser"):
+        problems.append(f"{where}: pod securityContext needs runAsNonRoot: true and a non-zero runAsUser (the image starts as root)")
+    if (pod_security.get("seccompProfile") or {}).get("type") != "RuntimeDefault":
+        problems.append(f"{where}: pod seccompProfile must be RuntimeDefault")
+    if spec.get("automountServiceAccountToken") is not False:
+        problems.append(f"{where}: automountServiceAccountToken must be false (only the scheduler uses the API)")
+    if not any(o["kind"] == "Service" and _selects(o["spec"].get("selector"), labels) for o in objects):
+        problems.append(f"{where}: no Service selects its pods")
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    for container in spec.get("containers", []):
+        cwhere = f"{where} container {container['name']}"
+        problems += check_image_pinned(container.get("image", ""), third_party, cwhere)
+        security = container.get("securityContext") or {}
+        if security.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{cwhere}: allowPrivilegeEscalation must be false")
+        if security.get("readOnlyRootFilesystem") is not True:
+            problems.append(f"{cwhere}: readOnlyRootFilesystem must be true")
+        if "ALL" not in ((security.get("capabilities") or {}).get("drop") or []):
+            problems.append(f"{cwhere}: capabilities must drop ALL")
+        if security.get("privileged"):
+            problems.append(f"{cwhere}: must not be privileged")
+        resources = container.get("resources") or {}
+        for part in ("requests", "limits"):
+            if not {"cpu", "memory"} <= set(resources.get(part) or {}):
+                problems.append(f"{cwhere}: resources.{part} must set cpu and memory")
+        ports = {p["containerPort"] for p in container.get("ports", [])}
+        if ports != {third_party.port}:
+            problems.append(f"{cwhere}: containerPorts {sorted(ports)} differ from {third_party.image}'s {[third_party.port]}")
+        for probe in ("livenessProbe", "readinessProbe"):
+            spec_ = container.get(probe) or {}
+            command = (spec_.get("exec") or {}).get("command")
+            tcp = (spec_.get("tcpSocket") or {}).get("port")
+            if command != list(third_party.healthcheck) and tcp not in {third_party.port} | _port_names(deployment, third_party.port):
+                problems.append(f"{cwhere}: {probe} must run {list(third_party.healthcheck)} or be a tcpSocket probe on {third_party.port}")
+        mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
+        for path in third_party.writable:
+            mount = mounts.get(path)
+            if mount is None or mount.get("readOnly") or "emptyDir" not in volumes.get(mount["name"], {}):
+                problems.append(f"{cwhere}: {path} must be a writable emptyDir (the root filesystem is read-only)")
     return problems
 
 
@@ -589,8 +838,8 @@ def _check_deployment(
                 problems.append(f"{cwhere}: resources.{part} must set cpu and memory")
         port = contract.port_in(env)
         ports = {p["containerPort"] for p in container.get("ports", [])}
-        if ports != {port, contract.metrics_port_in(env)}:
-            problems.append(f"{cwhere}: containerPorts {sorted(ports)} differ from the service's {[port, contract.metrics_port_in(env)]}")
+        if ports != contract.listening_ports_in(env):
+            problems.append(f"{cwhere}: containerPorts {sorted(ports)} differ from the service's {sorted(contract.listening_ports_in(env))}")
         for probe in ("livenessProbe", "readinessProbe"):
             grpc_probe = (container.get(probe) or {}).get("grpc")
             if not grpc_probe or grpc_probe.get("port") != port:
@@ -607,6 +856,10 @@ def _check_deployment(
                 host, _, addr_port = env[variable].rpartition(":")
                 if int(addr_port) not in service_ports.get(host.split(".")[0], set()):
                     problems.append(f"{cwhere}: {variable}={env[variable]} names no Service with that port")
+        if env.get("REDIS_URL"):
+            address = redis_address(env["REDIS_URL"])
+            if address is None or address[1] not in service_ports.get(address[0].split(".")[0], set()):
+                problems.append(f"{cwhere}: REDIS_URL={env['REDIS_URL']} names no Service with that port")
         if kind == "generator":
             wants_gpu = "nvidia.com/gpu" in (resources.get("limits") or {})
             if gpu and not (wants_gpu and spec.get("tolerations") and spec.get("nodeSelector")):
@@ -619,17 +872,25 @@ def _check_deployment(
     return problems
 
 
-def _check_network_policies(objects: list[dict[str, Any]], deployments: list[dict[str, Any]]) -> list[str]:
+def _rule_ports(rule: Mapping[str, Any]) -> set[int | str] | None:
+    """The ports an ingress rule opens; None for every port."""
+    return {p["port"] for p in rule["ports"]} if rule.get("ports") else None
+
+
+def _check_network_policies(
+    objects: list[dict[str, Any]], deployments: list[dict[str, Any]], contracts_: Mapping[str, ServiceContract]
+) -> list[str]:
     problems = []
     policies = _by_kind(objects, "NetworkPolicy")
     if not any(p["spec"].get("podSelector") in ({}, None) and "ingress" not in p["spec"] for p in policies):
         problems.append("no default-deny ingress NetworkPolicy (podSelector {} with no ingress rules)")
+    problems += _check_public_ports(policies, deployments, contracts_)
+    for kind, third_party in THIRD_PARTY.items():
+        for deployment in (d for d in deployments if _pod_kind(d) == kind):
+            problems += _check_only_clients(policies, deployment, third_party)
     for policy in policies:
         for rule in policy["spec"].get("ingress") or []:
-            open_to_all = not rule.get("from") or any(
-                (peer.get("ipBlock") or {}).get("cidr") in ("0.0.0.0/0", "::/0") for peer in rule["from"]
-            )
-            if not open_to_all:
+            if not _open_to_all(rule):
                 continue
             selected = [
                 d["metadata"]["name"]
@@ -638,6 +899,63 @@ def _check_network_policies(objects: list[dict[str, Any]], deployments: list[dic
             ]
             if selected != ["gateway"]:
                 problems.append(f"NetworkPolicy {policy['metadata']['name']} opens {selected} to any source; only the gateway may be")
+    return problems
+
+
+def _open_to_all(rule: Mapping[str, Any]) -> bool:
+    return not rule.get("from") or any((peer.get("ipBlock") or {}).get("cidr") in ("0.0.0.0/0", "::/0") for peer in rule["from"])
+
+
+def _check_public_ports(
+    policies: list[dict[str, Any]], deployments: list[dict[str, Any]], contracts_: Mapping[str, ServiceContract]
+) -> list[str]:
+    """The gateway's gRPC and HTTP ports, and no other, are open to any source."""
+    problems = []
+    for deployment in (d for d in deployments if _pod_kind(d) == "gateway"):
+        labels = deployment["spec"]["template"]["metadata"].get("labels", {})
+        opened: set[int | str] = set()
+        for policy in (p for p in policies if _selects(p["spec"].get("podSelector"), labels)):
+            for rule in policy["spec"].get("ingress") or []:
+                if _open_to_all(rule):
+                    ports = _rule_ports(rule)
+                    if ports is None:
+                        problems.append(f"NetworkPolicy {policy['metadata']['name']} opens every gateway port to any source")
+                    else:
+                        opened |= ports
+        for container in deployment["spec"]["template"]["spec"].get("containers", []):
+            expected = contracts_["gateway"].traffic_ports_in(_container_env(container)[0])
+            if opened != expected:
+                problems.append(
+                    f"Deployment {deployment['metadata']['name']}: ports {sorted(map(str, opened))} are open to any source, "
+                    f"expected the gateway's gRPC and HTTP ports {sorted(expected)}"
+                )
+    return problems
+
+
+def _check_only_clients(policies: list[dict[str, Any]], deployment: dict[str, Any], third_party: ThirdParty) -> list[str]:
+    """A third-party store accepts its port from its clients' pods only, and from them at least."""
+    problems = []
+    labels = deployment["spec"]["template"]["metadata"].get("labels", {})
+    name = deployment["metadata"]["name"]
+    port_names = _port_names(deployment, third_party.port)
+    allowed: set[str] = set()
+    for policy in (p for p in policies if _selects(p["spec"].get("podSelector"), labels)):
+        for rule in policy["spec"].get("ingress") or []:
+            ports = _rule_ports(rule)
+            if ports is not None and not ports & ({third_party.port} | port_names):
+                continue
+            peers = rule.get("from") or [{}]
+            for peer in peers:
+                client = ((peer.get("podSelector") or {}).get("matchLabels") or {}).get("app.kubernetes.io/name")
+                if set(peer) != {"podSelector"} or client not in third_party.clients:
+                    problems.append(
+                        f"NetworkPolicy {policy['metadata']['name']}: lets {peer or 'any source'} reach {name}:{third_party.port}; "
+                        f"only {list(third_party.clients)} pods may"
+                    )
+                else:
+                    allowed.add(client)
+    for client in sorted(set(third_party.clients) - allowed):
+        problems.append(f"no NetworkPolicy lets {client} pods reach {name}:{third_party.port} (ingress is denied by default)")
     return problems
 
 

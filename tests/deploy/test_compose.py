@@ -56,6 +56,54 @@ def test_observability_overlay_sends_traces_to_jaeger(repo: Path) -> None:
             assert service["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317", name
 
 
+def test_gateway_publishes_grpc_and_http_and_keeps_limits_in_the_compose_redis(
+    repo: Path, contracts: dict[str, dc.ServiceContract]
+) -> None:
+    model, problems = dc.compose_config([repo / "compose/compose.yaml"], [])
+    assert problems == []
+    gateway = model["services"]["gateway"]
+    env = gateway["environment"]
+    assert contracts["gateway"].http_port == 8080 and env["GATEWAY_HTTP_PORT"] == "8080"
+    assert {(p["host_ip"], p["target"]) for p in gateway["ports"]} == {("127.0.0.1", 50051), ("127.0.0.1", 8080)}
+    assert env["REDIS_URL"] == "redis://redis:6379/0"
+    assert gateway["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_redis_is_an_allowed_third_party_image_pinned_and_hardened(repo: Path) -> None:
+    model, problems = dc.compose_config([repo / "compose/compose.yaml"], [])
+    assert problems == []
+    third_party = sorted(name for name, s in model["services"].items() if dc.compose_service_kind(s) is None)
+    assert third_party == ["redis"]
+    redis = model["services"]["redis"]
+    assert redis["image"] == "redis:7.4-alpine" and "build" not in redis
+    assert dc.check_image_pinned(redis["image"], dc.THIRD_PARTY["redis"], "redis") == []
+    assert redis["read_only"] is True and redis["cap_drop"] == ["ALL"]
+    assert redis["security_opt"] == ["no-new-privileges:true"]
+    assert redis["user"].split(":")[0] == "999"
+    assert "/data" in redis["tmpfs"] and "ports" not in redis
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    command = redis["command"]
+    assert command[0] == "redis-server"
+    assert command[command.index("--save") + 1] == "" and command[command.index("--appendonly") + 1] == "no"
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+
+
+@pytest.mark.parametrize(
+    ("image", "pinned"),
+    [
+        ("redis:7.4-alpine", True),
+        ("docker.io/library/redis:7.4.2", True),
+        ("redis@sha256:" + "0" * 64, True),
+        ("redis", False),
+        ("redis:latest", False),
+        ("redis:alpine", False),
+        ("bitnami/redis:7.4", False),
+    ],
+)
+def test_third_party_images_must_be_pinned_by_version(image: str, pinned: bool) -> None:
+    assert (dc.check_image_pinned(image, dc.THIRD_PARTY["redis"], "redis") == []) is pinned
+
+
 def test_dev_tenants_file_is_valid_and_matches_the_kubernetes_secret(repo: Path) -> None:
     text = (repo / "compose/dev-tenants.yaml").read_text()
     config = parse_tenants(text)
@@ -100,6 +148,21 @@ def test_the_copy_passes_before_it_is_broken(compose_copy: Path, contracts: dict
         ("compose.yaml", "condition: service_healthy", "condition: service_started", "not service_healthy"),
         ("prometheus/prometheus.yml", "router:9102", "router:9120", "no scrape target router:9102"),
         ("env/generator-cpu.env", "GENERATOR_DEVICE=cpu", "GENERATOR_DEVICE=cuda", "no NVIDIA device is reserved"),
+        # The HTTP front is published, on the loopback address, where the gateway listens.
+        ("compose.yaml", "127.0.0.1:8080}:8080", "127.0.0.1:8080}:8081", "publishes container ports [8081, 50051], expected [8080, 50051]"),
+        ("env/gateway.env", "GATEWAY_HTTP_PORT=8080", "GATEWAY_HTTP_PORT=8081", "expected [8081, 50051]"),
+        (".env", "GATEWAY_HTTP_PUBLISH=127.0.0.1:8080", "GATEWAY_HTTP_PUBLISH=0.0.0.0:8080", "published on 0.0.0.0, not 127.0.0.1"),
+        ("compose.yaml", "  read_only: true\n", "  read_only: false\n", "gateway: read_only must be true"),
+        # Redis: an allowed third-party image, pinned, hardened, healthy before the gateway starts.
+        ("compose.yaml", "image: redis:7.4-alpine", "image: redis:latest", "must be pinned by a version tag"),
+        ("compose.yaml", "image: redis:7.4-alpine", "image: redis", "must be pinned by a version tag"),
+        ("compose.yaml", 'user: "999:1000"', 'user: "0:0"', "redis: user must be a numeric non-root uid"),
+        ("compose.yaml", "    tmpfs:\n      - /data\n", "", "/data must be a tmpfs or a volume"),
+        ("compose.yaml", '["CMD", "redis-cli", "ping"]', '["CMD", "true"]', "redis: healthcheck ['CMD', 'true'] differs"),
+        ("compose.yaml", "redis:\n        condition: service_healthy", "redis:\n        condition: service_started", "does not depend on it with service_healthy"),
+        ("env/gateway.env", "REDIS_URL=redis://redis:6379/0", "REDIS_URL=redis://redis:6380/0", "names no redis service listening there"),
+        ("env/gateway.env", "REDIS_URL=redis://redis:6379/0", "REDIS_URL=redis:6379", "is not a redis:// URL"),
+        ("compose.yaml", "services:\n  scheduler:", "services:\n  cache:\n    image: memcached:1.6\n  scheduler:", "cache: runs neither a Switchboard Dockerfile"),
     ],
 )
 def test_broken_compose_fails(

@@ -56,6 +56,48 @@ def test_experts_configmap_is_the_repository_config(repo: Path, rendered: dict[s
     assert configmap["data"]["experts.yaml"] == (repo / "config/experts.yaml").read_text()
 
 
+def _one(objects: list[dict], kind: str, name: str) -> dict:
+    (found,) = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    return found
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gateway_serves_http_and_shares_its_limits_through_redis(
+    overlay: str, rendered: dict[str, list[dict]], repo: Path, contracts: dict[str, dc.ServiceContract]
+) -> None:
+    objects = rendered[overlay]
+    (container,) = _one(objects, "Deployment", "gateway")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["GATEWAY_HTTP_PORT"] == str(contracts["gateway"].http_port)
+    assert {"name": "http", "containerPort": 8080} in container["ports"]
+    service_ports = {p["name"]: p["port"] for p in _one(objects, "Service", "gateway")["spec"]["ports"]}
+    assert service_ports == {"grpc": 50051, "http": 8080, "metrics": 9101}
+    public = _one(objects, "NetworkPolicy", "gateway-public")["spec"]["ingress"]
+    assert [{p["port"] for p in rule["ports"]} for rule in public] == [{50051, 8080}]
+    assert env["REDIS_URL"] == "redis://redis:6379/0"
+    # The same Redis image as compose, so both stacks test one version.
+    model, problems = dc.compose_config([repo / "compose/compose.yaml"], [])
+    assert problems == []
+    (redis,) = _one(objects, "Deployment", "redis")["spec"]["template"]["spec"]["containers"]
+    assert redis["image"] == model["services"]["redis"]["image"] == "redis:7.4-alpine"
+
+
+def test_redis_is_one_hardened_in_memory_instance_reachable_from_the_gateway_only(rendered: dict[str, list[dict]]) -> None:
+    objects = rendered["gpu"]
+    deployment = _one(objects, "Deployment", "redis")
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 999
+    assert dc._check_third_party_deployment(deployment, objects, dc.THIRD_PARTY["redis"]) == []
+    (volume,) = pod["volumes"]
+    assert "emptyDir" in volume
+    service = _one(objects, "Service", "redis")
+    assert service["spec"]["type"] == "ClusterIP" and [p["port"] for p in service["spec"]["ports"]] == [6379]
+    (rule,) = _one(objects, "NetworkPolicy", "redis-from-gateway")["spec"]["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "gateway"}}}]
+    assert rule["ports"] == [{"port": 6379, "protocol": "TCP"}]
+
+
 def test_everything_lands_in_one_namespace(rendered: dict[str, list[dict]]) -> None:
     namespaces = {o["metadata"].get("namespace") for o in rendered["gpu"] if o["kind"] != "Namespace"}
     assert namespaces == {"switchboard"}
@@ -115,6 +157,27 @@ def test_schema_validation_fails_on_a_broken_manifest(path: str, old: str, new: 
         ("base/networkpolicy.yaml", "app.kubernetes.io/name: gateway\n  policyTypes", "app.kubernetes.io/part-of: switchboard\n  policyTypes", "opens"),
         ("gpu/generator-gpu.yaml", 'memory: 32Gi\n              nvidia.com/gpu: "1"', "memory: 32Gi", "needs an nvidia.com/gpu limit"),
         ("gpu/generator-gpu.yaml", "value: cuda", "value: cpu", "does not fit a GPU overlay"),
+        # The gateway's HTTP front: listened on, in its Service, open in its public policy.
+        ("base/gateway.yaml", "            - name: http\n              containerPort: 8080\n", "", "containerPorts [9101, 50051] differ from the service's [8080, 9101, 50051]"),
+        ("base/gateway.yaml", "    - name: http\n      port: 8080\n      targetPort: http\n      appProtocol: http\n", "", "containerPort http 8080 is in no Service"),
+        ("base/networkpolicy.yaml", "        - port: 8080 # OpenAI-compatible HTTP\n          protocol: TCP\n", "", "expected the gateway's gRPC and HTTP ports [8080, 50051]"),
+        ("base/networkpolicy.yaml", "        - port: 8080 # OpenAI-compatible HTTP\n", "        - port: 9101\n", "expected the gateway's gRPC and HTTP ports"),
+        # Redis: the gateway replicas (HPA) share it; pinned, hardened, reachable from the gateway only.
+        ("base/gateway.yaml", "            - name: REDIS_URL\n              value: redis://redis:6379/0\n", "", "up to 10 replicas but no REDIS_URL"),
+        ("base/gateway.yaml", "value: redis://redis:6379/0", "value: redis://redis:6380/0", "REDIS_URL=redis://redis:6380/0 names no Service"),
+        ("base/redis.yaml", "image: redis:7.4-alpine", "image: redis:latest", "must be pinned by a version tag"),
+        ("base/redis.yaml", "image: redis:7.4-alpine", "image: switchboard/redis:7.4", "is not redis"),
+        ("base/redis.yaml", "readOnlyRootFilesystem: true", "readOnlyRootFilesystem: false", "Deployment redis container redis: readOnlyRootFilesystem must be true"),
+        ("base/redis.yaml", "allowPrivilegeEscalation: false", "allowPrivilegeEscalation: true", "redis: allowPrivilegeEscalation must be false"),
+        ("base/redis.yaml", "runAsNonRoot: true", "runAsNonRoot: false", "Deployment redis: pod securityContext needs runAsNonRoot"),
+        ("base/redis.yaml", "                - ALL\n", "                - NET_RAW\n", "redis: capabilities must drop ALL"),
+        ("base/redis.yaml", "type: RuntimeDefault", "type: Unconfined", "Deployment redis: pod seccompProfile must be RuntimeDefault"),
+        ("base/redis.yaml", "mountPath: /data", "mountPath: /srv", "/data must be a writable emptyDir"),
+        ("base/redis.yaml", '              command: ["redis-cli", "ping"]\n            periodSeconds: 5', '              command: ["true"]\n            periodSeconds: 5', "readinessProbe must run ['redis-cli', 'ping']"),
+        ("base/redis.yaml", "            limits:\n              cpu: 500m\n", "            limits:\n", "redis: resources.limits must set cpu and memory"),
+        ("base/networkpolicy.yaml", "app.kubernetes.io/name: gateway\n      ports:\n        - port: 6379", "app.kubernetes.io/name: router\n      ports:\n        - port: 6379", "only ['gateway'] pods may"),
+        ("base/networkpolicy.yaml", "    - from:\n        - podSelector:\n            matchLabels:\n              app.kubernetes.io/name: gateway\n      ports:\n        - port: 6379", "    - ports:\n        - port: 6379", "lets any source reach redis:6379"),
+        ("base/networkpolicy.yaml", "app.kubernetes.io/name: redis\n  policyTypes", "app.kubernetes.io/name: nothing\n  policyTypes", "no NetworkPolicy lets gateway pods reach redis:6379"),
     ],
 )
 def test_semantic_checks_fail_on_a_broken_manifest(
