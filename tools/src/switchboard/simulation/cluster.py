@@ -22,6 +22,7 @@ replica's version, so one superseded by a later change is skipped.
 
 from __future__ import annotations
 
+import gc
 import heapq
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -42,6 +43,8 @@ from switchboard.simulation.workload import HashChains, SimRequest
 # Event kinds, in the order they run at the same instant (cluster changes, then heartbeats,
 # then replica steps, then requests finishing, then requests reaching their replica, then arrivals).
 _CLUSTER, _HEARTBEAT, _WAKE, _COMPLETE, _DELIVER, _ARRIVAL = 0, 1, 2, 3, 4, 5
+
+_NO_IDS: frozenset[str] = frozenset()
 
 # At most this many KV-event hashes per heartbeat, as the generator's registrar sends.
 MAX_REPORT_HASHES = 4096
@@ -145,6 +148,11 @@ class Simulation:
         self._chains = {
             p.expert: HashChains(p.spec.block_size, p.hash_seed, config.trace_block_size) for p in config.pools
         }
+        # Expert -> (its pool, the (block size, seed) key of its hash chains), as `config.pool`
+        # finds them: looked up once here rather than per arrival (the seed is a blake2b digest).
+        self._pools: dict[str, tuple[PoolSpec, tuple[int, int]]] = {}
+        for p in config.pools:
+            self._pools.setdefault(p.expert, (p, (p.spec.block_size, p.hash_seed)))
         self._counts: dict[str, int] = {}
         self.records: list[SimRecord] = []
         self._acked: dict[str, int] = {}
@@ -195,8 +203,27 @@ class Simulation:
                 self._new_replica(pool, 0.0)
         for event in self.config.events:
             self._push(event.at, _CLUSTER, event)
-        for req in requests:
-            self._push(req.arrival, _ARRIVAL, req)
+        # Every arrival at once, then one heapify (what a push each does; the pop order is the
+        # same, since no two entries compare equal).
+        seq = self._seq
+        self._heap.extend((req.arrival, _ARRIVAL, seq + i, req, 0) for i, req in enumerate(requests, 1))
+        heapq.heapify(self._heap)
+        self._seq = seq + len(requests)
+        self._pending += len(requests)
+        # The run allocates millions of short-lived objects and keeps every record: the cyclic
+        # collector's passes over that growing heap cost about 5% of the run, and the simulator's
+        # objects form no cycles that need it, so it is paused for the loop (and restored after).
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            self._loop()
+        finally:
+            if collecting:
+                gc.enable()
+        return self._finish()
+
+    def _loop(self) -> None:
+        """Run events in time order until none is left (or only heartbeats, with no work left)."""
         heap = self._heap
         while heap:
             at, kind, _seq, payload, version = heapq.heappop(heap)
@@ -215,11 +242,14 @@ class Simulation:
             elif kind == _ARRIVAL:
                 self._arrive(payload)  # type: ignore[arg-type]
             elif kind == _DELIVER:
-                self._deliver(payload)  # type: ignore[arg-type]
+                self._deliver(payload, wake_now=True)  # type: ignore[arg-type]
             elif kind == _COMPLETE:
                 self._complete(payload)  # type: ignore[arg-type]
             else:
                 self._cluster_event(payload)
+
+    def _finish(self) -> SimResult:
+        """The result, once the events are done: what was still running counts as dropped."""
         end = self.now
         for rid, span in self.lifetimes.items():
             if rid not in self.dead:
@@ -242,12 +272,13 @@ class Simulation:
     # ----------------------------------------------------------------- events
 
     def _arrive(self, sim: SimRequest) -> None:
-        pool = self.config.pool(sim.expert) if sim.expert in self._chains else None
+        found = self._pools.get(sim.expert)
         record = SimRecord(sim.index, str(sim.index), sim.expert, sim.arrival, sim.prompt_tokens, sim.output_tokens)
         self.records.append(record)
-        if pool is None:
+        if found is None:
             record.outcome, record.reason = "rejected", f"expert {sim.expert!r} is not in the cluster"
             return
+        pool, chain_key = found
         chain, shared = self._chains[sim.expert].chain(sim)
         req = Request(
             request_id=record.request_id,
@@ -256,15 +287,17 @@ class Simulation:
             token_ids=[0] * sim.prompt_tokens,
             max_tokens=sim.output_tokens,
             state=record,
+            hash_chain=chain,
         )
-        req.hash_chain = chain
         # The query's hashes: only the shared blocks can match a cache; hashing the unique rest
         # (as the scheduler would from token ids) only costs time, so it is given as known.
         prompt_blocks = sim.prompt_tokens // pool.spec.block_size
-        record.query_hashes = {(pool.spec.block_size, pool.hash_seed): chain[: min(shared, prompt_blocks)]}
-        self._place(req, frozenset())
+        record.query_hashes = {chain_key: chain[: min(shared, prompt_blocks)]}
+        self._place(req, _NO_IDS, wake_now=True)
 
-    def _place(self, req: Request, exclude: frozenset[str]) -> None:
+    def _place(self, req: Request, exclude: frozenset[str], wake_now: bool = False) -> None:
+        """Place a request (re-placing it while its primary is dead) and deliver it; `wake_now`: as
+        for `_deliver`."""
         record: SimRecord = req.state
         while True:
             placement = PlacementRequest(
@@ -298,28 +331,48 @@ class Simulation:
         if delay > 0:
             self._push(self.now + delay, _DELIVER, req)
         else:
-            self._deliver(req)
+            self._deliver(req, wake_now)
 
-    def _deliver(self, req: Request) -> None:
-        """The request reaches its replica (which may have died on the way: then it is re-placed)."""
+    def _deliver(self, req: Request, wake_now: bool = False) -> None:
+        """The request reaches its replica (which may have died on the way: then it is re-placed).
+
+        `wake_now`: the caller is an event handler with nothing left to do after this call, so a
+        wake-up due now that would be the very next event may run at once instead of through the
+        heap (every request arriving at an idle replica saves a push and a pop).
+        """
         record: SimRecord = req.state
         rid = record.replica_id
         if rid in self.dead:
-            self._place(req, frozenset({rid}))
+            self._place(req, frozenset({rid}), wake_now)
             return
         replica = self.replicas[rid]
-        wake = replica.add(req, self.now)
-        self._push(wake, _WAKE, replica, replica.version)
+        now = self.now
+        wake = replica.add(req, now)
+        if wake_now and wake == now:
+            heap = self._heap
+            # Next iff nothing in the heap sorts before (now, _WAKE, a fresh sequence).
+            if not heap or heap[0][0] > now or (heap[0][0] == now and heap[0][1] > _WAKE):
+                self._wake(replica)
+                return
+        # `_push(wake, _WAKE, replica, replica.version)`, inlined here and in `_wake` (every
+        # request passes both).
+        self._seq += 1
+        self._pending += 1
+        heapq.heappush(self._heap, (wake, _WAKE, self._seq, replica, replica.version))
 
     def _wake(self, replica: SimReplica) -> None:
         nxt = replica.wake(self.now)
         # A step is applied when it starts; its requests finish (and the gateway says Complete)
         # when it ends.
-        for record in replica.finished:
-            self._push(record.finished_at, _COMPLETE, record)
-        replica.finished.clear()
+        finished = replica.finished
+        if finished:
+            for record in finished:
+                self._push(record.finished_at, _COMPLETE, record)
+            finished.clear()
         if nxt is not None:
-            self._push(nxt, _WAKE, replica, replica.version)
+            self._seq += 1
+            self._pending += 1
+            heapq.heappush(self._heap, (nxt, _WAKE, self._seq, replica, replica.version))
         elif replica.replica_id in self.draining:
             self._stop(replica)
 

@@ -25,9 +25,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from itertools import repeat
+from operator import attrgetter
 
 from switchboard.replica.block_pool import BlockPool
-from switchboard.replica.cost_model import CostModel, StepComposition
+from switchboard.replica.cost_model import CostModel
 from switchboard.replica.outputs import ModelRunnerOutput
 from switchboard.replica.request import Request, RequestStatus
 from switchboard.replica.scheduler import Scheduler
@@ -93,7 +94,7 @@ class SimRecord:
         return (self.finished_at - self.first_token_at) / (self.generated - 1)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Stretch:
     """A planned run of identical decode-only steps, not yet applied."""
 
@@ -210,22 +211,24 @@ class SimReplica:
         done = stretch.started_before(now)
         self._stretch = None
         self.version += 1
+        end = stretch.start + stretch.elapsed(done)
         if done:
-            self._apply_decodes(done, stretch.start + stretch.elapsed(done), stretch)
-        self.busy_until = stretch.start + stretch.elapsed(done)
+            self._apply_decodes(done, end, stretch)
+        self.busy_until = end
         return True
 
     def wake(self, now: float) -> float | None:
         """Run what is due at `now` (a finished stretch, then one real step, then maybe plan a
         stretch); returns the next wake-up time, or None when the replica is idle."""
-        if self._stretch is not None:
-            stretch = self._stretch
+        stretch = self._stretch
+        if stretch is not None:
             self._stretch = None
             end = stretch.start + stretch.elapsed(stretch.steps)
             self._apply_decodes(stretch.steps, end, stretch)
             self.busy_until = end
             now = max(now, end)
-        if not self.scheduler.has_work():
+        sched = self.scheduler
+        if not (sched.waiting or sched.running):  # `has_work()`
             return None
         start = max(now, self.busy_until)
         end = self._step(start)
@@ -233,8 +236,9 @@ class SimReplica:
             return None
         self.busy_until = end
         self._plan_stretch(end)
-        if self._stretch is not None:
-            return self._stretch.start + self._stretch.elapsed(self._stretch.steps)
+        stretch = self._stretch
+        if stretch is not None:
+            return stretch.start + stretch.elapsed(stretch.steps)
         return end
 
     def drop_all(self) -> list[Request]:
@@ -252,28 +256,39 @@ class SimReplica:
         """One real engine step starting at `start`; returns its end (None: nothing to run)."""
         sched = self.scheduler
         plan = sched.schedule()
-        if plan.is_empty:
+        scheduled = plan.scheduled
+        if not scheduled:
             return None
-        comp = StepComposition.of(plan)
-        duration = (self.cost.predict(comp) + self.step_overhead_ms) / 1000.0
+        # `StepComposition.of(plan)` and `CostModel.predict` in one pass that also collects the
+        # sampling requests (the same sums, so the same float time): this runs once per real step.
+        prefill = decodes = context = 0
+        sampling: list[Request] = []
+        for s in scheduled:
+            n = s.num_new_tokens
+            if n == 1:
+                decodes += 1
+                context += s.num_computed_tokens
+            else:
+                prefill += n
+            if s.sample:
+                sampling.append(s.request)
+        duration = (self.cost.step_ms(prefill, decodes, context) + self.step_overhead_ms) / 1000.0
         end = start + duration
         stats = self.stats
         stats.steps += 1
         stats.busy_seconds += duration
-        stats.prefill_tokens += comp.prefill_tokens
-        stats.decode_tokens += comp.decode_seqs
-        sampling = [s.request for s in plan.scheduled if s.sample]
+        stats.prefill_tokens += prefill
+        stats.decode_tokens += decodes
         for req in sampling:
             record: SimRecord = req.state
             if record.first_token_at is None:
                 record.first_token_at = end
                 record.cached_prompt_tokens = req.cached_prompt_tokens or 0
-        runner = ModelRunnerOutput(
-            tuple(r.request_id for r in sampling), tuple(repeat(SAMPLED_TOKEN, len(sampling)))
-        )
+        runner = ModelRunnerOutput(tuple([r.request_id for r in sampling]), (SAMPLED_TOKEN,) * len(sampling))
         for out in sched.update(plan, runner):
-            record = out.request.state
-            record.generated = out.request.num_generated
+            req = out.request
+            record = req.state
+            record.generated = len(req.token_ids) - req.prompt_len
             if out.finish_reason is not None:
                 record.finished_at = end
                 self.finished.append(record)
@@ -294,12 +309,14 @@ class SimReplica:
         steps = 1 << 30
         context = 0
         for req in running:
-            if len(req.token_ids) - req.num_computed != 1:
+            n_tokens = len(req.token_ids)
+            if n_tokens - req.num_computed != 1:
                 return  # a prefill chunk is pending
-            left = (req.max_tokens or 1 << 30) - req.num_generated
-            if max_len is not None:
-                left = min(left, max_len - len(req.token_ids))
-            steps = min(steps, left)
+            left = (req.max_tokens or 1 << 30) - (n_tokens - req.prompt_len)
+            if max_len is not None and max_len - n_tokens < left:
+                left = max_len - n_tokens
+            if left < steps:
+                steps = left
             context += req.num_computed
         if steps < 2:
             return
@@ -317,14 +334,20 @@ class SimReplica:
         self.version += 1
 
     def _blocks_needed(self, steps: int) -> int:
-        kv = self.scheduler.kv
-        return sum(kv.new_blocks_needed(req, steps) for req in self.scheduler.running)
+        # `KVCacheManager.new_blocks_needed` summed over the batch, inlined (asked after every step).
+        bs = self.scheduler.block_size
+        total = 0
+        for req in self.scheduler.running:
+            need = (req.num_computed + steps + bs - 1) // bs - len(req.block_table)
+            if need > 0:
+                total += need
+        return total
 
     def _fit_blocks(self, steps: int) -> int:
         """The most steps (<= `steps`) whose new blocks the pool can hand out without preempting."""
         free = self.pool.num_free
         if self._blocks_needed(steps) <= free:
-            return steps
+            return steps  # the usual case: no search
         lo, hi = 0, steps
         while lo < hi:
             mid = (lo + hi + 1) // 2
@@ -344,24 +367,36 @@ class SimReplica:
         sched = self.scheduler
         kv = sched.kv
         bs = kv.block_size
-        batch_order = sorted(sched.running, key=_by_arrival)
-        # (step, rank in the batch, request) for every block the stretch needs.
-        needs: list[tuple[int, int, Request]] = []
-        for rank, req in enumerate(batch_order):
-            have = len(req.block_table) * bs  # token slots it holds
-            computed = req.num_computed
+        running = sched.running
+        if len(running) == 1:
+            # The usual batch at moderate load: its blocks go to it in step order, no interleaving.
+            batch_order = running[:]
+            req = running[0]
             # Step i computes token position computed + i; it needs a block when that position >= have.
-            first = max(0, have - computed)
-            needs.extend((i, rank, req) for i in range(first, steps, bs))
-        if needs:
-            needs.sort(key=_step_then_rank)
-            for (_i, _rank, req), block in zip(needs, self.pool.allocate_many(len(needs)), strict=True):
-                req.block_table.append(block)
+            first = len(req.block_table) * bs - req.num_computed
+            if first < steps:
+                req.block_table.extend(self.pool.allocate_many(len(range(first if first > 0 else 0, steps, bs))))
+        else:
+            batch_order = sorted(running, key=_by_arrival)
+            # (step, rank in the batch, request) for every block the stretch needs.
+            needs: list[tuple[int, int, Request]] = []
+            for rank, req in enumerate(batch_order):
+                first = len(req.block_table) * bs - req.num_computed  # as above
+                if first < steps:
+                    needs.extend(zip(range(first if first > 0 else 0, steps, bs), repeat(rank), repeat(req)))
+            if needs:
+                # Plain tuple order is (step, rank): each pair is unique, so requests are never compared.
+                needs.sort()
+                for (_i, _rank, req), block in zip(needs, self.pool.allocate_many(len(needs)), strict=True):
+                    req.block_table.append(block)
+        sampled = [SAMPLED_TOKEN] * steps
+        cache_full_blocks = kv.cache_full_blocks
         for req in batch_order:
             # The pending token and steps - 1 sampled ones are computed; steps tokens are sampled.
-            req.token_ids.extend(repeat(SAMPLED_TOKEN, steps))
-            sched.after_step(req, steps)
-            req.state.generated = req.num_generated
+            req.token_ids.extend(sampled)
+            req.num_computed += steps  # `sched.after_step(req, steps)`, inlined
+            cache_full_blocks(req)
+            req.state.generated = len(req.token_ids) - req.prompt_len
         batch = len(sched.running)
         stats = self.stats
         stats.steps += steps
@@ -373,21 +408,18 @@ class SimReplica:
         # they finish in sampling order (the batch's), as `update()` finishes them.
         max_len = sched.max_model_len
         for req in batch_order:
-            left = (req.max_tokens or 1 << 30) - req.num_generated
-            if max_len is not None:
-                left = min(left, max_len - len(req.token_ids))
+            n_tokens = len(req.token_ids)
+            left = (req.max_tokens or 1 << 30) - (n_tokens - req.prompt_len)
+            if max_len is not None and max_len - n_tokens < left:
+                left = max_len - n_tokens
             if left <= 0:
                 sched.finish(req, "length")
                 req.state.finished_at = end
                 self.finished.append(req.state)
 
 
-def _by_arrival(req: Request) -> int:
-    return req.arrival
-
-
-def _step_then_rank(need: tuple[int, int, Request]) -> tuple[int, int]:
-    return need[0], need[1]
+# The batch's order within a step (oldest first), as a C-level sort key.
+_by_arrival = attrgetter("arrival")
 
 
 def is_running(req: Request) -> bool:

@@ -100,6 +100,24 @@ class BlockPool:
         """The block holding the content named `h`, or None (does not take a reference)."""
         return self.hash_to_block.get(h)
 
+    def acquire_prefix(self, hashes: Iterable[int]) -> list[int]:
+        """The blocks of the leading run of `hashes` held in the index, each with one more reference.
+
+        The same as `lookup` then `acquire` for each hash until the first miss, in one call (the
+        scheduler matches every new request's prefix this way).
+        """
+        hash_to_block, refcount, cached = self.hash_to_block, self.refcount, self._free_cached
+        out: list[int] = []
+        for h in hashes:
+            block = hash_to_block.get(h)
+            if block is None:
+                break
+            if refcount[block] == 0:
+                cached.pop(block, None)
+            refcount[block] += 1
+            out.append(block)
+        return out
+
     def acquire(self, block: int) -> None:
         """Take one more reference to a (possibly free, cached) block."""
         if self.refcount[block] == 0:

@@ -31,7 +31,9 @@ class KVCacheManager:
 
     def new_blocks_needed(self, req: Request, num_new: int) -> int:
         """Blocks `req` must still allocate to compute `num_new` more tokens."""
-        return max(0, self.blocks_for(req.num_computed + num_new) - len(req.block_table))
+        bs = self.block_size  # `blocks_for`, inlined: asked for every request of every step
+        need = (req.num_computed + num_new + bs - 1) // bs - len(req.block_table)
+        return need if need > 0 else 0
 
     def can_allocate(self, req: Request, num_new: int) -> bool:
         """Whether the pool can hand out the blocks `num_new` more tokens of `req` need."""
@@ -53,13 +55,11 @@ class KVCacheManager:
         """Reuse cached full blocks for the leading tokens (never the very last token: it must be computed)."""
         bs = self.block_size
         limit = (len(req.token_ids) - 1) // bs
-        for h in self.block_hashes_of(req, limit):
-            block = self.pool.lookup(h)
-            if block is None:
-                break
-            self.pool.acquire(block)
-            req.block_table.append(block)
-            req.block_hashes.append(h)
+        hashes = self.block_hashes_of(req, limit)
+        blocks = self.pool.acquire_prefix(hashes)
+        if blocks:
+            req.block_table.extend(blocks)
+            req.block_hashes.extend(hashes[: len(blocks)])
         req.num_computed = len(req.block_table) * bs
 
     def cache_full_blocks(self, req: Request) -> None:
@@ -67,12 +67,16 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         full = req.num_computed // self.block_size
-        if full <= len(req.block_hashes):
-            return
         start = len(req.block_hashes)
-        chain = self.block_hashes_of(req, full)
-        self.pool.register_many(req.block_table[start:full], chain[start:full])
-        req.block_hashes.extend(chain[start:full])
+        if full <= start:
+            return
+        # `block_hashes_of`, without copying the chain's head: this runs after every step.
+        chain = req.hash_chain
+        if len(chain) < full:
+            extend_block_hashes(chain, req.token_ids, self.block_size, self.hash_seed)
+        new = chain[start:full]
+        self.pool.register_many(req.block_table[start:full], new)
+        req.block_hashes.extend(new)
 
     def free(self, req: Request) -> None:
         """Return every block of `req` to the pool (tail first, so shared prefixes are evicted last)."""

@@ -146,14 +146,19 @@ class KvEventJournal:
     def evicted_many(self, hashes: list[int]) -> None:
         """Each of `hashes` left the cache, in order."""
         with self._lock:
+            # `evicted` per hash, with the dicts bound once (the pool evicts in runs of many).
+            cached, open_stored, open_evicted = self._cached, self._open_stored, self._open_evicted
+            limit = self.max_event_hashes
             for h in hashes:
-                if self._cached.pop(h, 0) is not None:
+                if cached.pop(h, 0) is not None:
                     continue
-                if self._open_stored.pop(h, 0) is None:
+                if open_stored.pop(h, 0) is None:
                     continue
                 if not self._open_cleared:
-                    self._open_evicted[h] = None
-                self._maybe_seal()
+                    open_evicted[h] = None
+                if len(open_stored) + len(open_evicted) >= limit:
+                    self._seal()
+                    open_stored, open_evicted = self._open_stored, self._open_evicted
 
     def cleared(self) -> None:
         """The whole cache was dropped."""

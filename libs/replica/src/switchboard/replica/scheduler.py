@@ -87,67 +87,84 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Choose this step's requests and token counts, allocating their blocks."""
+        # Hot path (every engine step, and every simulated one): attributes are read through
+        # locals, `KVCacheManager.new_blocks_needed` is inlined, a request's blocks are allocated
+        # from the `need` already computed (what `allocate_slots` would compute again), and the
+        # pool's free count is only read when a request needs a block (most decodes need none).
         kv = self.kv
+        pool = self.pool
+        bs = kv.block_size
+        running = self.running
+        waiting = self.waiting
         budget = self.max_tokens_per_step
         entries: list[tuple[Request, int]] = []
         preempted: list[Request] = []
         scheduled: set[Request] = set()
+        is_running = RequestStatus.RUNNING
         # Decodes first (one token each, so a long prefill chunk cannot starve them), oldest first.
-        for req in sorted(self.running, key=lambda r: (r.num_pending != 1, r.arrival)):
+        for req in sorted(running, key=_decodes_first):
             if budget <= 0:
                 break
-            if req.status is not RequestStatus.RUNNING:
+            if req.status is not is_running:
                 continue  # preempted earlier in this pass
-            num_new = min(req.num_pending, budget)
-            need = kv.new_blocks_needed(req, num_new)
-            while need > self.pool.num_free:
-                victim = next((r for r in reversed(self.running) if r is not req and r not in scheduled), None)
-                if victim is None:
+            computed = req.num_computed
+            pending = len(req.token_ids) - computed
+            num_new = pending if pending < budget else budget
+            need = (computed + num_new + bs - 1) // bs - len(req.block_table)
+            if need > 0:
+                while need > pool.num_free:
+                    victim = next((r for r in reversed(running) if r is not req and r not in scheduled), None)
+                    if victim is None:
+                        break
+                    self._preempt(victim)
+                    preempted.append(victim)
+                if need > pool.num_free:
+                    self._preempt(req)
+                    preempted.append(req)
                     break
-                self._preempt(victim)
-                preempted.append(victim)
-            if need > self.pool.num_free:
-                self._preempt(req)
-                preempted.append(req)
-                break
-            kv.allocate_slots(req, num_new)
+                req.block_table.extend(pool.allocate_many(need))
             entries.append((req, num_new))
             scheduled.add(req)
             budget -= num_new
 
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            req = self.waiting[0]
+        while not preempted and waiting and budget > 0 and len(running) < self.max_num_seqs:
+            req = waiting[0]
             if self.enable_prefix_caching and not req.block_table:
                 kv.match_prefix(req)
-            num_new = min(req.num_pending, budget)
-            if not kv.can_allocate(req, num_new):
-                kv.free(req)
-                break
-            kv.allocate_slots(req, num_new)
-            self.waiting.popleft()
+            computed = req.num_computed
+            pending = len(req.token_ids) - computed
+            num_new = pending if pending < budget else budget
+            need = (computed + num_new + bs - 1) // bs - len(req.block_table)
+            if need > 0:
+                if need > pool.num_free:
+                    kv.free(req)
+                    break
+                req.block_table.extend(pool.allocate_many(need))
+            waiting.popleft()
             if req.cached_prompt_tokens is None:
                 req.cached_prompt_tokens = min(req.num_computed, req.prompt_len)
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
+            req.status = is_running
+            running.append(req)
             entries.append((req, num_new))
             budget -= num_new
 
         # Single-token entries first: the runner's attention batches them together.
-        entries.sort(key=lambda e: e[1] != 1)
-        return SchedulerOutput(
-            tuple(
+        entries.sort(key=_multi_token)
+        scheduled_out: list[ScheduledRequest] = []
+        for req, n in entries:
+            computed = req.num_computed
+            tokens = req.token_ids
+            scheduled_out.append(
                 ScheduledRequest(
-                    request=req,
-                    num_new_tokens=n,
-                    num_computed_tokens=req.num_computed,
-                    block_ids=tuple(req.block_table),
-                    new_token_ids=tuple(req.token_ids[req.num_computed : req.num_computed + n]),
-                    sample=req.num_computed + n == len(req.token_ids),
+                    req,
+                    n,
+                    computed,
+                    tuple(req.block_table),
+                    tuple(tokens[computed : computed + n]),
+                    computed + n == len(tokens),
                 )
-                for req, n in entries
-            ),
-            tuple(preempted),
-        )
+            )
+        return SchedulerOutput(tuple(scheduled_out), tuple(preempted))
 
     def after_step(self, req: Request, num_new: int) -> None:
         """Advance a request's computed count and publish its newly full blocks to the prefix cache."""
@@ -167,21 +184,36 @@ class Scheduler:
         generated tokens or `max_model_len` tokens in all. Finished requests leave the batch and
         free their blocks, in sampling order.
         """
-        for s in output.scheduled:
-            self.after_step(s.request, s.num_new_tokens)
-        by_id = {s.request_id: s.request for s in output.scheduled if s.sample}
+        scheduled = output.scheduled
+        cache_full_blocks = self.kv.cache_full_blocks
+        for s in scheduled:
+            req = s.request
+            req.num_computed += s.num_new_tokens  # `after_step`, inlined (every request, every step)
+            cache_full_blocks(req)
+        by_id = {s.request.request_id: s.request for s in scheduled if s.sample}
         reasons = finish_reasons or {}
+        max_model_len = self.max_model_len
         results: list[RequestOutput] = []
         for rid, token in zip(runner_output.req_ids, runner_output.sampled_token_ids, strict=True):
             req = by_id[rid]
-            req.token_ids.append(token)
+            tokens = req.token_ids
+            tokens.append(token)
             reason = reasons.get(rid)
             if reason is None and (
-                (req.max_tokens is not None and req.num_generated >= req.max_tokens)
-                or (self.max_model_len is not None and len(req.token_ids) >= self.max_model_len)
+                (req.max_tokens is not None and len(tokens) - req.prompt_len >= req.max_tokens)
+                or (max_model_len is not None and len(tokens) >= max_model_len)
             ):
                 reason = "length"
             if reason is not None:
                 self.finish(req, reason)
             results.append(RequestOutput(req, token, reason))
         return results
+
+
+def _decodes_first(req: Request) -> tuple[bool, int]:
+    """The running batch's order in a step: decodes (one pending token) first, then by arrival."""
+    return (len(req.token_ids) - req.num_computed != 1, req.arrival)
+
+
+def _multi_token(entry: tuple[Request, int]) -> bool:
+    return entry[1] != 1

@@ -21,7 +21,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from switchboard.scheduler.policies import LeastLoadedPolicy, PlacementPolicy, PlacementQuery
-from switchboard.scheduler.registry import ClusterSnapshot, ReplicaRegistry, ReplicaView
+from switchboard.scheduler.registry import ClusterSnapshot, ReplicaRecord, ReplicaRegistry, ReplicaView
 
 # Re-exported: the policy types were defined here before policies.py existed.
 __all__ = [
@@ -168,13 +168,17 @@ class Placer:
             )
         # An undeclared expert among declared ones is only unavailable (plan() says why): a router
         # whose experts config is a step ahead of this one keeps serving from the others.
-        if not any(name in self.experts for name in experts):
+        if self.experts.isdisjoint(experts):
             raise UnknownExperts(experts, self.experts)
 
     def plan(self, request: PlacementRequest, snapshot: ClusterSnapshot | None = None) -> PlacementResult:
         """Where the request would go, expert by expert, on `snapshot` (default: one taken now); reserves nothing."""
-        if snapshot is None:
-            snapshot = self.registry.snapshot()
+        placements, unavailable = self._plan(request, self.registry.snapshot() if snapshot is None else snapshot)
+        return PlacementResult(tuple(placements), tuple(unavailable))
+
+    def _plan(
+        self, request: PlacementRequest, snapshot: ClusterSnapshot
+    ) -> tuple[list[ExpertCandidates], list[ExpertShortfall]]:
         placements: list[ExpertCandidates] = []
         unavailable: list[ExpertShortfall] = []
         for expert in request.experts:
@@ -183,31 +187,27 @@ class Placer:
                 placements.append(found)
             else:
                 unavailable.append(found)
-        return PlacementResult(tuple(placements), tuple(unavailable))
+        return placements, unavailable
 
     def place(self, request: PlacementRequest) -> PlacementResult:
         """Validate, plan on one fresh snapshot, and count the request in flight on the primary (when it has an id)."""
         self.validate(request)
-        result = self.plan(request, self.registry.snapshot())
-        primary = result.primary
-        if primary is None:
-            return result
+        # What `plan` returns, but the result is built once, with the reserved primary in it.
+        placements, unavailable = self._plan(request, self.registry.snapshot())
+        if not placements:
+            return PlacementResult((), tuple(unavailable))
+        primary = placements[0]
         if self._placed is not None:
             self._placed(self._query(primary.expert, request), primary.replica)
-        if not request.request_id:
-            return result
-        replica_id = primary.replica.replica_id
-        self.registry.record_placement(request.request_id, replica_id, request.prompt_tokens, request.max_tokens)
-        record = self.registry.get(replica_id)
-        if record is None or record.inflight == primary.replica.inflight:
-            return result
-        view = primary.replica._replace(
-            inflight=record.inflight,
-            inflight_prompt_tokens=record.inflight_prompt_tokens,
-            inflight_max_tokens=record.inflight_max_tokens,
-        )
-        reserved = ExpertCandidates(primary.expert, view, primary.alternates)
-        return PlacementResult((reserved, *result.placements[1:]), result.unavailable)
+        if request.request_id:
+            replica_id = primary.replica.replica_id
+            registry = self.registry
+            registry.record_placement(request.request_id, replica_id, request.prompt_tokens, request.max_tokens)
+            record = registry.get(replica_id)
+            if record is not None and record.inflight != primary.replica.inflight:
+                view = _with_inflight(primary.replica, record)
+                placements[0] = ExpertCandidates(primary.expert, view, primary.alternates)
+        return PlacementResult(tuple(placements), tuple(unavailable))
 
     @staticmethod
     def _query(expert: str, request: PlacementRequest) -> PlacementQuery:
@@ -230,32 +230,53 @@ class Placer:
                 expert, UNDECLARED, f"expert {expert!r} is not declared in the scheduler's experts config ({known})"
             )
         healthy = snapshot.candidates(expert)
-        untried = [r for r in healthy if r.replica_id not in request.exclude_replica_ids]
-        if not untried:
-            tried = len(healthy) - len(untried)
-            excluded = f" (excluding {tried} already tried)" if tried else ""
-            return ExpertShortfall(expert, NO_REPLICA, f"no healthy replica of expert {expert!r}{excluded}")
-        needed = request.min_model_len
-        fitting = [r for r in untried if not (needed and 0 < r.info.max_model_len < needed)]
-        if not fitting:
-            longest = max(r.info.max_model_len for r in untried)
-            return ExpertShortfall(
-                expert,
-                TOO_SHORT,
-                f"replicas of {expert!r} accept at most {longest} tokens, the request needs {needed}",
-            )
-        # A replica whose last reported waiting count has reached the bound it announced would
-        # refuse the request (RESOURCE_EXHAUSTED); 0 = no bound announced.
-        open_ = [r for r in fitting if not _queue_full(r)]
+        exclude = request.exclude_replica_ids
+        needed = request.min_model_len  # replicas with a known max_model_len (> 0) below it are skipped
+        # The candidates that pass every filter below, in one pass (this runs on every Place);
+        # the filters one by one only run when none passes, to say why.
+        open_ = [
+            r
+            for r in healthy
+            if r.replica_id not in exclude
+            and not 0 < r.info.max_model_len < needed  # long enough (0: length not announced)
+            and not 0 < r.info.max_waiting <= r.load.waiting  # queue not full (0: no bound announced)
+        ]
         if not open_:
-            return ExpertShortfall(expert, QUEUE_FULL, _queue_full_reason(expert, fitting))
+            return _shortfall(expert, healthy, exclude, needed)
         ranked = self.policy.rank(self._query(expert, request), open_)
-        return ExpertCandidates(expert, ranked[0], tuple(ranked[1 : 1 + request.max_alternates]))
+        alternates = tuple(ranked[1 : 1 + request.max_alternates]) if request.max_alternates else ()
+        return ExpertCandidates(expert, ranked[0], alternates)
 
 
-def _queue_full(replica: ReplicaView) -> bool:
-    bound = replica.info.max_waiting
-    return bound > 0 and replica.load.waiting >= bound
+def _shortfall(
+    expert: str, healthy: Sequence[ReplicaView], exclude: frozenset[str], needed: int
+) -> ExpertShortfall:
+    """Why no healthy replica of `expert` can take the request: the first filter that leaves none."""
+    untried = [r for r in healthy if r.replica_id not in exclude]
+    if not untried:
+        tried = len(healthy) - len(untried)
+        excluded = f" (excluding {tried} already tried)" if tried else ""
+        return ExpertShortfall(expert, NO_REPLICA, f"no healthy replica of expert {expert!r}{excluded}")
+    fitting = [r for r in untried if not (needed and 0 < r.info.max_model_len < needed)]
+    if not fitting:
+        longest = max(r.info.max_model_len for r in untried)
+        return ExpertShortfall(
+            expert,
+            TOO_SHORT,
+            f"replicas of {expert!r} accept at most {longest} tokens, the request needs {needed}",
+        )
+    # Every fitting replica's last reported waiting count has reached the bound it announced: it
+    # would refuse the request (RESOURCE_EXHAUSTED); 0 = no bound announced.
+    return ExpertShortfall(expert, QUEUE_FULL, _queue_full_reason(expert, fitting))
+
+
+def _with_inflight(view: ReplicaView, record: ReplicaRecord) -> ReplicaView:
+    """`view` with the record's current in-flight count and token sums: `view._replace(inflight=...,
+    inflight_prompt_tokens=..., inflight_max_tokens=...)`, built directly (once per Place)."""
+    return tuple.__new__(
+        ReplicaView,
+        (*view[:5], record.inflight, *view[6:9], record.inflight_prompt_tokens, record.inflight_max_tokens),
+    )
 
 
 def _queue_full_reason(expert: str, full: Sequence[ReplicaView]) -> str:

@@ -153,7 +153,22 @@ class LeastLoadedPolicy:
 
     def rank(self, query: PlacementQuery, candidates: Sequence[ReplicaView]) -> list[ReplicaView]:
         """Order candidates by load score, then KV utilization, then replica id."""
-        return sorted(candidates, key=self.key)
+        if type(self).key is not LeastLoadedPolicy.key or type(self).score is not LeastLoadedPolicy.score:
+            return sorted(candidates, key=self.key)  # a subclass scores its own way
+        # `key` with `score` and `kv_utilization` inlined (the same arithmetic, so the same order):
+        # one Python call per candidate instead of three, on every Place.
+        inflight_w, running_w, waiting_w = self.inflight_weight, self.running_weight, self.waiting_weight
+
+        def key(replica: ReplicaView) -> tuple[float, float, str]:
+            load = replica.load
+            total = load.kv_blocks_total
+            return (
+                inflight_w * replica.inflight + running_w * load.running + waiting_w * load.waiting,
+                load.kv_blocks_used / total if total > 0 else 0.0,
+                replica.replica_id,
+            )
+
+        return sorted(candidates, key=key)
 
 
 @dataclass(frozen=True)

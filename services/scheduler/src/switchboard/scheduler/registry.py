@@ -186,8 +186,7 @@ class ClusterSnapshot:
 
     def candidates(self, expert: str) -> tuple[ReplicaView, ...]:
         """The healthy replicas of one expert, by id (empty when it has none)."""
-        replicas = self.replicas
-        return tuple(replicas[rid] for rid in self.ready.get(expert, ()))
+        return tuple(map(self.replicas.__getitem__, self.ready.get(expert, ())))
 
     def views(self) -> list[ReplicaView]:
         """Every replica, ordered by expert then id."""
@@ -332,25 +331,37 @@ class ReplicaRegistry:
         ready_state = ReplicaState.READY
         views: dict[str, ReplicaView] = {}
         ready: dict[str, list[str]] = {}
+        # Every Place takes a snapshot: each view is built by `tuple.__new__` with all its fields
+        # in order (what the named tuple's own `__new__` does, less a Python-level call per view).
+        new_view = tuple.__new__
         for rid, record in self._replicas.items():
             age = now - record.last_heartbeat
-            healthy = record.state is ready_state and age <= expiry
-            expert = record.info.expert
-            views[rid] = ReplicaView(
-                rid,
-                expert,
-                record.info,
-                record.load,
-                record.state,
-                len(record.placements),
-                max(0.0, age),
-                healthy,
-                record.prefix,
-                record.inflight_prompt_tokens,
-                record.inflight_max_tokens,
+            state = record.state
+            healthy = state is ready_state and age <= expiry
+            info = record.info
+            expert = info.expert
+            views[rid] = new_view(
+                ReplicaView,
+                (
+                    rid,
+                    expert,
+                    info,
+                    record.load,
+                    state,
+                    len(record.placements),
+                    age if age > 0.0 else 0.0,  # max(0.0, age)
+                    healthy,
+                    record.prefix,
+                    record.inflight_prompt_tokens,
+                    record.inflight_max_tokens,
+                ),
             )
             if healthy:
-                ready.setdefault(expert, []).append(rid)
+                ids = ready.get(expert)
+                if ids is None:
+                    ready[expert] = [rid]
+                else:
+                    ids.append(rid)
         return ClusterSnapshot(
             taken_at=now,
             replicas=MappingProxyType(views),
