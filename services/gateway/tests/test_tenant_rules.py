@@ -288,7 +288,10 @@ async def test_limits_hold_across_two_gateways_sharing_one_redis(tmp_path: Path)
         first_dir, second_dir = tmp_path / "one", tmp_path / "two"
         first_dir.mkdir()
         second_dir.mkdir()
-        async with gateway(first_dir, redis_url=url) as one, gateway(second_dir, redis_url=url) as two:
+        # A generous store deadline: on a loaded machine a 0.25 s Redis call can time out, and these
+        # tenants fail open (the default), which would admit what the test expects refused.
+        shared = {"redis_url": url, "limit_store_timeout_seconds": 5.0}
+        async with gateway(first_dir, **shared) as one, gateway(second_dir, **shared) as two:
             # The burst is 2 requests for the tenant, wherever they land.
             await one.complete("rps-key")
             await two.complete("rps-key")
@@ -297,6 +300,7 @@ async def test_limits_hold_across_two_gateways_sharing_one_redis(tmp_path: Path)
                 assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and details["metadata"] == {"limit": "requests_per_second"}
             # One stream at a time for the tenant across both gateways.
             one.replica.hold = True
+            one.replica.streaming.clear()  # the rate-limit requests above streamed already
             held = asyncio.create_task(one.complete("streams-key"))
             await one.replica.streaming.wait()
             code, details, _ = await two.refused("streams-key")

@@ -1,4 +1,4 @@
-"""Client channels between services, traced, with shared keepalive settings."""
+"""Client channels between services, traced, with shared keepalive settings, plaintext or mutual TLS."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Any
 
 import grpc
 from switchboard.common.telemetry import client_interceptors
+from switchboard.common.tls import TlsIdentity
 
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_time_ms", 30_000),
@@ -19,6 +20,16 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 
-def open_channel(address: str) -> grpc.aio.Channel:
-    """An insecure grpc.aio channel to `address` (host:port) that propagates trace context."""
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=client_interceptors())
+def open_channel(address: str, tls: TlsIdentity | None = None, peer_role: str | None = None) -> grpc.aio.Channel:
+    """A grpc.aio channel to `address` (host:port) that propagates trace context.
+
+    With `tls` (the caller's identity) the channel runs mutual TLS and accepts only a server whose
+    certificate the CA issued to `peer_role` (the role is the name checked, whatever the address:
+    replicas are reached by IP). Without it, plaintext.
+    """
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=client_interceptors())
+    if not peer_role:
+        raise ValueError("a mutual-TLS channel needs the role of the service it calls (peer_role)")
+    options = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", peer_role)]
+    return grpc.aio.secure_channel(address, tls.channel_credentials(), options=options, interceptors=client_interceptors())

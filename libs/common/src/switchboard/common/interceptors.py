@@ -14,6 +14,7 @@ Streaming handlers must be async generators (the style all servicers use).
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -37,6 +38,8 @@ RPC_LATENCY = Histogram(
 )
 
 Behavior = Callable[..., Any]
+# A handler cancelled this close to (or past) its deadline was ended by the deadline, not by the client.
+DEADLINE_SLACK_SECONDS = 0.05
 Wrapper = Callable[[Behavior, bool], Behavior]
 
 
@@ -134,10 +137,15 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = details.method.rsplit("/", 1)[-1]
 
-        def record(started: float, context: grpc.aio.ServicerContext, failed: bool) -> None:
+        def record(started: float, context: grpc.aio.ServicerContext, failed: bool, ended_outside: bool = False) -> None:
             code = context.code() if context.code() is not None else (grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK)
             if context.cancelled():
                 code = grpc.StatusCode.CANCELLED
+            elif ended_outside and context.code() is None:
+                # gRPC cancelled the handler: the client went away or its deadline passed (no status of ours).
+                remaining = context.time_remaining()
+                passed = remaining is not None and remaining <= DEADLINE_SLACK_SECONDS
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if passed else grpc.StatusCode.CANCELLED
             RPC_REQUESTS.labels(self.service, method, code.name).inc()
             RPC_LATENCY.labels(self.service, method).observe(time.perf_counter() - started)
 
@@ -145,24 +153,30 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             if streaming:
 
                 async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                    started, failed = time.perf_counter(), True
+                    started, failed, outside = time.perf_counter(), True, False
                     try:
                         async for item in behavior(request, context):
                             yield item
                         failed = False
+                    except (asyncio.CancelledError, GeneratorExit):
+                        outside = True
+                        raise
                     finally:
-                        record(started, context, failed)
+                        record(started, context, failed, outside)
 
                 return stream
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                started, failed = time.perf_counter(), True
+                started, failed, outside = time.perf_counter(), True, False
                 try:
                     result = await behavior(request, context)
                     failed = False
                     return result
+                except asyncio.CancelledError:
+                    outside = True
+                    raise
                 finally:
-                    record(started, context, failed)
+                    record(started, context, failed, outside)
 
             return unary
 

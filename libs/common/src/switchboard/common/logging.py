@@ -110,4 +110,9 @@ def bind_request(request_id: str, **fields: Any) -> Iterator[None]:
     try:
         yield
     finally:
-        structlog.contextvars.reset_contextvars(**tokens)
+        try:
+            structlog.contextvars.reset_contextvars(**tokens)
+        except ValueError:
+            # A stream abandoned at its deadline is closed from another context (grpc finalizes the
+            # handler's generator elsewhere); its task's context goes away with it, nothing to reset.
+            pass

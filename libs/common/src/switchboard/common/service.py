@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -25,6 +25,7 @@ from switchboard.common.interceptors import DecodeInterceptor, ErrorInterceptor,
 from switchboard.common.logging import configure_logging, get_logger
 from switchboard.common.settings import ServerSettings, SettingsError
 from switchboard.common.telemetry import configure_tracing, server_interceptors, shutdown_tracing
+from switchboard.common.tls import IdentityInterceptor
 
 log = get_logger(__name__)
 S = TypeVar("S")
@@ -88,15 +89,31 @@ class GrpcService:
     """A grpc.aio server with the shared interceptors, health, reflection and drain."""
 
     def __init__(
-        self, name: str, settings: ServerSettings, extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+        self,
+        name: str,
+        settings: ServerSettings,
+        extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        identity_policy: Mapping[str, frozenset[str]] | None = None,
+        public_credentials: grpc.ServerCredentials | None = None,
     ) -> None:
+        """`identity_policy` (method -> roles) applies when the server runs mutual TLS (settings.tls);
+        `public_credentials` makes it a public TLS port instead (no client certificates: the gateway)."""
         self.name = name
         self.settings = settings
         self.extra_interceptors = tuple(extra_interceptors)
+        self._credentials: grpc.ServerCredentials | None = public_credentials
+        identity: list[grpc.aio.ServerInterceptor] = []
+        if public_credentials is None and settings.tls is not None:
+            if identity_policy is None:
+                # Fail closed: mutual TLS without a policy would let any certified service call anything.
+                raise ValueError(f"{name}: a server with mutual TLS needs its identity policy")
+            self._credentials = settings.tls.server_credentials()
+            identity.append(IdentityInterceptor(identity_policy))
         interceptors = [
             *server_interceptors(),
             MetricsInterceptor(name),
             DecodeInterceptor(),
+            *identity,
             *extra_interceptors,
             ErrorInterceptor(),
         ]
@@ -131,7 +148,10 @@ class GrpcService:
             self.server,
         )
         address = f"{self.settings.host}:{self.settings.port}"
-        self.port = self.server.add_insecure_port(address)
+        if self._credentials is not None:
+            self.port = self.server.add_secure_port(address, self._credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise RuntimeError(f"{self.name}: cannot listen on {address} (port in use?)")
         if self.settings.metrics_port:

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from switchboard.common.tls import TlsError, TlsIdentity, load_tls_identity
+
 T = TypeVar("T")
 
 _ENV = "switchboard_env"
@@ -72,6 +74,8 @@ class ServerSettings:
     keepalive_permit_without_calls: bool = True
     min_client_ping_interval_seconds: float = 10.0
     max_ping_strikes: int = 2
+    # The process's identity on internal hops (SWITCHBOARD_TLS_*): mutual TLS when set, plaintext when None.
+    tls: TlsIdentity | None = None
 
 
 # The limit variables of every server: (attribute, env suffix, doc, bounds). A
@@ -259,6 +263,10 @@ def load_server_settings(
         attr: _read(name, default, hints[attr], env, bounds)
         for attr, name, default, _, bounds in _server_fields(prefix, default_port, default_metrics_port, defaults)
     }
+    try:
+        values["tls"] = load_tls_identity(env)
+    except TlsError as exc:
+        raise SettingsError(str(exc)) from None
     return ServerSettings(**values)
 
 

@@ -129,6 +129,10 @@ class Authenticator:
             claims = verifier.verify(token)
         except TokenInvalid as exc:
             raise AuthError(exc.reason, exc.message) from None
+        except Exception:
+            # A verifier bug must not become an error status that names an exception: refuse the token.
+            log.exception("token verification failed unexpectedly")
+            raise AuthError("TOKEN_MALFORMED", "the token cannot be read") from None
         tenant = self._tenants.tenant(claims.tenant)
         if tenant is None:
             raise AuthError("TOKEN_TENANT_UNKNOWN", "the token's tenant is not configured on this gateway")

@@ -95,7 +95,7 @@ def normalize_messages(raw: Any) -> list[dict[str, str]]:
         if not isinstance(message, Mapping):
             raise ChatError(where, "must be an object with role and content")
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise ChatError(f"{where}.role", f"must be one of {', '.join(sorted(ROLES))}, got {role!r}")
         content = message.get("content")
         if isinstance(content, list):  # content parts: only text is served here

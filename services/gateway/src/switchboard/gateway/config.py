@@ -73,6 +73,15 @@ class GatewaySettings:
         minimum=1,
         maximum=1_000_000,
     )
+    public_tls_cert_file: Path | None = setting(
+        "GATEWAY_PUBLIC_TLS_CERT_FILE",
+        None,
+        "certificate (PEM chain) of the public gRPC port and the HTTP front; unset: plaintext (the local default "
+        "on loopback). Clients are not asked for certificates: they authenticate with API keys or tokens",
+    )
+    public_tls_key_file: Path | None = setting(
+        "GATEWAY_PUBLIC_TLS_KEY_FILE", None, "private key (PEM) of GATEWAY_PUBLIC_TLS_CERT_FILE"
+    )
     http_port: int = setting(
         "GATEWAY_HTTP_PORT",
         8080,
@@ -122,6 +131,8 @@ class GatewaySettings:
     )
 
     def __post_init__(self) -> None:
+        if (self.public_tls_cert_file is None) != (self.public_tls_key_file is None):
+            raise SettingsError("GATEWAY_PUBLIC_TLS_CERT_FILE and GATEWAY_PUBLIC_TLS_KEY_FILE: set both or neither")
         if self.default_max_tokens > self.max_tokens_limit:
             raise SettingsError(
                 "GATEWAY_DEFAULT_MAX_TOKENS: must be <= GATEWAY_MAX_TOKENS_LIMIT "

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from opentelemetry import trace
+from switchboard.common.channels import open_channel
 from switchboard.common.enums import enum_name
 from switchboard.common.errors import (
     REPLICA_QUEUE_FULL,
@@ -191,7 +192,10 @@ class GatewayCore:
             default_max_tokens=settings.default_max_tokens,
             max_tokens_limit=settings.max_tokens_limit,
         )
-        self._channels = ChannelPool(settings.channel_idle_seconds)
+        tls = settings.server.tls
+        self._channels = ChannelPool(
+            settings.channel_idle_seconds, open_=lambda address: open_channel(address, tls, peer_role="generator")
+        )
         self._background: set[asyncio.Task[None]] = set()
 
     @property
@@ -416,6 +420,9 @@ class GatewayCore:
                     streamed = True
                     if chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
                         outcome.finish_reason = chunk.finish_reason
+                        # Settle and free the stream slot before the last message goes out: a client that
+                        # sends its next request as soon as this one ends must find the slot free.
+                        await limits.finish(outcome.tokens)
                     yield message
                 # Read the stream to its end (not `return` at the last message): the tracing
                 # client interceptor ends the upstream call's span only when the stream is exhausted.

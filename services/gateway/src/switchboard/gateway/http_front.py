@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import math
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -185,7 +186,7 @@ def sampling_from(body: Mapping[str, Any], max_tokens_field: str = "max_tokens")
     for name in ("temperature", "top_p"):
         value = _number(body, name, float)
         if value is not None:
-            if not math.isfinite(value):
+            if not -sys.float_info.max <= value <= sys.float_info.max:  # NaN, infinities, ints too large for a float
                 raise RequestError(name, f"must be a finite number, got {value!r}")
             setattr(sampling, name, float(value))
     seed = _number(body, "seed", int)
@@ -302,8 +303,10 @@ class OpenAIFront:
             parsed = json.loads(body.decode("utf-8"))
         except UnicodeDecodeError:
             raise RequestError(None, "the body is not valid UTF-8") from None
-        except ValueError as exc:
+        except json.JSONDecodeError as exc:
             raise RequestError(None, f"the body is not valid JSON ({exc.msg} at character {exc.pos})") from None
+        except (ValueError, RecursionError):  # a number of over 4300 digits; nesting deeper than the parser's stack
+            raise RequestError(None, "the body is not valid JSON (a number too long or nesting too deep)") from None
         if not isinstance(parsed, dict):
             raise RequestError(None, "the body must be a JSON object")
         return parsed
@@ -486,6 +489,9 @@ def _traced(handler: Callable[[Request], Awaitable[Response]], name: str) -> Cal
             except ServiceError as error:
                 status, body, headers = service_error_body(error)
                 response = JSONResponse(body, status_code=status, headers=headers)
+            except UnicodeEncodeError:
+                # JSON may carry lone surrogates (\ud800) that no UTF-8 string, so no protobuf field, can hold.
+                response = error_response(400, "invalid_request_error", "strings must be valid Unicode (no lone surrogates)")
             except Exception:
                 log.exception("unhandled error in HTTP route", path=request.url.path)
                 response = error_response(500, "server_error", "internal error; see the gateway log for this trace id")

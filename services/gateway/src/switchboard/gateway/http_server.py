@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Generator
+from pathlib import Path
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -27,7 +28,15 @@ class _EmbeddedServer(uvicorn.Server):
 class HttpServer:
     """One uvicorn server on host:port (port 0 picks a free one), started and stopped as a task."""
 
-    def __init__(self, app: ASGIApp, host: str, port: int, grace_seconds: float = STOP_GRACE_SECONDS) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        host: str,
+        port: int,
+        grace_seconds: float = STOP_GRACE_SECONDS,
+        tls: tuple[Path, Path] | None = None,
+    ) -> None:
+        """`tls`: (certificate, key) files for HTTPS; None: plain HTTP."""
         config = uvicorn.Config(
             app,
             host=host,
@@ -37,6 +46,8 @@ class HttpServer:
             access_log=False,
             timeout_graceful_shutdown=int(grace_seconds),
             server_header=False,
+            ssl_certfile=str(tls[0]) if tls else None,
+            ssl_keyfile=str(tls[1]) if tls else None,
         )
         self._server = _EmbeddedServer(config)
         self._task: asyncio.Task[None] | None = None

@@ -26,8 +26,8 @@ import base64
 import binascii
 import hashlib
 import json
-import math
 import re
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -272,7 +272,8 @@ def looks_like_jwt(token: str) -> bool:
 
 def _is_number(value: object) -> bool:
     # bool is an int subclass; `"exp": true` is not a time.
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    # The bounds, not math.isfinite: an int too large for a float would raise OverflowError there.
+    return isinstance(value, int | float) and not isinstance(value, bool) and -sys.float_info.max <= value <= sys.float_info.max
 
 
 def _short_hash(text: str) -> str:

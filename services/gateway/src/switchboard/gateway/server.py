@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from switchboard.common.channels import open_channel
 from switchboard.common.logging import get_logger
 from switchboard.common.service import GrpcService
 from switchboard.common.settings import ServerSettings, parse_expert_folders
+from switchboard.common.tls import TlsError, public_server_credentials
 from switchboard.gateway.admission import AdmissionController
 from switchboard.gateway.auth import Authenticator
 from switchboard.gateway.auth_interceptor import AuthInterceptor
@@ -25,9 +28,23 @@ from switchboard.v1 import gateway_pb2_grpc, router_pb2_grpc
 log = get_logger(__name__)
 
 
-def gateway_service(settings: ServerSettings) -> GrpcService:
-    """The gateway's gRPC server: the shared one with authentication installed in front of every RPC."""
-    return GrpcService("gateway", settings, extra_interceptors=[AuthInterceptor()])
+def gateway_service(settings: ServerSettings, public_tls: tuple[Path, Path] | None = None) -> GrpcService:
+    """The gateway's gRPC server: the shared one with authentication installed in front of every RPC.
+
+    The gateway's port is public: TLS with `public_tls` (certificate, key) and no client certificates,
+    or plaintext; its internal identity (settings.tls) is used only on its calls to the router and replicas.
+    """
+    credentials = None
+    if public_tls is not None:
+        credentials = public_server_credentials(*public_tls, "GATEWAY_PUBLIC_TLS_CERT_FILE", "GATEWAY_PUBLIC_TLS_KEY_FILE")
+    return GrpcService("gateway", settings, extra_interceptors=[AuthInterceptor()], public_credentials=credentials)
+
+
+def public_tls_files(settings: GatewaySettings) -> tuple[Path, Path] | None:
+    """(certificate, key) of the public ports, or None for plaintext."""
+    if settings.public_tls_cert_file is None or settings.public_tls_key_file is None:
+        return None
+    return settings.public_tls_cert_file, settings.public_tls_key_file
 
 
 def _auth_interceptor(service: GrpcService) -> AuthInterceptor:
@@ -55,7 +72,11 @@ async def serve(settings: GatewaySettings, service: GrpcService | None = None, h
     except TenantsFileError as exc:
         log.error("bad tenants file", error=str(exc))
         return 2
-    service = service or gateway_service(settings.server)
+    try:
+        service = service or gateway_service(settings.server, public_tls_files(settings))
+    except TlsError as exc:
+        log.error("bad public TLS files", error=str(exc))
+        return 2
     authenticator = Authenticator(tenants)
     try:
         authenticator.check()
@@ -63,7 +84,7 @@ async def serve(settings: GatewaySettings, service: GrpcService | None = None, h
         log.error("bad JWT keys in the tenants file", error=str(exc))
         return 2
     _auth_interceptor(service).bind(authenticator)
-    router_channel = open_channel(settings.router_addr)
+    router_channel = open_channel(settings.router_addr, settings.server.tls, peer_role="router")
     store = limit_store(settings)
     core = GatewayCore(
         settings,
@@ -82,7 +103,9 @@ async def serve(settings: GatewaySettings, service: GrpcService | None = None, h
         front = OpenAIFront(
             core, templates, settings.default_timeout_seconds, max_body_bytes=http_max_body_bytes(settings.max_prompt_chars)
         )
-        http = HttpServer(build_app(front, authenticator), settings.server.host, settings.http_port)
+        http = HttpServer(
+            build_app(front, authenticator), settings.server.host, settings.http_port, tls=public_tls_files(settings)
+        )
         await http.start()
         service.on_drain(http.stop)
     log.info(

@@ -25,6 +25,11 @@ from switchboard.generator.registration import Registrar
 from switchboard.generator.servicer import GeneratorServicer, ReplicaIdentity
 from switchboard.v1 import generator_pb2, generator_pb2_grpc, scheduler_pb2
 
+# Who may call the generator when it runs mutual TLS (certificate role -> methods).
+IDENTITY_POLICY = {
+    "/switchboard.v1.Generator/Generate": frozenset({"gateway", "operator"}),
+    "/switchboard.v1.Generator/Info": frozenset({"gateway", "router", "scheduler", "operator"}),
+}
 log = get_logger(__name__)
 
 SERVICE_NAME = generator_pb2.DESCRIPTOR.services_by_name["Generator"].full_name
@@ -56,7 +61,7 @@ class GeneratorApp:
         self.servicer = GeneratorServicer(
             engine, self.identity, settings.default_max_tokens, on_engine_failure=self._engine_failed
         )
-        self.service = GrpcService("generator", settings.server)
+        self.service = GrpcService("generator", settings.server, identity_policy=IDENTITY_POLICY)
         generator_pb2_grpc.add_GeneratorServicer_to_server(self.servicer, self.service.server)
         self.service.on_drain(self._drain)
         self.registrar: Registrar | None = None
@@ -139,7 +144,11 @@ class GeneratorApp:
                 )
                 if self.settings.scheduler_addr:
                     self.registrar = Registrar(
-                        self.settings.scheduler_addr, self.announce, self.engine.load, kv_events=self.engine.kv_events
+                        self.settings.scheduler_addr,
+                        self.announce,
+                        self.engine.load,
+                        kv_events=self.engine.kv_events,
+                        tls=self.settings.server.tls,
                     )
                     self.registrar.start()
                 self.ready.set()

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import grpc
 from switchboard.common.channels import open_channel
 from switchboard.common.logging import get_logger
+from switchboard.common.tls import TlsIdentity
 from switchboard.generator.engine import EngineLoad
 from switchboard.replica import KvEventBatch, KvEventJournal
 from switchboard.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -77,8 +78,10 @@ class Registrar:
         load: Callable[[], EngineLoad],
         heartbeat_seconds: float = 1.0,
         kv_events: KvEventJournal | None = None,
+        tls: TlsIdentity | None = None,
     ) -> None:
         self.scheduler_addr = scheduler_addr
+        self._tls = tls
         self._announce = announce
         self._load = load
         self.heartbeat_seconds = heartbeat_seconds
@@ -136,7 +139,7 @@ class Registrar:
 
     def _scheduler(self) -> scheduler_pb2_grpc.SchedulerStub:
         if self._stub is None:
-            self._channel = open_channel(self.scheduler_addr)
+            self._channel = open_channel(self.scheduler_addr, self._tls, peer_role="scheduler")
             self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
         return self._stub
 

@@ -26,6 +26,12 @@ from switchboard.router.servicer import RouterServicer
 from switchboard.router.tokenization import PromptTokenizers, load_prompt_tokenizers
 from switchboard.v1 import router_pb2_grpc, scheduler_pb2_grpc
 
+# Who may call the router when it runs mutual TLS (certificate role -> methods).
+IDENTITY_POLICY = {
+    "/switchboard.v1.Router/Route": frozenset({"gateway"}),
+    "/switchboard.v1.Router/Feedback": frozenset({"gateway"}),
+    "/switchboard.v1.Router/ListExperts": frozenset({"gateway", "operator"}),
+}
 log = get_logger(__name__)
 
 
@@ -152,7 +158,7 @@ async def serve(settings: RouterSettings, service: GrpcService | None = None, ha
     except ExpertsConfigError as exc:
         log.error("bad experts config", error=str(exc))
         return 2
-    channel = open_channel(settings.scheduler_addr)
+    channel = open_channel(settings.scheduler_addr, settings.server.tls, peer_role="scheduler")
     stub = scheduler_pb2_grpc.SchedulerStub(channel)
     placer = SchedulerPlacer(stub, settings.scheduler_timeout_seconds)
     try:
@@ -172,7 +178,7 @@ async def serve(settings: RouterSettings, service: GrpcService | None = None, ha
         stub, core.experts, on_pools, settings.load_poll_seconds, settings.scheduler_timeout_seconds
     )
     core.on_stale_view = watcher.poke
-    service = service or GrpcService("router", settings.server)
+    service = service or GrpcService("router", settings.server, identity_policy=IDENTITY_POLICY)
     servicer = RouterServicer(experts, core, stub, settings)
     router_pb2_grpc.add_RouterServicer_to_server(servicer, service.server)
     log.info(

@@ -25,6 +25,18 @@ def sweep_interval(settings: SchedulerSettings) -> float:
     return min(settings.heartbeat_seconds, settings.expiry_seconds / 4)
 
 
+# Who may call the scheduler when it runs mutual TLS (certificate role -> methods). A generator may
+# also speak only for its own replica id (the servicer checks that).
+IDENTITY_POLICY = {
+    "/switchboard.v1.Scheduler/Register": frozenset({"generator"}),
+    "/switchboard.v1.Scheduler/ReportLoad": frozenset({"generator"}),
+    "/switchboard.v1.Scheduler/Deregister": frozenset({"generator"}),
+    "/switchboard.v1.Scheduler/Place": frozenset({"router"}),
+    "/switchboard.v1.Scheduler/Complete": frozenset({"router"}),
+    "/switchboard.v1.Scheduler/GetCluster": frozenset({"router", "gateway", "operator"}),
+}
+
+
 class SchedulerApp:
     """One scheduler: build it, `await run()` until drained; `service.port` is the bound port.
 
@@ -58,7 +70,7 @@ class SchedulerApp:
             retry_after_seconds=settings.retry_after_seconds,
             slos=slos,
         )
-        self.service = GrpcService("scheduler", settings.server)
+        self.service = GrpcService("scheduler", settings.server, identity_policy=IDENTITY_POLICY)
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(self.servicer, self.service.server)
 
     async def run(self, handle_signals: bool = True) -> int:

@@ -13,12 +13,14 @@ from collections.abc import Collection, Mapping
 
 import grpc
 from switchboard.common.enums import enum_name
-from switchboard.common.errors import already_exists, invalid_argument, not_found, unavailable
+from switchboard.common.errors import ServiceError, already_exists, invalid_argument, not_found, unavailable
 from switchboard.common.experts_config import ExpertSLO
 from switchboard.common.logging import get_logger
 from switchboard.common.telemetry import SpanAttributes, get_tracer
+from switchboard.common.tls import peer_identity
 from switchboard.replica.cost_model import CostModel
 from switchboard.scheduler import metrics
+from switchboard.scheduler.ownership import NotYourReplica, ReplicaOwners
 from switchboard.scheduler.placement import (
     InvalidPlacement,
     PlacementPolicy,
@@ -220,6 +222,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.heartbeat_seconds = heartbeat_seconds
         self.retry_after_seconds = retry_after_seconds
         self.placer = Placer(registry, policy, self.experts)
+        self._owners = ReplicaOwners(lambda replica_id: registry.get(replica_id) is not None)
         metrics.update_replica_gauges(self.experts, ())
 
     def replica_to_proto(self, view: ReplicaView) -> scheduler_pb2.Replica:
@@ -246,6 +249,16 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def _changed(self) -> None:
         metrics.update_replica_gauges(self.experts, self.registry.replicas())
 
+    def _speaks_for(self, replica_id: str, context: grpc.aio.ServicerContext) -> str | None:
+        """The caller's identity (None without TLS); PERMISSION_DENIED if it may not speak for the replica."""
+        identity = peer_identity(context)
+        try:
+            self._owners.check(replica_id, identity)
+        except NotYourReplica as exc:
+            log.warning("replica call refused", replica_id=replica_id, identity=identity, peer=context.peer())
+            raise ServiceError(grpc.StatusCode.PERMISSION_DENIED, str(exc), reason="NOT_YOUR_REPLICA") from None
+        return identity
+
     async def Register(
         self, request: scheduler_pb2.RegisterRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.RegisterResponse:
@@ -261,12 +274,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         problem = address_problem(request.address)
         if problem is not None:
             raise invalid_argument("address", problem)
+        identity = self._speaks_for(request.replica_id, context)
         info = replica_info_from_proto(request)
         kv = kv_events_from_proto(request.kv_events) if request.HasField("kv_events") else None
         try:
             new = self.registry.register(info, load_from_proto(request.load))
         except DuplicateReplica as exc:
             raise already_exists(str(exc), reason="REPLICA_ID_TAKEN", retry_after_seconds=exc.retry_after_seconds) from None
+        self._owners.bind(info.replica_id, identity)
         ack = self.registry.apply_kv_events(info.replica_id, kv) if kv is not None else None
         ack = ack or self.registry.kv_ack(info.replica_id) or KvAck(0, True)
         self._changed()
@@ -293,6 +308,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     ) -> scheduler_pb2.ReportLoadResponse:
         """Record a heartbeat and fold its KV events; known=false tells the replica to register again."""
         _check_id("replica_id", request.replica_id)
+        self._speaks_for(request.replica_id, context)
         kv = kv_events_from_proto(request.kv_events) if request.HasField("kv_events") else None
         record = self.registry.get(request.replica_id)
         was_draining = record is not None and record.state is ReplicaState.DRAINING
@@ -313,7 +329,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     ) -> scheduler_pb2.DeregisterResponse:
         """Remove a replica; removing an unknown one succeeds too (a drain after a scheduler restart)."""
         _check_id("replica_id", request.replica_id)
+        self._speaks_for(request.replica_id, context)
         record = self.registry.deregister(request.replica_id)
+        self._owners.release(request.replica_id)
         if record is not None:
             self._changed()
             log.info("replica deregistered", replica_id=record.replica_id, expert=record.expert)
@@ -410,6 +428,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def sweep_once(self) -> list[ReplicaRecord]:
         """Drop the replicas whose heartbeats stopped; returns them."""
         expired = self.registry.expire()
+        if expired:
+            self._owners.prune()
         for record in expired:
             metrics.EXPIRATIONS.labels(expert=record.expert).inc()
             log.warning(
