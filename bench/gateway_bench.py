@@ -130,7 +130,7 @@ def sampling() -> Any:
 
 
 async def latency_rounds(
-    gateway_addr: str, generator_addr: str, key: str, expert: str, requests: int, warmup: int
+    gateway_addr: str, generator_addr: str, key: str, expert: str, requests: int, warmup: int, pki: Path
 ) -> dict[str, list[float]]:
     """Interleaved peer / pinned / auto / hop round trips, one at a time; seconds each."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -139,7 +139,13 @@ async def latency_rounds(
     clock = time.perf_counter
     metadata = (("authorization", f"Bearer {key}"),)
     gw_channel = grpc.aio.insecure_channel(gateway_addr)
-    gen_channel = grpc.aio.insecure_channel(generator_addr)
+    # `switchboard up` runs the internal hops with mutual TLS: the peer call uses the stack's operator
+    # identity (its throwaway CA), as the gateway's own call to the generator uses the gateway's.
+    from switchboard.common.channels import open_channel
+    from switchboard.common.tls import TlsIdentity
+
+    operator = TlsIdentity(pki / "ca.pem", pki / "operator.pem", pki / "operator-key.pem")
+    gen_channel = open_channel(generator_addr, operator if operator.cert_file.is_file() else None, peer_role="generator")
     gateway = gateway_pb2_grpc.GatewayStub(gw_channel)
     generator = generator_pb2_grpc.GeneratorStub(gen_channel)
     health = health_pb2_grpc.HealthStub(gw_channel)
@@ -212,7 +218,9 @@ def added_latency(args: argparse.Namespace, model: Path, work: Path, key: str, t
         up_s = time.monotonic() - started
         generator = generator_address(log)
         print(f"    stack up in {up_s:.1f} s: gateway {gateway}, generator {generator} ({args.expert})", flush=True)
-        samples = asyncio.run(latency_rounds(gateway, generator, key, args.expert, args.requests, args.warmup))
+        samples = asyncio.run(
+            latency_rounds(gateway, generator, key, args.expert, args.requests, args.warmup, work / "cache" / "pki")
+        )
     stats = {name: quantiles_ms(s) for name, s in samples.items()}
     out: dict[str, Any] = {"expert": args.expert, "model": str(model), "requests": args.requests,
                            "warmup": args.warmup, "prompt": PROMPT, "max_tokens": 1, **stats}

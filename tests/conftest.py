@@ -226,7 +226,8 @@ def start_stack_from_config(
     keys_file = tmp_path / "tenants.yaml"
     key = new_key()
     add_key(keys_file, "test-tenant", key)
-    plan = plan_stack(config, keys_file, models=models, free_ports=True)
+    # Internal hops run mutual TLS, as `switchboard up` runs them; tests reach them with plan.channel.
+    plan = plan_stack(config, keys_file, models=models, free_ports=True, tls_dir=tmp_path / "pki")
     plan.env.update({**TEST_ENV, **(env or {})})
     plan.generator_env.update(GENERATOR_ENV)
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}

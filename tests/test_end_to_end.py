@@ -200,7 +200,7 @@ def test_no_healthy_replica_is_unavailable(stack: RunningStack, gateway: gateway
 
 
 def test_deadline_exceeded_stops_generation(stack: RunningStack, gateway: gateway_pb2_grpc.GatewayStub) -> None:
-    with grpc.insecure_channel(stack.stack.plan.scheduler_addr) as channel:
+    with stack.stack.plan.channel(stack.stack.plan.scheduler_addr, "scheduler") as channel:
         scheduler = scheduler_pb2_grpc.SchedulerStub(channel)
         replica = scheduler.GetCluster(scheduler_pb2.GetClusterRequest(), timeout=5).replicas[0]
     # Far more tokens than fit in the deadline; ignore_eos so the model cannot stop early.
@@ -224,7 +224,7 @@ def test_deadline_exceeded_stops_generation(stack: RunningStack, gateway: gatewa
 def test_client_cancel_stops_generation_on_the_replica(
     stack: RunningStack, gateway: gateway_pb2_grpc.GatewayStub
 ) -> None:
-    with grpc.insecure_channel(stack.stack.plan.scheduler_addr) as channel:
+    with stack.stack.plan.channel(stack.stack.plan.scheduler_addr, "scheduler") as channel:
         scheduler = scheduler_pb2_grpc.SchedulerStub(channel)
         replica = scheduler.GetCluster(scheduler_pb2.GetClusterRequest(), timeout=5).replicas[0]
     max_tokens = min(4000, replica.max_model_len - 16)
@@ -290,7 +290,7 @@ def test_the_openai_client_streams_completions_and_chats_through_the_stack(
 
 
 def test_an_http_client_that_goes_away_stops_generation_on_the_replica(stack: RunningStack) -> None:
-    with grpc.insecure_channel(stack.stack.plan.scheduler_addr) as channel:
+    with stack.stack.plan.channel(stack.stack.plan.scheduler_addr, "scheduler") as channel:
         scheduler = scheduler_pb2_grpc.SchedulerStub(channel)
         replica = scheduler.GetCluster(scheduler_pb2.GetClusterRequest(), timeout=5).replicas[0]
     max_tokens = min(4000, replica.max_model_len - 16)
@@ -315,8 +315,21 @@ def test_grpcurl_lists_services_and_health_is_serving(stack: RunningStack) -> No
     ).stdout.split()
     assert {"switchboard.v1.Gateway", "grpc.health.v1.Health"} <= set(listed)
     for spec in stack.stack.specs.values():
+        # The gateway's public port is plaintext on loopback; the internal services speak mutual TLS only.
+        transport = ["-plaintext"]
+        if spec.probe_tls is not None:
+            tls = spec.probe_tls
+            transport = ["-cacert", str(tls.ca_file), "-cert", str(tls.cert_file), "-key", str(tls.key_file)]
+            transport += ["-servername", spec.role]
+            refused = subprocess.run(
+                [str(GRPCURL), "-plaintext", "-d", '{"service":""}', spec.address, "grpc.health.v1.Health/Check"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert refused.returncode != 0, f"{spec.name} answered plaintext"
         health = subprocess.run(
-            [str(GRPCURL), "-plaintext", "-d", '{"service":""}', spec.address, "grpc.health.v1.Health/Check"],
+            [str(GRPCURL), *transport, "-d", '{"service":""}', spec.address, "grpc.health.v1.Health/Check"],
             capture_output=True,
             text=True,
             timeout=30,

@@ -36,7 +36,7 @@ def stack(tmp_path: Path, model_dir: Path) -> Iterator[RunningStack]:
 
 def replicas(stack: RunningStack) -> dict[str, scheduler_pb2.Replica]:
     """The scheduler's view: {replica_id: replica}."""
-    with grpc.insecure_channel(stack.stack.plan.scheduler_addr) as channel:
+    with stack.stack.plan.channel(stack.stack.plan.scheduler_addr, "scheduler") as channel:
         cluster = scheduler_pb2_grpc.SchedulerStub(channel).GetCluster(scheduler_pb2.GetClusterRequest(), timeout=5)
     return {r.replica_id: r for r in cluster.replicas}
 

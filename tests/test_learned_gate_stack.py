@@ -18,7 +18,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from switchboard.cli.localstack import StackPlan
 from switchboard.common.errors import error_details
+from switchboard.common.tls import blocking_channel
 from switchboard.experts import ensure_experts
 from switchboard.routing.gate_cli import build_default_gate
 from switchboard.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, router_pb2, router_pb2_grpc
@@ -51,17 +53,18 @@ def stack(tmp_path_factory: pytest.TempPathFactory, gate: Path) -> Iterator[Runn
         tmp_path_factory.mktemp("gate-stack"), CONFIG, models, env={"ROUTER_GATE_PATH": str(gate)}
     )
     try:
-        wait_until_the_router_sees_every_pool(running.stack.plan.router_addr)
+        wait_until_the_router_sees_every_pool(running.stack.plan)
         yield running
     finally:
         running.stack.stop()
 
 
-def wait_until_the_router_sees_every_pool(router_addr: str, timeout: float = 30.0) -> None:
+def wait_until_the_router_sees_every_pool(plan: StackPlan, timeout: float = 30.0) -> None:
     """The stack is up when every replica has registered; the router learns of them at its next
     look at the cluster (ROUTER_LOAD_POLL_SECONDS), so wait until a decision finds every expert
-    eligible, then complete the probes so they hold no placement."""
-    with grpc.insecure_channel(router_addr) as channel:
+    eligible, then complete the probes so they hold no placement. The probes call the router as the
+    gateway does, so they use the gateway's identity (only the gateway may Route)."""
+    with blocking_channel(plan.router_addr, plan.identities.get("gateway"), "router") as channel:
         router = router_pb2_grpc.RouterStub(channel)
         deadline = time.monotonic() + timeout
         for attempt in itertools.count():

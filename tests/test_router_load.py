@@ -188,7 +188,7 @@ class Monitor:
         self._thread = threading.Thread(target=self._run, name="load-monitor", daemon=True)
 
     def _run(self) -> None:
-        with grpc.insecure_channel(self.stack.stack.plan.scheduler_addr) as channel:
+        with self.stack.stack.plan.channel(self.stack.stack.plan.scheduler_addr, "scheduler") as channel:
             scheduler = scheduler_pb2_grpc.SchedulerStub(channel)
             while not self._stop.wait(0.25):
                 try:

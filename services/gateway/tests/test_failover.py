@@ -1,7 +1,8 @@
 """Failover on a busy replica: a generator that refuses before its first token with
 RESOURCE_EXHAUSTED and reason REPLICA_QUEUE_FULL is skipped for the next candidate; when every
 candidate is full the client gets RESOURCE_EXHAUSTED with RetryInfo; a RESOURCE_EXHAUSTED without
-that reason describes the request and is passed back without trying another replica.
+that reason describes the request and is passed back without trying another replica, as is an
+INTERNAL with reason REQUEST_FAILED_IN_ENGINE (the replica's engine traced a failed step to it).
 
 The router and the replicas are stand-ins served in-process over real channels (as in
 test_token_ids.py); the real generator's refusal is tested in the generator's own tests.
@@ -16,7 +17,13 @@ from pathlib import Path
 import grpc
 import pytest
 from prometheus_client import REGISTRY
-from switchboard.common.errors import REPLICA_QUEUE_FULL, error_details, resource_exhausted
+from switchboard.common.errors import (
+    REPLICA_QUEUE_FULL,
+    REQUEST_FAILED_IN_ENGINE,
+    ServiceError,
+    error_details,
+    resource_exhausted,
+)
 from switchboard.common.settings import ServerSettings
 from switchboard.gateway.config import GatewaySettings
 from switchboard.gateway.core import fails_over
@@ -34,7 +41,8 @@ from .test_token_ids import FP_A, FP_B, SAMPLING, FakeRouter, decision, grpc_ser
 
 
 class Replica(generator_pb2_grpc.GeneratorServicer):
-    """Refuses as a full generator does (`mode="full"`), with a bare RESOURCE_EXHAUSTED (`"bare"`), or serves one token."""
+    """Refuses as a full generator does (`mode="full"`), with a bare RESOURCE_EXHAUSTED (`"bare"`), as one
+    whose engine failed the request (`"poison"`), or serves one token."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
@@ -51,6 +59,14 @@ class Replica(generator_pb2_grpc.GeneratorServicer):
             await context.abort_with_status(error.to_status())
         if self.mode == "bare":
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "received message larger than max")
+        if self.mode == "poison":  # as a generator whose engine traced a failed step to this request
+            error = ServiceError(
+                grpc.StatusCode.INTERNAL,
+                "request g-1 could not be served: it failed inside the model on replica r; "
+                "retrying it unchanged will fail again",
+                reason=REQUEST_FAILED_IN_ENGINE,
+            )
+            await context.abort_with_status(error.to_status())
         yield generator_pb2.GeneratorGenerateResponse(
             text="x",
             token_ids=[5],
@@ -113,6 +129,14 @@ def test_only_a_busy_replicas_resource_exhausted_fails_over() -> None:
     assert not fails_over(grpc.StatusCode.INVALID_ARGUMENT, None)
 
 
+def test_a_request_that_failed_in_the_engine_is_not_failed_over() -> None:
+    """INTERNAL fails over, unless the replica traced the failure to the request itself."""
+    assert fails_over(grpc.StatusCode.INTERNAL, None)
+    assert fails_over(grpc.StatusCode.UNKNOWN, "SOMETHING_ELSE")
+    assert not fails_over(grpc.StatusCode.INTERNAL, REQUEST_FAILED_IN_ENGINE)
+    assert not fails_over(grpc.StatusCode.UNKNOWN, REQUEST_FAILED_IN_ENGINE)
+
+
 async def test_a_full_replica_fails_over_to_the_next_candidate(tmp_path: Path) -> None:
     before = failovers("a", "RESOURCE_EXHAUSTED")
     async with gateway_over(tmp_path, "full", "serve") as (gateway, key, (full, serving)):
@@ -152,3 +176,20 @@ async def test_resource_exhausted_without_the_reason_is_not_failed_over(tmp_path
             )
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert (bare.calls, serving.calls) == (1, 0)
+
+
+async def test_a_request_that_failed_in_the_engine_goes_back_to_the_client(tmp_path: Path) -> None:
+    before = failovers("a", "INTERNAL")
+    async with gateway_over(tmp_path, "poison", "serve") as (gateway, key, (poisoned, serving)):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await gateway.Complete(
+                gateway_pb2.CompleteRequest(prompt="To be", sampling=SAMPLING),
+                metadata=[("authorization", f"Bearer {key}")],
+                timeout=20,
+            )
+    details = error_details(info.value)
+    assert details["code"] == grpc.StatusCode.INTERNAL, details
+    assert details["reason"] == REQUEST_FAILED_IN_ENGINE
+    assert "retrying it unchanged will fail again" in details["message"]
+    assert (poisoned.calls, serving.calls) == (1, 0)
+    assert failovers("a", "INTERNAL") == before

@@ -20,6 +20,8 @@ from types import TracebackType
 import grpc
 from switchboard.cli.processes import ProcessGroup, ServiceSpec, StartupError, free_port
 from switchboard.common.experts_config import ExpertSpec, load_experts_config
+from switchboard.common.pki import LocalCA, identity_env
+from switchboard.common.tls import OPERATOR_ROLE, TlsIdentity, blocking_channel
 from switchboard.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 # Default ports of `switchboard up` (the documented ones).
@@ -62,6 +64,19 @@ class StackPlan:
     # {expert: model folder} of the experts whose model is a folder here, for the router's
     # tokenizers (ROUTER_MODEL_FOLDERS): the router resolves no demo expert names.
     model_folders: dict[str, str] = field(default_factory=dict)
+    # Mutual TLS on the internal hops: each process's identity by service name ("scheduler",
+    # "router", "gateway", "generator-<replica id>") and the operator's (for tools and tests).
+    # Empty: plaintext.
+    identities: dict[str, TlsIdentity] = field(default_factory=dict)
+
+    @property
+    def operator(self) -> TlsIdentity | None:
+        """The identity tools and tests use to call the internal services (None: plaintext stack)."""
+        return self.identities.get(OPERATOR_ROLE)
+
+    def channel(self, address: str, role: str) -> grpc.Channel:
+        """A blocking channel to an internal service of this stack (`role`: scheduler, router, generator)."""
+        return blocking_channel(address, self.operator, role)
 
     @property
     def gateway_addr(self) -> str:
@@ -91,13 +106,15 @@ def plan_stack(
     models: Mapping[str, str] | None = None,
     free_ports: bool = False,
     metrics: bool = True,
+    tls_dir: Path | None = None,
 ) -> StackPlan:
     """Plan a stack: one generator per configured replica of each expert.
 
     models: {expert: model folder} overriding each expert's `model` from the config
     (e.g. the built demo expert folders). free_ports: pick free ports instead of the
     documented defaults (tests, or a second stack on one machine). metrics=False
-    disables the metrics endpoints.
+    disables the metrics endpoints. tls_dir: make a throwaway CA there and a certificate per process,
+    so every internal hop runs mutual TLS (the gateway's public port stays plaintext on loopback).
     """
     experts: list[ExpertSpec] = load_experts_config(experts_config)
     plan = StackPlan(experts_config=experts_config.resolve(), tenants_file=tenants_file)
@@ -130,7 +147,18 @@ def plan_stack(
                 )
             )
             index += 1
+    if tls_dir is not None:
+        plan.identities = issue_identities(tls_dir, plan)
     return plan
+
+
+def issue_identities(folder: Path, plan: StackPlan) -> dict[str, TlsIdentity]:
+    """A fresh local CA in `folder` and one certificate per process of the plan, plus the operator's."""
+    ca = LocalCA.create(folder)
+    identities = {name: ca.issue(name) for name in ("scheduler", "router", "gateway", OPERATOR_ROLE)}
+    for generator in plan.generators:
+        identities[f"generator-{generator.replica_id}"] = ca.issue(f"generator/{generator.replica_id}")
+    return identities
 
 
 def service_specs(plan: StackPlan) -> dict[str, ServiceSpec]:
@@ -146,8 +174,15 @@ def service_specs(plan: StackPlan) -> dict[str, ServiceSpec]:
             "scheduler",
             "switchboard.scheduler",
             plan.scheduler_port,
-            {**shared, "SCHEDULER_PORT": str(plan.scheduler_port), "SCHEDULER_METRICS_PORT": str(plan.scheduler_metrics)},
+            {
+                **shared,
+                "SCHEDULER_PORT": str(plan.scheduler_port),
+                "SCHEDULER_METRICS_PORT": str(plan.scheduler_metrics),
+                **_identity_env(plan, "scheduler"),
+            },
             plan.scheduler_metrics,
+            probe_tls=plan.operator,
+            role="scheduler",
         ),
         "router": ServiceSpec(
             "router",
@@ -162,8 +197,11 @@ def service_specs(plan: StackPlan) -> dict[str, ServiceSpec]:
                     if plan.model_folders
                     else {}
                 ),
+                **_identity_env(plan, "router"),
             },
             plan.router_metrics,
+            probe_tls=plan.operator,
+            role="router",
         ),
     }
     for generator in plan.generators:
@@ -181,8 +219,11 @@ def service_specs(plan: StackPlan) -> dict[str, ServiceSpec]:
                 "GENERATOR_REPLICA_ID": generator.replica_id,
                 **({"GENERATOR_COST_PROFILE": generator.cost_profile} if generator.cost_profile else {}),
                 **plan.generator_env,
+                **_identity_env(plan, name),
             },
             generator.metrics_port,
+            probe_tls=plan.operator,
+            role="generator",
         )
     specs["gateway"] = ServiceSpec(
         "gateway",
@@ -194,15 +235,21 @@ def service_specs(plan: StackPlan) -> dict[str, ServiceSpec]:
             "GATEWAY_METRICS_PORT": str(plan.gateway_metrics),
             "GATEWAY_HTTP_PORT": str(plan.gateway_http_port),
             "GATEWAY_TENANTS_FILE": str(plan.tenants_file),
+            **_identity_env(plan, "gateway"),
         },
         plan.gateway_metrics,
     )
     return specs
 
 
-def registered_replicas(scheduler_addr: str, timeout: float = 1.0) -> dict[str, int]:
+def _identity_env(plan: StackPlan, name: str) -> dict[str, str]:
+    identity = plan.identities.get(name)
+    return identity_env(identity) if identity is not None else {}
+
+
+def registered_replicas(scheduler_addr: str, timeout: float = 1.0, tls: TlsIdentity | None = None) -> dict[str, int]:
     """{replica_id: state} as the scheduler sees them ({} when it does not answer)."""
-    with grpc.insecure_channel(scheduler_addr) as channel:
+    with blocking_channel(scheduler_addr, tls, "scheduler") as channel:
         try:
             cluster = scheduler_pb2_grpc.SchedulerStub(channel).GetCluster(
                 scheduler_pb2.GetClusterRequest(), timeout=timeout
@@ -245,7 +292,7 @@ class LocalStack:
         """Poll the scheduler until every named replica is READY (generators register after loading)."""
         deadline = time.monotonic() + timeout
         while True:
-            seen = registered_replicas(self.plan.scheduler_addr)
+            seen = registered_replicas(self.plan.scheduler_addr, tls=self.plan.operator)
             missing = [r for r in replica_ids if seen.get(r) != scheduler_pb2.REPLICA_STATE_READY]
             if not missing:
                 return

@@ -24,6 +24,7 @@ from types import TracebackType
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from switchboard.common.tls import TlsIdentity, blocking_channel
 
 
 def _die_with_parent() -> None:
@@ -62,6 +63,10 @@ class ServiceSpec:
     env: Mapping[str, str] = field(default_factory=dict)  # added to the parent's environment
     metrics_port: int = 0
     host: str = "127.0.0.1"
+    # How to reach its health service: with mutual TLS as `probe_tls` (the operator's identity) to
+    # a server whose certificate is for `role`; None: plaintext.
+    probe_tls: TlsIdentity | None = None
+    role: str = ""
 
     @property
     def address(self) -> str:
@@ -100,9 +105,11 @@ class ManagedProcess:
         return "\n".join(parts) or "(no output)"
 
 
-def health_status(address: str, timeout: float = 1.0, service: str = "") -> int:
-    """One grpc.health.v1 Check; returns the ServingStatus, or UNKNOWN if unreachable."""
-    with grpc.insecure_channel(address) as channel:
+def health_status(
+    address: str, timeout: float = 1.0, service: str = "", tls: TlsIdentity | None = None, role: str = ""
+) -> int:
+    """One grpc.health.v1 Check (mutual TLS to `role` with `tls`); the ServingStatus, or UNKNOWN if unreachable."""
+    with blocking_channel(address, tls, role or None) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -173,7 +180,8 @@ class ProcessGroup:
                         f"{name} exited with code {process.popen.returncode} before it was healthy; "
                         f"log {process.log_path}:\n{process.log_tail()}"
                     )
-                if health_status(process.spec.address, timeout=1.0) == health_pb2.HealthCheckResponse.SERVING:
+                status = health_status(process.spec.address, timeout=1.0, tls=process.spec.probe_tls, role=process.spec.role)
+                if status == health_pb2.HealthCheckResponse.SERVING:
                     pending.remove(name)
             if not pending:
                 return

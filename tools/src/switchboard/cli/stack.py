@@ -97,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
     cache = cache_dir()
     tenants_file = Path(os.environ.get("GATEWAY_TENANTS_FILE") or cache / "gateway-tenants.yaml")
     key = ensure_dev_key(cache, tenants_file)
-    plan = plan_stack(experts_config, tenants_file, models=models, free_ports=args.free_ports)
+    # A throwaway CA and a certificate per process: the internal hops run mutual TLS locally too.
+    plan = plan_stack(experts_config, tenants_file, models=models, free_ports=args.free_ports, tls_dir=cache / "pki")
     gate = os.environ.get("ROUTER_GATE_PATH", "")
     if not gate and not args.no_gate:
         from switchboard.routing.gate_cli import build_default_gate
@@ -135,6 +136,10 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"  curl {plan.openai_base_url}/completions -H \"authorization: Bearer $SWITCHBOARD_API_KEY\" "
             "-H 'content-type: application/json' -d '{\"model\":\"auto\",\"prompt\":\"To be\",\"max_tokens\":16}'"
+        )
+        print(
+            f"  internal hops: mutual TLS (CA and certificates in {cache / 'pki'}; tools use operator.pem "
+            "with SWITCHBOARD_TLS_CA_FILE, SWITCHBOARD_TLS_CERT_FILE, SWITCHBOARD_TLS_KEY_FILE)"
         )
         print(f"\n  logs: {log_dir}/<service>.log   traces: set OTEL_EXPORTER_OTLP_ENDPOINT before `switchboard up`")
         print("\nCtrl-C stops everything.", flush=True)

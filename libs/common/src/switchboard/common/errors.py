@@ -22,6 +22,10 @@ ERROR_DOMAIN = "switchboard.dev"
 # ErrorInfo reason of a generator's RESOURCE_EXHAUSTED when its waiting queue is at its bound: the
 # replica is busy, the request is fine (the gateway fails over to the next candidate on it).
 REPLICA_QUEUE_FULL = "REPLICA_QUEUE_FULL"
+# ErrorInfo reason of a generator's INTERNAL when its engine traced a failed step to this request
+# and took it out of the batch (the replica serves on): the request is the problem, so another
+# replica would fail the same way (the gateway does not fail over on it).
+REQUEST_FAILED_IN_ENGINE = "REQUEST_FAILED_IN_ENGINE"
 _DETAILS_KEY = "grpc-status-details-bin"
 
 

@@ -9,11 +9,19 @@ makes one standard `grpc.health.v1.Health/Check` call and exits 0 on SERVING,
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from switchboard.common.tls import (
+    TlsError,
+    blocking_channel,
+    certificate_identity,
+    load_tls_identity,
+    role_of,
+)
 
 EXIT_SERVING = 0
 EXIT_NOT_SERVING = 1
@@ -21,8 +29,18 @@ EXIT_UNREACHABLE = 2
 
 
 def check(address: str, service: str = "", timeout: float = 2.0) -> int:
-    """One Health/Check against `address`; returns the exit code (0 means SERVING)."""
-    with grpc.insecure_channel(address) as channel:
+    """One Health/Check against `address`; returns the exit code (0 means SERVING).
+
+    With SWITCHBOARD_TLS_* set (a service running mutual TLS) the probe presents the container's
+    own certificate and expects the server's to be issued to the same role: it checks its own service.
+    """
+    try:
+        tls = load_tls_identity(os.environ)
+    except TlsError as exc:
+        print(f"{address}: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    role = role_of(certificate_identity(tls.cert_file)) if tls is not None else None
+    with blocking_channel(address, tls, role) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)

@@ -94,16 +94,18 @@ class GrpcService:
         settings: ServerSettings,
         extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         identity_policy: Mapping[str, frozenset[str]] | None = None,
+        public: bool = False,
         public_credentials: grpc.ServerCredentials | None = None,
     ) -> None:
-        """`identity_policy` (method -> roles) applies when the server runs mutual TLS (settings.tls);
-        `public_credentials` makes it a public TLS port instead (no client certificates: the gateway)."""
+        """`identity_policy` (method -> roles) applies when the server runs mutual TLS (settings.tls).
+        A `public` server (the gateway) never asks for client certificates: it serves TLS with
+        `public_credentials`, or plaintext without; settings.tls is then only its identity as a client."""
         self.name = name
         self.settings = settings
         self.extra_interceptors = tuple(extra_interceptors)
         self._credentials: grpc.ServerCredentials | None = public_credentials
         identity: list[grpc.aio.ServerInterceptor] = []
-        if public_credentials is None and settings.tls is not None:
+        if not public and settings.tls is not None:
             if identity_policy is None:
                 # Fail closed: mutual TLS without a policy would let any certified service call anything.
                 raise ValueError(f"{name}: a server with mutual TLS needs its identity policy")

@@ -91,6 +91,25 @@ def load_tls_identity(environ: Mapping[str, str]) -> TlsIdentity | None:
     return identity
 
 
+def blocking_channel(address: str, tls: TlsIdentity | None = None, peer_role: str | None = None) -> grpc.Channel:
+    """A synchronous channel for tools, probes and tests: mutual TLS to `peer_role` with `tls`, else plaintext."""
+    if tls is None:
+        return grpc.insecure_channel(address)
+    if not peer_role:
+        raise ValueError("a mutual-TLS channel needs the role of the service it calls (peer_role)")
+    return grpc.secure_channel(address, tls.channel_credentials(), options=[("grpc.ssl_target_name_override", peer_role)])
+
+
+def certificate_identity(cert_file: Path) -> str:
+    """The common name of a PEM certificate (a process's own identity, e.g. for its health probe)."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    certificate = x509.load_pem_x509_certificate(_read(cert_file, CERT_ENV))
+    names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else ""
+
+
 def public_server_credentials(cert_file: Path, key_file: Path, cert_variable: str, key_variable: str) -> grpc.ServerCredentials:
     """TLS for a public port: our certificate, no client certificate asked for."""
     cert, key = _read(cert_file, cert_variable), _read(key_file, key_variable)

@@ -36,6 +36,7 @@ from switchboard.common.channels import open_channel
 from switchboard.common.enums import enum_name
 from switchboard.common.errors import (
     REPLICA_QUEUE_FULL,
+    REQUEST_FAILED_IN_ENGINE,
     ServiceError,
     error_details,
     invalid_argument,
@@ -79,12 +80,18 @@ FAILOVER_CODES = frozenset(
 # tried. A RESOURCE_EXHAUSTED without one (gRPC's own message-size limits) is about the request
 # and every replica would answer the same, so it goes back to the client.
 FAILOVER_RESOURCE_REASONS = frozenset({REPLICA_QUEUE_FULL})
+# Reasons that describe the request even under a failover code: the replica's engine traced a
+# failed step to this request and served on (INTERNAL, REQUEST_FAILED_IN_ENGINE), so the next
+# replica would fail it the same way (and its batch with it). It goes back to the client as is.
+NO_FAILOVER_REASONS = frozenset({REQUEST_FAILED_IN_ENGINE})
 
 
 def fails_over(code: grpc.StatusCode, reason: str | None) -> bool:
     """Whether a replica's error before its first token is a reason to try the next candidate."""
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return reason in FAILOVER_RESOURCE_REASONS
+    if reason in NO_FAILOVER_REASONS:
+        return False
     return code in FAILOVER_CODES
 
 
@@ -437,6 +444,8 @@ class GatewayCore:
                     ) from None
                 if streamed:
                     outcome.finish_reason = common_pb2.FINISH_REASON_ERROR
+                    if error_details(error)["reason"] in NO_FAILOVER_REASONS:
+                        raise _passthrough(error) from None  # the request broke the engine: retrying will too
                     raise unavailable(
                         f"replica {candidate.replica_id} of {candidate.expert} failed after {outcome.tokens} tokens "
                         f"({code.name}); the partial output cannot be resumed, retry the request",

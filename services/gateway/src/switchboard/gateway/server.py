@@ -37,7 +37,7 @@ def gateway_service(settings: ServerSettings, public_tls: tuple[Path, Path] | No
     credentials = None
     if public_tls is not None:
         credentials = public_server_credentials(*public_tls, "GATEWAY_PUBLIC_TLS_CERT_FILE", "GATEWAY_PUBLIC_TLS_KEY_FILE")
-    return GrpcService("gateway", settings, extra_interceptors=[AuthInterceptor()], public_credentials=credentials)
+    return GrpcService("gateway", settings, extra_interceptors=[AuthInterceptor()], public=True, public_credentials=credentials)
 
 
 def public_tls_files(settings: GatewaySettings) -> tuple[Path, Path] | None:

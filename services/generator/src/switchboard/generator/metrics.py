@@ -35,6 +35,11 @@ REQUESTS = Counter(
     "Finished Generate calls by finish reason (length, eos, stop_sequence, cancelled, rejected, queue_full, error).",
     ["finish_reason"],
 )
+REQUESTS_FAILED_IN_ENGINE = Counter(
+    "switchboard_generator_requests_failed_in_engine_total",
+    "Requests an engine step failed on, taken out of the batch while the replica served on (their "
+    "calls end with INTERNAL, reason REQUEST_FAILED_IN_ENGINE).",
+)
 PROMPT_TOKENS = Counter("switchboard_generator_prompt_tokens_total", "Prompt tokens of finished requests.")
 CACHED_PROMPT_TOKENS = Counter(
     "switchboard_generator_cached_prompt_tokens_total", "Prompt tokens served from the prefix cache."

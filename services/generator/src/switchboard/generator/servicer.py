@@ -5,7 +5,10 @@ upstream token ids when their tokenizer fingerprint is this replica's, else the 
 here: `prompt_input.py`), hands it to the engine and streams every engine output as one response
 message. A request arriving while the engine's waiting queue is at its bound
 (GENERATOR_MAX_WAITING) is refused before any work with RESOURCE_EXHAUSTED, RetryInfo and reason
-REPLICA_QUEUE_FULL. Cancelling the call (or its deadline passing)
+REPLICA_QUEUE_FULL. A request the engine traced a failed step to (and took out of the batch, the
+replica serving on) ends with INTERNAL and reason REQUEST_FAILED_IN_ENGINE: its message names the
+request and the trace, never the exception's text, and says retrying it unchanged will fail again.
+Cancelling the call (or its deadline passing)
 cancels the handler task; the engine's stream is closed with `aclosing`, which takes the sequence
 out of the batch at the next step and returns its KV blocks to the pool.
 """
@@ -20,11 +23,25 @@ from dataclasses import dataclass
 
 import grpc
 from opentelemetry import trace
-from switchboard.common.errors import REPLICA_QUEUE_FULL, invalid_argument, resource_exhausted, unavailable
+from switchboard.common.errors import (
+    REPLICA_QUEUE_FULL,
+    REQUEST_FAILED_IN_ENGINE,
+    ServiceError,
+    invalid_argument,
+    resource_exhausted,
+    unavailable,
+)
 from switchboard.common.logging import bind_request, get_logger
 from switchboard.common.telemetry import SpanAttributes, get_tracer
 from switchboard.generator import metrics
-from switchboard.generator.engine import Engine, EngineOutput, EngineRequest, QueueFull, RequestRejected
+from switchboard.generator.engine import (
+    Engine,
+    EngineOutput,
+    EngineRequest,
+    QueueFull,
+    RequestFailedInEngine,
+    RequestRejected,
+)
 from switchboard.generator.prompt_input import PromptRejected, choose_prompt
 from switchboard.generator.sampling import SamplingParams
 from switchboard.v1 import common_pb2, generator_pb2, generator_pb2_grpc
@@ -232,6 +249,10 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         except RequestRejected as exc:
             finish_reason = "rejected"
             raise invalid_argument(exc.field, exc.message) from None
+        except RequestFailedInEngine as exc:
+            finish_reason = "error"
+            metrics.REQUESTS_FAILED_IN_ENGINE.inc()
+            raise self._failed_in_engine(exc, server_span, completion_tokens) from None
         except RuntimeError as exc:
             finish_reason = "error"
             if self.engine.failed is not None:
@@ -247,6 +268,23 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                 decode_span.set_attribute(SpanAttributes.GEN_AI_USAGE_OUTPUT_TOKENS, completion_tokens)
                 decode_span.end()
             self._record(finish_reason, arrival, first_token_at, completion_tokens, usage, server_span)
+
+    def _failed_in_engine(
+        self, exc: RequestFailedInEngine, server_span: trace.Span, streamed_tokens: int
+    ) -> ServiceError:
+        """INTERNAL with reason REQUEST_FAILED_IN_ENGINE for a request the engine took out of the batch."""
+        trace_id = server_span.get_span_context().trace_id
+        traced = f", trace id {trace_id:032x}" if trace_id else ""
+        after = f" after {streamed_tokens} tokens" if streamed_tokens else ""
+        server_span.set_attribute("switchboard.failed_in_engine", True)
+        return ServiceError(
+            grpc.StatusCode.INTERNAL,
+            f"request {exc.request_id} could not be served: it failed inside the model on replica "
+            f"{self.identity.replica_id}{after} (the replica serves on{traced}); retrying it unchanged "
+            "will fail again",
+            reason=REQUEST_FAILED_IN_ENGINE,
+            metadata={"replica_id": self.identity.replica_id},
+        )
 
     def _record(
         self,

@@ -16,6 +16,7 @@ from switchboard.generator.engine.types import (
     EngineOutput,
     EngineRequest,
     QueueFull,
+    RequestFailedInEngine,
     RequestRejected,
     Usage,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "EngineOutput",
     "EngineRequest",
     "QueueFull",
+    "RequestFailedInEngine",
     "RequestRejected",
     "Usage",
 ]

@@ -8,6 +8,17 @@ engine is given (the server's one compute thread, which also loaded the model);
 without one, on a worker thread of its own on CUDA and on the loop's thread on
 CPU (see `EngineConfig.step_in_thread` for why). New requests join at the next step;
 finished and cancelled ones leave it and free their blocks there.
+
+Failure isolation: when the model step raises, the engine looks for the request(s) that caused
+it before failing the replica. It re-runs the step's model work on halves of the batch (bisection,
+each half that passes keeps its sampled tokens) until the failing entries are single requests;
+those are taken out of the batch, their blocks freed, and their streams end with
+`RequestFailedInEngine`; everyone else's step completes as if nothing happened. The failure is
+fatal (the engine fails every request and sets `failed`, as before) when it cannot be pinned on
+a request: a device error (CUDA out of memory, illegal memory access, ...), a one-token canary
+step with none of the suspects fails too, the bisection needs more than its bound of extra model
+passes, or steps keep failing with nothing passing (`MAX_FAILED_STEPS_IN_A_ROW`). The normal path
+pays nothing for this: the bisection runs only after an exception.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import torch
+from switchboard.common.logging import get_logger
 from switchboard.generator.engine.kv_cache import KVCache, bytes_per_block
 from switchboard.generator.engine.model_runner import ModelRunner
 from switchboard.generator.engine.output import OutputState
@@ -30,6 +42,7 @@ from switchboard.generator.engine.types import (
     EngineOutput,
     EngineRequest,
     QueueFull,
+    RequestFailedInEngine,
     RequestRejected,
     Usage,
 )
@@ -38,12 +51,49 @@ from switchboard.generator.sampling import Sampler, make_generator
 from switchboard.replica import ROOT_HASH, BlockPool, KvEventJournal, Scheduler, hash_seed
 from switchboard.replica import Request as Sequence
 from switchboard.replica import RequestStatus as SequenceStatus
-from switchboard.replica.outputs import ModelRunnerOutput, RequestOutput, SchedulerOutput
+from switchboard.replica.outputs import ModelRunnerOutput, RequestOutput, ScheduledRequest, SchedulerOutput
 
 _T = TypeVar("_T")
+log = get_logger(__name__)
 
 DEFAULT_CPU_KV_BYTES = 1 << 30
 CUDA_KV_FRACTION = 0.6  # of the memory free after the weights are loaded
+
+# Failure isolation (see the module docstring). Steps in a row that raised with no model pass
+# succeeding (a canary does not count) before the failure is taken to be the replica's own.
+MAX_FAILED_STEPS_IN_A_ROW = 3
+# Substrings (lower case) of the messages of device errors: the device or its context is broken,
+# whichever request was running, so the replica fails (and is restarted) instead of isolating.
+DEVICE_ERROR_MARKERS = (
+    "out of memory",
+    "cuda error",
+    "illegal memory access",
+    "device-side assert",
+    "cublas_status",
+    "cudnn_status",
+    "cusparse_status",
+    "nccl error",
+    "hip error",
+    "unspecified launch failure",
+    "uncorrectable ecc error",
+)
+
+
+def is_device_error(error: BaseException) -> bool:
+    """Whether a step's exception says the device itself failed (never attributed to a request)."""
+    if isinstance(error, MemoryError | torch.cuda.OutOfMemoryError):
+        return True
+    accelerator_error = getattr(torch, "AcceleratorError", None)  # torch >= 2.8: CUDA runtime errors
+    if accelerator_error is not None and isinstance(error, accelerator_error):
+        return True
+    text = str(error).lower()
+    return any(marker in text for marker in DEVICE_ERROR_MARKERS)
+
+
+def isolation_budget(batch: int) -> int:
+    """Extra model passes the bisection of a failed step of `batch` requests may run: enough to
+    find two failing requests (one takes at most 2 * ceil(log2(batch)))."""
+    return 4 * max(0, (batch - 1).bit_length()) + 2
 
 
 def kv_geometry(config: Any) -> tuple[int, int, int]:
@@ -133,6 +183,11 @@ class Engine:
             parameter_count=int(loaded.parameter_count),
         )
         self.failed: BaseException | None = None
+        # Failure isolation: requests failed by the last step (delivered by the loop), how many
+        # steps in a row raised with no model pass succeeding, requests isolated in all.
+        self._isolated: list[tuple[Sequence, RequestFailedInEngine]] = []
+        self._failed_steps_in_a_row = 0
+        self.requests_failed_in_engine = 0
         self._inbox: collections.deque[Sequence] = collections.deque()
         self._aborts: collections.deque[str] = collections.deque()
         self._live: dict[str, Sequence] = {}
@@ -348,6 +403,11 @@ class Engine:
                 seq.state.queue.put_nowait(out)
                 if out.finish_reason is not None:
                     self._live.pop(seq.request_id, None)
+            if self._isolated:
+                for seq, error in self._isolated:
+                    if self._live.pop(seq.request_id, None) is not None:
+                        self._deliver_error(seq, error)
+                self._isolated = []
         # Stopping: free what is still held.
         await self._run_step(loop, self._drain_all)
 
@@ -384,7 +444,13 @@ class Engine:
         for s in plan.scheduled:
             if s.request.first_scheduled_ns is None:
                 s.request.first_scheduled_ns = now_ns
-        sampled = self.runner.execute(plan)
+        try:
+            sampled = self.runner.execute(plan)
+        except Exception as error:
+            plan, sampled = self._isolate(plan, error)  # raises when the failure is not a request's
+        else:
+            if self._failed_steps_in_a_row:
+                self._failed_steps_in_a_row = 0
         self.steps += 1
         texts, stops = self._check_stops(plan, sampled)
         updates = self.scheduler.update(plan, sampled, stops)
@@ -394,6 +460,88 @@ class Engine:
             while len(self._rate_window) > 4096:
                 self._rate_window.popleft()
         return results
+
+    def _isolate(self, plan: SchedulerOutput, error: Exception) -> tuple[SchedulerOutput, ModelRunnerOutput]:
+        """After `runner.execute(plan)` raised `error`: find the failing requests, fail them, and
+        return the rest of the step (its plan and sampled tokens) to complete as usual.
+
+        Re-raises `error` (the replica fails) when the failure cannot be pinned on requests; see
+        the module docstring. Runs only after an exception, on the step's thread.
+        """
+        if is_device_error(error):
+            raise error
+        budget = isolation_budget(len(plan.scheduled))
+        sampled: dict[str, int] = {}
+        culprits: list[tuple[ScheduledRequest, Exception]] = []
+        passed = False
+
+        def bisect(group: tuple[ScheduledRequest, ...], group_error: Exception) -> None:
+            # `group` failed with `group_error`: a single entry is a culprit, else try each half.
+            nonlocal budget, passed
+            if len(group) == 1:
+                culprits.append((group[0], group_error))
+                return
+            mid = len(group) // 2
+            for half in (group[:mid], group[mid:]):
+                if budget <= 0:
+                    raise error
+                budget -= 1
+                try:
+                    out = self.runner.execute(SchedulerOutput(half))
+                except Exception as half_error:
+                    if is_device_error(half_error):
+                        raise
+                    bisect(half, half_error)
+                else:
+                    passed = True
+                    sampled.update(zip(out.req_ids, out.sampled_token_ids, strict=True))
+
+        bisect(plan.scheduled, error)
+        if passed:
+            self._failed_steps_in_a_row = 0
+        else:
+            self._failed_steps_in_a_row += 1
+            if self._failed_steps_in_a_row >= MAX_FAILED_STEPS_IN_A_ROW:
+                raise error
+        for entry, _ in culprits:
+            self.scheduler.finish(entry.request, "failed")  # out of the batch, blocks back to the pool
+        if not passed and not self._canary_passes():
+            raise error  # a step without any of the suspects fails too: the engine is broken
+        if not culprits:
+            log.warning("an engine step failed and passed when re-run in parts", error_type=type(error).__name__)
+        for entry, culprit_error in culprits:
+            failure = RequestFailedInEngine(entry.request_id, type(culprit_error).__name__)
+            self._isolated.append((entry.request, failure))
+            self.requests_failed_in_engine += 1
+            log.error(
+                "request failed inside the engine; taken out of the batch, the replica serves on",
+                request_id=entry.request_id,
+                error_type=failure.error_type,
+                batch=len(plan.scheduled),
+            )
+        failed = {entry.request_id for entry, _ in culprits}
+        rest = tuple(s for s in plan.scheduled if s.request_id not in failed)
+        order = [s.request_id for s in rest if s.sample]
+        return (
+            SchedulerOutput(rest, plan.preempted_requests),
+            ModelRunnerOutput(tuple(order), tuple(sampled[rid] for rid in order)),
+        )
+
+    def _canary_passes(self) -> bool:
+        """Run a one-token step of no request (token 0 at position 0 in a free block, no sampling):
+        whether the model still runs at all when none of a failed step's requests is in it."""
+        if self.pool.num_free < 1:
+            return True  # nothing to run it in (the culprits just freed theirs; not expected)
+        block = self.pool.allocate()
+        try:
+            probe = Sequence(request_id="(canary)", arrival=0, prompt_len=1, token_ids=[0])
+            canary = ScheduledRequest(probe, 1, 0, (block,), (0,), False)
+            self.runner.execute(SchedulerOutput((canary,)))
+        except Exception:
+            return False
+        finally:
+            self.pool.release(block)
+        return True
 
     def _check_stops(self, plan: SchedulerOutput, sampled: ModelRunnerOutput) -> tuple[dict[str, str], dict[str, str]]:
         """Detokenize each sampled token and check EOS and stop strings: (text per request, stop reasons)."""

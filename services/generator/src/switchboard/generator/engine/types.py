@@ -31,6 +31,21 @@ class QueueFull(Exception):
         )
 
 
+class RequestFailedInEngine(Exception):
+    """A step raised and the engine traced the failure to this request (see `Engine` on failure
+    isolation): the request was taken out of the batch, its KV blocks freed, and the replica serves
+    on. Retrying the same request unchanged will most likely fail the same way on any replica.
+
+    `error_type` is the exception's class name (for logs; the exception's text is not kept, it may
+    quote the request's data).
+    """
+
+    def __init__(self, request_id: str, error_type: str) -> None:
+        super().__init__(f"request {request_id} failed inside the engine ({error_type})")
+        self.request_id = request_id
+        self.error_type = error_type
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Engine sizing. `kv_cache_bytes=None` picks a default for the device (see `Engine`)."""
