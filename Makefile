@@ -9,7 +9,7 @@ PACKAGES := libs/common libs/replica services/gateway services/router services/s
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test venv buf promtool protos protos-check experts gate lint clean
+.PHONY: run test venv buf promtool protos protos-check deploy-files experts gate lint clean
 
 run: venv experts gate  ## Start the whole stack locally (gateway on 127.0.0.1:50051).
 	$(BIN)/switchboard up
@@ -51,6 +51,9 @@ protos: venv  ## Regenerate the Python code of protos/ into libs/common.
 
 protos-check: venv  ## Fail if the checked-in generated code is stale.
 	$(PY) scripts/gen_protos.py --check
+
+deploy-files: venv  ## Render the deployment files that repeat config/experts.yaml (scripts/render_deploy.py).
+	$(PY) scripts/render_deploy.py render
 
 experts: venv  ## Build the demo experts into the cache (no-op when cached).
 	$(BIN)/switchboard experts build

@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 from switchboard.common.settings import ServerSettings, SettingsError, load_settings, settings_reference
+from switchboard.common.tls import CA_ENV, CERT_ENV, KEY_ENV, certificate_identity, role_of
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -50,6 +51,15 @@ GENERIC_ENV = {
     "PYTHONUNBUFFERED",
     "PYTHONDONTWRITEBYTECODE",
 }
+
+
+# A service's identity on internal hops: read by every service's ServerSettings (switchboard.common.tls),
+# all three or none. The values are files in the container, so they are checked against its mounts
+# (and the certificates behind them) rather than read.
+TLS_ENV = (CA_ENV, CERT_ENV, KEY_ENV)
+PUBLIC_TLS_ENV = ("GATEWAY_PUBLIC_TLS_CERT_FILE", "GATEWAY_PUBLIC_TLS_KEY_FILE")
+CERT_MANAGER_GROUP = "cert-manager.io"
+ISSUER = "switchboard-ca"
 
 
 @dataclass(frozen=True)
@@ -196,9 +206,13 @@ def check_env(contract: ServiceContract, env: Mapping[str, str], where: str, pla
     others (Kubernetes `$(POD_IP)`); they are allowed and not passed to the service.
     """
     problems = []
-    unknown = sorted(set(env) - contract.variables - GENERIC_ENV - set(placeholders))
+    unknown = sorted(set(env) - contract.variables - GENERIC_ENV - set(TLS_ENV) - set(placeholders))
     for variable in unknown:
         problems.append(f"{where}: {variable} is not read by the {contract.name} (not in its settings class)")
+    given = [v for v in TLS_ENV if env.get(v)]
+    if given and len(given) != len(TLS_ENV):
+        problems.append(f"{where}: {', '.join(sorted(set(TLS_ENV) - set(given)))} missing: mutual TLS needs all three SWITCHBOARD_TLS_*")
+    # The TLS files live in the container; their mounts are checked by check_tls_files.
     readable = {k: v for k, v in env.items() if k in contract.variables}
     try:
         load_settings(
@@ -217,6 +231,19 @@ def check_env(contract: ServiceContract, env: Mapping[str, str], where: str, pla
 
 
 # --------------------------------------------------------------------------- tools
+
+
+def tls_files(env: Mapping[str, str]) -> dict[str, str]:
+    """The TLS file variables a container sets (internal identity and the gateway's public ports) -> path."""
+    return {v: env[v] for v in (*TLS_ENV, *PUBLIC_TLS_ENV) if env.get(v)}
+
+
+def check_tls_mode(where: str, kind: str, env: Mapping[str, str]) -> list[str]:
+    """A gateway under mutual TLS serves its public ports with TLS too: its health check (which presents
+    the container's certificate and verifies the server as its own role) cannot speak plaintext."""
+    if kind == "gateway" and env.get(CERT_ENV) and not all(env.get(v) for v in PUBLIC_TLS_ENV):
+        return [f"{where}: SWITCHBOARD_TLS_* without GATEWAY_PUBLIC_TLS_*: the health check speaks TLS to a plaintext port"]
+    return []
 
 
 def run_tool(args: list[str], stdin: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -511,6 +538,8 @@ def check_compose(model: dict[str, Any], contracts_: Mapping[str, ServiceContrac
             problems += _check_compose_redis_url(where, env["REDIS_URL"], service, third_party)
         if kind == "generator":
             problems += _check_compose_generator(where, env, service)
+        problems += check_tls_mode(where, kind, env)
+        problems += _check_compose_tls(where, kind, env, service)
     for name, service in services.items():
         kind = compose_service_kind(service)
         env = service.get("environment") or {}
@@ -596,6 +625,23 @@ def _check_compose_redis_url(
     return []
 
 
+def _check_compose_tls(where: str, kind: str, env: Mapping[str, str], service: Mapping[str, Any]) -> list[str]:
+    """Each TLS file is a read-only bind mount whose source exists; the certificate is issued to the service's role."""
+    problems = []
+    mounts = {v.get("target"): v for v in service.get("volumes") or []}
+    for variable, path in tls_files(env).items():
+        mount = mounts.get(path)
+        if mount is None or not mount.get("read_only"):
+            problems.append(f"{where}: {variable}={path} is not a read-only mounted file")
+            continue
+        source = Path(str(mount.get("source", "")))
+        if not source.is_file():
+            problems.append(f"{where}: {variable}: {source} does not exist (scripts/render_deploy.py certs compose/certs makes it)")
+        elif variable == CERT_ENV and role_of(certificate_identity(source)) != kind:
+            problems.append(f"{where}: {variable}: {source} is issued to {certificate_identity(source)!r}, not the {kind} role")
+    return problems
+
+
 def _check_compose_generator(where: str, env: Mapping[str, str], service: Mapping[str, Any]) -> list[str]:
     problems = []
     model = env.get("GENERATOR_MODEL", "")
@@ -643,12 +689,21 @@ def kustomize(directory: Path) -> tuple[list[dict[str, Any]], list[str]]:
 
 
 def kubernetes_validate(objects: list[dict[str, Any]]) -> list[str]:
-    """kubernetes-validate --strict of every object against the Kubernetes schemas."""
+    """kubernetes-validate --strict of every object against the Kubernetes schemas.
+
+    cert-manager's kinds (cert-manager.io/*) are custom resources with no schema in
+    kubernetes-validate, which would fail them as unknown: they are left out here, explicitly by
+    API group, and check_certificates checks their structure instead.
+    """
+    objects = [o for o in objects if not str(o.get("apiVersion", "")).startswith(f"{CERT_MANAGER_GROUP}/")]
     text = yaml.safe_dump_all(objects, sort_keys=False)
     result = run_tool(["kubernetes-validate", "--strict", "-k", KUBERNETES_VERSION, "--quiet", "-"], stdin=text)
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
     if result.returncode != 0:
-        return [line for line in (result.stdout + result.stderr).splitlines() if line.strip()] or ["kubernetes-validate failed"]
-    return []
+        return lines or ["kubernetes-validate failed"]
+    # It only warns (exit 0) about a kind it has no schema for; here that is a failure, so a kind is
+    # either validated or left out above by name.
+    return [line for line in lines if "Couldn't find schema" in line]
 
 
 def _by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -697,6 +752,7 @@ def check_kubernetes(objects: list[dict[str, Any]], contracts_: Mapping[str, Ser
             problems += _check_exposed(where, container, deployment["spec"]["template"]["metadata"].get("labels", {}), services)
     problems += _check_network_policies(objects, deployments, contracts_)
     problems += _check_rbac(objects, deployments)
+    problems += check_certificates(objects)
     hpas = _by_kind(objects, "HorizontalPodAutoscaler")
     if not any(h["spec"]["scaleTargetRef"]["name"] == "gateway" for h in hpas):
         problems.append("no HorizontalPodAutoscaler scales the gateway Deployment")
@@ -840,10 +896,23 @@ def _check_deployment(
         ports = {p["containerPort"] for p in container.get("ports", [])}
         if ports != contract.listening_ports_in(env):
             problems.append(f"{cwhere}: containerPorts {sorted(ports)} differ from the service's {sorted(contract.listening_ports_in(env))}")
-        for probe in ("livenessProbe", "readinessProbe"):
-            grpc_probe = (container.get(probe) or {}).get("grpc")
-            if not grpc_probe or grpc_probe.get("port") != port:
-                problems.append(f"{cwhere}: {probe} must be a native grpc probe on port {port} ({contract.port_env})")
+        probe_command = ["python", "-m", HEALTHCHECK_MODULE, f"127.0.0.1:{port}"]
+        secure = bool(tls_files(env))
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            spec_ = container.get(probe)
+            if spec_ is None and probe == "startupProbe":
+                continue
+            grpc_probe = (spec_ or {}).get("grpc")
+            command = ((spec_ or {}).get("exec") or {}).get("command")
+            if secure and command != probe_command:
+                # Kubelet's grpc probes speak plaintext only: no TLS, no client certificate.
+                problems.append(f"{cwhere}: {probe} must be an exec probe running {probe_command} (the service runs TLS)")
+            elif not secure and command != probe_command and (not grpc_probe or grpc_probe.get("port") != port):
+                problems.append(f"{cwhere}: {probe} must be a native grpc probe on port {port} ({contract.port_env}) or run {probe_command}")
+            if command is not None and (spec_ or {}).get("timeoutSeconds", 1) < 3:
+                problems.append(f"{cwhere}: {probe} runs a Python process: timeoutSeconds must be at least 3")
+        problems += check_tls_mode(cwhere, kind, env)
+        problems += _check_k8s_tls(cwhere, kind, env, container, spec, objects)
         pre_stop = (((container.get("lifecycle") or {}).get("preStop") or {}).get("sleep") or {}).get("seconds", 0)
         grace = spec.get("terminationGracePeriodSeconds", 30)
         if grace <= contract.drain_in(env) + pre_stop:
@@ -869,6 +938,110 @@ def _check_deployment(
             device = env.get("GENERATOR_DEVICE", "auto")
             if gpu != device.startswith("cuda"):
                 problems.append(f"{cwhere}: GENERATOR_DEVICE={device} does not fit a {'GPU' if gpu else 'CPU'} overlay")
+    return problems
+
+
+def _check_k8s_tls(
+    where: str, kind: str, env: Mapping[str, str], container: Mapping[str, Any], spec: Mapping[str, Any], objects: list[dict[str, Any]]
+) -> list[str]:
+    """Every Switchboard container runs mutual TLS; each TLS file is in a read-only Secret volume that a
+    cert-manager Certificate fills, issued to the container's role (internal) or naming it (public)."""
+    problems = []
+    if not all(env.get(v) for v in TLS_ENV):
+        problems.append(f"{where}: SWITCHBOARD_TLS_* must be set (every internal hop runs mutual TLS)")
+    mounts = container.get("volumeMounts") or []
+    volumes = {v["name"]: v for v in spec.get("volumes") or []}
+    certificates = {c["spec"].get("secretName"): c for c in _certificates(objects)}
+    for variable, path in tls_files(env).items():
+        mount = next((m for m in mounts if path.startswith(m["mountPath"].rstrip("/") + "/")), None)
+        secret = ((volumes.get(mount["name"]) or {}).get("secret") or {}).get("secretName") if mount else None
+        if mount is None or not mount.get("readOnly") or secret is None:
+            problems.append(f"{where}: {variable}={path} is not in a read-only Secret volume")
+            continue
+        certificate = certificates.get(secret)
+        if certificate is None:
+            problems.append(f"{where}: {variable}: Secret {secret} is filled by no Certificate")
+            continue
+        if Path(path).name not in {"ca.crt", "tls.crt", "tls.key"}:
+            problems.append(f"{where}: {variable}={path}: a cert-manager Secret holds ca.crt, tls.crt and tls.key only")
+        name = certificate["metadata"]["name"]
+        if variable in TLS_ENV and certificate["spec"].get("commonName") != kind:
+            problems.append(f"{where}: {variable}: Certificate {name} has commonName {certificate['spec'].get('commonName')!r}, not {kind!r}")
+        if kind not in (certificate["spec"].get("dnsNames") or []):
+            problems.append(f"{where}: {variable}: Certificate {name} does not name {kind!r} (the name clients and probes verify)")
+    return problems
+
+
+def check_no_dev_tenants(objects: list[dict[str, Any]], dev_tenants: str, where: str) -> list[str]:
+    """No object carries a key hash of the development tenants file (Secrets' data decoded)."""
+    import base64
+
+    hashes = set(re.findall(r"\b[0-9a-f]{64}\b", dev_tenants))
+    problems = []
+    for obj in objects:
+        texts = [yaml.safe_dump(obj)]
+        for value in (obj.get("data") or {}).values() if obj.get("kind") == "Secret" else []:
+            texts.append(base64.b64decode(value).decode(errors="replace"))
+        if any(h in text for h in hashes for text in texts):
+            problems.append(f"{where}: {obj['kind']} {obj['metadata']['name']} holds the development key hash (compose/dev-tenants.yaml)")
+    return problems
+
+
+def _certificates(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [o for o in objects if o.get("kind") == "Certificate" and str(o.get("apiVersion", "")).startswith(f"{CERT_MANAGER_GROUP}/")]
+
+
+def check_certificates(objects: list[dict[str, Any]]) -> list[str]:
+    """The cert-manager Certificates (no schema of them is offline): issuer, names, usages, key, Secret.
+
+    Each is issued by the Issuer `switchboard-ca`; an internal identity's common name is its role
+    and its DNS names are the role and its Service's names; the public one serves only.
+    """
+    problems = []
+    services = {o["metadata"]["name"]: o for o in objects if o.get("kind") == "Service"}
+    secrets: dict[str, str] = {}
+    for certificate in _certificates(objects):
+        name = certificate["metadata"]["name"]
+        where = f"Certificate {name}"
+        spec = certificate.get("spec") or {}
+        namespace = certificate["metadata"].get("namespace", "default")
+        if certificate["apiVersion"] != f"{CERT_MANAGER_GROUP}/v1":
+            problems.append(f"{where}: apiVersion {certificate['apiVersion']} is not {CERT_MANAGER_GROUP}/v1")
+        unknown = sorted(set(spec) - {"secretName", "commonName", "dnsNames", "usages", "duration", "renewBefore", "privateKey", "issuerRef", "isCA"})
+        if unknown:
+            problems.append(f"{where}: unknown spec fields {unknown}")
+        issuer = spec.get("issuerRef") or {}
+        if spec.get("isCA"):
+            continue  # a CA bootstrap of an overlay (compose/k8s/dev)
+        if issuer.get("name") != ISSUER or issuer.get("kind", "Issuer") != "Issuer" or issuer.get("group", CERT_MANAGER_GROUP) != CERT_MANAGER_GROUP:
+            problems.append(f"{where}: issuerRef {issuer} is not the Issuer {ISSUER} (the cluster's CA)")
+        secret = spec.get("secretName")
+        if not secret:
+            problems.append(f"{where}: no secretName")
+        elif secret in secrets:
+            problems.append(f"{where}: secretName {secret} is also Certificate {secrets[secret]}'s")
+        else:
+            secrets[secret] = name
+        usages = set(spec.get("usages") or [])
+        dns = spec.get("dnsNames") or []
+        role = spec.get("commonName")
+        if "server auth" not in usages:
+            problems.append(f"{where}: usages {sorted(usages)} lack server auth")
+        if role is not None:
+            if role not in SERVICES:
+                problems.append(f"{where}: commonName {role!r} is not a service role {list(SERVICES)}")
+            if "client auth" not in usages:
+                problems.append(f"{where}: usages {sorted(usages)} lack client auth (an internal identity is also a client)")
+        expected = role or (dns[0] if dns else "")
+        if expected not in dns:
+            problems.append(f"{where}: dnsNames {dns} lack the role {expected!r}")
+        if expected not in services:
+            problems.append(f"{where}: no Service {expected!r} for its names")
+        elif f"{expected}.{namespace}.svc.cluster.local" not in dns:
+            problems.append(f"{where}: dnsNames {dns} lack {expected}.{namespace}.svc.cluster.local")
+        key = spec.get("privateKey") or {}
+        if key.get("algorithm") not in ("ECDSA", "Ed25519") and int(key.get("size", 2048)) < 2048:
+            problems.append(f"{where}: privateKey {key} is too weak")
     return problems
 
 

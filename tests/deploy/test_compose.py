@@ -109,7 +109,7 @@ def test_dev_tenants_file_is_valid_and_matches_the_kubernetes_secret(repo: Path)
     config = parse_tenants(text)
     assert list(config.tenants) == ["dev"]
     assert config.by_key_hash[bytes.fromhex(hash_key("sb-dev-local-only"))].tenant == "dev"
-    assert (repo / "compose/k8s/base/gateway-tenants.yaml").read_text() == text
+    assert (repo / "compose/k8s/dev/gateway-tenants.yaml").read_text() == text
 
 
 # ----------------------------------------------------------------- broken copies must fail
@@ -170,4 +170,69 @@ def test_broken_compose_fails(
 ) -> None:
     _edit(compose_copy / path, old, new)
     problems = _check(compose_copy, ["compose.yaml", "compose.observability.yaml"], [], contracts)
+    assert any(expected in p for p in problems), problems
+
+
+# ----------------------------------------------------------------- mutual TLS (compose.tls.yaml)
+
+
+def _render_deploy():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("render_deploy", dc.REPO / "scripts/render_deploy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def tls_copy(compose_copy: Path, repo: Path) -> Path:
+    """The compose copy with throwaway certificates in its certs/ (scripts/render_deploy.py certs)."""
+    _render_deploy().make_certs(repo, compose_copy / "certs")
+    return compose_copy
+
+
+@pytest.mark.parametrize(
+    ("files", "profiles"),
+    [(["compose.yaml", "compose.tls.yaml"], []), (["compose.yaml", "compose.tls.yaml"], ["gpu"]), (["compose.yaml", "compose.observability.yaml", "compose.tls.yaml"], [])],
+    ids=lambda v: "+".join(v) or "default",
+)
+def test_tls_overlay_gives_every_service_its_own_certificate(
+    files: list[str], profiles: list[str], tls_copy: Path, contracts: dict[str, dc.ServiceContract]
+) -> None:
+    assert _check(tls_copy, files, profiles, contracts) == []
+    model, _ = dc.compose_config([tls_copy / f for f in files], profiles)
+    for name, service in model["services"].items():
+        kind = dc.compose_service_kind(service)
+        if kind is None:
+            continue
+        env = service["environment"]
+        assert all(env.get(v) for v in dc.TLS_ENV), name
+        sources = {Path(v["source"]).name for v in service["volumes"] if v["target"].startswith("/etc/switchboard/tls/")}
+        assert sources == {"ca.pem", f"{kind}.pem", f"{kind}-key.pem"}, name  # its own key, never another's
+    assert model["services"]["gateway"]["environment"]["GATEWAY_PUBLIC_TLS_CERT_FILE"]
+    assert not (tls_copy / "certs/ca-key.pem").exists(), "the CA's key is discarded"
+    assert sorted(p.name for p in (tls_copy / "certs").iterdir()) == sorted(
+        ["ca.pem", *(f"{i}{s}" for i in ("scheduler", "router", "gateway", "generator", "operator") for s in (".pem", "-key.pem"))]
+    )
+
+
+@pytest.mark.parametrize(
+    ("path", "old", "new", "expected"),
+    [
+        ("compose.tls.yaml", "./certs/router.pem:", "./certs/gateway.pem:", "router: SWITCHBOARD_TLS_CERT_FILE: "),
+        ("compose.tls.yaml", "/etc/switchboard/tls/ca.pem:ro", "/etc/switchboard/tls/ca.pem:rw", "SWITCHBOARD_TLS_CA_FILE=/etc/switchboard/tls/ca.pem is not a read-only mounted file"),
+        ("compose.tls.yaml", "      SWITCHBOARD_TLS_KEY_FILE: /etc/switchboard/tls/tls.key\n", "", "mutual TLS needs all three"),
+        ("compose.tls.yaml", "      GATEWAY_PUBLIC_TLS_CERT_FILE: /etc/switchboard/tls/tls.crt\n      GATEWAY_PUBLIC_TLS_KEY_FILE: /etc/switchboard/tls/tls.key\n", "", "without GATEWAY_PUBLIC_TLS_*"),
+        ("certs/generator.pem", "", "", "generator.pem does not exist"),
+    ],
+)
+def test_broken_tls_overlay_fails(
+    path: str, old: str, new: str, expected: str, tls_copy: Path, contracts: dict[str, dc.ServiceContract]
+) -> None:
+    if path.startswith("certs/"):
+        (tls_copy / path).unlink()
+    else:
+        _edit(tls_copy / path, old, new)
+    problems = _check(tls_copy, ["compose.yaml", "compose.tls.yaml"], [], contracts)
     assert any(expected in p for p in problems), problems

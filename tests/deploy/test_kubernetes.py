@@ -10,7 +10,7 @@ import pytest
 import yaml
 from switchboard.common.experts_config import load_experts_config
 
-OVERLAYS = {"cpu": False, "gpu": True}  # overlay -> generators on GPUs
+OVERLAYS = {"cpu": False, "gpu": True, "dev": False}  # overlay -> generators on GPUs
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +98,59 @@ def test_redis_is_one_hardened_in_memory_instance_reachable_from_the_gateway_onl
     assert rule["ports"] == [{"port": 6379, "protocol": "TCP"}]
 
 
+@pytest.mark.parametrize("overlay", [*OVERLAYS, "base"])
+def test_certificates_give_every_service_its_identity(overlay: str, rendered: dict[str, list[dict]]) -> None:
+    objects = rendered[overlay]
+    assert dc.check_certificates(objects) == []
+    certificates = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "Certificate" and not o["spec"].get("isCA")}
+    assert {c.get("commonName") for c in certificates.values()} == {"scheduler", "router", "gateway", "generator", None}
+    assert certificates["gateway-public"]["usages"] == ["digital signature", "server auth"]
+    for name, spec in certificates.items():
+        assert spec["issuerRef"] == {"group": "cert-manager.io", "kind": "Issuer", "name": "switchboard-ca"}, name
+    # The base ships no Issuer (and no CA key): the cluster provides switchboard-ca.
+    issuers = [o["metadata"]["name"] for o in objects if o["kind"] == "Issuer"]
+    assert sorted(issuers) == ([] if overlay != "dev" else ["switchboard-ca", "switchboard-selfsigned"])
+    for d in (o for o in objects if o["kind"] == "Deployment" and dc._pod_kind(o) in dc.SERVICES):
+        (container,) = d["spec"]["template"]["spec"]["containers"]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["exec"]["command"][:3] == ["python", "-m", dc.HEALTHCHECK_MODULE], (d["metadata"]["name"], probe)
+
+
+def test_schema_check_leaves_out_cert_manager_kinds_only(rendered: dict[str, list[dict]]) -> None:
+    certificate = next(o for o in rendered["base"] if o["kind"] == "Certificate")
+    assert dc.kubernetes_validate([certificate]) == []
+    unknown = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}, "spec": {}}
+    assert dc.kubernetes_validate([certificate, unknown]) != []
+
+
+@pytest.mark.parametrize("overlay", ["base", "cpu", "gpu"])
+def test_the_base_ships_no_development_credentials(overlay: str, rendered: dict[str, list[dict]], repo: Path) -> None:
+    dev = (repo / "compose/dev-tenants.yaml").read_text()
+    assert dc.check_no_dev_tenants(rendered[overlay], dev, overlay) == []
+    assert not [o for o in rendered[overlay] if o["kind"] == "Secret"], "the operator provides gateway-tenants"
+    for path in (repo / "compose/k8s" / overlay).iterdir():
+        assert "fbaead493821e9f00a51dde691a8e6c2b305bea307ab4c26b3fa00cacf216725" not in path.read_text(), path
+
+
+def test_the_dev_overlay_brings_the_development_tenants(rendered: dict[str, list[dict]], repo: Path) -> None:
+    assert (repo / "compose/k8s/dev/gateway-tenants.yaml").read_text() == (repo / "compose/dev-tenants.yaml").read_text()
+    (secret,) = [o for o in rendered["dev"] if o["kind"] == "Secret"]
+    assert secret["metadata"]["name"].startswith("gateway-tenants-")
+    volumes = _one(rendered["dev"], "Deployment", "gateway")["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "tenants", "secret": {"secretName": secret["metadata"]["name"]}} in volumes
+    assert dc.check_no_dev_tenants(rendered["dev"], (repo / "compose/dev-tenants.yaml").read_text(), "dev") != []
+
+
+def test_dev_tenants_put_back_in_the_base_are_found(k8s_copy: Path, repo: Path) -> None:
+    shutil.copy(k8s_copy / "dev/gateway-tenants.yaml", k8s_copy / "base/gateway-tenants.yaml")
+    kustomization = k8s_copy / "base/kustomization.yaml"
+    kustomization.write_text(kustomization.read_text() + "secretGenerator:\n  - name: gateway-tenants\n    files:\n      - gateway-tenants.yaml\n")
+    objects, problems = dc.kustomize(k8s_copy / "gpu")
+    assert problems == []
+    found = dc.check_no_dev_tenants(objects, (repo / "compose/dev-tenants.yaml").read_text(), "gpu")
+    assert any("Secret gateway-tenants-" in p and "development key hash" in p for p in found), found
+
+
 def test_everything_lands_in_one_namespace(rendered: dict[str, list[dict]]) -> None:
     namespaces = {o["metadata"].get("namespace") for o in rendered["gpu"] if o["kind"] != "Namespace"}
     assert namespaces == {"switchboard"}
@@ -152,7 +205,21 @@ def test_schema_validation_fails_on_a_broken_manifest(path: str, old: str, new: 
         ("base/scheduler.yaml", '"generator-scribe-large"]', '"generator-scribe-large", "gateway"]', "limited to generator Deployments"),
         ("base/scheduler.yaml", "kind: Role\n", "kind: ClusterRole\n", "no cluster-wide permission"),
         ("base/router.yaml", "automountServiceAccountToken: false\n      # >", "automountServiceAccountToken: true\n      # >", "automountServiceAccountToken must be false"),
-        ("base/generators.yaml", "port: 50061\n            periodSeconds: 5\n            failureThreshold: 2", "port: 9111\n            periodSeconds: 5\n            failureThreshold: 2", "readinessProbe must be a native grpc probe on port 50061"),
+        ("base/generators.yaml", '127.0.0.1:50061"]\n            periodSeconds: 5\n            timeoutSeconds: 5\n            failureThreshold: 2', '127.0.0.1:9111"]\n            periodSeconds: 5\n            timeoutSeconds: 5\n            failureThreshold: 2', "readinessProbe must be an exec probe running ['python', '-m', 'switchboard.common.healthcheck', '127.0.0.1:50061']"),
+        # Mutual TLS: exec probes (kubelet's grpc probes speak plaintext), each identity from its Certificate.
+        ("base/router.yaml", 'exec:\n              command: ["python", "-m", "switchboard.common.healthcheck", "127.0.0.1:50052"]\n            periodSeconds: 5', "grpc:\n              port: 50052\n            periodSeconds: 5", "readinessProbe must be an exec probe"),
+        ("base/router.yaml", "timeoutSeconds: 5\n            failureThreshold: 2", "timeoutSeconds: 1\n            failureThreshold: 2", "timeoutSeconds must be at least 3"),
+        ("base/router.yaml", "            - name: SWITCHBOARD_TLS_KEY_FILE\n              value: /etc/switchboard/tls/tls.key\n", "", "mutual TLS needs all three"),
+        ("base/scheduler.yaml", "secretName: scheduler-tls", "secretName: router-tls", "Certificate router has commonName 'router', not 'scheduler'"),
+        ("base/gateway.yaml", "mountPath: /etc/switchboard/public-tls", "mountPath: /etc/switchboard/public", "GATEWAY_PUBLIC_TLS_CERT_FILE=/etc/switchboard/public-tls/tls.crt is not in a read-only Secret volume"),
+        ("base/gateway.yaml", "            - name: GATEWAY_PUBLIC_TLS_CERT_FILE\n              value: /etc/switchboard/public-tls/tls.crt\n", "", "without GATEWAY_PUBLIC_TLS_*"),
+        ("base/gateway.yaml", "secretName: gateway-public-tls", "secretName: gateway-certs", "Secret gateway-certs is filled by no Certificate"),
+        ("base/certificates.yaml", "commonName: router", "commonName: gateway", "Certificate router has commonName 'gateway', not 'router'"),
+        ("base/certificates.yaml", "name: switchboard-ca", "name: letsencrypt", "is not the Issuer switchboard-ca"),
+        ("base/certificates.yaml", "    - scheduler.switchboard.svc.cluster.local\n", "", "lack scheduler.switchboard.svc.cluster.local"),
+        ("base/certificates.yaml", "    - client auth\n", "", "lack client auth"),
+        ("base/certificates.yaml", "secretName: router-tls", "secretName: scheduler-tls", "secretName scheduler-tls is also Certificate"),
+        ("base/certificates.yaml", "    - generator\n", "    - generators\n", "Certificate generator does not name 'generator'"),
         ("base/generators.yaml", "value: $(POD_IP):50061", "value: $(POD_ADDR):50061", "references $(POD_ADDR)"),
         ("base/networkpolicy.yaml", "app.kubernetes.io/name: gateway\n  policyTypes", "app.kubernetes.io/part-of: switchboard\n  policyTypes", "opens"),
         ("gpu/generator-gpu.yaml", 'memory: 32Gi\n              nvidia.com/gpu: "1"', "memory: 32Gi", "needs an nvidia.com/gpu limit"),
