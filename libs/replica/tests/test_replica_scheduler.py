@@ -181,3 +181,45 @@ def test_a_scheduler_seeded_with_another_model_identity_gets_no_hit() -> None:
     same = make(3, prompt, max_tokens=1)
     run_to_completion(bard, [same])
     assert same.cached_prompt_tokens == 8
+
+
+def test_without_step_inputs_the_steps_are_the_same_less_the_block_and_token_ids() -> None:
+    """`step_inputs=False` (the cluster simulator's setting) changes nothing but the two copies."""
+
+    def steps_of(step_inputs: bool) -> tuple[list[SchedulerOutput], list[Request]]:
+        pool = BlockPool(24)  # small: preemptions and evictions happen
+        scheduler = Scheduler(
+            pool, 4, max_num_seqs=4, max_tokens_per_step=10, enable_prefix_caching=True, step_inputs=step_inputs
+        )
+        requests = [make(i, [1, 2, 3, 4, 5, 6, 7, 8, *range(i, i + 3 + 2 * i)], max_tokens=6) for i in range(1, 8)]
+        return run_to_completion(scheduler, requests), requests
+
+    full, full_requests = steps_of(True)
+    lean, lean_requests = steps_of(False)
+    assert len(full) == len(lean)
+    for a, b in zip(full, lean, strict=True):
+        assert [(s.request_id, s.num_new_tokens, s.num_computed_tokens, s.sample) for s in a.scheduled] == [
+            (s.request_id, s.num_new_tokens, s.num_computed_tokens, s.sample) for s in b.scheduled
+        ]
+        assert all(s.block_ids == () and s.new_token_ids == () for s in b.scheduled)
+        assert [r.request_id for r in a.preempted] == [r.request_id for r in b.preempted]
+    assert [r.token_ids for r in full_requests] == [r.token_ids for r in lean_requests]
+
+
+def test_the_hot_path_constructors_build_the_dataclasses_own_instances() -> None:
+    from switchboard.replica.outputs import (
+        RequestOutput,
+        ScheduledRequest,
+        model_runner_output,
+        request_output,
+        scheduled_request,
+        scheduler_output,
+    )
+
+    req = make(1, [1, 2, 3])
+    fast = scheduled_request(req, 3, 0, (0,), (1, 2, 3), True)
+    slow = ScheduledRequest(req, 3, 0, (0,), (1, 2, 3), True)
+    assert fast == slow and hash(fast) == hash(slow) and repr(fast) == repr(slow) and type(fast) is ScheduledRequest
+    assert scheduler_output((fast,), ()) == SchedulerOutput((slow,), ())
+    assert model_runner_output(("r1",), (7,)) == ModelRunnerOutput(("r1",), (7,))
+    assert request_output(req, 7, None) == RequestOutput(req, 7, None)

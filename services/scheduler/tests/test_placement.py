@@ -193,3 +193,57 @@ def test_the_policy_ranks_each_expert() -> None:
     placement = result.placements[0]
     assert placement.replica.replica_id == "a3"
     assert [r.replica_id for r in placement.alternates] == ["a2"]
+
+
+def test_ready_views_give_the_snapshots_candidates() -> None:
+    """`Placer.place` reads the registry's lazy `ready_views`: the very views a snapshot gives."""
+    now = [100.0]
+    registry = ReplicaRegistry(expiry_seconds=5.0, clock=lambda: now[0])
+    for rid, expert in [("b-1", "b"), ("a-2", "a"), ("a-0", "a"), ("a-1", "a")]:
+        registry.register(ReplicaInfo(rid, expert, f"sim:{rid}"), LoadSnapshot(running=len(rid)))
+    registry.record_placement("x", "a-1", 10, 20)
+    now[0] = 103.0
+    registry.report_load("a-0", LoadSnapshot(running=3, waiting=1))
+    registry.report_load("a-2", LoadSnapshot(), draining=True)
+    now[0] = 106.5  # a-1 and b-1 heard from 6.5 s ago: stale
+    registry.report_load("a-1", LoadSnapshot(running=1))
+    for expert in ("a", "b", "c"):
+        assert registry.ready_views().candidates(expert) == registry.snapshot().candidates(expert)
+    assert [v.replica_id for v in registry.ready_views().candidates("a")] == ["a-0", "a-1"]
+    assert registry.ready_views().all_fit("a", 10**6)
+    registry.register(ReplicaInfo("a-3", "a", "sim:a-3", max_model_len=64))  # a new record: rebuilt
+    registry.register(ReplicaInfo("b-2", "b", "sim:b-2", max_waiting=4))
+    views = registry.ready_views()
+    assert views.candidates("a") == registry.snapshot().candidates("a")
+    assert views.all_fit("a", 64) and not views.all_fit("a", 65)
+    assert not views.all_fit("b", 1) and views.all_fit("c", 1)
+    registry.deregister("a-0")
+    assert registry.ready_views().candidates("a") == registry.snapshot().candidates("a")
+
+
+def test_the_hot_path_constructors_build_the_dataclasses_own_instances() -> None:
+    from switchboard.scheduler.placement import (
+        ExpertCandidates,
+        PlacementResult,
+        _candidates,
+        _result,
+        placement_request,
+    )
+
+    fields: dict[str, Any] = {
+        "request_id": "r1",
+        "experts": ("a",),
+        "prompt_tokens": 5,
+        "max_tokens": 6,
+        "exclude_replica_ids": frozenset({"x"}),
+        "min_model_len": 11,
+        "block_hashes": {(16, 7): [1, 2]},
+    }
+    fast = placement_request(**fields)
+    assert fast == PlacementRequest(**fields) and repr(fast) == repr(PlacementRequest(**fields))
+    placer = make_placer(("a-0", "a", 0))
+    query = placer._query("a", fast)
+    assert query == PlacementQuery("r1", "a", 5, 6) and query._hashes == {(16, 7): [1, 2]}
+    view = placer.registry.snapshot().candidates("a")[0]
+    assert _candidates("a", view, ()) == ExpertCandidates("a", view, ())
+    assert _result((), ()) == PlacementResult((), ())

@@ -29,7 +29,7 @@ from operator import attrgetter
 
 from switchboard.replica.block_pool import BlockPool
 from switchboard.replica.cost_model import CostModel
-from switchboard.replica.outputs import ModelRunnerOutput
+from switchboard.replica.outputs import model_runner_output
 from switchboard.replica.request import Request, RequestStatus
 from switchboard.replica.scheduler import Scheduler
 
@@ -102,6 +102,10 @@ class _Stretch:
     steps: int
     a_ms: float  # duration of its first step
     b_ms: float  # growth per step
+    # `elapsed(steps)` and `start + elapsed(steps)`, the whole stretch's (worked out once when
+    # it is planned: asked then, when it is applied, and for the busy time).
+    span: float
+    end: float
 
     def elapsed(self, steps: int) -> float:
         """Seconds from the start until `steps` of its steps have finished."""
@@ -169,6 +173,7 @@ class SimReplica:
             enable_prefix_caching=spec.prefix_caching,
             hash_seed=self.hash_seed,
             max_model_len=spec.max_model_len or None,
+            step_inputs=False,  # nothing here reads the entries' block ids or token ids
         )
         self.finished: list[SimRecord] = []  # filled by steps; the cluster collects and clears it
 
@@ -194,11 +199,13 @@ class SimReplica:
 
     def add(self, req: Request, now: float) -> float:
         """Queue a request arriving at `now`; returns when the replica next needs `wake`."""
-        self.sync(now)
-        self.scheduler.add(req)
+        if self._stretch is not None:  # `sync` has nothing to do otherwise (most arrivals)
+            self.sync(now)
+        self.scheduler.waiting.append(req)  # `scheduler.add(req)`, inlined
         self.stats.requests += 1
         self.version += 1
-        return max(self.busy_until, now)
+        busy = self.busy_until
+        return now if now > busy else busy  # `max(busy, now)`, without the call
 
     def sync(self, now: float) -> bool:
         """Apply a planned stretch up to `now`: the steps that started before it (and so finish).
@@ -211,7 +218,7 @@ class SimReplica:
         done = stretch.started_before(now)
         self._stretch = None
         self.version += 1
-        end = stretch.start + stretch.elapsed(done)
+        end = stretch.start + stretch.elapsed(done) if done < stretch.steps else stretch.end
         if done:
             self._apply_decodes(done, end, stretch)
         self.busy_until = end
@@ -223,14 +230,16 @@ class SimReplica:
         stretch = self._stretch
         if stretch is not None:
             self._stretch = None
-            end = stretch.start + stretch.elapsed(stretch.steps)
+            end = stretch.end
             self._apply_decodes(stretch.steps, end, stretch)
             self.busy_until = end
-            now = max(now, end)
+            if end > now:  # `now = max(now, end)`
+                now = end
         sched = self.scheduler
         if not (sched.waiting or sched.running):  # `has_work()`
             return None
-        start = max(now, self.busy_until)
+        busy = self.busy_until
+        start = busy if busy > now else now  # `max(now, busy)`
         end = self._step(start)
         if end is None:
             return None
@@ -238,7 +247,7 @@ class SimReplica:
         self._plan_stretch(end)
         stretch = self._stretch
         if stretch is not None:
-            return stretch.start + stretch.elapsed(stretch.steps)
+            return stretch.end
         return end
 
     def drop_all(self) -> list[Request]:
@@ -284,7 +293,8 @@ class SimReplica:
             if record.first_token_at is None:
                 record.first_token_at = end
                 record.cached_prompt_tokens = req.cached_prompt_tokens or 0
-        runner = ModelRunnerOutput(tuple([r.request_id for r in sampling]), (SAMPLED_TOKEN,) * len(sampling))
+        ids = (sampling[0].request_id,) if len(sampling) == 1 else tuple([r.request_id for r in sampling])
+        runner = model_runner_output(ids, (SAMPLED_TOKEN,) * len(sampling))
         for out in sched.update(plan, runner):
             req = out.request
             record = req.state
@@ -320,7 +330,15 @@ class SimReplica:
             context += req.num_computed
         if steps < 2:
             return
-        steps = self._fit_blocks(steps)
+        if batch == 1:
+            # `_fit_blocks` for a batch of one, inlined (the usual batch): its blocks for `steps`
+            # more tokens, when the pool has them.
+            bs = sched.block_size
+            need = (context + steps + bs - 1) // bs - len(running[0].block_table)
+            if need > self.pool.num_free:
+                steps = self._fit_blocks(steps)
+        else:
+            steps = self._fit_blocks(steps)
         if steps < 2:
             return
         fit = self.cost
@@ -330,7 +348,10 @@ class SimReplica:
             + fit.context_token_ms * context
             + self.step_overhead_ms
         )
-        self._stretch = _Stretch(start, steps, a, fit.context_token_ms * batch)
+        # `_Stretch.planned(...)`, inlined: `span` is `elapsed(steps)`, the same expression.
+        b = fit.context_token_ms * batch
+        span = (steps * a + b * steps * (steps - 1) / 2) / 1000.0
+        self._stretch = _Stretch(start, steps, a, b, span, start + span)
         self.version += 1
 
     def _blocks_needed(self, steps: int) -> int:
@@ -369,13 +390,35 @@ class SimReplica:
         bs = kv.block_size
         running = sched.running
         if len(running) == 1:
-            # The usual batch at moderate load: its blocks go to it in step order, no interleaving.
-            batch_order = running[:]
+            # The usual batch at moderate load, all of this method for one request: its blocks go
+            # to it in step order (no interleaving), then its tokens, the stats, maybe its finish.
             req = running[0]
             # Step i computes token position computed + i; it needs a block when that position >= have.
             first = len(req.block_table) * bs - req.num_computed
             if first < steps:
                 req.block_table.extend(self.pool.allocate_many(len(range(first if first > 0 else 0, steps, bs))))
+            tokens = req.token_ids
+            tokens.extend([SAMPLED_TOKEN] * steps)
+            req.num_computed += steps
+            kv.cache_full_blocks(req)
+            record: SimRecord = req.state
+            n_tokens = len(tokens)
+            record.generated = n_tokens - req.prompt_len
+            stats = self.stats
+            stats.steps += steps
+            stats.busy_seconds += stretch.span if steps == stretch.steps else stretch.elapsed(steps)
+            stats.decode_tokens += steps
+            if steps < stretch.steps:
+                return
+            left = (req.max_tokens or 1 << 30) - (n_tokens - req.prompt_len)
+            max_len = sched.max_model_len
+            if max_len is not None and max_len - n_tokens < left:
+                left = max_len - n_tokens
+            if left <= 0:
+                sched.finish(req, "length")
+                record.finished_at = end
+                self.finished.append(record)
+            return
         else:
             batch_order = sorted(running, key=_by_arrival)
             # (step, rank in the batch, request) for every block the stretch needs.
@@ -400,7 +443,7 @@ class SimReplica:
         batch = len(sched.running)
         stats = self.stats
         stats.steps += steps
-        stats.busy_seconds += stretch.elapsed(steps)
+        stats.busy_seconds += stretch.span if steps == stretch.steps else stretch.elapsed(steps)
         stats.decode_tokens += steps * batch
         if steps < stretch.steps:
             return

@@ -64,6 +64,10 @@ class HashChains:
         self.trace_block_size = trace_block_size
         # (parent node, hash id) -> (node id, hashes of the replica blocks that end inside it).
         self._trie: dict[tuple[int, int], tuple[int, tuple[int, ...]]] = {}
+        # (shared hash ids, blocks wanted) -> `shared_hashes` of them: most requests share their
+        # path with an earlier one (a system prompt), and a walk the trie has seen before only
+        # reads it, so its result is kept rather than walked again (once per simulated request).
+        self._paths: dict[tuple[tuple[int, ...], int], tuple[int, ...]] = {}
         self._next_unique = _UNIQUE_TOP
 
     def _tokens(self, hash_ids: Sequence[int], start: int, end: int) -> list[int]:
@@ -106,7 +110,16 @@ class HashChains:
     def chain(self, request: SimRequest) -> tuple[list[int], int]:
         """(every full block's hash of prompt + output, how many leading ones are shared)."""
         ids = request.hash_ids[: request.shared_ids]
-        shared = self.shared_hashes(ids, request.prompt_tokens) if ids else []
+        if ids:
+            # The blocks `shared_hashes` wants (the same arithmetic), for the key of its result.
+            want = min(request.prompt_tokens, len(ids) * self.trace_block_size) // self.block_size
+            key = (tuple(ids), want)
+            known = self._paths.get(key)
+            if known is None:
+                known = self._paths[key] = tuple(self.shared_hashes(ids, request.prompt_tokens))
+            shared = list(known)
+        else:
+            shared = []
         total = (request.prompt_tokens + request.output_tokens) // self.block_size
         n = total - len(shared)
         top = self._next_unique

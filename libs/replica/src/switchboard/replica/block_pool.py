@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from itertools import islice
 
 from switchboard.replica.kv_events import KvEventJournal
 
@@ -80,14 +81,17 @@ class BlockPool:
             plain.clear()
             evicted: list[int] = []
             block_to_hash, hash_to_block, cached = self.block_to_hash, self.hash_to_block, self._free_cached
-            for _ in range(need):
-                block, _ = cached.popitem(last=False)
+            # The `need` least recently freed cached blocks, in that order: what `need` calls of
+            # `popitem(last=False)` take, without a (block, None) pair per block.
+            victims = list(islice(cached, need))
+            for block in victims:
+                del cached[block]
                 old = block_to_hash[block]
                 if old is not None and hash_to_block.get(old) == block:
                     del hash_to_block[old]
                     evicted.append(old)
                 block_to_hash[block] = None
-                out.append(block)
+            out += victims
             self.num_evictions += need
             if evicted:
                 self.events.evicted_many(evicted)

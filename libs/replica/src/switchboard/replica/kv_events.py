@@ -132,16 +132,22 @@ class KvEventJournal:
         with self._lock:
             cached, open_evicted, open_stored = self._cached, self._open_evicted, self._open_stored
             limit = self.max_event_hashes
+            # The open event's size, counted along instead of asked per hash (a hash not cached is
+            # in neither open set: it joins `open_stored` or leaves `open_evicted`).
+            size = len(open_stored) + len(open_evicted)
             for h in hashes:
                 if h in cached:
                     continue
                 cached[h] = None
                 if open_evicted.pop(h, 0) is None:
+                    size -= 1
                     continue
                 open_stored[h] = None
-                if len(open_stored) + len(open_evicted) >= limit:
+                size += 1
+                if size >= limit:
                     self._seal()
                     open_evicted, open_stored = self._open_evicted, self._open_stored
+                    size = 0
 
     def evicted_many(self, hashes: list[int]) -> None:
         """Each of `hashes` left the cache, in order."""
@@ -149,16 +155,20 @@ class KvEventJournal:
             # `evicted` per hash, with the dicts bound once (the pool evicts in runs of many).
             cached, open_stored, open_evicted = self._cached, self._open_stored, self._open_evicted
             limit = self.max_event_hashes
+            size = len(open_stored) + len(open_evicted)  # counted along, as in `stored_many`
             for h in hashes:
                 if cached.pop(h, 0) is not None:
                     continue
                 if open_stored.pop(h, 0) is None:
+                    size -= 1
                     continue
                 if not self._open_cleared:
                     open_evicted[h] = None
-                if len(open_stored) + len(open_evicted) >= limit:
+                    size += 1
+                if size >= limit:
                     self._seal()
                     open_stored, open_evicted = self._open_stored, self._open_evicted
+                    size = 0
 
     def cleared(self) -> None:
         """The whole cache was dropped."""

@@ -13,11 +13,20 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping
+from types import MappingProxyType
 
 from switchboard.replica.block_pool import BlockPool
 from switchboard.replica.hashing import ROOT_HASH
 from switchboard.replica.kv_cache_manager import KVCacheManager
-from switchboard.replica.outputs import ModelRunnerOutput, RequestOutput, ScheduledRequest, SchedulerOutput
+from switchboard.replica.outputs import (
+    ModelRunnerOutput,
+    RequestOutput,
+    ScheduledRequest,
+    SchedulerOutput,
+    request_output,
+    scheduled_request,
+    scheduler_output,
+)
 from switchboard.replica.request import Request, RequestStatus
 
 
@@ -33,8 +42,14 @@ class Scheduler:
         enable_prefix_caching: bool,
         hash_seed: int = ROOT_HASH,
         max_model_len: int | None = None,
+        step_inputs: bool = True,
     ) -> None:
         self.pool = pool
+        # False: the scheduled entries carry empty `block_ids` and `new_token_ids`. For a caller
+        # that runs no model on them (the cluster simulator, which only times steps), copying the
+        # block table and the token slice of every entry of every step is wasted work; the engine
+        # keeps the default.
+        self.step_inputs = step_inputs
         self.kv = KVCacheManager(pool, block_size, enable_prefix_caching, hash_seed)
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
@@ -101,8 +116,9 @@ class Scheduler:
         preempted: list[Request] = []
         scheduled: set[Request] = set()
         is_running = RequestStatus.RUNNING
-        # Decodes first (one token each, so a long prefill chunk cannot starve them), oldest first.
-        for req in sorted(running, key=_decodes_first):
+        # Decodes first (one token each, so a long prefill chunk cannot starve them), oldest first
+        # (a batch of one is in that order already: no key to compute).
+        for req in sorted(running, key=_decodes_first) if len(running) > 1 else running[:]:
             if budget <= 0:
                 break
             if req.status is not is_running:
@@ -149,7 +165,15 @@ class Scheduler:
             budget -= num_new
 
         # Single-token entries first: the runner's attention batches them together.
-        entries.sort(key=_multi_token)
+        if len(entries) > 1:
+            entries.sort(key=_multi_token)
+        if not self.step_inputs:
+            # No block ids or token ids to copy (see `step_inputs`), and the hot-path constructors.
+            lean = [
+                scheduled_request(req, n, req.num_computed, (), (), req.num_computed + n == len(req.token_ids))
+                for req, n in entries
+            ]
+            return scheduler_output(tuple(lean), tuple(preempted))
         scheduled_out: list[ScheduledRequest] = []
         for req, n in entries:
             computed = req.num_computed
@@ -184,14 +208,15 @@ class Scheduler:
         generated tokens or `max_model_len` tokens in all. Finished requests leave the batch and
         free their blocks, in sampling order.
         """
-        scheduled = output.scheduled
         cache_full_blocks = self.kv.cache_full_blocks
-        for s in scheduled:
+        by_id: dict[str, Request] = {}  # the sampling requests
+        for s in output.scheduled:
             req = s.request
             req.num_computed += s.num_new_tokens  # `after_step`, inlined (every request, every step)
             cache_full_blocks(req)
-        by_id = {s.request.request_id: s.request for s in scheduled if s.sample}
-        reasons = finish_reasons or {}
+            if s.sample:
+                by_id[req.request_id] = req
+        reasons = finish_reasons or _NO_REASONS
         max_model_len = self.max_model_len
         results: list[RequestOutput] = []
         for rid, token in zip(runner_output.req_ids, runner_output.sampled_token_ids, strict=True):
@@ -206,8 +231,11 @@ class Scheduler:
                 reason = "length"
             if reason is not None:
                 self.finish(req, reason)
-            results.append(RequestOutput(req, token, reason))
+            results.append(request_output(req, token, reason))  # `RequestOutput(...)`, built faster
         return results
+
+
+_NO_REASONS: Mapping[str, str] = MappingProxyType({})
 
 
 def _decodes_first(req: Request) -> tuple[bool, int]:

@@ -9,8 +9,10 @@ and the next ones as alternates; then it reserves only the primary (the choice o
 expert that has one) in the registry. Reserving in the same call as placing is what makes the
 primary independent of the order in which callers place their requests.
 
-Each `place` call takes one `ClusterSnapshot` of the registry first and decides only from it: the
-candidates every expert's policy ranks are frozen views of that one instant. A policy only ranks
+Each `place` call takes one instant's view of the registry first and decides only from it: the
+candidates every expert's policy ranks are frozen views of that one instant (`ReadyViews`, the
+part of a `ClusterSnapshot` placement reads, built only for the requested experts; `plan` takes a
+whole snapshot). A policy only ranks
 candidates (`policies.py`). Keeping that interface this small lets a learned policy (the
 reinforcement learning policy of a later issue) replace the heuristics without touching the rest.
 """
@@ -19,9 +21,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from switchboard.scheduler.policies import LeastLoadedPolicy, PlacementPolicy, PlacementQuery
-from switchboard.scheduler.registry import ClusterSnapshot, ReplicaRecord, ReplicaRegistry, ReplicaView
+from switchboard.scheduler.registry import (
+    ClusterSnapshot,
+    ReadyViews,
+    ReplicaRecord,
+    ReplicaRegistry,
+    ReplicaView,
+)
 
 # Re-exported: the policy types were defined here before policies.py existed.
 __all__ = [
@@ -151,6 +160,8 @@ class Placer:
     def validate(self, request: PlacementRequest) -> None:
         """Raise InvalidPlacement or UnknownExperts when the request cannot be placed as asked."""
         experts = request.experts
+        if len(experts) == 1 and experts[0] and experts[0] in self.experts and request.max_alternates <= MAX_ALTERNATES:
+            return  # the usual request (one declared expert) passes every check below
         if not experts:
             raise InvalidPlacement("experts", "is required (the candidate experts, best first)")
         if len(experts) > MAX_EXPERTS:
@@ -177,7 +188,7 @@ class Placer:
         return PlacementResult(tuple(placements), tuple(unavailable))
 
     def _plan(
-        self, request: PlacementRequest, snapshot: ClusterSnapshot
+        self, request: PlacementRequest, snapshot: ClusterSnapshot | ReadyViews
     ) -> tuple[list[ExpertCandidates], list[ExpertShortfall]]:
         placements: list[ExpertCandidates] = []
         unavailable: list[ExpertShortfall] = []
@@ -192,10 +203,12 @@ class Placer:
     def place(self, request: PlacementRequest) -> PlacementResult:
         """Validate, plan on one fresh snapshot, and count the request in flight on the primary (when it has an id)."""
         self.validate(request)
-        # What `plan` returns, but the result is built once, with the reserved primary in it.
-        placements, unavailable = self._plan(request, self.registry.snapshot())
+        # What `plan` returns, but the result is built once, with the reserved primary in it. The
+        # registry's lazy `ready_views` give the candidates a snapshot taken now would give, and
+        # nothing changes the registry before they are all read (see `ReadyViews`).
+        placements, unavailable = self._plan(request, self.registry.ready_views())
         if not placements:
-            return PlacementResult((), tuple(unavailable))
+            return _result((), tuple(unavailable))
         primary = placements[0]
         if self._placed is not None:
             self._placed(self._query(primary.expert, request), primary.replica)
@@ -204,25 +217,30 @@ class Placer:
             registry = self.registry
             registry.record_placement(request.request_id, replica_id, request.prompt_tokens, request.max_tokens)
             record = registry.get(replica_id)
-            if record is not None and record.inflight != primary.replica.inflight:
+            if record is not None and len(record.placements) != primary.replica.inflight:  # `record.inflight`
                 view = _with_inflight(primary.replica, record)
-                placements[0] = ExpertCandidates(primary.expert, view, primary.alternates)
-        return PlacementResult(tuple(placements), tuple(unavailable))
+                placements[0] = _candidates(primary.expert, view, primary.alternates)
+        return _result(tuple(placements), tuple(unavailable))
 
     @staticmethod
     def _query(expert: str, request: PlacementRequest) -> PlacementQuery:
-        return PlacementQuery(
-            request_id=request.request_id,
-            expert=expert,
-            prompt_tokens=request.prompt_tokens,
-            max_tokens=request.max_tokens,
-            prompt_token_ids=request.prompt_token_ids,
-            tokenizer_fingerprint=request.tokenizer_fingerprint,
-            _hashes={key: list(chain) for key, chain in request.block_hashes.items()},
-        )
+        # `PlacementQuery(request_id=..., expert=..., ...)`, built faster (`_frozen`, inlined).
+        hashes: dict[tuple[int, int], list[int]] = {}  # its own copies: `prefix_hashes` extends them
+        for key, chain in request.block_hashes.items():
+            hashes[key] = list(chain)
+        query = object.__new__(PlacementQuery)
+        fields = query.__dict__
+        fields["request_id"] = request.request_id
+        fields["expert"] = expert
+        fields["prompt_tokens"] = request.prompt_tokens
+        fields["max_tokens"] = request.max_tokens
+        fields["prompt_token_ids"] = request.prompt_token_ids
+        fields["tokenizer_fingerprint"] = request.tokenizer_fingerprint
+        fields["_hashes"] = hashes
+        return query
 
     def _place_on(
-        self, expert: str, request: PlacementRequest, snapshot: ClusterSnapshot
+        self, expert: str, request: PlacementRequest, snapshot: ClusterSnapshot | ReadyViews
     ) -> ExpertCandidates | ExpertShortfall:
         if expert not in self.experts:
             known = ", ".join(sorted(self.experts))
@@ -234,18 +252,82 @@ class Placer:
         needed = request.min_model_len  # replicas with a known max_model_len (> 0) below it are skipped
         # The candidates that pass every filter below, in one pass (this runs on every Place);
         # the filters one by one only run when none passes, to say why.
-        open_ = [
-            r
-            for r in healthy
-            if r.replica_id not in exclude
-            and not 0 < r.info.max_model_len < needed  # long enough (0: length not announced)
-            and not 0 < r.info.max_waiting <= r.load.waiting  # queue not full (0: no bound announced)
-        ]
+        if not exclude and isinstance(snapshot, ReadyViews) and snapshot.all_fit(expert, needed):
+            open_ = list(healthy)  # nothing to filter out: no exclusions, every replica long enough, no queue bound
+        else:
+            open_ = [
+                r
+                for r in healthy
+                if r.replica_id not in exclude
+                and not 0 < r.info.max_model_len < needed  # long enough (0: length not announced)
+                and not 0 < r.info.max_waiting <= r.load.waiting  # queue not full (0: no bound announced)
+            ]
         if not open_:
             return _shortfall(expert, healthy, exclude, needed)
         ranked = self.policy.rank(self._query(expert, request), open_)
         alternates = tuple(ranked[1 : 1 + request.max_alternates]) if request.max_alternates else ()
-        return ExpertCandidates(expert, ranked[0], alternates)
+        return _candidates(expert, ranked[0], alternates)
+
+
+def placement_request(
+    request_id: str,
+    experts: tuple[str, ...],
+    prompt_tokens: int,
+    max_tokens: int,
+    exclude_replica_ids: frozenset[str],
+    min_model_len: int,
+    block_hashes: Mapping[tuple[int, int], Sequence[int]],
+) -> PlacementRequest:
+    """`PlacementRequest(...)` of a request with no token ids and no alternates asked for, built
+    faster (see `_frozen`): the cluster simulator places every simulated request through one."""
+    return _frozen(
+        PlacementRequest,
+        {
+            "request_id": request_id,
+            "experts": experts,
+            "prompt_tokens": prompt_tokens,
+            "max_tokens": max_tokens,
+            "exclude_replica_ids": exclude_replica_ids,
+            "max_alternates": 0,
+            "min_model_len": min_model_len,
+            "prompt_token_ids": (),
+            "tokenizer_fingerprint": "",
+            "block_hashes": block_hashes,
+        },
+    )
+
+
+_T = TypeVar("_T")
+
+
+def _frozen(cls: type[_T], fields: dict[str, object]) -> _T:
+    """An instance of the frozen dataclass `cls` (no slots, no `__post_init__`) with every field in
+    `fields`: what `cls(**fields)` builds, equal and hashable alike, 2-3x faster. The generated
+    `__init__` of a frozen dataclass stores each field through `object.__setattr__`; this writes
+    the new instance's `__dict__` at once. Used for the objects built on every Place
+    (tests/test_placement.py checks each equals its dataclass construction)."""
+    out = object.__new__(cls)
+    out.__dict__.update(fields)
+    return out
+
+
+def _candidates(expert: str, replica: ReplicaView, alternates: tuple[ReplicaView, ...]) -> ExpertCandidates:
+    """`ExpertCandidates(expert, replica, alternates)`, built faster (`_frozen`, inlined)."""
+    out = object.__new__(ExpertCandidates)
+    fields = out.__dict__
+    fields["expert"] = expert
+    fields["replica"] = replica
+    fields["alternates"] = alternates
+    return out
+
+
+def _result(placements: tuple[ExpertCandidates, ...], unavailable: tuple[ExpertShortfall, ...]) -> PlacementResult:
+    """`PlacementResult(placements, unavailable)`, built faster (`_frozen`, inlined)."""
+    out = object.__new__(PlacementResult)
+    fields = out.__dict__
+    fields["placements"] = placements
+    fields["unavailable"] = unavailable
+    return out
 
 
 def _shortfall(
@@ -275,7 +357,19 @@ def _with_inflight(view: ReplicaView, record: ReplicaRecord) -> ReplicaView:
     inflight_prompt_tokens=..., inflight_max_tokens=...)`, built directly (once per Place)."""
     return tuple.__new__(
         ReplicaView,
-        (*view[:5], record.inflight, *view[6:9], record.inflight_prompt_tokens, record.inflight_max_tokens),
+        (
+            view[0],
+            view[1],
+            view[2],
+            view[3],
+            view[4],
+            len(record.placements),  # `record.inflight`
+            view[6],
+            view[7],
+            view[8],
+            record.inflight_prompt_tokens,
+            record.inflight_max_tokens,
+        ),
     )
 
 

@@ -142,9 +142,16 @@ class PrefixIndex:
             hashes.clear()
         for h in event.evicted:
             hashes.pop(h, None)
-        for h in event.stored:
-            hashes.pop(h, None)  # re-stored: now the newest
-            hashes[h] = None
+        stored = event.stored
+        new = dict.fromkeys(stored)
+        if len(new) == len(stored) and hashes.keys().isdisjoint(new):
+            # The usual event: every stored hash is new and named once, so the loop below would
+            # only append them in order; one C-level update does (every heartbeat folds hundreds).
+            hashes.update(new)
+        else:
+            for h in stored:
+                hashes.pop(h, None)  # re-stored: now the newest
+                hashes[h] = None
         while len(hashes) > self.max_hashes:
             del hashes[next(iter(hashes))]
             self.dropped += 1

@@ -21,7 +21,7 @@ deregistration and expiry.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from types import MappingProxyType
@@ -95,9 +95,12 @@ class ReplicaInfo:
     max_waiting: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Placement:
-    """One request counted in flight on a replica: when it was placed and how big it is."""
+class Placement(NamedTuple):
+    """One request counted in flight on a replica: when it was placed and how big it is.
+
+    A named tuple (immutable all the same) rather than a frozen dataclass: one is built on every
+    Place, and a frozen dataclass's `__init__` costs several times more.
+    """
 
     placed_at: float
     prompt_tokens: int = 0
@@ -193,6 +196,76 @@ class ClusterSnapshot:
         return sorted(self.replicas.values(), key=lambda v: (v.expert, v.replica_id))
 
 
+class ReadyViews:
+    """The part of a `ClusterSnapshot` that placement reads, taken lazily: `candidates(expert)`
+    gives the views that `registry.snapshot().candidates(expert)` would have given at `taken_at`.
+
+    Placing one request only needs its candidate experts' healthy replicas, so building every
+    replica's view, the id mapping and the ready sets per Place (what `snapshot` does) is wasted
+    work, the largest part of a placement at a handful of replicas (the cluster simulator places
+    thousands of requests per wall second). Every expert's views are of the same instant
+    (`taken_at`, one clock reading), as in a snapshot. Unlike a snapshot it reads the registry
+    when asked, so it is only valid until the registry next changes: `Placer.place` uses it
+    within one synchronous call, before it records the placement.
+    """
+
+    __slots__ = ("_bounded", "_by_expert", "_expiry", "_shortest", "taken_at")
+
+    def __init__(
+        self,
+        taken_at: float,
+        expiry_seconds: float,
+        by_expert: Mapping[str, tuple[ReplicaRecord, ...]],
+        shortest: Mapping[str, int] | None = None,
+        bounded: Collection[str] = (),
+    ) -> None:
+        self.taken_at = taken_at
+        self._expiry = expiry_seconds
+        self._by_expert = by_expert  # the registry's live records of each expert, by id
+        self._shortest = shortest or {}  # expert -> its smallest announced max_model_len (> 0)
+        self._bounded = bounded  # experts with a replica that announced a max_waiting (> 0)
+
+    def all_fit(self, expert: str, min_model_len: int) -> bool:
+        """Whether placement's length and queue filters pass every replica of `expert`: none
+        announced a waiting bound, and none a `max_model_len` below `min_model_len` (a record's
+        announcements never change: a re-registration replaces the record)."""
+        return expert not in self._bounded and min_model_len <= self._shortest.get(expert, min_model_len)
+
+    def candidates(self, expert: str) -> tuple[ReplicaView, ...]:
+        """The healthy replicas of one expert at `taken_at`, by id (empty when it has none): the
+        views `snapshot` builds for them, in the order of its ready set."""
+        now = self.taken_at
+        expiry = self._expiry
+        ready_state = ReplicaState.READY
+        new_view = tuple.__new__
+        views: list[ReplicaView] = []
+        for record in self._by_expert.get(expert, ()):
+            age = now - record.last_heartbeat
+            if record.state is not ready_state or age > expiry:
+                continue  # not healthy: `snapshot` leaves it out of the ready set
+            info = record.info
+            # The view `snapshot` builds for it (see there), healthy by construction.
+            views.append(
+                new_view(
+                    ReplicaView,
+                    (
+                        info.replica_id,
+                        expert,
+                        info,
+                        record.load,
+                        ready_state,
+                        len(record.placements),
+                        age if age > 0.0 else 0.0,
+                        True,
+                        record.prefix,
+                        record.inflight_prompt_tokens,
+                        record.inflight_max_tokens,
+                    ),
+                )
+            )
+        return tuple(views)
+
+
 class ReplicaRegistry:
     """Holds every known replica; all mutations go through its methods.
 
@@ -213,6 +286,12 @@ class ReplicaRegistry:
         self.placement_ttl_seconds = placement_ttl_seconds
         self._clock = clock
         self._replicas: dict[str, ReplicaRecord] = {}
+        # expert -> its records ordered by id, for `ready_views` (every Place); rebuilt lazily
+        # after a registration or a removal, the only changes to which records exist.
+        self._by_expert: dict[str, tuple[ReplicaRecord, ...]] | None = None
+        # For `ReadyViews.all_fit`, rebuilt with it.
+        self._shortest: dict[str, int] = {}
+        self._bounded: frozenset[str] = frozenset()
         # request_id -> replica_id, so Complete finds the replica even without its id.
         self._request_index: dict[str, str] = {}
 
@@ -248,6 +327,7 @@ class ReplicaRegistry:
             placements = existing.placements
         elif existing is not None:
             self._forget_placements(existing)
+        self._by_expert = None
         self._replicas[info.replica_id] = ReplicaRecord(
             info=info,
             load=load or LoadSnapshot(),
@@ -293,6 +373,7 @@ class ReplicaRegistry:
         """Remove a replica; returns its record, or None when it was not known."""
         record = self._replicas.pop(replica_id, None)
         if record is not None:
+            self._by_expert = None
             self._forget_placements(record)
         return record
 
@@ -302,8 +383,10 @@ class ReplicaRegistry:
         expired = [r for r in self._replicas.values() if now - r.last_heartbeat > self.expiry_seconds]
         for record in expired:
             self.deregister(record.replica_id)
+        ttl = self.placement_ttl_seconds
         for record in self._replicas.values():
-            ttl = self.placement_ttl_seconds
+            if not record.placements:
+                continue
             stale = [rid for rid, p in record.placements.items() if now - p.placed_at > ttl]
             for request_id in stale:
                 _drop_placement(record, request_id)
@@ -368,6 +451,27 @@ class ReplicaRegistry:
             ready=MappingProxyType({expert: tuple(sorted(ids)) for expert, ids in ready.items()}),
         )
 
+    def ready_views(self) -> ReadyViews:
+        """The healthy replicas of each expert as `snapshot()` would show them now, built only
+        when asked for and only for that expert (what `Placer.place` reads: see `ReadyViews`)."""
+        by_expert = self._by_expert
+        if by_expert is None:
+            grouped: dict[str, list[ReplicaRecord]] = {}
+            for record in self._replicas.values():
+                grouped.setdefault(record.info.expert, []).append(record)
+            by_expert = self._by_expert = {
+                name: tuple(sorted(records, key=_record_id)) for name, records in grouped.items()
+            }
+            # What `ReadyViews.all_fit` needs, from the same records (their info never changes).
+            shortest: dict[str, int] = {}
+            for record in self._replicas.values():
+                info = record.info
+                if info.max_model_len > 0 and info.max_model_len < shortest.get(info.expert, 1 << 62):
+                    shortest[info.expert] = info.max_model_len
+            self._shortest = shortest
+            self._bounded = frozenset(r.info.expert for r in self._replicas.values() if r.info.max_waiting > 0)
+        return ReadyViews(self._clock(), self.expiry_seconds, by_expert, self._shortest, self._bounded)
+
     def replicas(self) -> list[ReplicaRecord]:
         """Every known replica, ordered by expert then id."""
         return sorted(self._replicas.values(), key=lambda r: (r.expert, r.replica_id))
@@ -404,6 +508,10 @@ class ReplicaRegistry:
                 del self._request_index[request_id]
         record.placements.clear()
         record.inflight_prompt_tokens = record.inflight_max_tokens = 0
+
+
+def _record_id(record: ReplicaRecord) -> str:
+    return record.info.replica_id
 
 
 def _drop_placement(record: ReplicaRecord, request_id: str) -> None:
