@@ -543,3 +543,19 @@ async def test_complete_counts_slo_attainment_and_goodput() -> None:
             assert _metric("switchboard_scheduler_slo_requests_total", expert="bard-small", objective="ttft", met="false") - missed_ttft == 2
         finally:
             await channel.close()
+
+
+async def test_health_checks_are_not_traced_and_rpcs_are(scheduler_factory) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    exporter = in_memory_span_exporter()
+    async with scheduler_factory() as app:
+        channel = open_channel(f"127.0.0.1:{app.service.port}")
+        try:
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            await scheduler_pb2_grpc.SchedulerStub(channel).GetCluster(scheduler_pb2.GetClusterRequest())
+        finally:
+            await channel.close()
+    names = {s.name for s in exporter.get_finished_spans()}  # type: ignore[attr-defined]
+    assert "/switchboard.v1.Scheduler/GetCluster" in names
+    assert not any("grpc.health" in name for name in names)

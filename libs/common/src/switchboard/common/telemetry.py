@@ -15,7 +15,6 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
-from opentelemetry.instrumentation.grpc.filters import any_of, negate, service_prefix
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
@@ -23,7 +22,20 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcess
 _provider: TracerProvider | None = None
 
 # Infrastructure RPCs that would drown real requests in the trace viewer.
-_UNTRACED = negate(any_of(service_prefix("grpc.health.v1"), service_prefix("grpc.reflection")))
+_UNTRACED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+
+def _is_traced(details: Any) -> bool:
+    """Whether a call is traced: every call but health and reflection.
+
+    A plain prefix test on the method name. OpenTelemetry's own filters (`service_prefix`, `negate`)
+    run several `isinstance` checks against typing protocols per call, which the gateway bench's
+    profile showed at ~3% of the gateway's and the router's CPU per request.
+    """
+    method = getattr(details, "method", "")
+    if isinstance(method, bytes):  # grpc.aio client call details carry bytes (grpc issue 31092)
+        method = method.decode("utf-8", "replace")
+    return not str(method).startswith(_UNTRACED_PREFIXES)
 
 
 class SpanAttributes:
@@ -92,12 +104,12 @@ def get_tracer(name: str) -> trace.Tracer:
 
 def server_interceptors() -> list[Any]:
     """The OpenTelemetry gRPC server interceptor (extracts context from metadata)."""
-    return [aio_server_interceptor(filter_=_UNTRACED)]
+    return [aio_server_interceptor(filter_=_is_traced)]
 
 
 def client_interceptors() -> list[Any]:
     """The OpenTelemetry gRPC client interceptors (inject context into metadata)."""
-    return list(aio_client_interceptors(filter_=_UNTRACED))
+    return list(aio_client_interceptors(filter_=_is_traced))
 
 
 def in_memory_span_exporter() -> Any:
