@@ -10,6 +10,7 @@ test_token_ids.py); the real generator's refusal is tested in the generator's ow
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -59,6 +60,8 @@ class Replica(generator_pb2_grpc.GeneratorServicer):
             await context.abort_with_status(error.to_status())
         if self.mode == "bare":
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "received message larger than max")
+        if self.mode == "hang":  # accepted the call, then never answers (a wedged engine)
+            await asyncio.Event().wait()
         if self.mode == "poison":  # as a generator whose engine traced a failed step to this request
             error = ServiceError(
                 grpc.StatusCode.INTERNAL,
@@ -77,7 +80,7 @@ class Replica(generator_pb2_grpc.GeneratorServicer):
 
 @asynccontextmanager
 async def gateway_over(
-    tmp_path: Path, *modes: str
+    tmp_path: Path, *modes: str, **overrides: object
 ) -> AsyncIterator[tuple[gateway_pb2_grpc.GatewayStub, str, list[Replica]]]:
     """A gateway whose router answers with one candidate per replica (experts a, b, ...), in order."""
     replicas = [Replica(mode) for mode in modes]
@@ -93,7 +96,11 @@ async def gateway_over(
             *((chr(ord("a") + i), address, fingerprints[i % 2]) for i, address in enumerate(addresses))
         )
         settings = GatewaySettings(
-            server=ServerSettings(port=0, metrics_port=0, drain_seconds=0.2), router_addr=router_addr, tenants_file=keys_file, http_port=0
+            server=ServerSettings(port=0, metrics_port=0, drain_seconds=0.2),
+            router_addr=router_addr,
+            tenants_file=keys_file,
+            http_port=0,
+            **overrides,  # type: ignore[arg-type]
         )
         async with started_gateway(settings) as channel:
             yield gateway_pb2_grpc.GatewayStub(channel), key, replicas
@@ -193,3 +200,30 @@ async def test_a_request_that_failed_in_the_engine_goes_back_to_the_client(tmp_p
     assert "retrying it unchanged will fail again" in details["message"]
     assert (poisoned.calls, serving.calls) == (1, 0)
     assert failovers("a", "INTERNAL") == before
+
+
+async def test_a_hung_replica_gets_a_first_token_budget_then_the_next_candidate_serves(tmp_path: Path) -> None:
+    before = REGISTRY.get_sample_value(
+        "switchboard_gateway_failovers_total", {"expert": "a", "code": "FIRST_TOKEN_TIMEOUT"}
+    ) or 0.0
+    async with gateway_over(tmp_path, "hang", "serve", attempt_first_token_seconds=0.3) as (stub, key, replicas):
+        reply = await stub.Complete(
+            gateway_pb2.CompleteRequest(prompt="To be", sampling=SAMPLING),
+            metadata=[("authorization", f"Bearer {key}")],
+            timeout=20,
+        )
+    assert reply.text == "x" and reply.model == "b"
+    assert [r.calls for r in replicas] == [1, 1]
+    after = REGISTRY.get_sample_value("switchboard_gateway_failovers_total", {"expert": "a", "code": "FIRST_TOKEN_TIMEOUT"})
+    assert after == before + 1
+
+
+async def test_a_deadline_shorter_than_the_budget_is_deadline_exceeded(tmp_path: Path) -> None:
+    async with gateway_over(tmp_path, "hang", "serve", attempt_first_token_seconds=30) as (stub, key, _):
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await stub.Complete(
+                gateway_pb2.CompleteRequest(prompt="To be", sampling=SAMPLING),
+                metadata=[("authorization", f"Bearer {key}")],
+                timeout=0.5,
+            )
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED

@@ -121,6 +121,14 @@ class GatewaySettings:
     router_timeout_seconds: float = setting(
         "GATEWAY_ROUTER_TIMEOUT_SECONDS", 5.0, "deadline of each call to the router", minimum=0.05, maximum=600.0
     )
+    attempt_first_token_seconds: float = setting(
+        "GATEWAY_ATTEMPT_FIRST_TOKEN_SECONDS",
+        30.0,
+        "time a replica has to send its first token before the gateway cancels the attempt and tries the next "
+        "candidate (a hung replica does not eat the whole deadline); 0: only the request's deadline",
+        minimum=0.0,
+        maximum=86_400.0,
+    )
     channel_idle_seconds: float = setting(
         "GATEWAY_CHANNEL_IDLE_SECONDS",
         300.0,

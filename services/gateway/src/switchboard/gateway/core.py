@@ -402,7 +402,20 @@ class GatewayCore:
             streamed = False
             try:
                 call = generator_pb2_grpc.GeneratorStub(channel).Generate(upstream_request, timeout=remaining)
-                async for chunk in call:
+                chunks = call.__aiter__()
+                try:
+                    first = await self._first_chunk(chunks, remaining)
+                except TimeoutError:
+                    if time.monotonic() >= deadline - 0.01:
+                        raise deadline_exceeded(
+                            f"the request deadline passed before {candidate.expert} sent its first token"
+                        ) from None
+                    # A hung replica must not eat the whole deadline: the next candidate gets the rest.
+                    metrics.FAILOVERS.labels(candidate.expert, "FIRST_TOKEN_TIMEOUT").inc()
+                    failures.append(f"{candidate.replica_id} (no first token in {self._settings.attempt_first_token_seconds:g} s)")
+                    log.warning("replica sent no first token in time", expert=candidate.expert, replica_id=candidate.replica_id)
+                    continue
+                async for chunk in _prepend(first, chunks):
                     now = time.monotonic()
                     message = gateway_pb2.GenerateResponse(
                         request_id=request_id,
@@ -491,6 +504,17 @@ class GatewayCore:
             f"all {len(decision.candidates)} candidate replicas failed before the first token: " + ", ".join(failures),
             reason="ALL_REPLICAS_FAILED",
         )
+
+    async def _first_chunk(
+        self, chunks: AsyncIterator[generator_pb2.GeneratorGenerateResponse], remaining: float
+    ) -> generator_pb2.GeneratorGenerateResponse | None:
+        """The stream's first message within the attempt's first-token budget (None: it ended empty);
+        TimeoutError past the budget (or the request's deadline, if sooner)."""
+        budget = self._settings.attempt_first_token_seconds
+        try:
+            return await asyncio.wait_for(anext(chunks), timeout=min(budget, remaining) if budget else remaining)
+        except StopAsyncIteration:
+            return None
 
     def _finish(
         self, request_id: str, principal: Principal, started: float, outcome: Outcome, span: trace.Span, prompt: str
@@ -606,6 +630,18 @@ class GatewayCore:
     def _budget(self, tenant: str) -> int | None:
         principal = self._tenants.tenant(tenant)
         return principal.limits.monthly_token_budget if principal is not None else None
+
+
+async def _prepend(
+    first: generator_pb2.GeneratorGenerateResponse | None,
+    rest: AsyncIterator[generator_pb2.GeneratorGenerateResponse],
+) -> AsyncIterator[generator_pb2.GeneratorGenerateResponse]:
+    """`first` (when the stream had one) then the rest of the same stream."""
+    if first is None:
+        return
+    yield first
+    async for chunk in rest:
+        yield chunk
 
 
 def generator_requests(
