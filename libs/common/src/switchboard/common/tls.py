@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from switchboard.common.errors import ServiceError
+from switchboard.common.errors import ServiceError, unauthenticated
 from switchboard.common.interceptors import Behavior, is_infrastructure, rewrap_handler
 from switchboard.common.logging import get_logger
 
@@ -67,7 +67,12 @@ class TlsIdentity:
         return _read(self.ca_file, CA_ENV), _read(self.cert_file, CERT_ENV), _read(self.key_file, KEY_ENV)
 
     def server_credentials(self) -> grpc.ServerCredentials:
-        """Server side of mutual TLS: our certificate, client certificates required and checked against the CA."""
+        """Server side of mutual TLS: our certificate, client certificates required and checked against the CA.
+
+        A client without one fails the handshake (its calls end UNAVAILABLE at the client): gRPC's
+        Python API cannot ask for a certificate without requiring it, so no call without an identity
+        reaches a handler; `IdentityInterceptor` still refuses one with UNAUTHENTICATED should it.
+        """
         ca, cert, key = self.pem
         return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
 
@@ -156,6 +161,12 @@ class IdentityInterceptor(grpc.aio.ServerInterceptor):
 
         async def refuse(context: grpc.aio.ServicerContext, identity: str | None) -> None:
             log.warning("call refused for its identity", method=method, identity=identity, peer=context.peer())
+            if identity is None:
+                missing = unauthenticated(
+                    "no client certificate: internal services need one issued by the cluster's CA",
+                    reason="CLIENT_CERTIFICATE_MISSING",
+                ).to_status()
+                await context.abort(missing.code, missing.details, missing.trailing_metadata)
             status = permission_denied(
                 f"identity {identity or 'none'} may not call {method.rsplit('/', 1)[-1]}"
                 + (f" (allowed: {', '.join(sorted(allowed))})" if allowed else " (no identity may)")
