@@ -10,6 +10,7 @@ meaning), so the tests run on a fresh machine in seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -209,10 +210,12 @@ def start_stack(
     experts: dict[str, int],
     otlp_endpoint: str | None = None,
     env: dict[str, str] | None = None,
+    replica_env: dict[str, dict[str, str]] | None = None,
 ) -> RunningStack:
-    """Plan and start a stack on free ports (the caller must stop it); `env` overrides TEST_ENV."""
+    """Plan and start a stack on free ports (the caller must stop it); `env` overrides TEST_ENV,
+    `replica_env` adds {replica id: environment} to single replicas."""
     config = write_experts_config(tmp_path / "experts.yaml", model, experts)
-    return start_stack_from_config(tmp_path, config, otlp_endpoint=otlp_endpoint, env=env)
+    return start_stack_from_config(tmp_path, config, otlp_endpoint=otlp_endpoint, env=env, replica_env=replica_env)
 
 
 def start_stack_from_config(
@@ -221,6 +224,7 @@ def start_stack_from_config(
     models: dict[str, str] | None = None,
     otlp_endpoint: str | None = None,
     env: dict[str, str] | None = None,
+    replica_env: dict[str, dict[str, str]] | None = None,
 ) -> RunningStack:
     """Start the stack an experts config declares (`models`: {expert: folder} overrides)."""
     keys_file = tmp_path / "tenants.yaml"
@@ -230,6 +234,9 @@ def start_stack_from_config(
     plan = plan_stack(config, keys_file, models=models, free_ports=True, tls_dir=tmp_path / "pki")
     plan.env.update({**TEST_ENV, **(env or {})})
     plan.generator_env.update(GENERATOR_ENV)
+    plan.generators = [
+        dataclasses.replace(g, env={**g.env, **(replica_env or {}).get(g.replica_id, {})}) for g in plan.generators
+    ]
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     if otlp_endpoint:
         plan.env.update(

@@ -197,12 +197,20 @@ def test_a_killed_replicas_queued_work_is_re_placed_and_its_streams_end_clearly(
             # that queue behind them, one per replica.
             streams = [call(0), call(1)]
             assert all(next(s).token_count for s in streams)
+            # Wait until both replicas have reported their long stream in a heartbeat: placement reads
+            # reported load as well as its own in-flight count, so a replica whose heartbeat is late
+            # would look idler and take both short requests (on a loaded machine it happened).
+            deadline = time.monotonic() + 10
+            while not all(r.load.running >= 1 for r in replicas(running).values()):
+                assert time.monotonic() < deadline, f"the long streams were never reported: {replicas(running)}"
+                time.sleep(0.05)
             queued = [call(2), call(3)]
             deadline = time.monotonic() + 10
             while sum(r.inflight for r in replicas(running).values()) < 4:
                 assert time.monotonic() < deadline, "the short requests were never placed"
                 time.sleep(0.05)
-            assert all(r.inflight == 2 for r in replicas(running).values())
+            placed = {name: r.inflight for name, r in replicas(running).items()}
+            assert all(count == 2 for count in placed.values()), placed
             running.stack.group.kill("generator-bard-small-0")
             # The short request queued on the dead replica had no token yet: the gateway re-places
             # it on the survivor, where it runs once that replica's long stream has ended.

@@ -43,6 +43,9 @@ class GeneratorPlan:
     metrics_port: int
     # Its step-cost profile (GENERATOR_COST_PROFILE; "" = none), announced to the scheduler.
     cost_profile: str = ""
+    # Added to this replica's environment after StackPlan.generator_env (e.g. a remote backend's
+    # GENERATOR_BACKEND / GENERATOR_REMOTE_URL, which differ per replica).
+    env: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -219,6 +222,7 @@ def service_specs(plan: StackPlan) -> dict[str, ServiceSpec]:
                 "GENERATOR_REPLICA_ID": generator.replica_id,
                 **({"GENERATOR_COST_PROFILE": generator.cost_profile} if generator.cost_profile else {}),
                 **plan.generator_env,
+                **generator.env,
                 **_identity_env(plan, name),
             },
             generator.metrics_port,

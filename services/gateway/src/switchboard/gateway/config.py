@@ -125,7 +125,8 @@ class GatewaySettings:
         "GATEWAY_ATTEMPT_FIRST_TOKEN_SECONDS",
         30.0,
         "time a replica has to send its first token before the gateway cancels the attempt and tries the next "
-        "candidate (a hung replica does not eat the whole deadline); 0: only the request's deadline",
+        "candidate (a hung replica does not eat the whole deadline; the last candidate gets the whole deadline); "
+        "0: only the request's deadline",
         minimum=0.0,
         maximum=86_400.0,
     )

@@ -404,7 +404,10 @@ class GatewayCore:
                 call = generator_pb2_grpc.GeneratorStub(channel).Generate(upstream_request, timeout=remaining)
                 chunks = call.__aiter__()
                 try:
-                    first = await self._first_chunk(chunks, remaining)
+                    # The last candidate gets the whole deadline: there is no one left to try, and a
+                    # replica with a deep queue (a flood pinned to one pool) is busy, not hung.
+                    last = attempt == len(decision.candidates) - 1
+                    first = await self._first_chunk(chunks, remaining, budgeted=not last)
                 except TimeoutError:
                     if time.monotonic() >= deadline - 0.01:
                         raise deadline_exceeded(
@@ -417,10 +420,15 @@ class GatewayCore:
                     continue
                 async for chunk in _prepend(first, chunks):
                     now = time.monotonic()
+                    count = len(chunk.token_ids)
+                    if chunk.HasField("usage") and chunk.usage.completion_tokens > outcome.tokens + count:
+                        # A replica that streams no token ids (a remote engine's text-only API) states
+                        # the count in its final usage: the tokens not yet counted are charged here.
+                        count = chunk.usage.completion_tokens - outcome.tokens
                     message = gateway_pb2.GenerateResponse(
                         request_id=request_id,
                         text=chunk.text,
-                        token_count=len(chunk.token_ids),
+                        token_count=count,
                         finish_reason=chunk.finish_reason,
                     )
                     if not streamed:
@@ -432,11 +440,11 @@ class GatewayCore:
                     if chunk.HasField("usage"):
                         message.usage.CopyFrom(chunk.usage)
                         outcome.usage.CopyFrom(chunk.usage)
-                    outcome.tokens += len(chunk.token_ids)
+                    outcome.tokens += count
                     outcome.last_token_at = now
                     if outcome.text is not None:
                         outcome.text.append(chunk.text)
-                    await limits.charge_output(len(chunk.token_ids))
+                    await limits.charge_output(count)
                     streamed = True
                     if chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
                         outcome.finish_reason = chunk.finish_reason
@@ -506,11 +514,11 @@ class GatewayCore:
         )
 
     async def _first_chunk(
-        self, chunks: AsyncIterator[generator_pb2.GeneratorGenerateResponse], remaining: float
+        self, chunks: AsyncIterator[generator_pb2.GeneratorGenerateResponse], remaining: float, budgeted: bool
     ) -> generator_pb2.GeneratorGenerateResponse | None:
         """The stream's first message within the attempt's first-token budget (None: it ended empty);
         TimeoutError past the budget (or the request's deadline, if sooner)."""
-        budget = self._settings.attempt_first_token_seconds
+        budget = self._settings.attempt_first_token_seconds if budgeted else 0.0
         try:
             return await asyncio.wait_for(anext(chunks), timeout=min(budget, remaining) if budget else remaining)
         except StopAsyncIteration:

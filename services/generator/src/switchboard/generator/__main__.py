@@ -25,13 +25,16 @@ def load() -> GeneratorSettings:
     """Settings plus the model folder and cost profile checks, so a wrong GENERATOR_MODEL or
     GENERATOR_COST_PROFILE fails at start with one clear line."""
     settings = load_generator_settings()
-    resolve_model_path(settings.model)
+    if settings.backend == "local" or settings.model:
+        resolve_model_path(settings.model)
     load_cost_profile(settings.cost_profile)
     return settings
 
 
 async def serve(settings: GeneratorSettings) -> int:
     """Load the model, start the engine, serve until SIGTERM/SIGINT; returns the exit code."""
+    if settings.backend == "remote":
+        return await serve_remote(settings)
     # Imported here: torch is heavy and logging is configured by run_service before this runs.
     from switchboard.generator.app import GeneratorApp, engine_config
     from switchboard.generator.engine import Engine
@@ -58,6 +61,16 @@ async def serve(settings: GeneratorSettings) -> int:
         return await GeneratorApp(settings, engine).run()
     finally:
         compute.shutdown(wait=False)
+
+
+async def serve_remote(settings: GeneratorSettings) -> int:
+    """Front the remote engine server (no model, no torch); returns the exit code."""
+    from switchboard.generator.app import GeneratorApp
+    from switchboard.generator.remote import remote_engine
+
+    engine = remote_engine(settings)
+    log.info("fronting a remote engine", url=settings.remote_url, model=engine.remote.model)
+    return await GeneratorApp(settings, engine).run()  # type: ignore[arg-type]
 
 
 def main() -> None:

@@ -10,7 +10,9 @@ A fatal engine error stops the server with exit code 1 so the orchestrator resta
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
+from grpc_health.v1 import health_pb2
 from switchboard.common.logging import get_logger
 from switchboard.common.service import GrpcService
 from switchboard.generator import metrics
@@ -20,10 +22,13 @@ from switchboard.generator.config import (
     default_replica_id,
     load_cost_profile,
 )
-from switchboard.generator.engine import Engine, EngineConfig
+from switchboard.generator.engine import EngineConfig
 from switchboard.generator.registration import Registrar
 from switchboard.generator.servicer import GeneratorServicer, ReplicaIdentity
 from switchboard.v1 import generator_pb2, generator_pb2_grpc, scheduler_pb2
+
+if TYPE_CHECKING:
+    from switchboard.generator.engine import Engine
 
 # Who may call the generator when it runs mutual TLS (certificate role -> methods).
 IDENTITY_POLICY = {
@@ -56,7 +61,8 @@ class GeneratorApp:
         self.settings = settings
         self.engine = engine
         self.identity = ReplicaIdentity(
-            replica_id=settings.replica_id, expert=settings.expert or engine.info.model_name
+            replica_id=settings.replica_id,
+            expert=settings.expert or engine.info.model_name.rstrip("/").rsplit("/", 1)[-1],
         )
         self.servicer = GeneratorServicer(
             engine, self.identity, settings.default_max_tokens, on_engine_failure=self._engine_failed
@@ -68,6 +74,7 @@ class GeneratorApp:
         self.address = ""
         # Set once the port is bound and the replica id and address are known.
         self.ready = asyncio.Event()
+        self._health_tasks: set[asyncio.Task[None]] = set()
         metrics.bind_engine_gauges(engine.load)
         profile = load_cost_profile(settings.cost_profile)
         self.cost_model = profile[0] if profile is not None else None
@@ -115,8 +122,21 @@ class GeneratorApp:
         if self.registrar is not None:
             await self.registrar.drain()
 
+    def _engine_health(self, healthy: bool) -> None:
+        """A remote engine's health changed: the replica's gRPC health follows it (not while draining)."""
+        if self.servicer.draining:
+            return
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        task = asyncio.get_running_loop().create_task(self.service.health.set(SERVICE_NAME, status))
+        self._health_tasks.add(task)
+        task.add_done_callback(self._health_tasks.discard)
+
     async def run(self, handle_signals: bool = True) -> int:
         """Start the engine, serve, register; on stop drain, then stop the engine."""
+        if hasattr(self.engine, "on_health"):
+            self.engine.on_health = self._engine_health
         await self.engine.start()
         serving = asyncio.create_task(self.service.run([SERVICE_NAME], handle_signals=handle_signals))
         started = asyncio.create_task(self.service.started.wait())
@@ -151,6 +171,8 @@ class GeneratorApp:
                         tls=self.settings.server.tls,
                     )
                     self.registrar.start()
+                if getattr(self.engine, "healthy", True) is False:
+                    self._engine_health(False)
                 self.ready.set()
             await serving
         finally:

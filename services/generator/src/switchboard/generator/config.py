@@ -20,6 +20,7 @@ SERVER_PREFIX = "GENERATOR"
 DEFAULT_PORT = 50061
 DEFAULT_METRICS_PORT = 9111
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+BACKENDS = ("local", "remote")
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 _WILDCARD_HOSTS = {"0.0.0.0", "::", "[::]", ""}
 
@@ -29,10 +30,45 @@ class GeneratorSettings:
     """Everything the generator reads from its environment."""
 
     server: ServerSettings
+    backend: str = setting(
+        "GENERATOR_BACKEND",
+        "local",
+        "local: load GENERATOR_MODEL and run the engine here; remote: front the OpenAI-compatible engine server at GENERATOR_REMOTE_URL (vLLM, SGLang, TGI, `transformers serve`), loading no model",
+        choices=BACKENDS,
+    )
+    remote_url: str = setting(
+        "GENERATOR_REMOTE_URL",
+        "",
+        "base URL of the remote engine server, e.g. http://127.0.0.1:8000 (required with GENERATOR_BACKEND=remote)",
+    )
+    remote_model: str = setting(
+        "GENERATOR_REMOTE_MODEL",
+        "",
+        "the model name the remote engine serves, sent as `model` (empty: GENERATOR_MODEL)",
+    )
+    remote_max_model_len: int = setting(
+        "GENERATOR_REMOTE_MAX_MODEL_LEN",
+        0,
+        "context length announced for the remote engine (0: its /v1/models `max_model_len`, else GENERATOR_MODEL's config.json `max_position_embeddings`, else unknown)",
+        minimum=0,
+        maximum=1 << 30,
+    )
+    remote_token_ids: bool = setting(
+        "GENERATOR_REMOTE_TOKEN_IDS",
+        False,
+        "the remote engine takes prompt token ids and streams the sampled ids (`return_token_ids`, vLLM); off: text in, text out, token counts from the final usage",
+    )
+    remote_poll_seconds: float = setting(
+        "GENERATOR_REMOTE_POLL_SECONDS",
+        1.0,
+        "interval of the remote engine's health and /metrics reads",
+        minimum=0.05,
+        maximum=60.0,
+    )
     model: str = setting(
         "GENERATOR_MODEL",
         "",
-        "model to serve: a Hugging Face model folder (required; `switchboard up` passes the demo experts' folders)",
+        "model to serve: a Hugging Face model folder (required with the local backend; `switchboard up` passes the demo experts' folders; remote backend: optional, its config.json context length and, with GENERATOR_REMOTE_TOKEN_IDS, its tokenizer fingerprint are announced)",
     )
     expert: str = setting(
         "GENERATOR_EXPERT", "", "expert pool this replica serves (empty: the model folder's name)"
@@ -99,7 +135,16 @@ class GeneratorSettings:
     def __post_init__(self) -> None:
         if not _DEVICE.match(self.device):
             raise SettingsError(f"GENERATOR_DEVICE: must be auto, cpu, cuda or cuda:N; got {self.device!r}")
-        if not self.model.strip():
+        if self.backend == "remote":
+            if not self.remote_url.startswith(("http://", "https://")):
+                raise SettingsError(
+                    f"GENERATOR_REMOTE_URL: must be the engine's http:// or https:// base URL with GENERATOR_BACKEND=remote, got {self.remote_url!r}"
+                )
+            if not (self.remote_model.strip() or self.model.strip()):
+                raise SettingsError(
+                    "GENERATOR_REMOTE_MODEL: required with GENERATOR_BACKEND=remote (the model name the engine serves)"
+                )
+        elif not self.model.strip():
             raise SettingsError("GENERATOR_MODEL: required (the folder of the model to serve)")
         for env, value in (
             ("GENERATOR_ADVERTISE_ADDR", self.advertise_addr),

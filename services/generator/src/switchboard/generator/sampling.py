@@ -15,9 +15,10 @@ import math
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 #: Limits of the contract (protos/switchboard/v1/common.proto).
 MAX_STOP_STRINGS = 8
@@ -102,6 +103,8 @@ class SamplingParams:
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
     """A generator for one request: seeded when `seed` is given, from fresh entropy otherwise."""
+    import torch  # here, not at the top: SamplingParams is imported where torch is not (remote mode)
+
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else random.SystemRandom().getrandbits(63))
     return generator
@@ -125,6 +128,8 @@ class Sampler:
         Greedy rows get the repetition penalty and EOS mask only (temperature and
         truncation do not change an argmax).
         """
+        import torch
+
         scores = logits.float().clone()
         batch, vocab = scores.shape
         device = scores.device
@@ -185,6 +190,8 @@ class Sampler:
         penalty); `num_generated[i]`: tokens generated so far (for min_tokens);
         `generators[i]`: row i's generator (unused, may be None, for greedy rows).
         """
+        import torch
+
         if logits.dim() != 2 or logits.shape[0] != len(params):
             raise ValueError(
                 f"logits must be [batch, vocab] with batch={len(params)}, got {tuple(logits.shape)}"

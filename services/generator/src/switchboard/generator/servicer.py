@@ -20,6 +20,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from opentelemetry import trace
@@ -35,7 +36,6 @@ from switchboard.common.logging import bind_request, get_logger
 from switchboard.common.telemetry import SpanAttributes, get_tracer
 from switchboard.generator import metrics
 from switchboard.generator.engine import (
-    Engine,
     EngineOutput,
     EngineRequest,
     QueueFull,
@@ -45,6 +45,9 @@ from switchboard.generator.engine import (
 from switchboard.generator.prompt_input import PromptRejected, choose_prompt
 from switchboard.generator.sampling import SamplingParams
 from switchboard.v1 import common_pb2, generator_pb2, generator_pb2_grpc
+
+if TYPE_CHECKING:
+    from switchboard.generator.engine import Engine
 
 log = get_logger(__name__)
 tracer = get_tracer(__name__)

@@ -8,7 +8,6 @@ Public API (what the gRPC servicer uses)::
     engine.load(); engine.info; await engine.stop()
 """
 
-from switchboard.generator.engine.engine import Engine
 from switchboard.generator.engine.types import (
     EngineConfig,
     EngineInfo,
@@ -20,6 +19,16 @@ from switchboard.generator.engine.types import (
     RequestRejected,
     Usage,
 )
+
+
+def __getattr__(name: str) -> object:
+    # Engine is imported on first use: it imports torch, which the remote backend never loads.
+    if name == "Engine":
+        from switchboard.generator.engine.engine import Engine
+
+        return Engine
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Engine",
