@@ -44,8 +44,16 @@ from bench_common import machine, quantiles_ms
 from switchboard.common.experts_config import ExpertSLO
 from switchboard.replica.cost_model import CostModel
 from switchboard.replica.hashing import extend_block_hashes, hash_seed, prompt_block_hashes
+from switchboard.scheduler.learned_policy import LearnedPlacementPolicy, PolicyNetwork
 from switchboard.scheduler.placement import PlacementRequest, Placer
-from switchboard.scheduler.policies import LEAST_LOADED, POLICY_NAMES, PlacementQuery, make_policy
+from switchboard.scheduler.policies import (
+    LEARNED,
+    LEAST_LOADED,
+    POLICY_NAMES,
+    PlacementPolicy,
+    PlacementQuery,
+    make_policy,
+)
 from switchboard.scheduler.prefix_index import KvEventIn, KvEventsIn
 from switchboard.scheduler.registry import LoadSnapshot, ReplicaInfo, ReplicaRegistry
 
@@ -189,16 +197,26 @@ def heartbeat(registry: ReplicaRegistry, rng: random.Random, work: Workload) -> 
             work.store(registry, record.replica_id, hashes)
 
 
+# Every heuristic, and the learned policy (issue 17) with an untrained network of the trained size:
+# its decision cost (features + numpy MLP) does not depend on the weights, and no file is needed.
+BENCH_POLICIES = (*POLICY_NAMES, LEARNED)
+
+
+def bench_policy(name: str) -> PlacementPolicy:
+    """The policy `name` as the scheduler would make it (the learned one with random weights)."""
+    if name == LEARNED:
+        return LearnedPlacementPolicy(network=PolicyNetwork.random(SEED, hidden=32), slos=SLOS)
+    return make_policy(name, seed=SEED, slos=SLOS)
+
+
 def measure(replicas: int, iterations: int, warmup: int, hot: bool = False) -> dict[str, Any]:
     """Place and snapshot samples of every policy at one cluster size."""
     rng = random.Random(SEED + replicas)
     work = Workload(rng, hot)
     registry = build_registry(replicas, rng, work)
-    placers = {
-        name: Placer(registry, make_policy(name, seed=SEED, slos=SLOS), EXPERTS) for name in POLICY_NAMES
-    }
+    placers = {name: Placer(registry, bench_policy(name), EXPERTS) for name in BENCH_POLICIES}
     clock = time.perf_counter
-    samples: dict[str, list[float]] = {name: [] for name in POLICY_NAMES}
+    samples: dict[str, list[float]] = {name: [] for name in BENCH_POLICIES}
     samples["snapshot"] = []
     samples["hashes"] = []
     counter = 0
@@ -235,7 +253,7 @@ def measure(replicas: int, iterations: int, warmup: int, hot: bool = False) -> d
         gc.collect()
         block = min(BLOCK, iterations - done)
         # Rotate which policy goes first, so none always runs right after the heartbeat.
-        order = list(POLICY_NAMES)
+        order = list(BENCH_POLICIES)
         shift = (done // BLOCK) % len(order)
         for name in order[shift:] + order[:shift]:
             for _ in range(block):
@@ -287,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         stats = measure(replicas, iterations, warmup, args.hot)
         peer = stats[LEAST_LOADED]
         entry: dict[str, Any] = {"snapshot": stats["snapshot"], "policies": {}}
-        for name in POLICY_NAMES:
+        for name in BENCH_POLICIES:
             s = stats[name]
             ratio = {k: s[k] / peer[k] for k in ("p50", "p99")}
             met = None

@@ -247,3 +247,37 @@ def test_the_hot_path_constructors_build_the_dataclasses_own_instances() -> None
     view = placer.registry.snapshot().candidates("a")[0]
     assert _candidates("a", view, ()) == ExpertCandidates("a", view, ())
     assert _result((), ()) == PlacementResult((), ())
+
+
+def test_least_loaded_shortcuts_pick_what_rank_puts_first() -> None:
+    """`ReadyViews.least_loaded` (the usual Place) and `LeastLoadedPolicy.top` (alternates asked,
+    or replicas excluded) give `rank`'s first views, ties on the score and on KV use included."""
+    import random
+
+    rng = random.Random(7)
+    for trial in range(200):
+        registry = ReplicaRegistry(expiry_seconds=5.0, clock=lambda: 50.0)
+        ids = [f"a-{i}" for i in rng.sample(range(20), rng.randint(1, 9))]
+        for rid in ids:
+            load = LoadSnapshot(rng.randint(0, 2), rng.randint(0, 1), rng.choice([0, 8, 16]), rng.choice([0, 64]))
+            registry.register(ReplicaInfo(rid, "a", f"sim:{rid}"), load)
+            for k in range(rng.randint(0, 2)):
+                registry.record_placement(f"{rid}-{k}", rid)
+        if trial % 3 == 0:
+            registry.report_load(ids[0], LoadSnapshot(), draining=True)  # not a candidate
+        policy = LeastLoadedPolicy(waiting_weight=rng.choice([2.0, 1.0]))
+        candidates = registry.snapshot().candidates("a")
+        ranked = policy.rank(PlacementQuery("r", "a"), candidates)
+        best = registry.ready_views().least_loaded("a", policy.inflight_weight, policy.running_weight, policy.waiting_weight)
+        assert best == (ranked[0] if ranked else None)
+        for n in (1, 2, 5):
+            assert policy.top(candidates, n) == ranked[:n]
+        if ranked:
+            placer = Placer(registry, policy, EXPERTS)
+            assert placer.plan(request("a")).placements[0].replica == ranked[0]
+            alternates = placer.plan(request("a", max_alternates=3)).placements[0]
+            assert [alternates.replica, *alternates.alternates] == ranked[:4]
+            excluded = placer.plan(request("a", exclude_replica_ids=frozenset({ranked[0].replica_id})))
+            assert [p.replica for p in excluded.placements] == ranked[1:2]
+            placed = placer.place(request("a", request_id="new")).placements[0]  # through `least_loaded`
+            assert placed.replica.replica_id == ranked[0].replica_id

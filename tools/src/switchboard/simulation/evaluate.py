@@ -18,6 +18,7 @@ from switchboard.bench.transform import WorkloadShape, shape
 from switchboard.bench.workload import TraceRequest
 from switchboard.common.experts_config import ExpertSpec
 from switchboard.replica.cost_model import CostModel
+from switchboard.scheduler.policies import PlacementPolicy, PolicyOptions, make_policy
 from switchboard.simulation.cluster import PoolSpec, SimConfig, SimResult, Simulation, policy_factory
 from switchboard.simulation.metrics import RunSummary, summarize
 from switchboard.simulation.replica import ReplicaSpec, SimRecord
@@ -130,9 +131,15 @@ class PolicyResult:
 
 
 def evaluate(
-    setup: EvalSetup, policies: Sequence[str], windows: Sequence[Sequence[SimRequest]] | None = None
+    setup: EvalSetup,
+    policies: Sequence[str],
+    windows: Sequence[Sequence[SimRequest]] | None = None,
+    options: PolicyOptions | None = None,
 ) -> list[PolicyResult]:
-    """Run every window (default: `setup.windows()`) under every policy; one pooled summary per policy."""
+    """Run every window (default: `setup.windows()`) under every policy; one pooled summary per policy.
+
+    `options` configure the policies as the scheduler's settings do (e.g. `policy_file` for `learned`).
+    """
     import time
 
     if windows is None:
@@ -140,7 +147,14 @@ def evaluate(
     config = setup.config()
     out: list[PolicyResult] = []
     for name in policies:
-        make = policy_factory(name, setup.seed, {p.expert: p.slo for p in setup.pools})
+        slos = {p.expert: p.slo for p in setup.pools}
+        if options is None:
+            make = policy_factory(name, setup.seed, slos)
+        else:
+            make_policy(name, setup.seed, slos=slos, options=options)  # fail early on an unknown name
+
+            def make(name: str = name, slos: dict = slos) -> PlacementPolicy:
+                return make_policy(name, setup.seed, slos=slos, options=options)
         results: list[SimResult] = []
         started = time.perf_counter()
         for requests in windows:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from switchboard.common.settings import ServerSettings, SettingsError, load_settings, setting
-from switchboard.scheduler.policies import POLICY_NAMES, PolicyOptions
+from switchboard.scheduler.policies import POLICY_NAMES, SELECTABLE_POLICY_NAMES, PolicyOptions
 
 SERVER_PREFIX = "SCHEDULER"
 DEFAULT_PORT = 50053
@@ -51,8 +51,8 @@ class SchedulerSettings:
     placement_policy: str = setting(
         "SCHEDULER_PLACEMENT_POLICY",
         POLICY_NAMES[0],
-        "how Place ranks an expert's replicas: " + ", ".join(POLICY_NAMES),
-        choices=POLICY_NAMES,
+        "how Place ranks an expert's replicas: " + ", ".join(SELECTABLE_POLICY_NAMES),
+        choices=SELECTABLE_POLICY_NAMES,
     )
     placement_seed: int = setting(
         "SCHEDULER_PLACEMENT_SEED",
@@ -99,6 +99,13 @@ class SchedulerSettings:
         minimum=0.0,
         maximum=100000.0,
     )
+    policy_file: str = setting(
+        "SCHEDULER_POLICY_FILE",
+        "",
+        "learned: the policy file (JSON, written by switchboard scheduler train), re-read when it changes; "
+        "missing, corrupt or of another feature schema: ranks with prefix-load and counts "
+        "switchboard_scheduler_learned_policy_fallbacks_total",
+    )
     experts_config: Path = setting(
         "SWITCHBOARD_EXPERTS_CONFIG",
         DEFAULT_EXPERTS_CONFIG,
@@ -130,6 +137,7 @@ class SchedulerSettings:
             prefix_balance_rel=self.prefix_balance_rel,
             latency_step_tokens=self.latency_step_tokens,
             latency_tpot_weight=self.latency_tpot_weight,
+            policy_file=self.policy_file,
         )
 
 

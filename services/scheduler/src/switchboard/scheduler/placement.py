@@ -156,6 +156,18 @@ class Placer:
         self.policy = policy
         self.experts = frozenset(experts)
         self._placed: Callable[[PlacementQuery, ReplicaView], None] | None = getattr(policy, "placed", None)
+        # The least-loaded policy's `top`: its ranking cut to what placement keeps, from one pass
+        # instead of a sort, and without building the query it never reads. Not for a subclass
+        # that ranks its own way (it overrides `rank`), nor a policy with a `placed` hook (it reads
+        # the query).
+        self._top: Callable[[Sequence[ReplicaView], int], list[ReplicaView]] | None = None
+        # The same policy when it also scores the default way: then `ReadyViews.least_loaded` finds
+        # its first choice from the registry's records without building every candidate's view.
+        self._least_loaded: LeastLoadedPolicy | None = None
+        if isinstance(policy, LeastLoadedPolicy) and type(policy).rank is LeastLoadedPolicy.rank and self._placed is None:
+            self._top = policy.top
+            if type(policy).key is LeastLoadedPolicy.key and type(policy).score is LeastLoadedPolicy.score:
+                self._least_loaded = policy
 
     def validate(self, request: PlacementRequest) -> None:
         """Raise InvalidPlacement or UnknownExperts when the request cannot be placed as asked."""
@@ -247,9 +259,22 @@ class Placer:
             return ExpertShortfall(
                 expert, UNDECLARED, f"expert {expert!r} is not declared in the scheduler's experts config ({known})"
             )
-        healthy = snapshot.candidates(expert)
         exclude = request.exclude_replica_ids
         needed = request.min_model_len  # replicas with a known max_model_len (> 0) below it are skipped
+        policy = self._least_loaded
+        if (
+            policy is not None
+            and not request.max_alternates
+            and not exclude
+            and isinstance(snapshot, ReadyViews)
+            and snapshot.all_fit(expert, needed)
+        ):
+            # The usual Place (least-loaded, no alternates, nothing filtered out): the primary
+            # straight from the records, what ranking every candidate's view would put first.
+            best = snapshot.least_loaded(expert, policy.inflight_weight, policy.running_weight, policy.waiting_weight)
+            if best is not None:
+                return _candidates(expert, best, ())
+        healthy = snapshot.candidates(expert)
         # The candidates that pass every filter below, in one pass (this runs on every Place);
         # the filters one by one only run when none passes, to say why.
         if not exclude and isinstance(snapshot, ReadyViews) and snapshot.all_fit(expert, needed):
@@ -264,7 +289,11 @@ class Placer:
             ]
         if not open_:
             return _shortfall(expert, healthy, exclude, needed)
-        ranked = self.policy.rank(self._query(expert, request), open_)
+        top = self._top
+        if top is not None:
+            ranked = top(open_, 1 + request.max_alternates)
+        else:
+            ranked = self.policy.rank(self._query(expert, request), open_)
         alternates = tuple(ranked[1 : 1 + request.max_alternates]) if request.max_alternates else ()
         return _candidates(expert, ranked[0], alternates)
 

@@ -17,6 +17,7 @@ replica's load in work (`estimate_queue`), not only in requests.
 from __future__ import annotations
 
 import bisect
+import heapq
 import math
 import random
 from collections.abc import Mapping, Sequence
@@ -169,6 +170,34 @@ class LeastLoadedPolicy:
             )
 
         return sorted(candidates, key=key)
+
+    def top(self, candidates: Sequence[ReplicaView], n: int) -> list[ReplicaView]:
+        """The first `n` of `rank(query, candidates)` (it never reads the query), without sorting
+        every candidate: `Placer.place` only keeps the primary and `max_alternates` more, and most
+        requests ask for no alternates, so one pass for the minimum replaces the sort and its key
+        tuples. Keys are unique (the replica id is last), so the minimum is `rank`'s first."""
+        if n != 1 or type(self).key is not LeastLoadedPolicy.key or type(self).score is not LeastLoadedPolicy.score:
+            # `heapq.nsmallest` is documented as `sorted(...)[:n]`, the same views in the same order.
+            return heapq.nsmallest(n, candidates, key=self.key)
+        inflight_w, running_w, waiting_w = self.inflight_weight, self.running_weight, self.waiting_weight
+        best: ReplicaView | None = None
+        best_score = best_util = 0.0
+        for replica in candidates:
+            load = replica.load
+            score = inflight_w * replica.inflight + running_w * load.running + waiting_w * load.waiting
+            if best is not None and score > best_score:
+                continue  # the usual case: decided by the score alone, no utilization computed
+            total = load.kv_blocks_total
+            util = load.kv_blocks_used / total if total > 0 else 0.0
+            # `key(replica) < key(best)`, compared field by field as the tuples would be.
+            if (
+                best is None
+                or score < best_score
+                or util < best_util
+                or (util == best_util and replica.replica_id < best.replica_id)
+            ):
+                best, best_score, best_util = replica, score, util
+        return [] if best is None else [best]
 
 
 @dataclass(frozen=True)
@@ -579,6 +608,7 @@ class PolicyOptions:
     prefix_balance_rel: float = 1.5
     latency_step_tokens: int = 512
     latency_tpot_weight: float = 16.0
+    policy_file: str = ""  # `learned`: its policy file (SCHEDULER_POLICY_FILE)
 
 
 def make_policy(
@@ -613,4 +643,15 @@ def make_policy(
         return PredictedLatencyPolicy(
             slos, step_tokens=opts.latency_step_tokens, tpot_weight=opts.latency_tpot_weight
         )
+    if name == LEARNED:  # issue 17: the learned policy, in its own module (it falls back to prefix-load)
+        from switchboard.scheduler.learned_policy import make_learned_policy
+
+        return make_learned_policy(opts.policy_file, slos=slos, options=opts)
     raise ValueError(f"unknown placement policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
+
+
+# The learned placement policy (issue 17, `learned_policy.py`): an MLP over the candidates' features,
+# read from a policy file (`PolicyOptions.policy_file`), ranking with prefix-load while it has none.
+# Not in POLICY_NAMES (the heuristics, which need no file); SCHEDULER_PLACEMENT_POLICY takes either.
+LEARNED = "learned"
+SELECTABLE_POLICY_NAMES = (*POLICY_NAMES, LEARNED)

@@ -265,6 +265,61 @@ class ReadyViews:
             )
         return tuple(views)
 
+    def least_loaded(
+        self, expert: str, inflight_weight: float, running_weight: float, waiting_weight: float
+    ) -> ReplicaView | None:
+        """The first of `LeastLoadedPolicy(inflight_weight, running_weight, waiting_weight).rank`
+        over `candidates(expert)` (None when there are none), building only that one view.
+
+        For `Placer.place` of a request that asks for no alternates and passes every filter
+        (`all_fit`, nothing excluded): only the primary is kept then, and building a view per
+        replica to rank them was most of a Place. The same arithmetic as the policy's key
+        (score, then KV utilization, then id; keys are unique), so the same replica.
+        """
+        now = self.taken_at
+        expiry = self._expiry
+        ready_state = ReplicaState.READY
+        best: ReplicaRecord | None = None
+        best_score = best_util = 0.0
+        for record in self._by_expert.get(expert, ()):
+            if record.state is not ready_state or now - record.last_heartbeat > expiry:
+                continue  # not healthy: not a candidate
+            load = record.load
+            score = inflight_weight * len(record.placements) + running_weight * load.running + waiting_weight * load.waiting
+            if best is not None and score > best_score:
+                continue  # the usual case: decided by the score alone
+            total = load.kv_blocks_total
+            util = load.kv_blocks_used / total if total > 0 else 0.0
+            # The key tuples compared field by field.
+            if (
+                best is None
+                or score < best_score
+                or util < best_util
+                or (util == best_util and record.info.replica_id < best.info.replica_id)
+            ):
+                best, best_score, best_util = record, score, util
+        if best is None:
+            return None
+        info = best.info
+        age = now - best.last_heartbeat
+        # The view `candidates` builds for it.
+        return tuple.__new__(
+            ReplicaView,
+            (
+                info.replica_id,
+                expert,
+                info,
+                best.load,
+                ready_state,
+                len(best.placements),
+                age if age > 0.0 else 0.0,
+                True,
+                best.prefix,
+                best.inflight_prompt_tokens,
+                best.inflight_max_tokens,
+            ),
+        )
+
 
 class ReplicaRegistry:
     """Holds every known replica; all mutations go through its methods.
