@@ -177,7 +177,8 @@ def odd_float(rng: random.Random) -> float:
 
 
 def sampling(rng: random.Random, absurd: bool) -> common_pb2.SamplingParams:
-    params = common_pb2.SamplingParams(max_tokens=rng.randint(0, 3))
+    # One or two tokens: a generation costs real CPU on the replica (0 would mean its default budget).
+    params = common_pb2.SamplingParams(max_tokens=rng.choice([1, 1, 2]))
     if not absurd:
         if rng.random() < 0.3:
             params.temperature = rng.choice([0.0, 0.7, 1.0])
@@ -472,8 +473,8 @@ METHODS = [
     Method("router", "/switchboard.v1.Router/Route", route, "gateway", 6),
     Method("router", "/switchboard.v1.Router/Feedback", feedback, "gateway", 4),
     Method("router", "/switchboard.v1.Router/ListExperts", list_experts, "gateway", 1),
-    Method("generator", "/switchboard.v1.Generator/Generate", generate, "gateway", 3, streaming=True),
-    Method("generator", "/switchboard.v1.Generator/Info", info, "operator", 2),
+    Method("generator", "/switchboard.v1.Generator/Generate", generate, "gateway", 2, streaming=True),
+    Method("generator", "/switchboard.v1.Generator/Info", info, "operator", 3),
 ]
 # An identity each method's policy refuses (PERMISSION_DENIED before the handler).
 REFUSED = {"scheduler": "gateway", "router": "operator", "generator": "router"}
