@@ -80,6 +80,11 @@ async def test_pinned_expert_gets_only_its_replicas(stack: Stack) -> None:
     assert [s.expert for s in reply.scores if s.selected] == ["milton-small"]
 
 
+async def test_a_prompt_over_the_routers_limit_is_refused_before_any_work(stack: Stack) -> None:
+    details = await expect(stack.router.Route(route(prompt="b" * 200_001)), grpc.StatusCode.INVALID_ARGUMENT)
+    assert details["field_violations"][0][0] == "prompt" and "at most 200000 characters" in details["message"]
+
+
 async def test_allowed_experts_restrict_the_candidates(stack: Stack) -> None:
     await register(stack, "bard-1", "bard-small", 50061)
     await register(stack, "milton-1", "milton-small", 50063)

@@ -28,6 +28,14 @@ class RouterSettings:
     experts_config: Path = setting(
         "SWITCHBOARD_EXPERTS_CONFIG", Path("config/experts.yaml"), "experts config file (declares the expert pools)"
     )
+    max_prompt_chars: int = setting(
+        "ROUTER_MAX_PROMPT_CHARS",
+        200_000,
+        "longest prompt the router scores and tokenizes, in characters (the gateway's own limit is usually far "
+        "lower; this bounds the CPU one call can cost whoever reaches the router)",
+        minimum=1,
+        maximum=100_000_000,
+    )
     max_alternates: int = setting(
         "ROUTER_MAX_ALTERNATES", 2, "failover candidates returned besides the primary", minimum=0, maximum=8
     )

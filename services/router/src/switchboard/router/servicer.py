@@ -67,6 +67,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         """Score experts, place the request with one scheduler call, return candidates best first."""
         if not request.prompt:
             raise invalid_argument("prompt", "must not be empty")
+        if len(request.prompt) > self._settings.max_prompt_chars:
+            raise invalid_argument(
+                "prompt", f"at most {self._settings.max_prompt_chars} characters, got {len(request.prompt)}"
+            )
         cost_weight = request.cost_weight if request.HasField("cost_weight") else None
         if cost_weight is not None and not 0.0 <= cost_weight <= MAX_COST_WEIGHT:
             raise invalid_argument("cost_weight", f"must be in [0, {MAX_COST_WEIGHT:g}], got {cost_weight}")
