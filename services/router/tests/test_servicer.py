@@ -36,9 +36,8 @@ async def register(
 
 
 def route(prompt: str = BARD_PROMPT, **fields: object) -> router_pb2.RouteRequest:
-    return router_pb2.RouteRequest(
-        request_id="req-1", prompt=prompt, sampling=common_pb2.SamplingParams(max_tokens=8), **fields
-    )
+    fields.setdefault("request_id", "req-1")
+    return router_pb2.RouteRequest(prompt=prompt, sampling=common_pb2.SamplingParams(max_tokens=8), **fields)
 
 
 async def expect(call: object, code: grpc.StatusCode) -> dict:
@@ -276,6 +275,17 @@ async def test_learned_gate_serves_routes_by_content_and_learns_from_feedback(sy
         reply = await stack.router.Route(route(prompt=war, cost_weight=0.0))
         scholar = next(s for s in reply.scores if s.expert == "scholar")
         assert scholar.correction < 0  # a failure moved the online head
+        # A request never served (a cached answer, a refusal after placement) is released, not learned from.
+        reply = await stack.router.Route(route(prompt=war, cost_weight=0.0, request_id="req-2"))
+        before = next(s for s in reply.scores if s.expert == "scholar").correction
+        await stack.router.Feedback(
+            router_pb2.FeedbackRequest(
+                request_id="req-2", expert="scholar", replica_id="scholar-1", success=False,
+                finish_reason=common_pb2.FINISH_REASON_CANCELLED,
+            )
+        )
+        reply = await stack.router.Route(route(prompt=war, cost_weight=0.0, request_id="req-3"))
+        assert next(s for s in reply.scores if s.expert == "scholar").correction == before
 
 
 @pytest.mark.parametrize("damage", ["other-experts", "corrupt"])

@@ -537,6 +537,14 @@ async def test_complete_counts_slo_attainment_and_goodput() -> None:
                         time_to_first_token_seconds=ttft, latency_seconds=latency,
                     )
                 )
+            # Never served (a cached answer, a refusal after placement): released, not judged.
+            await stub.Place(scheduler_pb2.PlaceRequest(request_id="unserved", experts=["bard-small"]))
+            await stub.Complete(
+                scheduler_pb2.SchedulerCompleteRequest(
+                    request_id="unserved", replica_id="a", success=False, finish_reason=common_pb2.FINISH_REASON_CANCELLED
+                )
+            )
+            assert (await inflight(stub))["a"] == 0
             good = _metric("switchboard_scheduler_goodput_requests_total", expert="bard-small", good="true")
             bad = _metric("switchboard_scheduler_goodput_requests_total", expert="bard-small", good="false")
             assert (good - before["true"], bad - before["false"]) == (1, 2)

@@ -48,9 +48,27 @@ class GatewaySettings:
     limit_store_timeout_seconds: float = setting(
         "GATEWAY_LIMIT_STORE_TIMEOUT_SECONDS",
         0.25,
-        "deadline of each call to the limits store; past it the tenant's on_store_unavailable rule applies",
+        "deadline of each call to the limits store (and to a Redis response cache); past it the tenant's "
+        "on_store_unavailable rule applies (a cache call past it is a miss)",
         minimum=0.01,
         maximum=10.0,
+    )
+    cache: str = setting(
+        "GATEWAY_CACHE",
+        "off",
+        "response cache of deterministic requests (temperature 0 or a seed): off, memory (this process, "
+        "GATEWAY_CACHE_MAX_BYTES) or redis (REDIS_URL, shared by every gateway; bounded by Redis' maxmemory)",
+        choices=("off", "memory", "redis"),
+    )
+    cache_ttl_seconds: float = setting(
+        "GATEWAY_CACHE_TTL_SECONDS", 3600.0, "how long a cached answer is served", minimum=1.0, maximum=30 * 86_400.0
+    )
+    cache_max_bytes: int = setting(
+        "GATEWAY_CACHE_MAX_BYTES",
+        64 * 1024 * 1024,
+        "bytes the memory response cache holds (least recently used evicted first)",
+        minimum=1024,
+        maximum=64 * 1024**3,
     )
     max_inflight: int = setting(
         "GATEWAY_MAX_INFLIGHT",
@@ -140,6 +158,8 @@ class GatewaySettings:
     )
 
     def __post_init__(self) -> None:
+        if self.cache == "redis" and not self.redis_url:
+            raise SettingsError("GATEWAY_CACHE: redis needs REDIS_URL")
         if (self.public_tls_cert_file is None) != (self.public_tls_key_file is None):
             raise SettingsError("GATEWAY_PUBLIC_TLS_CERT_FILE and GATEWAY_PUBLIC_TLS_KEY_FILE: set both or neither")
         if self.default_max_tokens > self.max_tokens_limit:

@@ -13,7 +13,8 @@
 5. **route**: the router picks the candidates (with the tenant's priority and allowed experts);
    the exact prompt token count it returns is checked against the tenant's prompt limit and settles
    the token bucket;
-6. **stream** from the first candidate, failing over before the first token;
+6. **stream** from the first candidate, failing over before the first token; a deterministic request
+   whose answer the response cache holds (`response_cache.py`) streams it from there instead;
 7. **account**: output tokens charged as they stream and settled at the end, usage metered per
    tenant and expert, one audit line, feedback to the router off the response path.
 
@@ -46,6 +47,7 @@ from switchboard.common.errors import (
 from switchboard.common.logging import bind_request, get_logger
 from switchboard.common.telemetry import SpanAttributes
 from switchboard.gateway import metrics
+from switchboard.gateway import response_cache as cache_metrics
 from switchboard.gateway.admission import AdmissionController, AdmissionRejected, AdmissionTimeout
 from switchboard.gateway.channels import ChannelPool
 from switchboard.gateway.config import GatewaySettings
@@ -53,6 +55,16 @@ from switchboard.gateway.limiter import Admission, LimitExceeded, LimitKind, Ten
 from switchboard.gateway.limitstore import LimitStoreUnavailable
 from switchboard.gateway.metering import UsageMeter
 from switchboard.gateway.principal import Principal, Priority
+from switchboard.gateway.response_cache import (
+    CachedAnswer,
+    CorruptEntry,
+    ResponseCache,
+    cache_key,
+    decode_entry,
+    encode_entry,
+    is_deterministic,
+    namespace_for,
+)
 from switchboard.gateway.tenants import TenantDirectory
 from switchboard.gateway.validation import FieldError, Limits, validate_request
 from switchboard.v1 import (
@@ -133,6 +145,7 @@ class Outcome:
     prompt_tokens: int = 0
     code: grpc.StatusCode = grpc.StatusCode.OK
     text: list[str] | None = None  # the output, kept only when GATEWAY_LOG_TEXT is on
+    cached: bool = False  # served from the response cache (the placed replica never ran it)
 
 
 PROTO_PRIORITY = {
@@ -187,8 +200,10 @@ class GatewayCore:
         admission: AdmissionController,
         meter: UsageMeter,
         tenants: TenantDirectory,
+        cache: ResponseCache | None = None,
     ) -> None:
         self._settings = settings
+        self._cache = cache
         self._tenants = tenants
         self._router = router
         self._limiter = limiter
@@ -292,10 +307,30 @@ class GatewayCore:
                     decision = await self._route(request_id, request, sampling, principal, deadline)
                     outcome.prompt_tokens = decision.prompt_tokens
                     await self._settle_prompt(principal, limits, decision, outcome)
+                    # -- response cache: looked up after routing, keyed on the chosen expert --------
+                    cacheable = self._cache is not None and bool(decision.candidates)
+                    if cacheable and not is_deterministic(sampling):
+                        cacheable = False
+                        cache_metrics.REQUESTS.labels("skip").inc()
+                    answer = (
+                        await self._cache_get(self._key(principal, request.prompt, sampling, decision, 0))
+                        if cacheable
+                        else None
+                    )
+                    if answer is not None:
+                        async for message in self._replay(request_id, answer, decision, deadline, outcome, limits):
+                            yield message
+                        return
+                    recorded: list[gateway_pb2.GenerateResponse] = []
+                    # -- end of the response cache's lookup ---------------------------------------
                     async for message in self._attempts(
                         request_id, request.prompt, sampling, decision, deadline, outcome, limits
                     ):
+                        if cacheable:
+                            recorded.append(message)
                         yield message
+                    if cacheable:
+                        await self._cache_put(principal, request.prompt, sampling, decision, outcome, recorded)
             except ServiceError as error:
                 outcome.code = error.code
                 raise
@@ -316,6 +351,122 @@ class GatewayCore:
                 if limits is not None:
                     await limits.finish(outcome.tokens)
                 self._finish(request_id, principal, started, outcome, span, request.prompt)
+
+    # -- the response cache (response_cache.py) --------------------------------------
+
+    def _key(
+        self,
+        principal: Principal,
+        prompt: str,
+        sampling: common_pb2.SamplingParams,
+        decision: router_pb2.RouteResponse,
+        index: int,
+    ) -> str:
+        """The cache key of this request as candidate `index` (its expert and tokenizer) would serve it."""
+        candidate = decision.candidates[index]
+        ids = next(
+            (t.token_ids for t in decision.tokenizations if t.tokenizer_fingerprint == candidate.tokenizer_fingerprint),
+            (),
+        )
+        return cache_key(
+            namespace_for(principal.tenant, principal.share_cache),
+            candidate.expert,
+            candidate.tokenizer_fingerprint,
+            ids if candidate.tokenizer_fingerprint else (),
+            prompt,
+            sampling,
+        )
+
+    async def _cache_get(self, key: str) -> CachedAnswer | None:
+        """The cached answer, or None: a miss, and also a store that failed or an unreadable entry."""
+        assert self._cache is not None
+        try:
+            data = await self._cache.get(key)
+        except Exception as error:  # a cache failure is a miss, never a failed request
+            cache_metrics.REQUESTS.labels("error").inc()
+            log.warning("response cache lookup failed; serving from a replica", error=str(error))
+            return None
+        if data is None:
+            cache_metrics.REQUESTS.labels("miss").inc()
+            return None
+        try:
+            answer = decode_entry(data)
+        except CorruptEntry as error:
+            cache_metrics.REQUESTS.labels("corrupt").inc()
+            log.warning("unreadable response cache entry; serving from a replica", error=str(error))
+            return None
+        cache_metrics.REQUESTS.labels("hit").inc()
+        return answer
+
+    async def _cache_put(
+        self,
+        principal: Principal,
+        prompt: str,
+        sampling: common_pb2.SamplingParams,
+        decision: router_pb2.RouteResponse,
+        outcome: Outcome,
+        messages: list[gateway_pb2.GenerateResponse],
+    ) -> None:
+        """Store an answer that finished normally, under the key of the candidate that served it."""
+        assert self._cache is not None
+        if outcome.finish_reason in (
+            common_pb2.FINISH_REASON_UNSPECIFIED,
+            common_pb2.FINISH_REASON_ERROR,
+            common_pb2.FINISH_REASON_CANCELLED,
+        ) or not messages:
+            return
+        index = next((i for i, c in enumerate(decision.candidates) if c.replica_id == outcome.replica_id), None)
+        if index is None:
+            return
+        stored = []
+        for message in messages:
+            copy = gateway_pb2.GenerateResponse()
+            copy.CopyFrom(message)
+            copy.ClearField("request_id")
+            stored.append(copy)
+        entry = encode_entry(outcome.expert, stored)
+        try:
+            if await self._cache.put(self._key(principal, prompt, sampling, decision, index), entry):
+                cache_metrics.STORED.inc()
+                cache_metrics.STORED_BYTES.inc(len(entry))
+        except Exception as error:  # a cache failure never fails a request
+            cache_metrics.REQUESTS.labels("error").inc()
+            log.warning("response cache store failed", error=str(error))
+
+    async def _replay(
+        self,
+        request_id: str,
+        answer: CachedAnswer,
+        decision: router_pb2.RouteResponse,
+        deadline: float,
+        outcome: Outcome,
+        limits: Admission,
+    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        """Stream a cached answer in the shapes a replica's stream has; its tokens count as usage."""
+        outcome.expert, outcome.replica_id, outcome.cached = answer.expert, decision.candidates[0].replica_id, True
+        trace.get_current_span().set_attribute(SpanAttributes.EXPERT, answer.expert)
+        for index, cached in enumerate(answer.messages):
+            if time.monotonic() >= deadline:
+                raise deadline_exceeded("the request deadline passed while the cached answer streamed")
+            now = time.monotonic()
+            message = gateway_pb2.GenerateResponse()
+            message.CopyFrom(cached)
+            message.request_id = request_id
+            if index == 0:
+                message.model = answer.expert
+                outcome.first_token_at = now
+            if message.HasField("usage") or message.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                message.usage.cached = True
+                outcome.usage.CopyFrom(message.usage)
+            outcome.tokens += message.token_count
+            outcome.last_token_at = now
+            if outcome.text is not None:
+                outcome.text.append(message.text)
+            await limits.charge_output(message.token_count)
+            if message.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                outcome.finish_reason = message.finish_reason
+                await limits.finish(outcome.tokens)
+            yield message
 
     async def _settle_prompt(
         self, principal: Principal, limits: Admission, decision: router_pb2.RouteResponse, outcome: Outcome
@@ -570,6 +721,7 @@ class GatewayCore:
             prompt_tokens=prompt_tokens,
             completion_tokens=outcome.tokens,
             seconds=round(now - started, 4),
+            cached=outcome.cached,
         )
         if not outcome.replica_id:
             return  # never placed: nothing for the router or scheduler to learn
@@ -583,6 +735,16 @@ class GatewayCore:
             time_to_first_token_seconds=ttft,
             latency_seconds=(outcome.last_token_at or now) - started,
         )
+        if outcome.cached:
+            # Served from the response cache: the placed replica never ran it. The feedback says so
+            # (cancelled, never started, as for a request refused after placement) to free the placement.
+            feedback = router_pb2.FeedbackRequest(
+                request_id=request_id,
+                expert=outcome.expert,
+                replica_id=outcome.replica_id,
+                success=False,
+                finish_reason=common_pb2.FINISH_REASON_CANCELLED,
+            )
         task = asyncio.create_task(self._send_feedback(feedback))
         self._background.add(task)
         task.add_done_callback(self._background.discard)

@@ -68,6 +68,7 @@ class Principal:
     scopes: frozenset[str] = field(default_factory=lambda: frozenset({ALL_EXPERTS_SCOPE}))
     priority: Priority = Priority.NORMAL
     limits: TenantLimits = field(default_factory=TenantLimits)
+    share_cache: bool = False  # read and write the shared response cache namespace (else the tenant's own)
 
     @property
     def is_admin(self) -> bool:

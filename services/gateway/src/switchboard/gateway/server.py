@@ -21,6 +21,7 @@ from switchboard.gateway.jwt_tokens import JwtConfigError
 from switchboard.gateway.limiter import TenantLimiter
 from switchboard.gateway.limitstore import LimitStore, MemoryLimitStore, RedisLimitStore
 from switchboard.gateway.metering import UsageMeter
+from switchboard.gateway.response_cache import open_response_cache
 from switchboard.gateway.servicer import GatewayServicer
 from switchboard.gateway.tenants import TenantDirectory, TenantsFileError
 from switchboard.v1 import gateway_pb2_grpc, router_pb2_grpc
@@ -86,6 +87,13 @@ async def serve(settings: GatewaySettings, service: GrpcService | None = None, h
     _auth_interceptor(service).bind(authenticator)
     router_channel = open_channel(settings.router_addr, settings.server.tls, peer_role="router")
     store = limit_store(settings)
+    cache = open_response_cache(
+        settings.cache,
+        redis_url=settings.redis_url,
+        ttl_seconds=settings.cache_ttl_seconds,
+        max_bytes=settings.cache_max_bytes,
+        timeout_seconds=settings.limit_store_timeout_seconds,
+    )
     core = GatewayCore(
         settings,
         router_pb2_grpc.RouterStub(router_channel),
@@ -93,6 +101,7 @@ async def serve(settings: GatewaySettings, service: GrpcService | None = None, h
         AdmissionController(settings.max_inflight, settings.max_queued, quantum_tokens=settings.fair_quantum_tokens),
         UsageMeter(),
         tenants,
+        cache,
     )
     gateway_pb2_grpc.add_GatewayServicer_to_server(
         GatewayServicer(core, settings.default_timeout_seconds), service.server
@@ -116,6 +125,7 @@ async def serve(settings: GatewaySettings, service: GrpcService | None = None, h
         keys=len(tenants.config.by_key_hash),
         tenants_file=str(tenants.path),
         limits_store="redis" if settings.redis_url else "memory",
+        response_cache=settings.cache,
     )
     try:
         await service.run(["switchboard.v1.Gateway"], handle_signals=handle_signals)
@@ -125,5 +135,7 @@ async def serve(settings: GatewaySettings, service: GrpcService | None = None, h
             await http.stop()
         await core.close()
         await store.close()
+        if cache is not None:
+            await cache.close()
         await router_channel.close()
     return service.exit_code

@@ -20,6 +20,7 @@ that every tenant inherits, and an optional `jwt` section the keys that sign bea
           max_output_tokens: 1024
           monthly_token_budget: 50000000
           on_store_unavailable: closed # open | closed: when Redis cannot be reached
+        share_cache: false             # true: use the response cache namespace shared with other such tenants
     jwt:
       issuer: https://auth.example.com
       audience: switchboard
@@ -60,7 +61,7 @@ TENANTS = Gauge("switchboard_gateway_tenants", "Tenants in the configuration in 
 
 SHA256_HEX_CHARS = 64
 _LIMIT_FIELDS = {f.name: f for f in fields(TenantLimits)}
-_TENANT_KEYS = {"keys", "scopes", "priority", "limits"}
+_TENANT_KEYS = {"keys", "scopes", "priority", "limits", "share_cache"}
 _TOP_KEYS = {"defaults", "tenants", "jwt"}
 
 
@@ -234,12 +235,16 @@ def parse_tenants(text: str, source: str = "tenants file", base: Path = Path("."
             priority = Priority.parse(str(entry.get("priority", "normal")))
         except ValueError as exc:
             raise _fail(f"{where}.priority", str(exc)) from None
+        share_cache = entry.get("share_cache", False)
+        if not isinstance(share_cache, bool):
+            raise _fail(f"{where}.share_cache", f"must be true or false, got {share_cache!r}")
         tenant = Principal(
             tenant=name,
             key_id="",
             scopes=_parse_scopes(entry.get("scopes"), f"{where}.scopes"),
             priority=priority,
             limits=_parse_limits(entry.get("limits"), f"{where}.limits", defaults),
+            share_cache=share_cache,
         )
         tenants[name] = tenant
         raw_keys = entry.get("keys") or []

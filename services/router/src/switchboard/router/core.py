@@ -403,6 +403,10 @@ class RouterCore:
         """Join an outcome to its decision, learn from it; None when the decision is not held."""
         if outcome.expert not in self.experts:
             raise UnknownExpert(f"expert {outcome.expert!r} is not served here")
+        if outcome.not_served:
+            # Released, not learned from: a cache hit or a refusal after placement says nothing of the expert.
+            self.decision_log.pop(request_id)
+            return None
         self.load_bias.observe_ttft(outcome.expert, outcome.time_to_first_token_seconds)
         decision = self.decision_log.pop(request_id)
         if decision is None:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from switchboard.common.outcomes import never_served
 from switchboard.router.selector import Selection
 
 
@@ -52,6 +53,13 @@ class Outcome:
     completion_tokens: int
     time_to_first_token_seconds: float
     latency_seconds: float
+
+    @property
+    def not_served(self) -> bool:
+        """Never served (`switchboard.common.outcomes.never_served`): nothing to learn from it."""
+        return never_served(
+            self.finish_reason == "FINISH_REASON_CANCELLED", self.completion_tokens, self.time_to_first_token_seconds
+        )
 
 
 @dataclass(frozen=True)

@@ -218,22 +218,20 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             metrics.REQUEST_LATENCY.labels(request.expert).observe(request.latency_seconds)
         metrics.COMPLETION_TOKENS.labels(request.expert).inc(request.usage.completion_tokens)
         with bind_request(request.request_id):
-            record = self._core.feedback(
-                request.request_id,
-                Outcome(
-                    expert=request.expert,
-                    replica_id=request.replica_id,
-                    success=request.success,
-                    finish_reason=reason,
-                    prompt_tokens=request.usage.prompt_tokens,
-                    completion_tokens=request.usage.completion_tokens,
-                    time_to_first_token_seconds=max(0.0, request.time_to_first_token_seconds),
-                    latency_seconds=max(0.0, request.latency_seconds),
-                ),
+            outcome = Outcome(
+                expert=request.expert,
+                replica_id=request.replica_id,
+                success=request.success,
+                finish_reason=reason,
+                prompt_tokens=request.usage.prompt_tokens,
+                completion_tokens=request.usage.completion_tokens,
+                time_to_first_token_seconds=max(0.0, request.time_to_first_token_seconds),
+                latency_seconds=max(0.0, request.latency_seconds),
             )
-            if record is None:
+            record = self._core.feedback(request.request_id, outcome)
+            if record is None and not outcome.not_served:
                 metrics.FEEDBACK_UNMATCHED.inc()
-            elif self._core.online is not None:
+            elif record is not None and self._core.online is not None:
                 metrics.ONLINE_UPDATES.inc()
             try:
                 await self._scheduler.Complete(

@@ -16,6 +16,7 @@ from switchboard.common.enums import enum_name
 from switchboard.common.errors import ServiceError, already_exists, invalid_argument, not_found, unavailable
 from switchboard.common.experts_config import ExpertSLO
 from switchboard.common.logging import get_logger
+from switchboard.common.outcomes import never_served
 from switchboard.common.telemetry import SpanAttributes, get_tracer
 from switchboard.common.tls import peer_identity
 from switchboard.replica.cost_model import CostModel
@@ -396,7 +397,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         record = self.registry.complete(request.request_id, request.replica_id)
         expert = record.expert if record is not None else "unknown"
         metrics.COMPLETIONS.labels(expert=expert, success=str(request.success).lower()).inc()
-        if record is not None:
+        unserved = never_served(
+            request.finish_reason == common_pb2.FINISH_REASON_CANCELLED,
+            request.usage.completion_tokens,
+            request.time_to_first_token_seconds,
+        )
+        if record is not None and not unserved:
             metrics.count_slo(
                 expert,
                 judge(
