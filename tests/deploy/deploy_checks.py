@@ -86,9 +86,10 @@ class ThirdParty:
 THIRD_PARTY = {
     # The gateway's limits state (REDIS_URL), shared by its replicas.
     "redis": ThirdParty("redis", 6379, True, ("redis-cli", "ping"), ("/data",), ("gateway",)),
-    # compose.observability.yaml: the trace viewer and Prometheus, for development.
+    # compose.observability.yaml: the trace viewer, Prometheus and Grafana, for development.
     "jaeger": ThirdParty("jaegertracing/all-in-one", 4317, False),
     "prometheus": ThirdParty("prom/prometheus", 9090, False),
+    "grafana": ThirdParty("grafana/grafana", 3000, False),
 }
 
 

@@ -1,4 +1,4 @@
-"""Prometheus of the compose stack: promtool checks its config and unit-tests its alert rules."""
+"""Prometheus of the compose stack: promtool checks its config and rules and runs the rules' unit tests."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import shutil
 from pathlib import Path
 
 import deploy_checks as dc
+import observability_checks as oc
 import pytest
+
+RULES = "rules/switchboard.rules.yml"
 
 
 @pytest.fixture
@@ -15,7 +18,9 @@ def prometheus_copy(repo: Path, tmp_path: Path) -> Path:
     folder = tmp_path / "prometheus"
     shutil.copytree(repo / "compose/prometheus", folder)
     config = folder / "prometheus.yml"
-    config.write_text(config.read_text().replace("/etc/prometheus/alerts.yml", str(folder / "alerts.yml")))
+    text = config.read_text()
+    assert f"/etc/prometheus/{RULES}" in text, "prometheus.yml does not load the rules file"
+    config.write_text(text.replace(f"/etc/prometheus/{RULES}", str(folder / RULES)))
     return folder
 
 
@@ -23,19 +28,73 @@ def test_config_and_rules_are_valid(prometheus_copy: Path) -> None:
     assert dc.promtool(["check", "config", str(prometheus_copy / "prometheus.yml")]) == []
 
 
+def test_rules_pass_promtool_check_rules(repo: Path) -> None:
+    assert dc.promtool(["check", "rules", str(repo / "compose/prometheus" / RULES)]) == []
+
+
 def test_alert_rules_unit_tests_pass(repo: Path) -> None:
-    assert dc.promtool(["test", "rules", "alerts.test.yml"], cwd=repo / "compose/prometheus") == []
+    assert dc.promtool(["test", "rules", "switchboard.rules.test.yml"], cwd=repo / "compose/prometheus/rules") == []
 
 
-def test_broken_alert_threshold_fails_its_unit_test(prometheus_copy: Path) -> None:
-    rules = prometheus_copy / "alerts.yml"
-    rules.write_text(rules.read_text().replace("> 0.95", "> 1.5"))
-    problems = dc.promtool(["test", "rules", "alerts.test.yml"], cwd=prometheus_copy)
-    assert any("SwitchboardKvCacheFull" in p for p in problems), problems
+def test_every_alert_has_a_firing_and_a_quiet_unit_test() -> None:
+    assert oc.check_alerts_unit_tested(oc.load_rules()) == []
+
+
+def test_every_alert_waits_has_a_severity_and_says_what_to_do() -> None:
+    assert oc.check_alert_rules(oc.load_rules()) == []
+
+
+def test_the_rules_cover_the_issues_alerts() -> None:
+    alerts = {r["alert"] for r in oc.load_rules() if "alert" in r}
+    assert {
+        "SwitchboardAvailabilityBudgetBurnFast",
+        "SwitchboardAvailabilityBudgetBurnSlow",
+        "SwitchboardTtftSloBudgetBurnFast",
+        "SwitchboardTtftSloBudgetBurnSlow",
+        "SwitchboardServerErrors",
+        "SwitchboardServiceDown",
+        "SwitchboardExpertNoReadyReplica",
+        "SwitchboardGeneratorQueueDeep",
+        "SwitchboardKvCacheFull",
+        "SwitchboardGatewayShedding",
+        "SwitchboardLimitsStoreErrors",
+        "SwitchboardTenantBudgetExhausted",
+    } <= alerts
+
+
+@pytest.mark.parametrize(
+    ("original", "broken", "alert"),
+    [
+        ("> 0.95", "> 1.5", "SwitchboardKvCacheFull"),
+        ("14.4 * 0.001", "30 * 0.001", "SwitchboardAvailabilityBudgetBurnFast"),
+        ("6 * 0.01", "10 * 0.01", "SwitchboardTtftSloBudgetBurnFast"),
+        ('{state="waiting"}) > 8', '{state="waiting"}) > 20', "SwitchboardGeneratorQueueDeep"),
+    ],
+)
+def test_broken_alert_threshold_fails_its_unit_test(prometheus_copy: Path, original: str, broken: str, alert: str) -> None:
+    rules = prometheus_copy / RULES
+    text = rules.read_text()
+    assert original in text
+    rules.write_text(text.replace(original, broken))
+    problems = dc.promtool(["test", "rules", "switchboard.rules.test.yml"], cwd=prometheus_copy / "rules")
+    assert any(alert in p for p in problems), problems
 
 
 def test_broken_rule_expression_fails_the_config_check(prometheus_copy: Path) -> None:
-    rules = prometheus_copy / "alerts.yml"
+    rules = prometheus_copy / RULES
     rules.write_text(rules.read_text().replace("== 0", "== = 0"))
     problems = dc.promtool(["check", "config", str(prometheus_copy / "prometheus.yml")])
-    assert any("alerts.yml" in p for p in problems), problems
+    assert any("switchboard.rules.yml" in p for p in problems), problems
+
+
+def test_an_alert_without_a_unit_test_is_reported() -> None:
+    rules = [*oc.load_rules(), {"alert": "Untested", "expr": "vector(1)", "for": "1m"}]
+    assert oc.check_alerts_unit_tested(rules) == [
+        "alert Untested: no unit test expects it to fire",
+        "alert Untested: no unit test expects it to stay quiet",
+    ]
+    assert oc.check_alert_rules(rules[-1:]) == [
+        "alert Untested: severity label must be critical, warning or info",
+        "alert Untested: has no summary annotation",
+        "alert Untested: has no action annotation",
+    ]
