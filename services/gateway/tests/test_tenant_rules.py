@@ -311,3 +311,31 @@ async def test_limits_hold_across_two_gateways_sharing_one_redis(tmp_path: Path)
             # The month's tokens are the tenant's on both gateways.
             usage = await two.stub.Usage(gateway_pb2.UsageRequest(tenant="streams"), metadata=[("authorization", "Bearer main-key")])
             assert usage.usage[0].month_tokens == 0  # streams has no budget: nothing is counted for it
+
+
+async def test_budgeted_tenants_are_exported_as_gauges() -> None:
+    from switchboard.gateway.metering import BudgetReporter
+
+    used = {"acme": 120}
+    budgets = {"acme": 1000, "beta": 50}
+
+    async def month_tokens(tenant: str) -> int:
+        if tenant == "beta":
+            raise ConnectionError("limits store down")
+        return used[tenant]
+
+    reporter = BudgetReporter(lambda: dict(budgets), month_tokens, interval_seconds=60)
+    await reporter.report_once()
+
+    def gauge(name: str, tenant: str) -> float | None:
+        return REGISTRY.get_sample_value(name, {"tenant": tenant})
+
+    assert gauge("switchboard_gateway_tenant_budget_tokens", "acme") == 1000
+    assert gauge("switchboard_gateway_tenant_month_tokens", "acme") == 120
+    assert gauge("switchboard_gateway_tenant_budget_tokens", "beta") == 50
+    assert gauge("switchboard_gateway_tenant_month_tokens", "beta") is None  # its use could not be read: no value yet
+    used["acme"] = 300
+    del budgets["beta"]  # no longer budgeted (a reload): its series go away
+    await reporter.report_once()
+    assert gauge("switchboard_gateway_tenant_month_tokens", "acme") == 300
+    assert gauge("switchboard_gateway_tenant_budget_tokens", "beta") is None

@@ -70,6 +70,14 @@ class GatewaySettings:
         minimum=1024,
         maximum=64 * 1024**3,
     )
+    budget_report_seconds: float = setting(
+        "GATEWAY_BUDGET_REPORT_SECONDS",
+        30.0,
+        "how often the budgeted tenants' budgets and this month's use are exported as gauges "
+        "(switchboard_gateway_tenant_budget_tokens, switchboard_gateway_tenant_month_tokens)",
+        minimum=1.0,
+        maximum=86_400.0,
+    )
     max_inflight: int = setting(
         "GATEWAY_MAX_INFLIGHT",
         256,

@@ -7,12 +7,17 @@ which all gateways sharing a Redis charge.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
+from switchboard.common.logging import get_logger
 from switchboard.v1 import gateway_pb2
+
+log = get_logger(__name__)
 
 TENANT_TOKENS = Counter(
     "switchboard_gateway_tenant_tokens_total",
@@ -80,3 +85,58 @@ class UsageMeter:
                 )
             )
         return current_month(), rows
+
+
+TENANT_BUDGET = Gauge(
+    "switchboard_gateway_tenant_budget_tokens",
+    "Each budgeted tenant's monthly token budget (limits.monthly_token_budget in the tenants file).",
+    ["tenant"],
+)
+TENANT_MONTH_TOKENS = Gauge(
+    "switchboard_gateway_tenant_month_tokens",
+    "Each budgeted tenant's tokens this UTC month across every gateway sharing its limits store.",
+    ["tenant"],
+)
+
+
+class BudgetReporter:
+    """Exports each budgeted tenant's budget and this month's use as gauges, every `interval` seconds.
+
+    Alerts compare the two (a tenant nearing its budget); the month's count comes from the limits
+    store, so every gateway reports the same figure. A store that cannot be reached leaves the last
+    values in place: reporting never affects requests.
+    """
+
+    def __init__(
+        self,
+        budgets: Callable[[], dict[str, int]],
+        month_tokens: Callable[[str], Awaitable[int]],
+        interval_seconds: float,
+    ) -> None:
+        self._budgets = budgets
+        self._month_tokens = month_tokens
+        self._interval = interval_seconds
+        self._reported: set[str] = set()
+
+    async def report_once(self) -> None:
+        """One round: set both gauges for every budgeted tenant, drop those no longer budgeted."""
+        budgets = self._budgets()
+        for tenant in self._reported - set(budgets):
+            for gauge in (TENANT_BUDGET, TENANT_MONTH_TOKENS):
+                with contextlib.suppress(KeyError):  # its use was never read
+                    gauge.remove(tenant)
+        for tenant, budget in budgets.items():
+            TENANT_BUDGET.labels(tenant).set(budget)
+            try:
+                used = await self._month_tokens(tenant)
+            except Exception as exc:  # the limits store is down: keep the last value (none yet: no series)
+                log.debug("budget use not read", tenant=tenant, error=str(exc))
+                continue
+            TENANT_MONTH_TOKENS.labels(tenant).set(used)
+        self._reported = set(budgets)
+
+    async def run(self) -> None:
+        """Report until cancelled."""
+        while True:
+            await self.report_once()
+            await asyncio.sleep(self._interval)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from switchboard.common.channels import open_channel
@@ -20,7 +21,7 @@ from switchboard.gateway.http_server import HttpServer
 from switchboard.gateway.jwt_tokens import JwtConfigError
 from switchboard.gateway.limiter import TenantLimiter
 from switchboard.gateway.limitstore import LimitStore, MemoryLimitStore, RedisLimitStore
-from switchboard.gateway.metering import UsageMeter
+from switchboard.gateway.metering import BudgetReporter, UsageMeter
 from switchboard.gateway.response_cache import open_response_cache
 from switchboard.gateway.servicer import GatewayServicer
 from switchboard.gateway.tenants import TenantDirectory, TenantsFileError
@@ -54,6 +55,15 @@ def _auth_interceptor(service: GrpcService) -> AuthInterceptor:
         # Fail closed: a server without the interceptor would serve unauthenticated calls.
         raise RuntimeError("the gateway's GrpcService must be made by gateway_service(), which installs authentication")
     return found[0]
+
+
+def budgeted_tenants(tenants: TenantDirectory) -> dict[str, int]:
+    """{tenant: monthly token budget} of the tenants that have one."""
+    return {
+        name: principal.limits.monthly_token_budget
+        for name, principal in tenants.config.tenants.items()
+        if principal.limits.monthly_token_budget is not None
+    }
 
 
 def limit_store(settings: GatewaySettings) -> LimitStore:
@@ -94,10 +104,11 @@ async def serve(settings: GatewaySettings, service: GrpcService | None = None, h
         max_bytes=settings.cache_max_bytes,
         timeout_seconds=settings.limit_store_timeout_seconds,
     )
+    limiter = TenantLimiter(store)
     core = GatewayCore(
         settings,
         router_pb2_grpc.RouterStub(router_channel),
-        TenantLimiter(store),
+        limiter,
         AdmissionController(settings.max_inflight, settings.max_queued, quantum_tokens=settings.fair_quantum_tokens),
         UsageMeter(),
         tenants,
@@ -127,9 +138,12 @@ async def serve(settings: GatewaySettings, service: GrpcService | None = None, h
         limits_store="redis" if settings.redis_url else "memory",
         response_cache=settings.cache,
     )
+    budgets = BudgetReporter(lambda: budgeted_tenants(tenants), limiter.month_tokens, settings.budget_report_seconds)
+    reporter = asyncio.create_task(budgets.run())
     try:
         await service.run(["switchboard.v1.Gateway"], handle_signals=handle_signals)
     finally:
+        reporter.cancel()
         # After the drain: in-flight streams have finished (or been cancelled) by now.
         if http is not None:
             await http.stop()
