@@ -17,20 +17,13 @@ A store that cannot be reached raises `LimitStoreUnavailable` (never a redis-py 
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
-import redis.asyncio as redis_asyncio
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from switchboard.gateway.redis_connection import RedisConnection
 
 KEY_PREFIX = "sb:gw:"
 DEFAULT_TIMEOUT_SECONDS = 0.25
@@ -378,16 +371,6 @@ def _ms(seconds: float) -> int:
     return max(1, math.ceil(seconds * 1000))
 
 
-def redis_address(url: str) -> str:
-    """The store's address for messages and logs: the URL without credentials."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.scheme == "unix":
-        return f"unix://{parts.path}"
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
-
-
 class RedisLimitStore:
     """Limit state in Redis, shared by every gateway; each read-modify-write is one Lua script.
 
@@ -398,16 +381,11 @@ class RedisLimitStore:
 
     def __init__(self, url: str, *, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> None:
         _check_ttl(timeout_seconds)
-        self.address = redis_address(url)
-        self._timeout = timeout_seconds
-        self._client = redis_asyncio.Redis.from_url(
-            url,
-            socket_timeout=timeout_seconds,
-            socket_connect_timeout=timeout_seconds,
-            retry=Retry(NoBackoff(), 0),
-            retry_on_timeout=False,
-            decode_responses=True,
+        self._connection = RedisConnection(
+            url, timeout_seconds, "limit store", LimitStoreUnavailable, decode_responses=True
         )
+        self.address = self._connection.address
+        self._client = self._connection.client
         self._take = self._client.register_script(_LUA_TAKE)
         self._settle = self._client.register_script(_LUA_SETTLE)
         self._acquire = self._client.register_script(_LUA_ACQUIRE)
@@ -418,22 +396,7 @@ class RedisLimitStore:
         return f"RedisLimitStore({self.address!r})"
 
     async def _call(self, operation: str, awaitable: Any) -> Any:
-        """Await a Redis command, turning every failure into LimitStoreUnavailable naming the store."""
-        try:
-            # The socket timeouts bound each connect and read; this bounds the whole operation
-            # (a connect followed by a slow reply, or a NOSCRIPT reload, is still one timeout).
-            async with asyncio.timeout(self._timeout):
-                return await awaitable
-        except (TimeoutError, RedisTimeoutError):
-            raise LimitStoreUnavailable(
-                f"limit store {self.address} did not answer {operation} within {self._timeout:g} s"
-            ) from None
-        except (RedisConnectionError, OSError) as error:
-            raise LimitStoreUnavailable(f"limit store {self.address} unreachable ({operation}): {error}") from None
-        except RedisError as error:
-            raise LimitStoreUnavailable(
-                f"limit store {self.address} failed {operation}: {type(error).__name__}: {error}"
-            ) from None
+        return await self._connection.call(operation, awaitable)
 
     async def take(self, key: str, *, rate: float, burst: float, amount: float) -> Decision:
         _check_bucket(rate, burst)
@@ -481,10 +444,7 @@ class RedisLimitStore:
         return 0 if value is None else int(value)
 
     async def close(self) -> None:
-        try:
-            await self._client.aclose()
-        except (RedisError, OSError):
-            pass  # closing a connection to a store that is gone is not worth an error
+        await self._connection.close()
 
 
 def _check_amount(amount: float) -> None:

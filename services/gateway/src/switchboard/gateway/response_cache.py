@@ -43,7 +43,6 @@ failure as a miss (logged and counted), never as a failed request.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import math
 import struct
@@ -54,13 +53,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import redis.asyncio as redis_asyncio
 from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
-from switchboard.gateway.limitstore import redis_address
+from switchboard.gateway.redis_connection import RedisConnection
 from switchboard.v1 import common_pb2, gateway_pb2
 
 KEY_PREFIX = "sb:gw:cache:"
@@ -254,32 +249,16 @@ class RedisResponseCache:
     def __init__(self, url: str, ttl_seconds: float, timeout_seconds: float) -> None:
         if not ttl_seconds > 0 or not timeout_seconds > 0:
             raise ValueError(f"ttl_seconds and timeout_seconds must be > 0, got {ttl_seconds}, {timeout_seconds}")
-        self.address = redis_address(url)
         self._ttl_ms = max(1, math.ceil(ttl_seconds * 1000))
-        self._timeout = timeout_seconds
-        self._client = redis_asyncio.Redis.from_url(
-            url,
-            socket_timeout=timeout_seconds,
-            socket_connect_timeout=timeout_seconds,
-            retry=Retry(NoBackoff(), 0),
-            retry_on_timeout=False,
-        )
+        self._connection = RedisConnection(url, timeout_seconds, "response cache", ResponseCacheUnavailable)
+        self.address = self._connection.address
+        self._client = self._connection.client
 
     def __repr__(self) -> str:
         return f"RedisResponseCache({self.address!r})"
 
     async def _call(self, operation: str, awaitable: Any) -> Any:
-        try:
-            async with asyncio.timeout(self._timeout):
-                return await awaitable
-        except TimeoutError:
-            raise ResponseCacheUnavailable(
-                f"response cache {self.address} did not answer {operation} within {self._timeout:g} s"
-            ) from None
-        except (RedisError, OSError) as error:
-            raise ResponseCacheUnavailable(
-                f"response cache {self.address} failed {operation}: {type(error).__name__}: {error}"
-            ) from None
+        return await self._connection.call(operation, awaitable)
 
     async def get(self, key: str) -> bytes | None:
         value = await self._call("GET", self._client.get(key))
@@ -292,10 +271,7 @@ class RedisResponseCache:
         return True
 
     async def close(self) -> None:
-        try:
-            await self._client.aclose()
-        except (RedisError, OSError):
-            pass
+        await self._connection.close()
 
 
 def open_response_cache(
