@@ -63,10 +63,14 @@ def test_the_remote_backend_does_not_import_torch() -> None:
 def engine_server(
     model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`transformers serve` on the test model; skipped when it does not answer a completion in time."""
+    """`transformers serve` on the test model (make test installs it: transformers[serving] in requirements/dev.txt).
+
+    A missing executable or an engine that does not answer a completion in time fails the test: the
+    backend must be exercised against the real engine in CI, never skipped.
+    """
     executable = shutil.which("transformers", path=str(Path(sys.executable).parent))
     if executable is None:
-        pytest.skip("transformers serve is not installed (pip install 'transformers[serving]')")
+        pytest.fail("transformers serve is not installed: requirements/dev.txt installs transformers[serving]")
     port = free_port()
     log = tmp_path_factory.mktemp("engine") / "serve.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -90,9 +94,7 @@ def engine_server(
                 time.sleep(0.5)
         if not warmed:
             tail = log.read_text(errors="replace")[-1500:]
-            pytest.skip(
-                f"transformers serve did not answer a completion within {START_SECONDS:g} s here: {tail}"
-            )
+            pytest.fail(f"transformers serve did not answer a completion within {START_SECONDS:g} s: {tail}")
         yield url, process
     finally:
         if process.poll() is None:

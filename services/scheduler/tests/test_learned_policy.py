@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from prometheus_client import REGISTRY
 from switchboard.common.experts_config import ExpertSLO
 from switchboard.common.settings import ServerSettings
@@ -216,7 +217,6 @@ def test_a_file_that_appears_later_replaces_the_fallback(tmp_path: Path) -> None
 
 
 def test_numpy_forward_equals_torch_forward(tmp_path: Path) -> None:
-    torch = pytest.importorskip("torch")
     network = load_policy_file(write_policy_file(tmp_path / "p.json", PolicyNetwork.random(seed=3, hidden=16)))
     n = len(FEATURE_NAMES)
     rng = np.random.default_rng(0)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from switchboard.cli.main import main
 from switchboard.scheduler.learned_policy import (
     FEATURE_NAMES,
@@ -75,7 +76,6 @@ def test_a_tiny_training_writes_a_loadable_policy_file_deterministically(files, 
 
 
 def test_torch_export_round_trip_matches(files) -> None:
-    torch = pytest.importorskip("torch")
     from switchboard.simulation.train import from_network, to_network
 
     net = load_policy_file(_write_random(files["tmp"]))
