@@ -10,28 +10,19 @@ from switchboard.bench.workload import TraceRequest
 from switchboard.cli.main import main
 from switchboard.simulation.evaluate import held_out_windows
 
-COST = {"fit": {"base_ms": 2.0, "prefill_token_ms": 0.05, "decode_seq_ms": 0.2, "context_token_ms": 0.001},
-        "block_size": 16, "kv_blocks_total": 256, "max_num_seqs": 32, "max_tokens_per_step": 256, "max_model_len": 1024}
-
 
 @pytest.fixture
-def setup_files(tmp_path: Path) -> dict[str, Path]:
-    experts = tmp_path / "experts.yaml"
-    experts.write_text(
+def setup_files(tmp_path: Path, sim_inputs) -> dict[str, Path]:
+    written = sim_inputs(
         "experts:\n"
         "  - {name: a, description: first pool, model: a, slo: {ttft_seconds: 0.2, tpot_seconds: 0.02}}\n"
-        "  - {name: b, description: second pool, model: b}\n"
+        "  - {name: b, description: second pool, model: b}\n",
+        (
+            {"timestamp": i * 50, "input_length": 200 + i % 90, "output_length": 10 + i % 30, "hash_ids": [i % 3, 100 + i]}
+            for i in range(400)
+        ),
     )
-    costs = tmp_path / "costs"
-    costs.mkdir()
-    for name in ("a", "b"):
-        (costs / f"{name}.json").write_text(json.dumps(COST))
-    trace = tmp_path / "trace.jsonl"
-    with trace.open("w") as out:
-        for i in range(400):
-            out.write(json.dumps({"timestamp": i * 50, "input_length": 200 + i % 90, "output_length": 10 + i % 30,
-                                  "hash_ids": [i % 3, 100 + i]}) + "\n")
-    return {"experts": experts, "costs": costs, "trace": trace, "out": tmp_path / "out"}
+    return {**written, "out": tmp_path / "out"}
 
 
 def eval_args(files: dict[str, Path], *extra: str) -> list[str]:

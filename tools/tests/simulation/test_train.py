@@ -16,28 +16,20 @@ from switchboard.scheduler.learned_policy import (
     load_policy_file,
 )
 
-COST = {"fit": {"base_ms": 2.0, "prefill_token_ms": 0.05, "decode_seq_ms": 0.2, "context_token_ms": 0.001},
-        "block_size": 16, "kv_blocks_total": 256, "max_num_seqs": 32, "max_tokens_per_step": 256, "max_model_len": 1024}
-
 
 @pytest.fixture
-def files(tmp_path: Path) -> dict[str, Path]:
-    experts = tmp_path / "experts.yaml"
-    experts.write_text(
+def files(tmp_path: Path, sim_inputs) -> dict[str, Path]:
+    written = sim_inputs(
         "experts:\n"
         "  - {name: a, description: first pool, model: a, slo: {ttft_seconds: 0.05, tpot_seconds: 0.02}}\n"
-        "  - {name: b, description: second pool, model: b, slo: {ttft_seconds: 0.05}}\n"
+        "  - {name: b, description: second pool, model: b, slo: {ttft_seconds: 0.05}}\n",
+        (
+            {"timestamp": i * 50, "input_length": 200 + (i * 37) % 300, "output_length": 10 + i % 30,
+             "hash_ids": [i % 3, 100 + i]}
+            for i in range(800)
+        ),
     )
-    costs = tmp_path / "costs"
-    costs.mkdir()
-    for name in ("a", "b"):
-        (costs / f"{name}.json").write_text(json.dumps(COST))
-    trace = tmp_path / "trace.jsonl"
-    with trace.open("w") as out:
-        for i in range(800):
-            out.write(json.dumps({"timestamp": i * 50, "input_length": 200 + (i * 37) % 300,
-                                  "output_length": 10 + i % 30, "hash_ids": [i % 3, 100 + i]}) + "\n")
-    return {"experts": experts, "costs": costs, "trace": trace, "tmp": tmp_path}
+    return {**written, "tmp": tmp_path}
 
 
 def train_args(files: dict[str, Path], out: Path, *extra: str) -> list[str]:
