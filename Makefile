@@ -9,14 +9,29 @@ PACKAGES := libs/common libs/replica services/gateway services/router services/s
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test venv buf promtool protos protos-check deploy-files experts gate lint clean
+.PHONY: run test compose-test venv buf promtool protos protos-check deploy-files experts gate lint clean
 
 run: venv experts gate  ## Start the whole stack locally (gateway on 127.0.0.1:50051).
 	$(BIN)/switchboard up
 
 test: venv buf promtool experts gate  ## Lint, then run every test (unit, cross-service, deployment checks).
 	$(BIN)/ruff check .
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --ignore=tests/compose $(PYTEST_ARGS)
+
+# The compose check needs a container engine: podman (installed here from Debian's packages,
+# as root) unless SWITCHBOARD_CONTAINER_ENGINE=docker names a running Docker daemon.
+CONTAINER_PACKAGES := podman runc debootstrap
+
+compose-test: venv experts  ## Build every image and run the compose stack for real (tests/compose/README.md).
+	@if [ "$${SWITCHBOARD_CONTAINER_ENGINE:-podman}" = podman ]; then \
+	  for tool in $(CONTAINER_PACKAGES); do command -v $$tool >/dev/null || missing=1; done; \
+	  if [ -n "$$missing" ]; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -q $(CONTAINER_PACKAGES) >/dev/null || \
+	      (apt-get update -qq && apt-get install -y -q $(CONTAINER_PACKAGES) >/dev/null); \
+	  fi; \
+	fi
+	$(PY) -m pytest tests/compose $(PYTEST_ARGS)
 
 venv: $(STAMP)
 

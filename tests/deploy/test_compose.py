@@ -236,3 +236,24 @@ def test_broken_tls_overlay_fails(
         _edit(tls_copy / path, old, new)
     problems = _check(tls_copy, ["compose.yaml", "compose.tls.yaml"], [], contracts)
     assert any(expected in p for p in problems), problems
+
+
+def test_local_override_swaps_only_the_third_party_images_for_ones_built_here(repo: Path) -> None:
+    """compose.local.yaml (the compose check's, for machines with no registry) builds Redis, the
+    trace viewer and Prometheus here, drops Grafana, and leaves every Switchboard service as is."""
+    users = [repo / "compose/compose.yaml", repo / "compose/compose.observability.yaml"]
+    plain, problems = dc.compose_config(users, [])
+    local, local_problems = dc.compose_config([*users, repo / "compose/compose.local.yaml"], [])
+    assert problems == [] and local_problems == []
+    assert set(plain["services"]) - set(local["services"]) == {"grafana"}
+    for name in ("redis", "jaeger", "prometheus"):
+        assert local["services"][name]["image"].startswith("localhost/switchboard-local/"), name
+        assert (Path(local["services"][name]["build"]["context"]) / "Dockerfile").is_file(), name
+    for name, service in local["services"].items():
+        if dc.compose_service_kind(service):
+            assert service == plain["services"][name], name
+
+
+@pytest.mark.parametrize("image", ["redis", "trace-viewer", "prometheus"])
+def test_hadolint_passes_on_the_local_images(image: str, repo: Path) -> None:
+    assert dc.check_hadolint(repo / f"compose/local/{image}/Dockerfile", repo / ".hadolint.yaml") == []
