@@ -176,7 +176,16 @@ def test_a_killed_replicas_queued_work_is_re_placed_and_its_streams_end_clearly(
     tmp_path: Path, model_dir: Path
 ) -> None:
     # One sequence at a time per replica: a second request placed on a replica waits in its queue.
-    running = start_stack(tmp_path, model_dir, {"bard-small": 2}, env={"GENERATOR_MAX_NUM_SEQS": "1"})
+    # The queued requests wait behind a long stream, which on a loaded machine takes longer than the
+    # gateway's per-attempt first-token budget: with it, the survivor's queued request would be
+    # cancelled and retried on the dead replica. This test is about re-placement, so the budget is off
+    # (0: only the request's deadline); services/gateway/tests/test_failover.py covers the budget.
+    running = start_stack(
+        tmp_path,
+        model_dir,
+        {"bard-small": 2},
+        env={"GENERATOR_MAX_NUM_SEQS": "1", "GATEWAY_ATTEMPT_FIRST_TOKEN_SECONDS": "0"},
+    )
     try:
         limit = max_tokens(running, "bard-small-0")
         with grpc.insecure_channel(running.gateway_addr) as channel:
