@@ -23,6 +23,7 @@ from switchboard.common.settings import (
     SettingsError,
     load_server_settings,
     load_settings,
+    method_message_limits,
     reference_markdown,
     settings_reference,
 )
@@ -219,3 +220,144 @@ def test_unknown_enum_values_read_as_unspecified() -> None:
     assert request.finish_reason == 99
     assert enum_name(common_pb2.FinishReason, request.finish_reason) == "FINISH_REASON_UNSPECIFIED"
     assert enum_name(common_pb2.FinishReason, common_pb2.FINISH_REASON_EOS) == "FINISH_REASON_EOS"
+
+
+# Per-method bounds: tighter than the server-wide limit for small methods, checked before decoding.
+BOUND = 1024
+BOUNDS_ENV = {
+    "LIMITS_DRAIN_SECONDS": "0.2",
+    "LIMITS_MAX_RECEIVE_MESSAGE_BYTES": str(LIMIT),
+    "LIMITS_MAX_METHOD_MESSAGE_BYTES": f"Limits/Unary={BOUND},Limits/Collect={BOUND}",
+}
+
+
+def test_method_bounds_merge_over_the_defaults_and_name_the_variable() -> None:
+    plain = load_server_settings("X", 1, 2, environ={})
+    assert method_message_limits(plain) == {
+        "Health/Check": 4096,
+        "Health/Watch": 4096,
+        "Health/List": 4096,
+        "ServerReflection/ServerReflectionInfo": 16384,
+    }
+    # A service's defaults add to the shared ones; an operator's pairs replace only their methods.
+    front = load_settings(
+        BoundedFront,
+        server_prefix="FRONT",
+        environ={"FRONT_MAX_METHOD_MESSAGE_BYTES": "Health/Check=2048, Front/New=512"},
+    )
+    limits = method_message_limits(front.server)
+    assert limits["Health/Check"] == 2048 and limits["Health/Watch"] == 4096
+    assert limits["Front/Small"] == 256 and limits["Front/New"] == 512
+    docs = {d.env: d.default for d in settings_reference(BoundedFront, server_prefix="FRONT")}
+    assert "Front/Small=256" in docs["FRONT_MAX_METHOD_MESSAGE_BYTES"]
+    assert "Health/Check=4096" in docs["FRONT_MAX_METHOD_MESSAGE_BYTES"]
+    # A default bound above a lowered server limit is capped, not an error.
+    low = load_settings(BoundedFront, server_prefix="FRONT", environ={"FRONT_MAX_RECEIVE_MESSAGE_BYTES": "2048"})
+    assert method_message_limits(low.server)["ServerReflection/ServerReflectionInfo"] == 2048
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("Health/Check", "expected Service/Method=bytes"),
+        ("Check=100", "expected Service/Method=bytes"),
+        ("Health/Check=lots", "expected a number of bytes"),
+        ("Health/Check=8", "must be >= 16"),
+        ("Health/Check=5000000", "over FRONT_MAX_RECEIVE_MESSAGE_BYTES"),
+    ],
+)
+def test_bad_method_bounds_name_the_variable(value: str, why: str) -> None:
+    with pytest.raises(SettingsError, match="FRONT_MAX_METHOD_MESSAGE_BYTES") as caught:
+        load_settings(BoundedFront, server_prefix="FRONT", environ={"FRONT_MAX_METHOD_MESSAGE_BYTES": value})
+    assert why in str(caught.value)
+
+
+@dataclass(frozen=True)
+class BoundedFront:
+    """A service with its own per-method bounds."""
+
+    server_defaults: ClassVar[dict[str, Any]] = {"max_method_message_bytes": ("Front/Small=256",)}
+    server: ServerSettings
+
+
+async def test_a_bound_for_a_method_the_server_does_not_serve_stops_the_start() -> None:
+    settings = load_server_settings("LIMITS", 0, 0, environ={"LIMITS_MAX_METHOD_MESSAGE_BYTES": "Health/Chek=100"})
+    svc = GrpcService("limits", settings)
+    with pytest.raises(SettingsError, match="LIMITS_MAX_METHOD_MESSAGE_BYTES: Health/Chek is not a method"):
+        await svc.run([SERVICE], handle_signals=False)
+
+
+class Collector(Recorder):
+    """Adds a client-streaming method: every message of the stream is bounded."""
+
+    async def collect(self, requests: AsyncIterator[scheduler_pb2.ReportLoadRequest], context: grpc.aio.ServicerContext) -> scheduler_pb2.ReportLoadResponse:
+        async for request in requests:
+            self.calls.append(request)
+        return scheduler_pb2.ReportLoadResponse(known=True)
+
+
+@pytest.fixture
+async def bounded() -> AsyncIterator[tuple[GrpcService, Collector]]:
+    recorder = Collector()
+    svc = GrpcService("limits", load_server_settings("LIMITS", 0, 0, environ=BOUNDS_ENV))
+    handlers = {
+        "Unary": grpc.unary_unary_rpc_method_handler(
+            recorder.unary, scheduler_pb2.ReportLoadRequest.FromString, scheduler_pb2.ReportLoadResponse.SerializeToString
+        ),
+        "Stream": grpc.unary_stream_rpc_method_handler(
+            recorder.stream, scheduler_pb2.ReportLoadRequest.FromString, scheduler_pb2.ReportLoadResponse.SerializeToString
+        ),
+        "Collect": grpc.stream_unary_rpc_method_handler(
+            recorder.collect, scheduler_pb2.ReportLoadRequest.FromString, scheduler_pb2.ReportLoadResponse.SerializeToString
+        ),
+    }
+    svc.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    task = asyncio.create_task(svc.run([SERVICE], handle_signals=False))
+    await asyncio.wait_for(svc.started.wait(), 10)
+    yield svc, recorder
+    svc.stop()
+    await asyncio.wait_for(task, 10)
+
+
+def assert_too_large(error: grpc.aio.AioRpcError, method: str, limit: int, size: int) -> None:
+    """RESOURCE_EXHAUSTED naming the size, the bound, the method and the setting (reason MESSAGE_TOO_LARGE)."""
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (error.code(), error.details())
+    details = error.details() or ""
+    assert f"{size} bytes" in details and f"{limit}-byte bound of {method}" in details, details
+    assert "LIMITS_MAX_METHOD_MESSAGE_BYTES" in details
+    info = error_details(error)
+    assert info["reason"] == "MESSAGE_TOO_LARGE" and info["retry_after"] is None
+    assert info["metadata"] == {"method": method, "limit_bytes": str(limit), "setting": "LIMITS_MAX_METHOD_MESSAGE_BYTES"}
+
+
+async def test_a_message_over_its_method_bound_is_refused_before_decoding(bounded: tuple[GrpcService, Collector]) -> None:
+    svc, recorder = bounded
+    async with raw_channel(svc) as channel:
+        unary = channel.unary_unary(f"/{SERVICE}/Unary")
+        for size in (BOUND + 1, LIMIT):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await unary(sized_request(size), timeout=10)
+            assert_too_large(caught.value, "Limits/Unary", BOUND, size)
+        # Over the bound and undecodable: refused for its size, since it is never decoded.
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await unary(b"\xff" * (BOUND + 1), timeout=10)
+        assert_too_large(caught.value, "Limits/Unary", BOUND, BOUND + 1)
+        # Each message of a client stream is bounded: the first fits, the second does not.
+        collect = channel.stream_unary(f"/{SERVICE}/Collect")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await collect(iter([sized_request(BOUND), sized_request(BOUND + 1)]), timeout=10)
+        assert_too_large(caught.value, "Limits/Collect", BOUND, BOUND + 1)
+        assert len(recorder.calls) == 1  # only the message within the bound reached the handler
+        # Health's shared bound, on the runtime-added service.
+        check = channel.unary_unary("/grpc.health.v1.Health/Check")
+        big = health_pb2.HealthCheckRequest(service="s" * 5000).SerializeToString()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await check(big, timeout=10)
+        assert_too_large(caught.value, "Health/Check", 4096, len(big))
+        # At the bound the request is served; a method without a bound keeps the server-wide limit.
+        assert scheduler_pb2.ReportLoadResponse.FromString(await unary(sized_request(BOUND), timeout=10)).known
+        stream = channel.unary_stream(f"/{SERVICE}/Stream")
+        assert [m async for m in stream(sized_request(LIMIT), timeout=10)]
+        reply = await check(health_pb2.HealthCheckRequest(service="").SerializeToString(), timeout=10)
+        assert health_pb2.HealthCheckResponse.FromString(reply).status == health_pb2.HealthCheckResponse.SERVING
+        assert len(recorder.calls) == 3

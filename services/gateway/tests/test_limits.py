@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import pytest
 from switchboard.common.errors import error_details
-from switchboard.common.settings import SettingsError, load_settings
+from switchboard.common.settings import SettingsError, load_settings, method_message_limits
 from switchboard.gateway.auth import Authenticator
 from switchboard.gateway.config import DEFAULT_METRICS_PORT, DEFAULT_PORT, SERVER_PREFIX, GatewaySettings
 from switchboard.gateway.keys import add_key, new_key
@@ -174,3 +174,28 @@ async def test_undecodable_bytes_answer_invalid_argument_without_auth(tmp_path: 
                 assert not any(leak in (error.details() or "") for leak in ("DecodeError", "Error parsing", "<class", "Unexpected"))
                 assert error_details(error)["reason"] == "MALFORMED_REQUEST"
         assert consulted == [] and replica.prompts == []
+
+
+async def test_a_small_rpc_over_its_method_bound_is_refused_before_auth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ListModels and Usage carry a tenant name at most: their bound (GATEWAY_MAX_METHOD_MESSAGE_BYTES)
+    is a few KiB, far below the prompt-sized message limit, and is checked before decoding or auth."""
+    limits = method_message_limits(load({}).server)
+    assert "Gateway/Generate" not in limits and "Gateway/Complete" not in limits  # sized to the prompt limit
+    async with gateway(tmp_path, monkeypatch) as (channel, key, consulted, replica):
+        auth = [("authorization", f"Bearer {key}")]
+        for method in ("ListModels", "Usage"):
+            bound = limits[f"Gateway/{method}"]
+            call = channel.unary_unary(f"/switchboard.v1.Gateway/{method}", request_serializer=None, response_deserializer=None)
+            oversized = gateway_pb2.UsageRequest(tenant="t" * bound).SerializeToString()
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call(oversized, metadata=auth, timeout=10)
+            error = caught.value
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (method, error.code(), error.details())
+            assert f"{bound}-byte bound of Gateway/{method}" in (error.details() or "")
+            assert "GATEWAY_MAX_METHOD_MESSAGE_BYTES" in (error.details() or "")
+            assert error_details(error)["reason"] == "MESSAGE_TOO_LARGE"
+        assert consulted == [] and replica.prompts == []
+        # Within the bound the call reaches auth and the servicer (whose stand-in router has no ListExperts).
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await channel.unary_unary("/switchboard.v1.Gateway/ListModels")(b"", metadata=auth, timeout=10)
+        assert error_details(caught.value)["reason"] != "MESSAGE_TOO_LARGE" and len(consulted) == 1

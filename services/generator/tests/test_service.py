@@ -7,6 +7,7 @@ to the pool), Info, draining, and the settings.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,7 +20,13 @@ from engine_fixtures import build_llama
 from service_fixtures import generator_settings, running_generator, wait_for
 from switchboard.common.channels import open_channel
 from switchboard.common.errors import error_details
-from switchboard.common.settings import SettingsError, load_settings
+from switchboard.common.settings import (
+    SettingsError,
+    load_server_settings,
+    load_settings,
+    method_message_limits,
+    server_defaults,
+)
 from switchboard.generator.app import GeneratorApp
 from switchboard.generator.config import (
     DEFAULT_METRICS_PORT,
@@ -278,6 +285,37 @@ async def test_generate_beyond_the_waiting_bound_is_resource_exhausted(
         finally:
             await channel.close()
     assert app.announce().max_waiting == 1
+
+
+async def test_info_over_its_message_bound_is_refused_naming_the_setting(loaded: LoadedModel, model_dir: Path) -> None:
+    """With the generator's own per-method defaults (GENERATOR_MAX_METHOD_MESSAGE_BYTES), an Info
+    request over its bound is refused with RESOURCE_EXHAUSTED (reason MESSAGE_TOO_LARGE) before it
+    is decoded; a Generate of the same size is within its (server-wide) limit and is served."""
+    server = load_server_settings(
+        SERVER_PREFIX, 0, 0, environ={"GENERATOR_DRAIN_SECONDS": "0.5"}, defaults=server_defaults(GeneratorSettings)
+    )
+    bound = method_message_limits(server)["Generator/Info"]
+    assert "Generator/Generate" not in method_message_limits(server)
+    async with running_generator(loaded, dataclasses.replace(generator_settings(str(model_dir)), server=server)) as app:
+        channel = open_channel(f"127.0.0.1:{app.service.port}")
+        try:
+            info = channel.unary_unary("/switchboard.v1.Generator/Info", request_serializer=None, response_deserializer=None)
+            oversized = b"\xfa\x3f" + bytes([0x80 | ((bound - 1) & 0x7F), (bound - 1) >> 7]) + b"x" * (bound - 1)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await info(oversized, timeout=10)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value.details()
+            details = error_details(caught.value)
+            assert details["reason"] == "MESSAGE_TOO_LARGE"
+            assert f"{bound}-byte bound of Generator/Info" in details["message"]
+            assert "GENERATOR_MAX_METHOD_MESSAGE_BYTES" in details["message"]
+            assert generator_pb2.InfoResponse.FromString(await info(b"", timeout=10)).replica_id == app.identity.replica_id
+            stub = generator_pb2_grpc.GeneratorStub(channel)
+            request = generator_pb2.GeneratorGenerateRequest(prompt=PROMPT * (bound // len(PROMPT) + 1), sampling=greedy(1))
+            assert request.ByteSize() > bound
+            messages = await collect(stub.Generate(request, timeout=60))
+            assert messages[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+        finally:
+            await channel.close()
 
 
 def test_settings_defaults_and_errors(tmp_path: Path) -> None:

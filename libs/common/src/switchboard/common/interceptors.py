@@ -2,9 +2,12 @@
 
 1. OpenTelemetry (from telemetry.server_interceptors): the server span.
 2. `MetricsInterceptor`: request count by method and status code, latency.
-3. `DecodeInterceptor`: request bytes that do not decode as the method's message
-   -> INVALID_ARGUMENT naming the message type (reason MALFORMED_REQUEST), before
-   any later interceptor or the servicer sees them; no Python exception text.
+3. `DecodeInterceptor`: a request message over its method's bound
+   (`<SERVICE>_MAX_METHOD_MESSAGE_BYTES`) -> RESOURCE_EXHAUSTED naming the bound and the
+   setting (reason MESSAGE_TOO_LARGE), before it is decoded; request bytes that do not
+   decode as the method's message -> INVALID_ARGUMENT naming the message type (reason
+   MALFORMED_REQUEST); both before any later interceptor or the servicer sees the
+   request, and no Python exception text.
 4. The service's own interceptors (`extra_interceptors`).
 5. `ErrorInterceptor`: `ServiceError` -> its status with rich details; any other
    exception -> INTERNAL with a generic message (the stack goes to the log, never
@@ -17,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -184,6 +188,8 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
 
 MALFORMED_REQUEST = "MALFORMED_REQUEST"
+# ErrorInfo reason of a request message over its method's bound (the bound and its setting in metadata).
+MESSAGE_TOO_LARGE = "MESSAGE_TOO_LARGE"
 
 
 class _Undecodable:
@@ -193,6 +199,30 @@ class _Undecodable:
 
     def __init__(self, message_type: str) -> None:
         self.message_type = message_type
+
+
+@dataclass(frozen=True)
+class MethodBound:
+    """One method's request message bound and the setting that sets it (named in the refusal)."""
+
+    method: str  # "Service/Method", as the setting spells it
+    limit: int
+    setting: str
+
+
+class _Oversized:
+    """Stands in for a request message over its method's bound (never decoded)."""
+
+    __slots__ = ("bound", "size")
+
+    def __init__(self, bound: MethodBound, size: int) -> None:
+        self.bound, self.size = bound, size
+
+
+def method_key(full_method: str) -> str:
+    """`/grpc.health.v1.Health/Check` -> `Health/Check`: the service's short name and the method."""
+    service, _, method = full_method.lstrip("/").rpartition("/")
+    return f"{service.rpartition('.')[2]}/{method}"
 
 
 def message_type_name(deserializer: Callable[[bytes], Any] | None) -> str:
@@ -212,13 +242,34 @@ def malformed_request(message_type: str) -> ServiceError:
     )
 
 
-def safe_deserializer(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    """`deserializer` that returns a stand-in instead of raising on bytes it cannot decode."""
+def message_too_large(bound: MethodBound, size: int) -> ServiceError:
+    """RESOURCE_EXHAUSTED for a request message over its method's bound, naming the bound and its setting.
+
+    RESOURCE_EXHAUSTED is what gRPC itself answers for a message over the server-wide limit, so a
+    client sees one code for "too large" whichever bound refused it; no RetryInfo (the same message
+    is refused again).
+    """
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"the request message is {size} bytes, over the {bound.limit}-byte bound of {bound.method} "
+        f"(set by {bound.setting})",
+        reason=MESSAGE_TOO_LARGE,
+        metadata={"method": bound.method, "limit_bytes": str(bound.limit), "setting": bound.setting},
+    )
+
+
+def safe_deserializer(
+    deserializer: Callable[[bytes], Any] | None, bound: MethodBound | None = None
+) -> Callable[[bytes], Any] | None:
+    """`deserializer` that returns a stand-in instead of raising on bytes it cannot decode, and
+    (with a `bound`) a stand-in without decoding for a message over the bound."""
     if deserializer is None:
         return None
     message_type = message_type_name(deserializer)
 
     def deserialize(data: bytes) -> Any:
+        if bound is not None and len(data) > bound.limit:
+            return _Oversized(bound, len(data))  # checked before any decode work
         try:
             return deserializer(data)
         except Exception:  # DecodeError, invalid UTF-8, nesting too deep, ...: all the same to the caller
@@ -227,13 +278,22 @@ def safe_deserializer(deserializer: Callable[[bytes], Any] | None) -> Callable[[
     return deserialize
 
 
-async def _reject(item: _Undecodable, context: grpc.aio.ServicerContext) -> None:
-    status = malformed_request(item.message_type).to_status()
+async def _reject(item: _Undecodable | _Oversized, context: grpc.aio.ServicerContext) -> None:
+    if isinstance(item, _Oversized):
+        status = message_too_large(item.bound, item.size).to_status()
+    else:
+        status = malformed_request(item.message_type).to_status()
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 class DecodeInterceptor(grpc.aio.ServerInterceptor):
-    """Answer undecodable request bytes with INVALID_ARGUMENT naming the message type.
+    """Refuse request messages over their method's bound, and answer undecodable request bytes
+    with INVALID_ARGUMENT naming the message type.
+
+    `bounds` maps "Service/Method" (`method_key`) to its bound; a method without one is bounded only
+    by the server-wide max_receive_message_bytes, which gRPC applies before any interceptor. The
+    size check runs in the deserializer, so an oversized message is never decoded, and every
+    message of a client stream is checked.
 
     grpc.aio decodes a request with the handler's `request_deserializer` and turns a decode
     exception into UNKNOWN carrying the Python exception's class and text. This interceptor
@@ -241,6 +301,9 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
     request that did not decode, aborts with `malformed_request` before anything after it runs.
     Applied to every method of every service (health and reflection included).
     """
+
+    def __init__(self, bounds: Mapping[str, MethodBound] | None = None) -> None:
+        self.bounds = dict(bounds or {})
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]], details: grpc.HandlerCallDetails
@@ -256,7 +319,7 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
         def checked_requests(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             async def iterate() -> AsyncIterator[Any]:
                 async for item in requests:
-                    if isinstance(item, _Undecodable):
+                    if isinstance(item, (_Undecodable, _Oversized)):
                         await _reject(item, context)
                     yield item
 
@@ -265,7 +328,7 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
         async def check(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if request_streaming:
                 return checked_requests(request, context)
-            if isinstance(request, _Undecodable):
+            if isinstance(request, (_Undecodable, _Oversized)):
                 await _reject(request, context)
             return request
 
@@ -284,4 +347,5 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
 
             return call
 
-        return rewrap_handler_with(handler, wrap, safe_deserializer(handler.request_deserializer))
+        bound = self.bounds.get(method_key(details.method))
+        return rewrap_handler_with(handler, wrap, safe_deserializer(handler.request_deserializer, bound))

@@ -18,12 +18,18 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
-from switchboard.common.interceptors import DecodeInterceptor, ErrorInterceptor, MetricsInterceptor
+from switchboard.common.interceptors import (
+    DecodeInterceptor,
+    ErrorInterceptor,
+    MethodBound,
+    MetricsInterceptor,
+)
 from switchboard.common.logging import configure_logging, get_logger
-from switchboard.common.settings import ServerSettings, SettingsError
+from switchboard.common.settings import ServerSettings, SettingsError, method_message_limits
 from switchboard.common.telemetry import configure_tracing, server_interceptors, shutdown_tracing
 from switchboard.common.tls import IdentityInterceptor
 
@@ -58,6 +64,35 @@ class HealthServicer(health.aio.HealthServicer):
         for service_name, status in statuses.items():
             reply.statuses[service_name].status = status
         return reply
+
+
+def method_bounds(settings: ServerSettings) -> dict[str, MethodBound]:
+    """The per-method request bounds of one server ("Service/Method" -> bound), naming their setting."""
+    setting = f"{settings.env_prefix}_MAX_METHOD_MESSAGE_BYTES" if settings.env_prefix else "MAX_METHOD_MESSAGE_BYTES"
+    return {method: MethodBound(method, limit, setting) for method, limit in method_message_limits(settings).items()}
+
+
+def check_method_bounds(bounds: Mapping[str, MethodBound], service_names: Sequence[str]) -> None:
+    """Fail fast (SettingsError naming the setting) on a bound for a method this server does not serve.
+
+    A mistyped method name would otherwise leave the method bounded only by the server-wide limit,
+    silently. Services whose descriptors are not in the default pool (tests' generic handlers) are
+    matched by name only.
+    """
+    served: dict[str, set[str] | None] = {}
+    for full_name in (*service_names, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"):
+        try:
+            methods: set[str] | None = {m.name for m in descriptor_pool.Default().FindServiceByName(full_name).methods}
+        except KeyError:
+            methods = None
+        served[full_name.rpartition(".")[2]] = methods
+    for key, bound in bounds.items():
+        service, _, method = key.partition("/")
+        if service not in served or (served[service] is not None and method not in served[service]):
+            raise SettingsError(
+                f"{bound.setting}: {key} is not a method this server serves (its services: {', '.join(sorted(served))})"
+            )
+
 
 def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
     """The grpc server options of one service: its limits and keepalive enforcement, from its settings.
@@ -104,6 +139,7 @@ class GrpcService:
         self.settings = settings
         self.extra_interceptors = tuple(extra_interceptors)
         self._credentials: grpc.ServerCredentials | None = public_credentials
+        self.method_bounds = method_bounds(settings)
         identity: list[grpc.aio.ServerInterceptor] = []
         if not public and settings.tls is not None:
             if identity_policy is None:
@@ -114,7 +150,7 @@ class GrpcService:
         interceptors = [
             *server_interceptors(),
             MetricsInterceptor(name),
-            DecodeInterceptor(),
+            DecodeInterceptor(self.method_bounds),
             *identity,
             *extra_interceptors,
             ErrorInterceptor(),
@@ -145,6 +181,7 @@ class GrpcService:
     async def run(self, service_names: Sequence[str], handle_signals: bool = True) -> None:
         """Serve `service_names` (full names, e.g. 'switchboard.v1.Router') until stopped, then drain."""
         self._service_names = list(service_names)
+        check_method_bounds(self.method_bounds, service_names)
         reflection.enable_server_reflection(
             [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self.server,
@@ -224,6 +261,10 @@ def run_service(
         code = asyncio.run(serve(settings)) or 0
     except KeyboardInterrupt:
         code = 0
+    except SettingsError as exc:
+        # A setting checked only once the server knows what it serves (a per-method bound's method).
+        print(f"switchboard-{name}: configuration error: {exc}", file=sys.stderr)
+        code = 2
     finally:
         shutdown_tracing()
     sys.exit(code)

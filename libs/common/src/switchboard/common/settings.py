@@ -74,6 +74,17 @@ class ServerSettings:
     keepalive_permit_without_calls: bool = True
     min_client_ping_interval_seconds: float = 10.0
     max_ping_strikes: int = 2
+    # Tighter bounds than max_receive_message_bytes for the small methods, as "Service/Method=bytes"
+    # pairs (`method_message_limits` reads them); checked before the request is decoded.
+    max_method_message_bytes: tuple[str, ...] = (
+        "Health/Check=4096",
+        "Health/Watch=4096",
+        "Health/List=4096",
+        "ServerReflection/ServerReflectionInfo=16384",
+    )
+    # The variables' prefix (GATEWAY, ...), so an error can name the setting that sets a limit; not
+    # a value of the settings, so two settings read under different prefixes still compare equal.
+    env_prefix: str = field(default="", compare=False)
     # The process's identity on internal hops (SWITCHBOARD_TLS_*): mutual TLS when set, plaintext when None.
     tls: TlsIdentity | None = None
 
@@ -139,7 +150,56 @@ _LIMIT_FIELDS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
         "ping strikes before the server closes the connection (GOAWAY too_many_pings; 0: unlimited)",
         {"minimum": 0, "maximum": 1000},
     ),
+    (
+        "max_method_message_bytes",
+        "MAX_METHOD_MESSAGE_BYTES",
+        "per-method request message bounds below MAX_RECEIVE_MESSAGE_BYTES, as Service/Method=bytes pairs: a larger "
+        "message is refused with RESOURCE_EXHAUSTED (reason MESSAGE_TOO_LARGE) before it is decoded; pairs set here "
+        "replace those methods' defaults, other methods keep theirs; unlisted methods: MAX_RECEIVE_MESSAGE_BYTES",
+        {},
+    ),
 )
+
+# The smallest per-method bound: an empty message is 0 bytes, so anything above is a choice; below
+# this an operator has almost certainly mistyped.
+MIN_METHOD_MESSAGE_BYTES = 16
+
+
+def parse_method_limits(variable: str, pairs: Sequence[str]) -> dict[str, int]:
+    """`Service/Method=bytes` pairs as {"Service/Method": bytes}; SettingsError naming `variable`."""
+    limits: dict[str, int] = {}
+    for pair in pairs:
+        method, sep, raw = pair.partition("=")
+        method = method.strip()
+        service, slash, name = method.partition("/")
+        if not sep or not slash or not service or not name or "/" in name:
+            raise SettingsError(f"{variable}: expected Service/Method=bytes (e.g. Health/Check=4096), got {pair!r}")
+        try:
+            limit = int(raw.strip())
+        except ValueError:
+            raise SettingsError(f"{variable}: {method}: expected a number of bytes, got {raw.strip()!r}") from None
+        if limit < MIN_METHOD_MESSAGE_BYTES:
+            raise SettingsError(f"{variable}: {method}: must be >= {MIN_METHOD_MESSAGE_BYTES} bytes, got {limit}")
+        limits[method] = limit
+    return limits
+
+
+def merge_method_limits(variable: str, defaults: Sequence[str], chosen: Sequence[str]) -> tuple[str, ...]:
+    """`defaults` with the methods in `chosen` replaced (or added), as pairs in a stable order."""
+    merged = parse_method_limits(variable, defaults)
+    merged.update(parse_method_limits(variable, chosen))
+    return tuple(f"{method}={limit}" for method, limit in merged.items())
+
+
+def method_message_limits(settings: ServerSettings) -> dict[str, int]:
+    """The per-method bounds of one server ({"Service/Method": bytes}), each at most its message limit.
+
+    A default bound above max_receive_message_bytes is moot (gRPC refuses the message first), so
+    it is capped rather than refused: lowering the server's limit needs no per-method edit.
+    """
+    variable = f"{settings.env_prefix}_MAX_METHOD_MESSAGE_BYTES" if settings.env_prefix else "MAX_METHOD_MESSAGE_BYTES"
+    limits = parse_method_limits(variable, settings.max_method_message_bytes)
+    return {method: min(limit, settings.max_receive_message_bytes) for method, limit in limits.items()}
 
 
 @dataclass(frozen=True)
@@ -166,6 +226,10 @@ def _server_fields(
     if unknown:
         raise TypeError(f"server_defaults names no server limit: {', '.join(sorted(unknown))}")
     plain = ServerSettings()
+    # A service's per-method bounds add to (and may replace) the shared ones for health and reflection.
+    chosen["max_method_message_bytes"] = merge_method_limits(
+        f"{prefix}_MAX_METHOD_MESSAGE_BYTES", plain.max_method_message_bytes, chosen.get("max_method_message_bytes", ())
+    )
     limits = [
         (attr, f"{prefix}_{suffix}", chosen.get(attr, getattr(plain, attr)), doc, bounds)
         for attr, suffix, doc, bounds in _LIMIT_FIELDS
@@ -259,10 +323,20 @@ def load_server_settings(
     """
     env = os.environ if environ is None else environ
     hints = typing.get_type_hints(ServerSettings)
-    values = {
-        attr: _read(name, default, hints[attr], env, bounds)
-        for attr, name, default, _, bounds in _server_fields(prefix, default_port, default_metrics_port, defaults)
-    }
+    described = _server_fields(prefix, default_port, default_metrics_port, defaults)
+    values = {attr: _read(name, default, hints[attr], env, bounds) for attr, name, default, _, bounds in described}
+    # Pairs the operator sets replace only those methods' bounds; the rest keep the service's defaults.
+    variable = f"{prefix}_MAX_METHOD_MESSAGE_BYTES"
+    default_pairs = next(default for attr, _, default, _, _ in described if attr == "max_method_message_bytes")
+    chosen_pairs = values["max_method_message_bytes"] if env.get(variable, "").strip() else ()
+    for method, limit in parse_method_limits(variable, chosen_pairs).items():
+        if limit > values["max_receive_message_bytes"]:
+            raise SettingsError(
+                f"{variable}: {method}={limit} is over {prefix}_MAX_RECEIVE_MESSAGE_BYTES "
+                f"({values['max_receive_message_bytes']}), which gRPC applies first; raise that too"
+            )
+    values["max_method_message_bytes"] = merge_method_limits(variable, default_pairs, chosen_pairs)
+    values["env_prefix"] = prefix
     try:
         values["tls"] = load_tls_identity(env)
     except TlsError as exc:

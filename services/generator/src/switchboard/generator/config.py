@@ -10,8 +10,10 @@ import json
 import math
 import re
 import socket
+from collections.abc import Mapping
 from dataclasses import astuple, dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 from switchboard.common.settings import ServerSettings, SettingsError, load_settings, setting
 from switchboard.replica.cost_model import CostModel
@@ -28,6 +30,9 @@ _WILDCARD_HOSTS = {"0.0.0.0", "::", "[::]", ""}
 @dataclass(frozen=True)
 class GeneratorSettings:
     """Everything the generator reads from its environment."""
+
+    # Generate carries the prompt's token ids and keeps the server limit; Info carries nothing.
+    server_defaults: ClassVar[Mapping[str, Any]] = {"max_method_message_bytes": ("Generator/Info=4096",)}
 
     server: ServerSettings
     backend: str = setting(

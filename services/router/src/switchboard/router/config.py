@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 from switchboard.common.experts_config import ExpertsConfigError, load_experts_config
 from switchboard.common.settings import (
@@ -22,6 +24,12 @@ DEFAULT_METRICS_PORT = 9102
 @dataclass(frozen=True)
 class RouterSettings:
     """Everything the router reads from its environment."""
+
+    # Route carries the prompt (and its token ids) and keeps the server limit; Feedback carries ids
+    # and counts, ListExperts nothing (the contract test builds the largest valid Feedback).
+    server_defaults: ClassVar[Mapping[str, Any]] = {
+        "max_method_message_bytes": ("Router/Feedback=8192", "Router/ListExperts=4096"),
+    }
 
     server: ServerSettings
     scheduler_addr: str = setting("SCHEDULER_ADDR", "127.0.0.1:50053", "host:port of the scheduler")

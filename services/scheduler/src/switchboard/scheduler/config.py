@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 from switchboard.common.settings import ServerSettings, SettingsError, load_settings, setting
 from switchboard.scheduler.policies import POLICY_NAMES, SELECTABLE_POLICY_NAMES, PolicyOptions
@@ -18,6 +20,20 @@ DEFAULT_EXPERTS_CONFIG = Path("config/experts.yaml")
 @dataclass(frozen=True)
 class SchedulerSettings:
     """Everything the scheduler reads from its environment."""
+
+    # Per-method bounds sized to each request's contract (the test_config contract test builds the
+    # largest valid one of each): Place carries up to 131,072 prompt token ids and keeps the server
+    # limit; Register and ReportLoad carry at most 4,096 KV events and 4,096 block hashes (about
+    # 117 KB encoded); Deregister, Complete and GetCluster carry ids and counts.
+    server_defaults: ClassVar[Mapping[str, Any]] = {
+        "max_method_message_bytes": (
+            "Scheduler/Register=262144",
+            "Scheduler/ReportLoad=262144",
+            "Scheduler/Deregister=4096",
+            "Scheduler/Complete=8192",
+            "Scheduler/GetCluster=4096",
+        ),
+    }
 
     server: ServerSettings
     heartbeat_seconds: float = setting(
