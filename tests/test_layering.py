@@ -29,6 +29,7 @@ FORBIDDEN = (
     "switchboard.bench",
     "switchboard.routing",
     "switchboard.simulation",
+    "switchboard.backup",
 )
 
 

@@ -27,7 +27,7 @@ def test_dashboard_structure(dashboard: dict) -> None:
 
 def test_dashboard_covers_the_issues_panels(dashboard: dict) -> None:
     """Request rate, errors, TTFT/TPOT percentiles, queue depth, KV use, prefix hit rate, expert
-    traffic shares and tenant tokens (rollouts and cost export nothing yet)."""
+    traffic shares, tenant tokens and cost by tenant with its budget (rollouts export nothing yet)."""
     names = set(oc.referenced_metrics(dashboard, []))
     assert {
         "switchboard_gateway_requests_total",
@@ -41,6 +41,9 @@ def test_dashboard_covers_the_issues_panels(dashboard: dict) -> None:
         "switchboard_router_decisions_total",
         "switchboard_scheduler_slo_requests_total",
         "switchboard_gateway_tenant_tokens_total",
+        "switchboard_gateway_cost_total",
+        "switchboard_gateway_tenant_month_cost",
+        "switchboard_gateway_tenant_cost_budget",
     } <= names
     quantiles = [e for _, e in oc.dashboard_expressions(dashboard) if "histogram_quantile(0.99" in e]
     assert len(quantiles) >= 2

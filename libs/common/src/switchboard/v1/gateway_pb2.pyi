@@ -94,15 +94,17 @@ class UsageRequest(_message.Message):
     def __init__(self, tenant: _Optional[str] = ...) -> None: ...
 
 class UsageResponse(_message.Message):
-    __slots__ = ("usage", "month")
+    __slots__ = ("usage", "month", "currency")
     USAGE_FIELD_NUMBER: _ClassVar[int]
     MONTH_FIELD_NUMBER: _ClassVar[int]
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
     usage: _containers.RepeatedCompositeFieldContainer[TenantUsage]
     month: str
-    def __init__(self, usage: _Optional[_Iterable[_Union[TenantUsage, _Mapping]]] = ..., month: _Optional[str] = ...) -> None: ...
+    currency: str
+    def __init__(self, usage: _Optional[_Iterable[_Union[TenantUsage, _Mapping]]] = ..., month: _Optional[str] = ..., currency: _Optional[str] = ...) -> None: ...
 
 class TenantUsage(_message.Message):
-    __slots__ = ("tenant", "expert", "prompt_tokens", "completion_tokens", "requests", "month_tokens", "monthly_token_budget")
+    __slots__ = ("tenant", "expert", "prompt_tokens", "completion_tokens", "requests", "month_tokens", "monthly_token_budget", "cost", "month_cost", "monthly_cost_budget")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     EXPERT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +112,9 @@ class TenantUsage(_message.Message):
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MONTH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MONTHLY_TOKEN_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    MONTH_COST_FIELD_NUMBER: _ClassVar[int]
+    MONTHLY_COST_BUDGET_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     expert: str
     prompt_tokens: int
@@ -117,4 +122,7 @@ class TenantUsage(_message.Message):
     requests: int
     month_tokens: int
     monthly_token_budget: int
-    def __init__(self, tenant: _Optional[str] = ..., expert: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., requests: _Optional[int] = ..., month_tokens: _Optional[int] = ..., monthly_token_budget: _Optional[int] = ...) -> None: ...
+    cost: float
+    month_cost: float
+    monthly_cost_budget: float
+    def __init__(self, tenant: _Optional[str] = ..., expert: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., requests: _Optional[int] = ..., month_tokens: _Optional[int] = ..., monthly_token_budget: _Optional[int] = ..., cost: _Optional[float] = ..., month_cost: _Optional[float] = ..., monthly_cost_budget: _Optional[float] = ...) -> None: ...

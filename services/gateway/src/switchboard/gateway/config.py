@@ -29,6 +29,9 @@ class GatewaySettings:
         "max_send_message_bytes": 1024 * 1024,
         "max_metadata_bytes": 8 * 1024,
         "max_concurrent_streams": 256,
+        # Generate and Complete take the message limit above (sized to the prompt limit); the
+        # other RPCs carry a tenant name at most, so their bound is a few KiB.
+        "max_method_message_bytes": ("Gateway/ListModels=4096", "Gateway/Usage=4096"),
     }
 
     server: ServerSettings
@@ -38,6 +41,13 @@ class GatewaySettings:
         Path("~/.cache/switchboard/gateway-tenants.yaml"),
         "tenants file (YAML): per tenant the SHA-256 of its API keys, scopes, priority and limits, and the JWT "
         "signing keys; re-read when it changes (a malformed file keeps the last good one)",
+    )
+    prices_file: Path | None = setting(
+        "GATEWAY_PRICES_FILE",
+        None,
+        "price table (YAML): per expert (and revision) the price of 1,000 prompt and 1,000 output tokens in one "
+        "currency, for switchboard_gateway_cost_total, the Usage RPC's cost and the tenants' monthly_cost_budget; "
+        "re-read when it changes (a malformed file keeps the last good one); unset: every expert is free",
     )
     redis_url: str = setting(
         "REDIS_URL",
@@ -74,7 +84,8 @@ class GatewaySettings:
         "GATEWAY_BUDGET_REPORT_SECONDS",
         30.0,
         "how often the budgeted tenants' budgets and this month's use are exported as gauges "
-        "(switchboard_gateway_tenant_budget_tokens, switchboard_gateway_tenant_month_tokens)",
+        "(switchboard_gateway_tenant_budget_tokens, switchboard_gateway_tenant_month_tokens, and for cost budgets "
+        "switchboard_gateway_tenant_cost_budget, switchboard_gateway_tenant_month_cost)",
         minimum=1.0,
         maximum=86_400.0,
     )

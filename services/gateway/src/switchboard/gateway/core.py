@@ -54,6 +54,7 @@ from switchboard.gateway.config import GatewaySettings
 from switchboard.gateway.limiter import Admission, LimitExceeded, LimitKind, TenantLimiter
 from switchboard.gateway.limitstore import LimitStoreUnavailable
 from switchboard.gateway.metering import UsageMeter
+from switchboard.gateway.prices import PriceBook
 from switchboard.gateway.principal import Principal, Priority
 from switchboard.gateway.response_cache import (
     CachedAnswer,
@@ -201,9 +202,11 @@ class GatewayCore:
         meter: UsageMeter,
         tenants: TenantDirectory,
         cache: ResponseCache | None = None,
+        prices: PriceBook | None = None,
     ) -> None:
         self._settings = settings
         self._cache = cache
+        self._prices = prices or PriceBook(None)
         self._tenants = tenants
         self._router = router
         self._limiter = limiter
@@ -444,6 +447,8 @@ class GatewayCore:
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         """Stream a cached answer in the shapes a replica's stream has; its tokens count as usage."""
         outcome.expert, outcome.replica_id, outcome.cached = answer.expert, decision.candidates[0].replica_id, True
+        # A cached answer is usage like any other (as for the token budget): priced at its expert's price.
+        limits.set_price(self._prices.price(answer.expert))
         trace.get_current_span().set_attribute(SpanAttributes.EXPERT, answer.expert)
         for index, cached in enumerate(answer.messages):
             if time.monotonic() >= deadline:
@@ -585,6 +590,8 @@ class GatewayCore:
                     if not streamed:
                         message.model = candidate.expert
                         outcome.first_token_at = now
+                        # The expert that streams is the one that is paid for (not a failed candidate).
+                        limits.set_price(self._prices.price(candidate.expert))
                         trace.get_current_span().set_attribute(SpanAttributes.EXPERT, candidate.expert)
                         trace.get_current_span().set_attribute(SpanAttributes.REPLICA_ID, candidate.replica_id)
                         trace.get_current_span().set_attribute(SpanAttributes.ATTEMPT, attempt)
@@ -691,7 +698,8 @@ class GatewayCore:
         metrics.REQUESTS.labels(tenant, expert, outcome.code.name).inc()
         metrics.OUTPUT_TOKENS.labels(tenant, expert).inc(outcome.tokens)
         if outcome.first_token_at is not None:
-            self._meter.record(tenant, expert, prompt_tokens, outcome.tokens)
+            cost = self._prices.price(expert).cost(prompt_tokens, outcome.tokens)
+            self._meter.record(tenant, expert, prompt_tokens, outcome.tokens, cost)
         ttft = (outcome.first_token_at - started) if outcome.first_token_at is not None else 0.0
         if outcome.first_token_at is not None:
             metrics.TIME_TO_FIRST_TOKEN.labels(expert).observe(ttft)
@@ -788,14 +796,26 @@ class GatewayCore:
                 reason="ADMIN_SCOPE_REQUIRED",
             )
         selected = tenant or (None if principal.is_admin else principal.tenant)
-        month, rows = await self._meter.report(selected, self._month_tokens, self._budget)
-        return gateway_pb2.UsageResponse(month=month, usage=rows)
+        month, rows = await self._meter.report(
+            selected, self._month_tokens, self._budget, self._month_cost, self._cost_budget
+        )
+        return gateway_pb2.UsageResponse(month=month, usage=rows, currency=self._prices.table.currency)
 
     async def _month_tokens(self, tenant: str) -> int:
         try:
             return await self._limiter.month_tokens(tenant)
         except LimitStoreUnavailable:
             raise unavailable("usage totals are unavailable (the limits store is unreachable); retry") from None
+
+    async def _month_cost(self, tenant: str) -> float:
+        try:
+            return await self._limiter.month_cost(tenant)
+        except LimitStoreUnavailable:
+            raise unavailable("usage totals are unavailable (the limits store is unreachable); retry") from None
+
+    def _cost_budget(self, tenant: str) -> float | None:
+        principal = self._tenants.tenant(tenant)
+        return principal.limits.monthly_cost_budget if principal is not None else None
 
     def _budget(self, tenant: str) -> int | None:
         principal = self._tenants.tenant(tenant)

@@ -4,7 +4,8 @@
 
 1. max_prompt_tokens, max_output_tokens: the request is too large for the tenant, whatever the
    time (a `LimitKind.TOO_LARGE` refusal, INVALID_ARGUMENT-style, no retry).
-2. monthly_token_budget: used this month + the prompt over the budget (retry at the next month, UTC).
+2. monthly_token_budget: used this month + the prompt over the budget (retry at the next month, UTC);
+   monthly_cost_budget: this month's cost (price table, GATEWAY_PRICES_FILE) at or over the cap.
 3. requests_per_second: one token from the request bucket.
 4. tokens_per_second: the prompt's tokens from the token bucket.
 5. max_concurrent_streams: a lease on one of the tenant's stream slots.
@@ -19,6 +20,11 @@ stream slot.
 
 The budget is checked by reading, not reserving: concurrent requests can together overshoot it by
 their prompts, as they always can by their outputs; it is a quota, not a hard cap.
+
+The cost budget is the same path with another counter: a request is priced once the expert that
+serves it is known (`Admission.set_price`, at its first token), and its cost is charged with its
+tokens, in nano-units of the currency. Admission refuses once the month's cost has reached the cap;
+the requests in flight then may overshoot it by their own cost.
 
 When the store cannot be reached, each tenant's `on_store_unavailable` decides: OPEN admits (a
 warning and `switchboard_gateway_limit_store_errors_total`), CLOSED raises `LimitStoreUnavailable`.
@@ -40,6 +46,7 @@ from typing import TypeVar
 from prometheus_client import Counter
 from switchboard.common.logging import get_logger
 from switchboard.gateway.limitstore import LimitStore, LimitStoreUnavailable, limit_key
+from switchboard.gateway.prices import NANOS_PER_UNIT, Price
 from switchboard.gateway.principal import FailMode, Principal, TenantLimits
 
 log = get_logger(__name__)
@@ -75,6 +82,7 @@ _KINDS = {
     "tokens_per_second": LimitKind.RATE,
     "max_concurrent_streams": LimitKind.RATE,
     "monthly_token_budget": LimitKind.QUOTA,
+    "monthly_cost_budget": LimitKind.QUOTA,
 }
 
 
@@ -168,6 +176,9 @@ class TenantLimiter:
     def _budget_key(self, tenant: str, now: float) -> str:
         return limit_key(tenant, "budget", month_of(now))
 
+    def _cost_key(self, tenant: str, now: float) -> str:
+        return limit_key(tenant, "cost", month_of(now))
+
     def _budget_ttl(self, now: float) -> float:
         return next_month_start(now) - now + self.budget_grace_seconds
 
@@ -175,6 +186,11 @@ class TenantLimiter:
         """The tenant's tokens this UTC month, across every gateway sharing the store."""
         key = self._budget_key(tenant, self._wall_clock())
         return await self._call("budget_used", lambda: self.store.budget_used(key))
+
+    async def month_cost(self, tenant: str) -> float:
+        """The tenant's cost this UTC month in currency units (counted for cost-budgeted tenants only)."""
+        key = self._cost_key(tenant, self._wall_clock())
+        return await self._call("budget_used", lambda: self.store.budget_used(key)) / NANOS_PER_UNIT
 
     async def admit(
         self,
@@ -258,6 +274,20 @@ class TenantLimiter:
                     max(0.0, resets - now),
                     subject,
                 )
+        if limits.monthly_cost_budget is not None:
+            admission._cost_key = cost_key = self._cost_key(tenant, now)
+            admission._budget_ttl = self._budget_ttl(now)
+            spent = await self._call("budget_used", lambda: store.budget_used(cost_key)) / NANOS_PER_UNIT
+            if spent >= limits.monthly_cost_budget:
+                resets = next_month_start(now)
+                raise LimitExceeded(
+                    "monthly_cost_budget",
+                    f"this tenant's monthly cost budget of {limits.monthly_cost_budget:g} is used up ({spent:.6g} "
+                    f"spent); it renews at {datetime.fromtimestamp(resets, UTC):%Y-%m-%dT%H:%MZ}, or ask for a "
+                    "larger budget",
+                    max(0.0, resets - now),
+                    subject,
+                )
         if limits.requests_per_second is not None:
             rate, burst = limits.requests_per_second, _request_burst(limits)
             decision = await self._call(
@@ -331,6 +361,8 @@ class Admission:
         self._tokens_key = limit_key(tenant, "tokens")
         self._slots_key = limit_key(tenant, "streams")
         self._budget_key: str | None = None
+        self._cost_key: str | None = None  # set for a tenant with a monthly cost budget
+        self._price: Price | None = None  # set once the serving expert is known
         self._budget_ttl = 0.0
         self._output_tokens = 0  # seen so far through charge_output
         self._unflushed = 0  # output tokens since the last flush
@@ -340,6 +372,7 @@ class Admission:
         # What the store has confirmed, so the next flush and `finish` charge exactly the rest.
         self._charged_tokens = 0
         self._charged_budget = 0
+        self._charged_cost = 0  # nano-units
 
     @property
     def output_tokens(self) -> int:
@@ -358,6 +391,13 @@ class Admission:
             self._unflushed = 0
             await self._settle(self.prompt_tokens + self._output_tokens, "charge_output")
         await self._refresh_slot_if_due()
+
+    def set_price(self, price: Price) -> None:
+        """Price the request at the serving expert's price: its cost is charged with its tokens from now on.
+
+        Called when the expert streams its first token (after a failover, the one that served).
+        """
+        self._price = price
 
     async def settle_prompt(self, exact: int) -> None:
         """Replace the admission's prompt estimate with the exact count and charge the difference.
@@ -401,8 +441,8 @@ class Admission:
         await self._settle(self.prompt_tokens + self._output_tokens, "finish")
         await self._release_slot()
 
-    async def _settle(self, total: int, context: str) -> None:
-        """Charge the token bucket and the budget up to `total` tokens for this request."""
+    async def _settle(self, total: int, context: str, refund: bool = False) -> None:
+        """Charge the token bucket and the budget up to `total` tokens for this request, and its cost."""
         limiter, limits, store = self._limiter, self.principal.limits, self._limiter.store
         if limits.tokens_per_second is not None and total != self._charged_tokens:
             rate, burst, amount = limits.tokens_per_second, _token_burst(limits), total - self._charged_tokens
@@ -420,6 +460,18 @@ class Admission:
                 self._charged_budget = total
             except Exception as error:
                 self._log_failure(context, error)
+        if self._cost_key is not None:
+            price = self._price
+            cost = 0 if refund or price is None else price.cost_nanos(self.prompt_tokens, self._output_tokens)
+            if cost != self._charged_cost:
+                cost_key, delta, ttl = self._cost_key, cost - self._charged_cost, self._budget_ttl
+                try:
+                    await limiter._call(
+                        "charge_budget", lambda: store.charge_budget(cost_key, amount=delta, ttl_seconds=ttl)
+                    )
+                    self._charged_cost = cost
+                except Exception as error:
+                    self._log_failure(context, error)
 
     async def _refresh_slot_if_due(self) -> None:
         """Keep a long stream's lease alive: refresh it after a third of its TTL."""
@@ -463,7 +515,7 @@ class Admission:
                 )
             except Exception as error:
                 self._log_failure("refund", error)
-        await self._settle(0, "refund")
+        await self._settle(0, "refund", refund=True)
         await self._release_slot()
 
     def _log_failure(self, context: str, error: Exception) -> None:

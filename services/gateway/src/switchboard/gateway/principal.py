@@ -56,6 +56,10 @@ class TenantLimits:
     max_prompt_tokens: int | None = None
     max_output_tokens: int | None = None
     monthly_token_budget: int | None = None
+    # A monthly cost cap in the price table's currency (GATEWAY_PRICES_FILE), enforced at admission.
+    monthly_cost_budget: float | None = None
+    # Fractions of monthly_cost_budget at which the budget alert fires (exported as gauges).
+    cost_alert_thresholds: tuple[float, ...] = ()
     on_store_unavailable: FailMode = FailMode.OPEN
 
 

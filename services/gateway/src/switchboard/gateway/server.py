@@ -21,7 +21,14 @@ from switchboard.gateway.http_server import HttpServer
 from switchboard.gateway.jwt_tokens import JwtConfigError
 from switchboard.gateway.limiter import TenantLimiter
 from switchboard.gateway.limitstore import LimitStore, MemoryLimitStore, RedisLimitStore
-from switchboard.gateway.metering import BudgetReporter, UsageMeter
+from switchboard.gateway.metering import (
+    DEFAULT_COST_ALERT_THRESHOLDS,
+    TENANT_COST_BUDGET,
+    TENANT_MONTH_COST,
+    BudgetReporter,
+    UsageMeter,
+)
+from switchboard.gateway.prices import PriceBook, PriceTableError
 from switchboard.gateway.response_cache import open_response_cache
 from switchboard.gateway.servicer import GatewayServicer
 from switchboard.gateway.tenants import TenantDirectory, TenantsFileError
@@ -66,6 +73,24 @@ def budgeted_tenants(tenants: TenantDirectory) -> dict[str, int]:
     }
 
 
+def cost_budgeted_tenants(tenants: TenantDirectory) -> dict[str, float]:
+    """{tenant: monthly cost budget} of the tenants that have one."""
+    return {
+        name: principal.limits.monthly_cost_budget
+        for name, principal in tenants.config.tenants.items()
+        if principal.limits.monthly_cost_budget is not None
+    }
+
+
+def cost_alert_thresholds(tenants: TenantDirectory) -> dict[str, tuple[float, ...]]:
+    """{tenant: shares of its cost budget that alert} of the cost-budgeted tenants (0.8 when none is named)."""
+    return {
+        name: principal.limits.cost_alert_thresholds or DEFAULT_COST_ALERT_THRESHOLDS
+        for name, principal in tenants.config.tenants.items()
+        if principal.limits.monthly_cost_budget is not None
+    }
+
+
 def limit_store(settings: GatewaySettings) -> LimitStore:
     """Redis when REDIS_URL is set (limits shared by every gateway replica), else in this process."""
     if settings.redis_url:
@@ -82,6 +107,11 @@ async def serve(settings: GatewaySettings, service: GrpcService | None = None, h
         tenants = TenantDirectory(settings.tenants_file.expanduser())
     except TenantsFileError as exc:
         log.error("bad tenants file", error=str(exc))
+        return 2
+    try:
+        prices = PriceBook(settings.prices_file.expanduser() if settings.prices_file is not None else None)
+    except PriceTableError as exc:
+        log.error("bad price table", error=str(exc))
         return 2
     try:
         service = service or gateway_service(settings.server, public_tls_files(settings))
@@ -113,6 +143,7 @@ async def serve(settings: GatewaySettings, service: GrpcService | None = None, h
         UsageMeter(),
         tenants,
         cache,
+        prices,
     )
     gateway_pb2_grpc.add_GatewayServicer_to_server(
         GatewayServicer(core, settings.default_timeout_seconds), service.server
@@ -137,13 +168,23 @@ async def serve(settings: GatewaySettings, service: GrpcService | None = None, h
         tenants_file=str(tenants.path),
         limits_store="redis" if settings.redis_url else "memory",
         response_cache=settings.cache,
+        prices_file=str(prices.path or ""),
     )
     budgets = BudgetReporter(lambda: budgeted_tenants(tenants), limiter.month_tokens, settings.budget_report_seconds)
-    reporter = asyncio.create_task(budgets.run())
+    cost_budgets = BudgetReporter(
+        lambda: cost_budgeted_tenants(tenants),
+        limiter.month_cost,
+        settings.budget_report_seconds,
+        TENANT_COST_BUDGET,
+        TENANT_MONTH_COST,
+        lambda: cost_alert_thresholds(tenants),
+    )
+    reporters = [asyncio.create_task(budgets.run()), asyncio.create_task(cost_budgets.run())]
     try:
         await service.run(["switchboard.v1.Gateway"], handle_signals=handle_signals)
     finally:
-        reporter.cancel()
+        for reporter in reporters:
+            reporter.cancel()
         # After the drain: in-flight streams have finished (or been cancelled) by now.
         if http is not None:
             await http.stop()

@@ -19,6 +19,8 @@ that every tenant inherits, and an optional `jwt` section the keys that sign bea
           max_prompt_tokens: 4096
           max_output_tokens: 1024
           monthly_token_budget: 50000000
+          monthly_cost_budget: 250.0     # in the price table's currency (GATEWAY_PRICES_FILE)
+          cost_alert_thresholds: [0.5, 0.8]  # alert when this share of the cost budget is used
           on_store_unavailable: closed # open | closed: when Redis cannot be reached
         share_cache: false             # true: use the response cache namespace shared with other such tenants
     jwt:
@@ -132,6 +134,9 @@ def _parse_limits(raw: Any, path: str, base: TenantLimits) -> TenantLimits:
             except ValueError:
                 raise _fail(where, f"must be 'open' or 'closed', got {value!r}") from None
             continue
+        if name == "cost_alert_thresholds":
+            values[name] = _parse_thresholds(value, where)
+            continue
         if value is None:
             values[name] = None  # explicitly unlimited, overriding a default
             continue
@@ -143,11 +148,25 @@ def _parse_limits(raw: Any, path: str, base: TenantLimits) -> TenantLimits:
             raise _fail(where, f"must be > 0 (or null for unlimited), got {value!r}")
         values[name] = value
     limits = replace(base, **values)
+    # Defaults may name thresholds for the tenants that set a budget; thresholds a tenant names need one.
+    named = "cost_alert_thresholds" in mapping and path != "defaults.limits"
+    if named and limits.cost_alert_thresholds and limits.monthly_cost_budget is None:
+        raise _fail(f"{path}.cost_alert_thresholds", "needs monthly_cost_budget (the thresholds are shares of it)")
     for rate, burst in (("requests_per_second", "request_burst"), ("tokens_per_second", "token_burst")):
         if getattr(limits, rate) is not None and getattr(limits, burst) is None:
             # A rate without a burst: one second's worth, the least surprising capacity.
             limits = replace(limits, **{burst: max(float(getattr(limits, rate)), 1.0)})
     return limits
+
+
+def _parse_thresholds(raw: Any, path: str) -> tuple[float, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= 1 for v in raw
+    ):
+        raise _fail(path, f"must be a list of fractions in (0, 1] of monthly_cost_budget, got {raw!r}")
+    return tuple(sorted({float(v) for v in raw}))
 
 
 def _parse_scopes(raw: Any, path: str) -> frozenset[str]:

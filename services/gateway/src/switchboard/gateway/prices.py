@@ -1,0 +1,225 @@
+"""The price table: what a tenant's tokens cost, per expert (and revision), for cost metering and budgets.
+
+One YAML file (GATEWAY_PRICES_FILE) gives, per expert, the price of 1,000 prompt tokens and of
+1,000 output tokens in one currency; a revision may have its own prices, and `default` prices
+the experts the table does not name (without it they cost nothing):
+
+    currency: USD
+    default: {prompt_per_1k: 0.001, output_per_1k: 0.002}
+    experts:
+      bard-small:
+        prompt_per_1k: 0.0005
+        output_per_1k: 0.0015
+        revisions:
+          r2: {prompt_per_1k: 0.0006, output_per_1k: 0.002}
+
+A malformed table is a start error naming the path of the bad value (a typo would otherwise bill
+nothing). The file is re-read when its identity changes, as the tenants file is; a bad edit keeps
+the last good table, logs why and counts `switchboard_gateway_prices_reload_failures_total`.
+
+Costs are counted in nano-units of the currency (integers) where they are stored and compared
+(the limits store's monthly counters), so a month of small requests adds up without float drift.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prometheus_client import Counter
+from switchboard.common.logging import get_logger
+
+log = get_logger(__name__)
+
+NANOS_PER_UNIT = 1_000_000_000
+TOKENS_PER_PRICE = 1000
+
+RELOAD_FAILURES = Counter(
+    "switchboard_gateway_prices_reload_failures_total",
+    "Price table reloads refused (malformed or unreadable file); the last good table stays.",
+)
+
+_PRICE_KEYS = {"prompt_per_1k", "output_per_1k"}
+_EXPERT_KEYS = _PRICE_KEYS | {"revisions"}
+_TOP_KEYS = {"currency", "default", "experts"}
+
+
+class PriceTableError(Exception):
+    """The price table cannot be read or holds a bad value; the message names its path in the file."""
+
+
+@dataclass(frozen=True)
+class Price:
+    """The price of 1,000 prompt tokens and of 1,000 output tokens, in the table's currency."""
+
+    prompt_per_1k: float = 0.0
+    output_per_1k: float = 0.0
+
+    def cost(self, prompt_tokens: int, output_tokens: int) -> float:
+        """What these tokens cost, in currency units."""
+        return (prompt_tokens * self.prompt_per_1k + output_tokens * self.output_per_1k) / TOKENS_PER_PRICE
+
+    def cost_nanos(self, prompt_tokens: int, output_tokens: int) -> int:
+        """What these tokens cost, in nano-units (rounded), as budgets count it."""
+        return round(self.cost(prompt_tokens, output_tokens) * NANOS_PER_UNIT)
+
+
+FREE = Price()
+
+
+@dataclass(frozen=True)
+class PriceTable:
+    """A parsed price table: prices by expert, by (expert, revision), and for every other expert."""
+
+    currency: str = ""
+    default: Price = FREE
+    experts: Mapping[str, Price] = field(default_factory=dict)
+    revisions: Mapping[tuple[str, str], Price] = field(default_factory=dict)
+
+    def price(self, expert: str, revision: str = "") -> Price:
+        """The revision's price when it has one, else the expert's, else the default."""
+        if revision and (expert, revision) in self.revisions:
+            return self.revisions[(expert, revision)]
+        return self.experts.get(expert, self.default)
+
+
+def _fail(path: str, message: str) -> PriceTableError:
+    return PriceTableError(f"{path}: {message}")
+
+
+def _mapping(value: Any, path: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _fail(path, f"expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _check_keys(mapping: Mapping[str, Any], allowed: set[str], path: str) -> None:
+    unknown = sorted(str(k) for k in mapping if k not in allowed)
+    if unknown:
+        raise _fail(path, f"unknown field(s) {', '.join(unknown)}; expected some of {', '.join(sorted(allowed))}")
+
+
+def _parse_price(raw: Mapping[str, Any], path: str, base: Price = FREE) -> Price:
+    values: dict[str, float] = {}
+    for name in _PRICE_KEYS:
+        if name not in raw:
+            continue
+        value = raw[name]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            raise _fail(f"{path}.{name}", f"must be a number >= 0 (currency units per 1,000 tokens), got {value!r}")
+        values[name] = float(value)
+    return Price(values.get("prompt_per_1k", base.prompt_per_1k), values.get("output_per_1k", base.output_per_1k))
+
+
+def parse_prices(text: str, source: str = "price table") -> PriceTable:
+    """Parse the price table's text; PriceTableError names the first bad value."""
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PriceTableError(f"{source}: not valid YAML ({exc})") from None
+    top = _mapping(document, source)
+    _check_keys(top, _TOP_KEYS, source)
+    currency = top.get("currency", "")
+    if not isinstance(currency, str):
+        raise _fail("currency", f"must be a string such as USD, got {currency!r}")
+    default_section = _mapping(top.get("default"), "default")
+    _check_keys(default_section, _PRICE_KEYS, "default")
+    default = _parse_price(default_section, "default")
+    experts: dict[str, Price] = {}
+    revisions: dict[tuple[str, str], Price] = {}
+    for name, raw in _mapping(top.get("experts"), "experts").items():
+        where = f"experts.{name}"
+        if not isinstance(name, str) or not name:
+            raise _fail(where, "an expert name must be a non-empty string")
+        entry = _mapping(raw, where)
+        _check_keys(entry, _EXPERT_KEYS, where)
+        # An expert's own prices: the fields it leaves out are free, not the default's (explicit is safer).
+        experts[name] = price = _parse_price(entry, where)
+        for label, raw_revision in _mapping(entry.get("revisions"), f"{where}.revisions").items():
+            at = f"{where}.revisions.{label}"
+            if not isinstance(label, str) or not label:
+                raise _fail(at, "a revision label must be a non-empty string")
+            revision = _mapping(raw_revision, at)
+            _check_keys(revision, _PRICE_KEYS, at)
+            # A revision inherits the expert's price for a field it leaves out.
+            revisions[(name, label)] = _parse_price(revision, at, price)
+    return PriceTable(currency=currency, default=default, experts=experts, revisions=revisions)
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    stat = os.stat(path)
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+
+class PriceBook:
+    """The price table in effect, re-read from its file when the file changes (None: everything is free)."""
+
+    def __init__(self, path: Path | None) -> None:
+        """Load the file; raise PriceTableError if it is missing or malformed (a start error)."""
+        self._path = path
+        self._lock = threading.Lock()
+        self._refused: tuple[int, int, int, int] | None = None
+        if path is None:
+            self._identity: tuple[int, int, int, int] | None = None
+            self._table = PriceTable()
+            return
+        try:
+            self._identity = _identity(path)
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PriceTableError(f"cannot read price table {path} (GATEWAY_PRICES_FILE): {exc}") from None
+        self._table = parse_prices(text, str(path))
+
+    @property
+    def path(self) -> Path | None:
+        """The price table's file (None: no table)."""
+        return self._path
+
+    @property
+    def table(self) -> PriceTable:
+        """The table in effect (after a reload when the file changed)."""
+        self.reload_if_changed()
+        return self._table
+
+    def price(self, expert: str, revision: str = "") -> Price:
+        """The price of the expert (revision) in the table in effect."""
+        return self.table.price(expert, revision)
+
+    def reload_if_changed(self) -> bool:
+        """Re-read the file if its identity changed; return whether a new table took effect."""
+        if self._path is None:
+            return False
+        try:
+            identity = _identity(self._path)
+        except OSError as exc:
+            self._refuse(None, f"cannot read {self._path}: {exc.strerror}")
+            return False
+        if identity == self._identity:
+            return False
+        with self._lock:
+            if identity == self._identity:
+                return False
+            try:
+                table = parse_prices(self._path.read_text(encoding="utf-8"), str(self._path))
+            except (OSError, UnicodeDecodeError, PriceTableError) as exc:
+                self._refuse(identity, str(exc))
+                return False
+            self._table, self._identity = table, identity
+        log.info("price table reloaded", experts=len(table.experts), currency=table.currency)
+        return True
+
+    def _refuse(self, identity: tuple[int, int, int, int] | None, why: str) -> None:
+        # Remember the bad identity so a broken file is reported once, not on every request.
+        if identity is not None and identity == self._refused:
+            return
+        self._refused = identity
+        RELOAD_FAILURES.inc()
+        log.error("price table refused; keeping the last good one", error=why)

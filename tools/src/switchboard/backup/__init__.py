@@ -1,0 +1,1 @@
+"""Backup and restore of Switchboard's learned state and config (`switchboard backup` / `switchboard restore`)."""
