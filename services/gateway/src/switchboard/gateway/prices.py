@@ -24,8 +24,6 @@ Costs are counted in nano-units of the currency (integers) where they are stored
 from __future__ import annotations
 
 import math
-import os
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +32,7 @@ from typing import Any
 import yaml
 from prometheus_client import Counter
 from switchboard.common.logging import get_logger
+from switchboard.gateway.config_files import FieldErrors, WatchedFile, file_identity
 
 log = get_logger(__name__)
 
@@ -89,22 +88,8 @@ class PriceTable:
         return self.experts.get(expert, self.default)
 
 
-def _fail(path: str, message: str) -> PriceTableError:
-    return PriceTableError(f"{path}: {message}")
-
-
-def _mapping(value: Any, path: str) -> Mapping[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise _fail(path, f"expected a mapping, got {type(value).__name__}")
-    return value
-
-
-def _check_keys(mapping: Mapping[str, Any], allowed: set[str], path: str) -> None:
-    unknown = sorted(str(k) for k in mapping if k not in allowed)
-    if unknown:
-        raise _fail(path, f"unknown field(s) {', '.join(unknown)}; expected some of {', '.join(sorted(allowed))}")
+_fields = FieldErrors(PriceTableError)
+_fail, _mapping, _check_keys = _fields.fail, _fields.mapping, _fields.check_keys
 
 
 def _parse_price(raw: Mapping[str, Any], path: str, base: Price = FREE) -> Price:
@@ -154,29 +139,31 @@ def parse_prices(text: str, source: str = "price table") -> PriceTable:
     return PriceTable(currency=currency, default=default, experts=experts, revisions=revisions)
 
 
-def _identity(path: Path) -> tuple[int, int, int, int]:
-    stat = os.stat(path)
-    return stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
-
-
 class PriceBook:
     """The price table in effect, re-read from its file when the file changes (None: everything is free)."""
 
     def __init__(self, path: Path | None) -> None:
         """Load the file; raise PriceTableError if it is missing or malformed (a start error)."""
         self._path = path
-        self._lock = threading.Lock()
-        self._refused: tuple[int, int, int, int] | None = None
+        self._file: WatchedFile[PriceTable] | None = None
+        self._table = PriceTable()
         if path is None:
-            self._identity: tuple[int, int, int, int] | None = None
-            self._table = PriceTable()
             return
         try:
-            self._identity = _identity(path)
+            identity = file_identity(path)
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise PriceTableError(f"cannot read price table {path} (GATEWAY_PRICES_FILE): {exc}") from None
         self._table = parse_prices(text, str(path))
+        self._file = WatchedFile(
+            path,
+            self._table,
+            identity,
+            lambda text: parse_prices(text, str(path)),
+            (PriceTableError,),
+            "price table",
+            RELOAD_FAILURES,
+        )
 
     @property
     def path(self) -> Path | None:
@@ -195,31 +182,9 @@ class PriceBook:
 
     def reload_if_changed(self) -> bool:
         """Re-read the file if its identity changed; return whether a new table took effect."""
-        if self._path is None:
+        table = self._file.reload_if_changed() if self._file is not None else None
+        if table is None:
             return False
-        try:
-            identity = _identity(self._path)
-        except OSError as exc:
-            self._refuse(None, f"cannot read {self._path}: {exc.strerror}")
-            return False
-        if identity == self._identity:
-            return False
-        with self._lock:
-            if identity == self._identity:
-                return False
-            try:
-                table = parse_prices(self._path.read_text(encoding="utf-8"), str(self._path))
-            except (OSError, UnicodeDecodeError, PriceTableError) as exc:
-                self._refuse(identity, str(exc))
-                return False
-            self._table, self._identity = table, identity
+        self._table = table
         log.info("price table reloaded", experts=len(table.experts), currency=table.currency)
         return True
-
-    def _refuse(self, identity: tuple[int, int, int, int] | None, why: str) -> None:
-        # Remember the bad identity so a broken file is reported once, not on every request.
-        if identity is not None and identity == self._refused:
-            return
-        self._refused = identity
-        RELOAD_FAILURES.inc()
-        log.error("price table refused; keeping the last good one", error=why)

@@ -40,8 +40,6 @@ tenant out; a revoked key stops working on the first request after a good reload
 from __future__ import annotations
 
 import hashlib
-import os
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -50,6 +48,7 @@ from typing import Any
 import yaml
 from prometheus_client import Counter, Gauge
 from switchboard.common.logging import get_logger
+from switchboard.gateway.config_files import FieldErrors, WatchedFile, file_identity
 from switchboard.gateway.principal import ALL_EXPERTS_SCOPE, FailMode, Principal, Priority, TenantLimits
 
 log = get_logger(__name__)
@@ -104,22 +103,8 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-def _fail(path: str, message: str) -> TenantsFileError:
-    return TenantsFileError(f"{path}: {message}")
-
-
-def _mapping(value: Any, path: str) -> Mapping[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise _fail(path, f"expected a mapping, got {type(value).__name__}")
-    return value
-
-
-def _check_keys(mapping: Mapping[str, Any], allowed: set[str], path: str) -> None:
-    unknown = sorted(str(k) for k in mapping if k not in allowed)
-    if unknown:
-        raise _fail(path, f"unknown field(s) {', '.join(unknown)}; expected some of {', '.join(sorted(allowed))}")
+_fields = FieldErrors(TenantsFileError)
+_fail, _mapping, _check_keys = _fields.fail, _fields.mapping, _fields.check_keys
 
 
 def _parse_limits(raw: Any, path: str, base: TenantLimits) -> TenantLimits:
@@ -280,63 +265,44 @@ def parse_tenants(text: str, source: str = "tenants file", base: Path = Path("."
     return TenantsConfig(by_hash, tenants, _parse_jwt(top.get("jwt"), "jwt", base))
 
 
-def _identity(path: Path) -> tuple[int, int, int, int]:
-    stat = os.stat(path)
-    return stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
-
-
 class TenantDirectory:
     """The tenants configuration in effect, reloaded from its file when the file changes."""
 
     def __init__(self, path: Path) -> None:
         """Load the file; raise TenantsFileError if it is missing or malformed (a start error)."""
-        self._path = path
-        self._lock = threading.Lock()
-        self._identity = _identity_or_fail(path)
-        self._config = parse_tenants(path.read_text(encoding="utf-8"), str(path), path.parent)
-        TENANTS.set(len(self._config.tenants))
+        identity = _identity_or_fail(path)
+        config = parse_tenants(path.read_text(encoding="utf-8"), str(path), path.parent)
+        self._file = WatchedFile(
+            path,
+            config,
+            identity,
+            lambda text: parse_tenants(text, str(path), path.parent),
+            (TenantsFileError,),
+            "tenants file",
+            RELOAD_FAILURES,
+        )
+        TENANTS.set(len(config.tenants))
 
     @property
     def path(self) -> Path:
         """The tenants file."""
-        return self._path
+        return self._file.path
 
     @property
     def config(self) -> TenantsConfig:
         """The configuration in effect (after a reload when the file changed)."""
         self.reload_if_changed()
-        return self._config
+        return self._file.value
 
     def reload_if_changed(self) -> bool:
         """Re-read the file if its identity changed; return whether a new configuration took effect."""
-        try:
-            identity = _identity(self._path)
-        except OSError as exc:
-            self._refuse(identity=None, why=f"cannot read {self._path}: {exc.strerror}")
+        config = self._file.reload_if_changed()
+        if config is None:
             return False
-        if identity == self._identity:
-            return False
-        with self._lock:
-            if identity == self._identity:
-                return False
-            try:
-                config = parse_tenants(self._path.read_text(encoding="utf-8"), str(self._path), self._path.parent)
-            except (OSError, UnicodeDecodeError, TenantsFileError) as exc:
-                self._refuse(identity, str(exc))
-                return False
-            self._config, self._identity = config, identity
         RELOADS.inc()
         TENANTS.set(len(config.tenants))
         log.info("tenants reloaded", tenants=len(config.tenants), keys=len(config.by_key_hash))
         return True
-
-    def _refuse(self, identity: tuple[int, int, int, int] | None, why: str) -> None:
-        # Remember the bad identity so a broken file is reported once, not on every request.
-        if identity is not None and identity == getattr(self, "_refused", None):
-            return
-        self._refused = identity
-        RELOAD_FAILURES.inc()
-        log.error("tenants file refused; keeping the last good configuration", error=why)
 
     def principal_for_key(self, key: str) -> Principal | None:
         """The principal owning an API key, or None.
@@ -353,7 +319,7 @@ class TenantDirectory:
 
 def _identity_or_fail(path: Path) -> tuple[int, int, int, int]:
     try:
-        return _identity(path)
+        return file_identity(path)
     except OSError as exc:
         raise TenantsFileError(
             f"cannot read tenants file {path}: {exc.strerror}; create a key with "
