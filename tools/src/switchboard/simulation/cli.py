@@ -69,6 +69,9 @@ def add_parser(subparsers: Any) -> None:
     tr.add_argument("--out", type=Path, default=Path("scheduler-train"),
                     help="folder for policy.json, checkpoints/, learning_curve.png and train.json")
     tr.set_defaults(func=run_train)
+    from switchboard.simulation.allocation_cli import add_parsers as add_allocation_parsers
+
+    add_allocation_parsers(sub)
 
 
 def _add_cluster_args(parser: Any) -> None:

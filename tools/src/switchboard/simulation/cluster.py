@@ -18,6 +18,13 @@ What is real here and what is simulated:
 Events: arrivals, replica wake-ups (the end of a step or of a planned decode stretch), heartbeats,
 and cluster events (a replica added, failed or drained at a given time). Wake-ups carry the
 replica's version, so one superseded by a later change is skipped.
+
+Allocation (optional, `Simulation(..., allocation=AllocationController)`): every control period
+the controller reads one `PoolObservation` per pool (arrivals since the last tick, the registry's
+last reported loads, SLO misses) and sets each pool's replica count. A new replica takes work only
+after its pool's `startup_seconds`; a removed one drains (no new placements, nothing en route to it,
+its work finishes) before it stops. Replica-seconds count from creation (start-up included) to the
+stop. Without a controller nothing of this runs and every result is as before.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ from switchboard.scheduler.placement import Placer, UnknownExperts, placement_re
 from switchboard.scheduler.policies import PlacementPolicy
 from switchboard.scheduler.prefix_index import KvEventIn, KvEventsIn
 from switchboard.scheduler.registry import LoadSnapshot, ReplicaInfo, ReplicaRegistry
+from switchboard.scheduler.slo import judge
+from switchboard.simulation.allocation import AllocationController, PoolObservation
 from switchboard.simulation.replica import ReplicaSpec, SimRecord, SimReplica
 from switchboard.simulation.workload import HashChains, SimRequest
 
@@ -45,6 +54,9 @@ from switchboard.simulation.workload import HashChains, SimRequest
 _CLUSTER, _HEARTBEAT, _WAKE, _COMPLETE, _DELIVER, _ARRIVAL = 0, 1, 2, 3, 4, 5
 
 _NO_IDS: frozenset[str] = frozenset()
+
+# The payload of an allocation tick: queued with heartbeats' kind, so like them it keeps no run alive.
+_ALLOCATE = "<allocate>"
 
 # At most this many KV-event hashes per heartbeat, as the generator's registrar sends.
 MAX_REPORT_HASHES = 4096
@@ -130,7 +142,9 @@ class SimResult:
 class Simulation:
     """One run of a workload on a simulated cluster under one placement policy."""
 
-    def __init__(self, config: SimConfig, policy: PlacementPolicy) -> None:
+    def __init__(
+        self, config: SimConfig, policy: PlacementPolicy, allocation: AllocationController | None = None
+    ) -> None:
         if not config.pools:
             raise ValueError("the simulated cluster needs at least one pool")
         self.config = config
@@ -158,6 +172,17 @@ class Simulation:
         self.records: list[SimRecord] = []
         self._acked: dict[str, int] = {}
         self._pending = 0  # events in the heap other than heartbeats
+        self._alloc = allocation
+        # Allocation only: per expert, arrivals' tokens and count, SLO misses and ends since the
+        # last tick; requests placed but not yet delivered per replica (a drained one waits for them).
+        self._arrived_tokens: dict[str, int] = {}
+        self._arrived: dict[str, int] = {}
+        self._misses: dict[str, int] = {}
+        self._ended: dict[str, int] = {}
+        self._en_route: dict[str, int] = {}
+        self._cancelled: set[str] = set()  # removed while starting: they never register
+        # (time, {expert: replicas}) after every tick, for plots and tests.
+        self.allocation_log: list[tuple[float, dict[str, int]]] = []
 
     # ----------------------------------------------------------------- setup
 
@@ -167,19 +192,20 @@ class Simulation:
             self._pending += 1
         heapq.heappush(self._heap, (at, kind, self._seq, payload, version))
 
-    def _new_replica(self, pool: PoolSpec, at: float) -> None:
+    def _new_replica(self, pool: PoolSpec, at: float, startup: float | None = None) -> None:
         n = self._counts.get(pool.expert, 0)
         self._counts[pool.expert] = n + 1
         rid = f"{pool.expert}-{n}"
         replica = SimReplica(
             rid, pool.expert, pool.cost, pool.spec, pool.hash_seed, pool.step_overhead_ms, self.config.fast_forward
         )
-        replica.busy_until = at + pool.startup_seconds
+        startup = pool.startup_seconds if startup is None else startup
+        replica.busy_until = at + startup
         self.replicas[rid] = replica
         self.lifetimes[rid] = [at, at]
         # It registers once started, then reports every heartbeat (at a random phase, as real
         # replicas started at different times do).
-        self._push(at + pool.startup_seconds, _CLUSTER, ("register", rid))
+        self._push(at + startup, _CLUSTER, ("register", rid))
 
     def _info(self, replica: SimReplica) -> ReplicaInfo:
         spec = replica.spec
@@ -199,9 +225,17 @@ class Simulation:
 
     def run(self, requests: Sequence[SimRequest]) -> SimResult:
         """Simulate every request to its end; returns the records and the replicas."""
-        for pool in self.config.pools:
-            for _ in range(pool.replicas):
-                self._new_replica(pool, 0.0)
+        if self._alloc is None:
+            for pool in self.config.pools:
+                for _ in range(pool.replicas):
+                    self._new_replica(pool, 0.0)
+        else:
+            # The run starts warm: the controller's initial counts, serving at once.
+            initial = self._alloc.initial()
+            for pool in self.config.pools:
+                for _ in range(initial.get(pool.expert, 0)):
+                    self._new_replica(pool, 0.0, startup=0.0)
+            self._push(self._alloc.config.period_seconds, _HEARTBEAT, _ALLOCATE)
         for event in self.config.events:
             self._push(event.at, _CLUSTER, event)
         # Every arrival at once, as the entries a push each would make, but kept out of the heap:
@@ -293,6 +327,10 @@ class Simulation:
         if found is None:
             record.outcome, record.reason = "rejected", f"expert {sim.expert!r} is not in the cluster"
             return
+        if self._alloc is not None:
+            expert = sim.expert
+            self._arrived[expert] = self._arrived.get(expert, 0) + 1
+            self._arrived_tokens[expert] = self._arrived_tokens.get(expert, 0) + sim.prompt_tokens + sim.output_tokens
         pool, chain_key = found
         chain, shared = self._chains[sim.expert].chain(sim)
         req = Request(
@@ -328,10 +366,14 @@ class Simulation:
                 result = self.placer.place(placement)
             except UnknownExperts as exc:
                 record.outcome, record.reason = "rejected", str(exc)
+                if self._alloc is not None:
+                    self._ended_request(record)
                 return
             placements = result.placements  # `result.primary`, without the property call
             if not placements:
                 record.outcome, record.reason = "rejected", result.reasons()
+                if self._alloc is not None:
+                    self._ended_request(record)
                 return
             rid = placements[0].replica.replica_id
             if rid in self.dead:
@@ -344,6 +386,8 @@ class Simulation:
         samples = self.config.dispatch_samples
         delay = self._dispatch_rng.choice(samples) if samples else self.config.dispatch_seconds
         if delay > 0:
+            if self._alloc is not None:
+                self._en_route[rid] = self._en_route.get(rid, 0) + 1
             self._push(self.now + delay, _DELIVER, req)
         else:
             self._deliver(req, wake_now)
@@ -357,6 +401,8 @@ class Simulation:
         """
         record: SimRecord = req.state
         rid = record.replica_id
+        if self._alloc is not None and self._en_route.get(rid):
+            self._en_route[rid] -= 1
         if rid in self.dead:
             self._place(req, frozenset({rid}), wake_now)
             return
@@ -395,7 +441,7 @@ class Simulation:
             self._seq += 1
             self._pending += 1
             heapq.heappush(self._heap, (nxt, _WAKE, self._seq, replica, replica.version))
-        elif replica.replica_id in self.draining:
+        elif replica.replica_id in self.draining and not self._en_route.get(replica.replica_id):
             self._stop(replica)
         if due:
             # Complete events due now would be the very next events when nothing in the heap sorts
@@ -419,8 +465,13 @@ class Simulation:
         else:
             record.outcome = "ok"
         self.registry.complete(record.request_id)
+        if self._alloc is not None:
+            self._ended_request(record)
 
     def _heartbeat(self, rid: str) -> None:
+        if rid is _ALLOCATE:
+            self._allocate()
+            return
         replica = self.replicas[rid]
         if rid in self.dead:
             return
@@ -443,6 +494,8 @@ class Simulation:
     def _cluster_event(self, payload: object) -> None:
         if isinstance(payload, tuple):  # ("register", rid): a replica finished starting
             rid = payload[1]
+            if rid in self._cancelled:
+                return
             replica = self.replicas[rid]
             self.registry.register(self._info(replica), LoadSnapshot(0, 0, 0, replica.pool.num_blocks))
             snap = replica.pool.events.snapshot(MAX_REPORT_HASHES)
@@ -494,8 +547,114 @@ class Simulation:
                 record.outcome, record.reason = "dropped", f"replica {rid} failed while streaming"
                 record.finished_at = None
                 self.registry.complete(record.request_id)
+                if self._alloc is not None:
+                    self._ended_request(record)
         # The registry keeps it until it expires (no more heartbeats): placements on it meanwhile
         # fail over at once (see `_place`).
+
+    # ----------------------------------------------------------------- allocation
+
+    def _ended_request(self, record: SimRecord) -> None:
+        """Count a request that ended (met or missed its objectives) for the next observation."""
+        expert = record.expert
+        self._ended[expert] = self._ended.get(expert, 0) + 1
+        ok = record.outcome == "ok" and record.ttft is not None and record.e2e is not None
+        if ok:
+            slo = self._pools[expert][0].slo
+            ok = judge(slo, True, record.ttft, record.e2e, record.generated).good
+        if not ok:
+            self._misses[expert] = self._misses.get(expert, 0) + 1
+
+    def pool_members(self, expert: str) -> list[SimReplica]:
+        """The pool's current replicas: live (ready or starting) and not draining."""
+        return [
+            r for rid, r in self.replicas.items()
+            if r.expert == expert and rid not in self.dead and rid not in self.draining
+        ]
+
+    def observe(self) -> list[PoolObservation]:
+        """Every pool's observation since the last tick (what an autoscaler would scrape)."""
+        assert self._alloc is not None
+        period = self._alloc.config.period_seconds
+        out = []
+        for pool in self.config.pools:
+            expert = pool.expert
+            members = self.pool_members(expert)
+            waiting = running = 0
+            kv: list[float] = []
+            ready = 0
+            for r in members:
+                known = self.registry.get(r.replica_id)
+                if known is None:
+                    continue
+                ready += 1
+                waiting += known.load.waiting
+                running += known.load.running
+                kv.append(known.load.kv_utilization)
+            out.append(PoolObservation(
+                expert=expert,
+                tokens_per_second=self._arrived_tokens.get(expert, 0) / period,
+                requests_per_second=self._arrived.get(expert, 0) / period,
+                queue_depth=waiting,
+                running=running,
+                kv_utilization=sum(kv) / len(kv) if kv else 0.0,
+                slo_misses=self._misses.get(expert, 0),
+                finished=self._ended.get(expert, 0),
+                replicas=len(members),
+                ready=ready,
+            ))
+        return out
+
+    def _allocate(self) -> None:
+        """One control tick: observe, let the controller decide, add or drain replicas."""
+        controller = self._alloc
+        assert controller is not None
+        observations = self.observe()
+        self._arrived_tokens.clear()
+        self._arrived.clear()
+        self._misses.clear()
+        self._ended.clear()
+        applied = controller.step(observations, self.now)
+        for pool in self.config.pools:
+            members = self.pool_members(pool.expert)
+            change = applied.get(pool.expert, len(members)) - len(members)
+            for _ in range(change):
+                self._new_replica(pool, self.now)
+            for replica in self._victims(members, -change):
+                self._remove(replica)
+        self.allocation_log.append((self.now, {p.expert: len(self.pool_members(p.expert)) for p in self.config.pools}))
+        self._push(self.now + controller.config.period_seconds, _HEARTBEAT, _ALLOCATE)
+
+    def _victims(self, members: list[SimReplica], count: int) -> list[SimReplica]:
+        """Which replicas a scale-down removes: starting ones first (newest first), then the least busy."""
+        if count <= 0:
+            return []
+
+        def key(r: SimReplica) -> tuple[int, int, int]:
+            known = self.registry.get(r.replica_id)
+            index = int(r.replica_id.rsplit("-", 1)[1])
+            if known is None:
+                return (0, 0, -index)
+            return (1, r.num_running + r.num_waiting + known.inflight, -index)
+
+        return sorted(members, key=key)[:count]
+
+    def _remove(self, replica: SimReplica) -> None:
+        """Scale-down of one replica: a starting one is cancelled, a ready one drains first."""
+        rid = replica.replica_id
+        if self.registry.get(rid) is None:
+            self._cancelled.add(rid)
+            self.dead.add(rid)
+            self.lifetimes[rid][1] = self.now
+            return
+        self.draining.add(rid)
+        known = self.registry.get(rid)
+        if known is not None:
+            self.registry.report_load(rid, known.load, draining=True)
+        if replica.sync(self.now):
+            self._push(replica.busy_until, _WAKE, replica, replica.version)
+        if not replica.has_work() and not self._en_route.get(rid):
+            self._stop(replica)
 
     def _stop(self, replica: SimReplica) -> None:
         """A drained replica with no work left deregisters and stops."""
