@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -108,24 +109,33 @@ class Recorder:
         yield scheduler_pb2.ReportLoadResponse(known=True)
 
 
-@pytest.fixture
-async def served() -> AsyncIterator[tuple[GrpcService, Recorder]]:
-    recorder = Recorder()
-    svc = GrpcService("limits", ServerSettings(port=0, metrics_port=0, drain_seconds=0.2, max_receive_message_bytes=LIMIT, max_metadata_bytes=4096))
+@asynccontextmanager
+async def serving(settings: ServerSettings, recorder: Recorder) -> AsyncIterator[GrpcService]:
+    """A GrpcService on a free port whose methods are the recorder's (ReportLoad messages), stopped on exit."""
+    svc = GrpcService("limits", settings)
+    rpc = (scheduler_pb2.ReportLoadRequest.FromString, scheduler_pb2.ReportLoadResponse.SerializeToString)
     handlers = {
-        "Unary": grpc.unary_unary_rpc_method_handler(
-            recorder.unary, scheduler_pb2.ReportLoadRequest.FromString, scheduler_pb2.ReportLoadResponse.SerializeToString
-        ),
-        "Stream": grpc.unary_stream_rpc_method_handler(
-            recorder.stream, scheduler_pb2.ReportLoadRequest.FromString, scheduler_pb2.ReportLoadResponse.SerializeToString
-        ),
+        "Unary": grpc.unary_unary_rpc_method_handler(recorder.unary, *rpc),
+        "Stream": grpc.unary_stream_rpc_method_handler(recorder.stream, *rpc),
     }
+    if isinstance(recorder, Collector):
+        handlers["Collect"] = grpc.stream_unary_rpc_method_handler(recorder.collect, *rpc)
     svc.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     task = asyncio.create_task(svc.run([SERVICE], handle_signals=False))
     await asyncio.wait_for(svc.started.wait(), 10)
-    yield svc, recorder
-    svc.stop()
-    await asyncio.wait_for(task, 10)
+    try:
+        yield svc
+    finally:
+        svc.stop()
+        await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[GrpcService, Recorder]]:
+    recorder = Recorder()
+    settings = ServerSettings(port=0, metrics_port=0, drain_seconds=0.2, max_receive_message_bytes=LIMIT, max_metadata_bytes=4096)
+    async with serving(settings, recorder) as svc:
+        yield svc, recorder
 
 
 def raw_channel(svc: GrpcService) -> grpc.aio.Channel:
@@ -299,24 +309,8 @@ class Collector(Recorder):
 @pytest.fixture
 async def bounded() -> AsyncIterator[tuple[GrpcService, Collector]]:
     recorder = Collector()
-    svc = GrpcService("limits", load_server_settings("LIMITS", 0, 0, environ=BOUNDS_ENV))
-    handlers = {
-        "Unary": grpc.unary_unary_rpc_method_handler(
-            recorder.unary, scheduler_pb2.ReportLoadRequest.FromString, scheduler_pb2.ReportLoadResponse.SerializeToString
-        ),
-        "Stream": grpc.unary_stream_rpc_method_handler(
-            recorder.stream, scheduler_pb2.ReportLoadRequest.FromString, scheduler_pb2.ReportLoadResponse.SerializeToString
-        ),
-        "Collect": grpc.stream_unary_rpc_method_handler(
-            recorder.collect, scheduler_pb2.ReportLoadRequest.FromString, scheduler_pb2.ReportLoadResponse.SerializeToString
-        ),
-    }
-    svc.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    task = asyncio.create_task(svc.run([SERVICE], handle_signals=False))
-    await asyncio.wait_for(svc.started.wait(), 10)
-    yield svc, recorder
-    svc.stop()
-    await asyncio.wait_for(task, 10)
+    async with serving(load_server_settings("LIMITS", 0, 0, environ=BOUNDS_ENV), recorder) as svc:
+        yield svc, recorder
 
 
 def assert_too_large(error: grpc.aio.AioRpcError, method: str, limit: int, size: int) -> None:
