@@ -19,7 +19,8 @@ import yaml
 from engine import Engine, EngineError
 from stack import REPO, STACK_FILES, ComposeStack, copy_compose_folder
 
-pytestmark = pytest.mark.slow
+# The first test's setup may make the local base images (debootstrap) on a cold machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 BROKEN_PROJECT = "switchboard-broken"
 

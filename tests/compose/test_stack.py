@@ -20,7 +20,8 @@ import pytest
 from engine import Engine, EngineError, http_json
 from stack import ComposeStack
 
-pytestmark = pytest.mark.slow
+# The first test's setup builds every image: on a cold machine that alone is minutes (README).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 DEV_KEY = "sb-dev-local-only"  # compose/dev-tenants.yaml
 CLIENT = str(Path(sys.executable).with_name("switchboard"))
