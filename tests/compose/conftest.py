@@ -8,7 +8,6 @@ free loopback ports, so a developer's `switchboard up` or compose stack is left 
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,17 +19,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from engine import Engine, container_engine
-from stack import REPO, STACK_FILES, ComposeStack
+from stack import REPO, STACK_FILES, ComposeStack, free_port, publish
 
 PROJECT = "switchboard-check"
 EXPERTS = ("bard-small", "milton-small", "scribe-large")
 TORCH_PIN = "torch==2.13.0"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -88,16 +81,7 @@ def stack(
     engine: Engine, torch_wheel: None, models_dir: Path, ports: dict[str, int]
 ) -> Iterator[ComposeStack]:
     """The stack users run, built from the project's Dockerfiles and up with every container healthy."""
-    running = ComposeStack.of(
-        engine,
-        PROJECT,
-        [REPO / f for f in STACK_FILES],
-        models_dir,
-        GATEWAY_PUBLISH=f"127.0.0.1:{ports['grpc']}",
-        GATEWAY_HTTP_PUBLISH=f"127.0.0.1:{ports['http']}",
-        TRACES_PUBLISH=f"127.0.0.1:{ports['traces']}",
-        PROMETHEUS_PUBLISH=f"127.0.0.1:{ports['prometheus']}",
-    )
+    running = ComposeStack.of(engine, PROJECT, [REPO / f for f in STACK_FILES], models_dir, **publish(ports))
     try:
         running.build()
         running.up()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -127,3 +128,19 @@ def copy_compose_folder(target: Path) -> Path:
     (target / "config").mkdir()
     shutil.copy(REPO / "config/experts.yaml", target / "config/experts.yaml")
     return target / "compose"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def publish(ports: dict[str, int]) -> dict[str, str]:
+    """Where the stack publishes its ports: free loopback ports, never the defaults a developer uses."""
+    return {
+        "GATEWAY_PUBLISH": f"127.0.0.1:{ports['grpc']}",
+        "GATEWAY_HTTP_PUBLISH": f"127.0.0.1:{ports['http']}",
+        "TRACES_PUBLISH": f"127.0.0.1:{ports['traces']}",
+        "PROMETHEUS_PUBLISH": f"127.0.0.1:{ports['prometheus']}",
+    }

@@ -9,63 +9,18 @@ The tests share one running stack and run in the order written (the last one sto
 from __future__ import annotations
 
 import subprocess
-import sys
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import checks
 import pytest
 from engine import Engine, EngineError, http_json
+from probes import DEV_KEY, generate, poll, switchboard_services, trace_ids
 from stack import ComposeStack
 
 # The first test's setup builds every image: on a cold machine that alone is minutes (README).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
-DEV_KEY = "sb-dev-local-only"  # compose/dev-tenants.yaml
-CLIENT = str(Path(sys.executable).with_name("switchboard"))
 SWITCHBOARD_JOBS = ("gateway", "router", "scheduler", "generator")
-
-
-def _switchboard_services(stack: ComposeStack) -> dict[str, dict]:
-    return {
-        n: s for n, s in stack.config()["services"].items() if checks.is_switchboard_image(s.get("image", ""))
-    }
-
-
-def _generate(
-    port: int, prompt: str, model: str = "", max_tokens: int = 8
-) -> subprocess.CompletedProcess[str]:
-    args = [
-        CLIENT,
-        "generate",
-        prompt,
-        "--key",
-        DEV_KEY,
-        "--addr",
-        f"127.0.0.1:{port}",
-        "--max-tokens",
-        str(max_tokens),
-    ]
-    args += ["--timeout", "60", "--temperature", "0"] + (["--model", model] if model else [])
-    return subprocess.run(args, capture_output=True, text=True, timeout=90, check=False)
-
-
-def _poll(what: str, probe: Callable[[], object], limit: float = 90.0, period: float = 2.0) -> object:
-    """`probe()` until it returns something truthy; its last problem is the failure's message."""
-    deadline = time.monotonic() + limit
-    last = None
-    while True:
-        try:
-            result = probe()
-            if result:
-                return result
-        except EngineError as exc:
-            last = exc
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {limit:.0f} s (last: {last})")
-        time.sleep(period)
 
 
 def _prometheus(ports: dict[str, int], query: str) -> list[dict]:
@@ -76,7 +31,7 @@ def _prometheus(ports: dict[str, int], query: str) -> list[dict]:
 
 
 def test_images_are_non_root_with_healthchecks(stack: ComposeStack, engine: Engine) -> None:
-    images = sorted({s["image"] for s in _switchboard_services(stack).values()})
+    images = sorted({s["image"] for s in switchboard_services(stack).values()})
     assert {i.rsplit("/", 1)[-1].split(":")[0] for i in images} == set(SWITCHBOARD_JOBS)
     problems = [
         p for image in images for p in checks.image_problems(image, engine.inspect(image, kind="image")[0])
@@ -89,7 +44,7 @@ def test_compose_config_is_sound(stack: ComposeStack) -> None:
 
 
 def test_every_container_is_healthy_read_only_and_runs_as_10001(stack: ComposeStack, engine: Engine) -> None:
-    names = [stack.container(service) for service in _switchboard_services(stack)]
+    names = [stack.container(service) for service in switchboard_services(stack)]
     problems = [p for name in names for p in checks.container_problems(name, engine.inspect(name)[0])]
     assert problems == []
     for name in names:
@@ -103,7 +58,7 @@ def test_every_container_is_healthy_read_only_and_runs_as_10001(stack: ComposeSt
 def test_the_client_streams_a_completion_through_the_gateway(
     stack: ComposeStack, ports: dict[str, int]
 ) -> None:
-    done = _generate(ports["grpc"], "Enter the king, with his lords", max_tokens=16)
+    done = generate(ports["grpc"], "Enter the king, with his lords", max_tokens=16)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip()
     assert "completion_tokens=16" in done.stderr
@@ -133,14 +88,12 @@ def test_the_openai_client_streams_through_the_http_front(stack: ComposeStack, p
 def test_one_trace_spans_all_four_services_in_the_trace_viewer(
     stack: ComposeStack, ports: dict[str, int]
 ) -> None:
-    assert _generate(ports["grpc"], "Once more unto the breach").returncode == 0
+    assert generate(ports["grpc"], "Once more unto the breach").returncode == 0
 
-    def traces() -> list[str]:
-        spans = http_json(f"http://127.0.0.1:{ports['traces']}/v1/projects/default/spans?limit=1000")
-        return checks.traces_spanning(spans["data"])  # type: ignore[index]
-
-    assert _poll(
-        "a trace with server spans of the gateway, router, scheduler and generator", traces, limit=60
+    assert poll(
+        "a trace with server spans of the gateway, router, scheduler and generator",
+        lambda: trace_ids(ports["traces"]),
+        limit=60,
     )
 
 
@@ -152,7 +105,7 @@ def test_prometheus_scrapes_every_metrics_endpoint(stack: ComposeStack, ports: d
             raise EngineError("; ".join(problems))
         return True
 
-    _poll("every target up", healthy, limit=60)
+    poll("every target up", healthy, limit=60)
     # And the numbers are the services' own: the scheduler sees the replicas of every expert.
     ready = {
         r["metric"]["expert"]: float(r["value"][1])
@@ -174,19 +127,19 @@ def test_a_killed_generator_fails_over_and_recovers(
     # Requests pinned to the pool keep succeeding on its other replica, from the first one on.
     with ThreadPoolExecutor(4) as pool:
         results = list(
-            pool.map(lambda i: _generate(ports["grpc"], f"Friends, Romans {i}", "bard-small"), range(8))
+            pool.map(lambda i: generate(ports["grpc"], f"Friends, Romans {i}", "bard-small"), range(8))
         )
     assert [r.returncode for r in results] == [0] * 8, [r.stderr[-300:] for r in results if r.returncode]
-    _poll("the scheduler drops the killed replica", lambda: _ready(ports, "bard-small") == 1.0, limit=60)
+    poll("the scheduler drops the killed replica", lambda: _ready(ports, "bard-small") == 1.0, limit=60)
 
     stack.up("generator-bard-small")
-    _poll("the restarted replica registers again", lambda: _ready(ports, "bard-small") == 2.0, limit=60)
+    poll("the restarted replica registers again", lambda: _ready(ports, "bard-small") == 2.0, limit=60)
 
     def served_by_restarted() -> bool:
         with ThreadPoolExecutor(8) as pool:
             done = list(
                 pool.map(
-                    lambda i: _generate(ports["grpc"], f"Now is the winter {i}", "bard-small", 16), range(8)
+                    lambda i: generate(ports["grpc"], f"Now is the winter {i}", "bard-small", 16), range(8)
                 )
             )
         assert [r.returncode for r in done] == [0] * 8
@@ -195,7 +148,7 @@ def test_a_killed_generator_fails_over_and_recovers(
         )
         return bool(served) and float(served[0]["value"][1]) > 0
 
-    _poll("the restarted replica serves requests", served_by_restarted, limit=120, period=6)
+    poll("the restarted replica serves requests", served_by_restarted, limit=120, period=6)
 
 
 def test_stop_is_clean_within_the_grace_periods_and_leaves_nothing(stack: ComposeStack) -> None:
@@ -207,7 +160,7 @@ def test_stop_is_clean_within_the_grace_periods_and_leaves_nothing(stack: Compos
     exits = {
         c["Service"]: c.get("ExitCode")
         for c in stack.containers()
-        if c["Service"] in _switchboard_services(stack)
+        if c["Service"] in switchboard_services(stack)
     }
     assert exits and set(exits.values()) == {0}, exits
     stack.down()

@@ -47,6 +47,14 @@ def build_request(args: argparse.Namespace) -> gateway_pb2.GenerateRequest:
     return request
 
 
+def open_gateway_channel(addr: str, cacert: str | None) -> grpc.Channel:
+    """A plaintext channel, or TLS verified against `cacert` (a gateway with GATEWAY_PUBLIC_TLS_*)."""
+    if not cacert:
+        return grpc.insecure_channel(addr)
+    credentials = grpc.ssl_channel_credentials(root_certificates=Path(cacert).read_bytes())
+    return grpc.secure_channel(addr, credentials)
+
+
 def run(args: argparse.Namespace) -> int:
     """Stream one completion to stdout; exit 1 with the status on error."""
     key = resolve_key(args.key)
@@ -54,7 +62,12 @@ def run(args: argparse.Namespace) -> int:
         print("switchboard generate: no API key: pass --key or set SWITCHBOARD_API_KEY", file=sys.stderr)
         return 2
     request = build_request(args)
-    with grpc.insecure_channel(args.addr) as channel:
+    try:
+        channel = open_gateway_channel(args.addr, args.cacert)
+    except OSError as exc:
+        print(f"switchboard generate: cannot read --cacert {args.cacert}: {exc.strerror}", file=sys.stderr)
+        return 2
+    with channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         call = stub.Generate(request, metadata=[("authorization", f"Bearer {key}")], timeout=args.timeout)
         model, last = "", None
@@ -107,5 +120,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     parser.add_argument("--key", default=None, help="API key (default: SWITCHBOARD_API_KEY or the dev key)")
     parser.add_argument("--addr", default=os.environ.get("SWITCHBOARD_ADDR", "127.0.0.1:50051"), help="gateway host:port")
     parser.add_argument("--timeout", type=float, default=120.0, help="request deadline in seconds")
+    parser.add_argument(
+        "--cacert",
+        default=os.environ.get("SWITCHBOARD_CACERT") or None,
+        help="CA certificate (PEM) to verify a TLS gateway port with (default: SWITCHBOARD_CACERT; unset: plaintext)",
+    )
     parser.add_argument("--echo", action="store_true", help="print the prompt before the completion")
     parser.set_defaults(func=run)
