@@ -24,22 +24,8 @@ from types import TracebackType
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from switchboard.common.launch import launch_env, launched
 from switchboard.common.tls import TlsIdentity, blocking_channel
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the launching process dies (Linux prctl).
-
-    Without it a crashed test run or a `kill -9` of `switchboard up` would leave services
-    running; elsewhere this is a no-op.
-    """
-    if sys.platform != "linux":
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
 
 
 class StartupError(RuntimeError):
@@ -147,10 +133,12 @@ class ProcessGroup:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{spec.name}.log"
         stderr_path = self.log_dir / f"{spec.name}.stderr.log"
-        env = {**self.base_env, **spec.env, "PYTHONUNBUFFERED": "1"}
+        env = launch_env({**self.base_env, **spec.env, "PYTHONUNBUFFERED": "1"})
         with open(log_path, "ab") as log, open(stderr_path, "ab") as errors:
             popen = subprocess.Popen(
-                [sys.executable, "-m", spec.module],
+                # The launcher makes the service die with this process (switchboard.common.launch
+                # says why that is not a preexec_fn).
+                launched([sys.executable, "-m", spec.module]),
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -158,7 +146,6 @@ class ProcessGroup:
                 # Own process group: Ctrl-C in a terminal reaches only the parent,
                 # which then stops each child in order.
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
             )
         process = ManagedProcess(spec=spec, popen=popen, log_path=log_path, stderr_path=stderr_path)
         self.processes[spec.name] = process
