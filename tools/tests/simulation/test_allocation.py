@@ -11,8 +11,7 @@ import pytest
 from switchboard.cli.main import main
 from switchboard.common.experts_config import ExpertSLO
 from switchboard.replica.cost_model import CostModel
-from switchboard.scheduler.policies import make_policy
-from switchboard.simulation.allocation import (
+from switchboard.scheduler.allocation import (
     ALLOCATION_FORMAT,
     FEATURE_NAMES,
     AllocationConfig,
@@ -32,6 +31,7 @@ from switchboard.simulation.allocation import (
     load_allocation_file,
     write_allocation_file,
 )
+from switchboard.scheduler.policies import make_policy
 from switchboard.simulation.cluster import PoolSpec, SimConfig, Simulation
 from switchboard.simulation.replica import ReplicaSpec
 from switchboard.simulation.workload import SimRequest

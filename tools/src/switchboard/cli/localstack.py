@@ -5,12 +5,15 @@
 with `ProcessGroup`, waits for grpc.health.v1 SERVING and for every generator
 to be registered with the scheduler, and stops them all on exit. `switchboard
 up` and the cross-service tests both use it, so the tests run the stack a
-newcomer runs.
+newcomer runs. It also writes the generator template that the scheduler's local
+allocation actuator starts further generators from (`generator_template`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,6 +25,7 @@ from switchboard.cli.processes import ProcessGroup, ServiceSpec, StartupError, f
 from switchboard.common.experts_config import ExpertSpec, load_experts_config
 from switchboard.common.pki import LocalCA, identity_env
 from switchboard.common.tls import OPERATOR_ROLE, TlsIdentity, blocking_channel
+from switchboard.scheduler.actuators.local import PER_REPLICA_ENV, GeneratorTemplate
 from switchboard.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 # Default ports of `switchboard up` (the documented ones).
@@ -251,6 +255,35 @@ def _identity_env(plan: StackPlan, name: str) -> dict[str, str]:
     return identity_env(identity) if identity is not None else {}
 
 
+# The local allocation actuator's generator template, written next to the logs (see LocalStack).
+GENERATOR_TEMPLATE_FILE = "generator-template.json"
+
+
+def generator_template(plan: StackPlan, log_dir: Path, grace: float = 10.0) -> GeneratorTemplate:
+    """How the scheduler's local actuator starts one more generator of each expert: the environment
+    `service_specs` gives the expert's first planned replica, less what differs per replica (id, port,
+    certificate), so a process it starts is one `switchboard up` would have started."""
+    specs = service_specs(plan)
+    experts: dict[str, dict[str, str]] = {}
+    replicas: dict[str, tuple[str, ...]] = {}
+    for generator in plan.generators:
+        replicas[generator.expert] = (*replicas.get(generator.expert, ()), generator.replica_id)
+        if generator.expert not in experts:
+            env = dict(specs[f"generator-{generator.replica_id}"].env)
+            for key in PER_REPLICA_ENV:
+                env.pop(key, None)
+            experts[generator.expert] = env
+    operator = plan.operator
+    return GeneratorTemplate(
+        argv=(sys.executable, "-m", "switchboard.generator"),
+        experts=experts,
+        log_dir=log_dir,
+        pki_dir=operator.ca_file.parent if operator is not None else None,
+        grace_seconds=grace,
+        replicas=replicas,
+    )
+
+
 def registered_replicas(scheduler_addr: str, timeout: float = 1.0, tls: TlsIdentity | None = None) -> dict[str, int]:
     """{replica_id: state} as the scheduler sees them ({} when it does not answer)."""
     with blocking_channel(scheduler_addr, tls, "scheduler") as channel:
@@ -278,6 +311,13 @@ class LocalStack:
         self.plan = plan
         self.start_timeout = start_timeout
         self.specs = service_specs(plan)
+        # The scheduler's local allocation actuator (SCHEDULER_ACTUATOR=local) reads this template
+        # to start more generators the way this stack starts them; a plan's own setting wins.
+        template = generator_template(plan, log_dir, grace).write(log_dir / GENERATOR_TEMPLATE_FILE)
+        scheduler = self.specs["scheduler"]
+        self.specs["scheduler"] = dataclasses.replace(
+            scheduler, env={"SCHEDULER_LOCAL_GENERATORS_FILE": str(template), **scheduler.env}
+        )
         self.group = ProcessGroup(log_dir, base_env if base_env is not None else os.environ, grace=grace)
 
     def start(self, timeout: float = 180.0) -> None:

@@ -79,7 +79,7 @@ def build_setup(args: argparse.Namespace) -> Any:
     from switchboard.bench.workload import load_trace
     from switchboard.common.experts_config import ExpertSLO
     from switchboard.replica.cost_model import CostModel
-    from switchboard.simulation.allocation import AllocationConfig, PoolBounds
+    from switchboard.scheduler.allocation import AllocationConfig, PoolBounds
     from switchboard.simulation.allocation_run import AllocSetup
     from switchboard.simulation.cluster import PoolSpec
     from switchboard.simulation.replica import ReplicaSpec
@@ -119,7 +119,7 @@ def build_setup(args: argparse.Namespace) -> Any:
 
 
 def run_alloc_eval(args: argparse.Namespace) -> int:
-    from switchboard.simulation.allocation import ALLOCATOR_NAMES, AllocationPolicyError, load_allocation_file
+    from switchboard.scheduler.allocation import ALLOCATOR_NAMES, AllocationPolicyError, load_allocation_file
     from switchboard.simulation.allocation_run import compare, held_out_starts, render
 
     try:

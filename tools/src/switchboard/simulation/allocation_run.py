@@ -29,8 +29,7 @@ from typing import Any
 import numpy as np
 from switchboard.bench.transform import WorkloadShape, shape
 from switchboard.bench.workload import TraceRequest
-from switchboard.scheduler.policies import make_policy
-from switchboard.simulation.allocation import (
+from switchboard.scheduler.allocation import (
     FEATURE_NAMES,
     AllocationConfig,
     AllocationController,
@@ -39,6 +38,7 @@ from switchboard.simulation.allocation import (
     make_allocator,
     write_allocation_file,
 )
+from switchboard.scheduler.policies import make_policy
 from switchboard.simulation.cluster import PoolSpec, SimConfig, SimResult, Simulation
 from switchboard.simulation.metrics import good
 from switchboard.simulation.train import spread

@@ -40,12 +40,12 @@ from switchboard.replica.cost_model import CostModel
 from switchboard.replica.hashing import hash_seed
 from switchboard.replica.kv_events import KvEventBatch
 from switchboard.replica.request import Request
+from switchboard.scheduler.allocation import AllocationController, PoolObservation
 from switchboard.scheduler.placement import Placer, UnknownExperts, placement_request
 from switchboard.scheduler.policies import PlacementPolicy
 from switchboard.scheduler.prefix_index import KvEventIn, KvEventsIn
 from switchboard.scheduler.registry import LoadSnapshot, ReplicaInfo, ReplicaRegistry
 from switchboard.scheduler.slo import judge
-from switchboard.simulation.allocation import AllocationController, PoolObservation
 from switchboard.simulation.replica import ReplicaSpec, SimRecord, SimReplica
 from switchboard.simulation.workload import HashChains, SimRequest
 

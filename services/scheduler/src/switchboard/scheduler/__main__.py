@@ -13,9 +13,11 @@ def load() -> SchedulerSettings:
     """Settings plus a check of the experts config, so a bad file fails at start with one clear line."""
     settings = load_scheduler_settings()
     try:
-        load_experts_config(settings.experts_config)
+        specs = load_experts_config(settings.experts_config)
     except ExpertsConfigError as exc:
         raise SettingsError(f"SWITCHBOARD_EXPERTS_CONFIG: {exc}") from None
+    if settings.allocator != "off":  # budget and bounds must fit the declared pools
+        settings.allocation_config([spec.name for spec in specs])
     return settings
 
 

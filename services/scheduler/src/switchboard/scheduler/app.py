@@ -1,4 +1,5 @@
-"""Wiring of the scheduler process: registry + policy + servicer on the shared gRPC server, plus the expiry sweep."""
+"""Wiring of the scheduler process: registry + policy + servicer on the shared gRPC server, plus the expiry sweep
+and (opt-in, SCHEDULER_ALLOCATOR) the allocation controller."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from collections.abc import Collection, Mapping
 from switchboard.common.experts_config import ExpertSLO
 from switchboard.common.logging import get_logger
 from switchboard.common.service import GrpcService
+from switchboard.scheduler.actuators import Actuator
 from switchboard.scheduler.config import SchedulerSettings
+from switchboard.scheduler.controller import ScalingController, controller_from_settings
 from switchboard.scheduler.policies import PlacementPolicy, make_policy
 from switchboard.scheduler.registry import ReplicaRegistry
 from switchboard.scheduler.servicer import SchedulerServicer
@@ -51,6 +54,7 @@ class SchedulerApp:
         experts: Collection[str],
         policy: PlacementPolicy | None = None,
         slos: Mapping[str, ExpertSLO | None] | None = None,
+        actuator: Actuator | None = None,
     ) -> None:
         self.settings = settings
         self.registry = ReplicaRegistry(
@@ -71,11 +75,17 @@ class SchedulerApp:
             slos=slos,
         )
         self.service = GrpcService("scheduler", settings.server, identity_policy=IDENTITY_POLICY)
+        # Allocation across expert pools (SCHEDULER_ALLOCATOR; None when off); `actuator` replaces
+        # the one SCHEDULER_ACTUATOR names (tests).
+        self.controller: ScalingController | None = controller_from_settings(
+            settings, self.registry, experts, actuator
+        )
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(self.servicer, self.service.server)
 
     async def run(self, handle_signals: bool = True) -> int:
         """Serve until SIGTERM/SIGINT or `service.stop()`, then drain; returns the exit code."""
         sweeper = asyncio.create_task(self.servicer.run_sweeper(sweep_interval(self.settings)))
+        allocating = asyncio.create_task(self.controller.run()) if self.controller is not None else None
         log.info(
             "scheduler starting",
             experts=sorted(self.servicer.experts),
@@ -85,7 +95,9 @@ class SchedulerApp:
         try:
             await self.service.run([SERVICE_NAME], handle_signals=handle_signals)
         finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            for task in (sweeper, allocating):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
         return self.service.exit_code

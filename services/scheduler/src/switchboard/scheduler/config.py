@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from switchboard.common.settings import ServerSettings, SettingsError, load_settings, setting
+from switchboard.scheduler.actuators import ACTUATOR_NAMES
+from switchboard.scheduler.allocation import ALLOCATOR_NAMES, AllocationConfig
 from switchboard.scheduler.policies import POLICY_NAMES, SELECTABLE_POLICY_NAMES, PolicyOptions
 
 SERVER_PREFIX = "SCHEDULER"
@@ -122,6 +124,102 @@ class SchedulerSettings:
         "missing, corrupt or of another feature schema: ranks with prefix-load and counts "
         "switchboard_scheduler_learned_policy_fallbacks_total",
     )
+    allocator: str = setting(
+        "SCHEDULER_ALLOCATOR",
+        "off",
+        "allocation across expert pools (opt-in): off, or the allocator run every control period: "
+        + ", ".join(ALLOCATOR_NAMES),
+        choices=("off", *ALLOCATOR_NAMES),
+    )
+    actuator: str = setting(
+        "SCHEDULER_ACTUATOR",
+        "dry-run",
+        "what acts on the allocation: dry-run (logs and prints the decisions), local (generator processes on this "
+        "machine), kubernetes (each pool's Deployment scale)",
+        choices=ACTUATOR_NAMES,
+    )
+    allocation_budget: int = setting(
+        "SCHEDULER_ALLOCATION_BUDGET",
+        0,
+        "most replicas of all pools together (required when SCHEDULER_ALLOCATOR is not off)",
+        minimum=0,
+        maximum=100000,
+    )
+    allocation_bounds: str = setting(
+        "SCHEDULER_ALLOCATION_BOUNDS",
+        "",
+        "per-pool bounds as expert=min:max pairs, comma-separated; unlisted pools: 1 to the budget",
+    )
+    allocation_period_seconds: float = setting(
+        "SCHEDULER_ALLOCATION_PERIOD_SECONDS",
+        10.0,
+        "control period of the allocation controller",
+        minimum=0.1,
+        maximum=3600.0,
+    )
+    allocation_cooldown_seconds: float = setting(
+        "SCHEDULER_ALLOCATION_COOLDOWN_SECONDS",
+        60.0,
+        "a pool scales down only when its last change is at least this old (scale-up is never delayed)",
+        minimum=0.0,
+        maximum=86400.0,
+    )
+    allocation_hpa_target_tokens: float = setting(
+        "SCHEDULER_ALLOCATION_HPA_TARGET_TOKENS",
+        1000.0,
+        "hpa: target reported tokens/s per replica (tolerance 0.1); also the learned allocator's fallback",
+        minimum=0.001,
+        maximum=1e9,
+    )
+    allocation_keda_target_queue: float = setting(
+        "SCHEDULER_ALLOCATION_KEDA_TARGET_QUEUE",
+        4.0,
+        "keda: target sequences waiting or running per replica",
+        minimum=0.001,
+        maximum=1e6,
+    )
+    allocation_policy_file: str = setting(
+        "SCHEDULER_ALLOCATION_POLICY_FILE",
+        "",
+        "learned allocator: its policy file (written by switchboard scheduler alloc-train), re-read when it changes; "
+        "missing, corrupt or of another schema: the hpa heuristic allocates (last good weights kept on a bad change)",
+    )
+    allocation_kill_switch_file: str = setting(
+        "SCHEDULER_ALLOCATION_KILL_SWITCH_FILE",
+        "",
+        "while this file exists the learned allocator is off and the hpa heuristic allocates (checked every period)",
+    )
+    allocation_start_timeout_seconds: float = setting(
+        "SCHEDULER_ALLOCATION_START_TIMEOUT_SECONDS",
+        300.0,
+        "a started replica counts as the pool's (pending) until it registers or this long has passed",
+        minimum=1.0,
+        maximum=86400.0,
+    )
+    actuator_timeout_seconds: float = setting(
+        "SCHEDULER_ACTUATOR_TIMEOUT_SECONDS",
+        30.0,
+        "longest wait for one actuator call (the local actuator's stop waits up to its grace period); a slower or "
+        "failing one is counted as a fault and retried next period",
+        minimum=0.1,
+        maximum=600.0,
+    )
+    local_generators_file: str = setting(
+        "SCHEDULER_LOCAL_GENERATORS_FILE",
+        "",
+        "local actuator: the generator template (JSON written by the tools' LocalStack: command line, each "
+        "expert's generator environment, log and CA folders)",
+    )
+    k8s_namespace: str = setting(
+        "SCHEDULER_K8S_NAMESPACE",
+        "",
+        "kubernetes actuator: namespace of the generator Deployments (empty: the scheduler pod's own)",
+    )
+    k8s_deployment: str = setting(
+        "SCHEDULER_K8S_DEPLOYMENT",
+        "generator-{expert}",
+        "kubernetes actuator: the Deployment name of each pool ({expert} is replaced)",
+    )
     experts_config: Path = setting(
         "SWITCHBOARD_EXPERTS_CONFIG",
         DEFAULT_EXPERTS_CONFIG,
@@ -141,9 +239,26 @@ class SchedulerSettings:
             ("SCHEDULER_PREFIX_BALANCE_ABS_TOKENS", self.prefix_balance_abs_tokens),
             ("SCHEDULER_PREFIX_BALANCE_REL", self.prefix_balance_rel),
             ("SCHEDULER_LATENCY_TPOT_WEIGHT", self.latency_tpot_weight),
+            ("SCHEDULER_ALLOCATION_PERIOD_SECONDS", self.allocation_period_seconds),
+            ("SCHEDULER_ALLOCATION_COOLDOWN_SECONDS", self.allocation_cooldown_seconds),
+            ("SCHEDULER_ALLOCATION_HPA_TARGET_TOKENS", self.allocation_hpa_target_tokens),
+            ("SCHEDULER_ALLOCATION_KEDA_TARGET_QUEUE", self.allocation_keda_target_queue),
+            ("SCHEDULER_ALLOCATION_START_TIMEOUT_SECONDS", self.allocation_start_timeout_seconds),
+            ("SCHEDULER_ACTUATOR_TIMEOUT_SECONDS", self.actuator_timeout_seconds),
         ):
             if not math.isfinite(value):
                 raise SettingsError(f"{env}: must be a finite number, got {value}")
+        if self.allocator != "off" and self.allocation_budget < 1:
+            raise SettingsError(
+                f"SCHEDULER_ALLOCATION_BUDGET: must be at least 1 when SCHEDULER_ALLOCATOR={self.allocator}"
+            )
+        if self.allocator != "off" and self.actuator == "local" and not self.local_generators_file:
+            raise SettingsError(
+                "SCHEDULER_LOCAL_GENERATORS_FILE: required by SCHEDULER_ACTUATOR=local (the generator template "
+                "that switchboard up writes)"
+            )
+        if "{expert}" not in self.k8s_deployment:
+            raise SettingsError(f"SCHEDULER_K8S_DEPLOYMENT: must contain {{expert}}, got {self.k8s_deployment!r}")
 
     def policy_options(self) -> PolicyOptions:
         """The settings of the work-aware placement policies (prefix-load, predicted-latency)."""
@@ -155,6 +270,28 @@ class SchedulerSettings:
             latency_tpot_weight=self.latency_tpot_weight,
             policy_file=self.policy_file,
         )
+
+
+    def allocation_config(self, experts: Collection[str]) -> AllocationConfig:
+        """The allocation controller's budget, bounds, period, cool-down and targets (SettingsError naming
+        the variable when they do not fit together)."""
+        from switchboard.scheduler.controller import parse_bounds
+
+        try:
+            bounds = parse_bounds(self.allocation_bounds, sorted(experts), self.allocation_budget)
+        except ValueError as exc:
+            raise SettingsError(f"SCHEDULER_ALLOCATION_BOUNDS: {exc}") from None
+        try:
+            return AllocationConfig(
+                budget=self.allocation_budget,
+                bounds=bounds,
+                period_seconds=self.allocation_period_seconds,
+                scale_down_cooldown_seconds=self.allocation_cooldown_seconds,
+                hpa_target_tokens_per_replica=self.allocation_hpa_target_tokens,
+                keda_target_queue=self.allocation_keda_target_queue,
+            )
+        except ValueError as exc:
+            raise SettingsError(f"SCHEDULER_ALLOCATION_BUDGET / SCHEDULER_ALLOCATION_BOUNDS: {exc}") from None
 
 
 def load_scheduler_settings() -> SchedulerSettings:

@@ -82,3 +82,60 @@ def count_placements(result: PlacementResult) -> None:
         # An undeclared name comes from the caller: one label for all keeps the series bounded.
         expert = "unknown" if shortfall.outcome == UNDECLARED else shortfall.expert
         PLACEMENTS.labels(expert=expert, outcome=shortfall.outcome).inc()
+
+
+# Allocation across expert pools (controller.py): decisions, their reasons, replica counts, faults.
+ALLOCATION_DECISIONS = Counter(
+    "switchboard_scheduler_allocation_decisions_total",
+    "Allocation decisions per pool and control period, by the allocator that made them and the reason for the"
+    " applied count (steady, scale_up, scale_down, bounds, cooldown, budget).",
+    ["expert", "allocator", "reason"],
+)
+ALLOCATION_REPLICAS = Gauge(
+    "switchboard_scheduler_allocation_replicas",
+    "Replica counts of each pool at the last control period: current (serving or starting, not draining), ready,"
+    " pending (started, not registered yet), draining, desired (the allocator's raw proposal), applied (after"
+    " bounds, cool-down and budget).",
+    ["expert", "kind"],
+)
+ALLOCATION_ACTUATOR_FAULTS = Counter(
+    "switchboard_scheduler_allocation_actuator_faults_total",
+    "Actuator calls that failed (retried the next period), by actuator, operation (add, remove) and reason"
+    " (http_<status>, timeout, unreachable, spawn, ...).",
+    ["actuator", "operation", "reason"],
+)
+ALLOCATION_DRAINS = Counter(
+    "switchboard_scheduler_allocation_drains_total",
+    "Replicas the controller drained for a scale-down, by how the drain ended: stopped (idle, then stopped),"
+    " gone (it died or expired while draining).",
+    ["expert", "outcome"],
+)
+ALLOCATION_START_TIMEOUTS = Counter(
+    "switchboard_scheduler_allocation_start_timeouts_total",
+    "Replicas started by the actuator that did not register within SCHEDULER_ALLOCATION_START_TIMEOUT_SECONDS.",
+    ["expert"],
+)
+ALLOCATION_KILL_SWITCH = Gauge(
+    "switchboard_scheduler_allocation_kill_switch",
+    "1 while the kill switch (SCHEDULER_ALLOCATION_KILL_SWITCH_FILE exists) holds the learned allocator off.",
+)
+ALLOCATION_FALLBACKS = Counter(
+    "switchboard_scheduler_allocation_fallbacks_total",
+    "Times the learned allocator's policy file could not be used (missing, corrupt, schema), so it allocated with"
+    " the heuristic (or its last good weights).",
+    ["reason"],
+)
+
+
+def pool_counters(expert: str) -> tuple[float, float, float]:
+    """Of one pool, since start: requests placed (primary), requests finished and those that missed an objective."""
+    from prometheus_client import REGISTRY
+
+    def value(name: str, labels: dict[str, str]) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    placed = value("switchboard_scheduler_placements_total", {"expert": expert, "outcome": "placed"})
+    good = value("switchboard_scheduler_goodput_requests_total", {"expert": expert, "good": "true"})
+    bad = value("switchboard_scheduler_goodput_requests_total", {"expert": expert, "good": "false"})
+    return placed, good + bad, bad
+

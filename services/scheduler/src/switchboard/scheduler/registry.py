@@ -406,6 +406,16 @@ class ReplicaRegistry:
             record.state = ReplicaState.DRAINING
         return True
 
+    def set_draining(self, replica_id: str, draining: bool = True) -> bool:
+        """Mark a replica draining (placement skips it) or ready again, without touching its
+        heartbeat; the allocation controller drains a replica this way before it stops it.
+        Returns False when the replica is unknown."""
+        record = self._replicas.get(replica_id)
+        if record is None:
+            return False
+        record.state = ReplicaState.DRAINING if draining else ReplicaState.READY
+        return True
+
     def apply_kv_events(self, replica_id: str, batch: KvEventsIn) -> KvAck | None:
         """Fold a replica's KV events into its prefix index (validate first: `prefix_index.validate`);
         None when the replica is unknown."""

@@ -1,8 +1,10 @@
 """Allocation across expert pools (issue 17): how many replicas each pool gets out of a fixed budget.
 
-Pure functions and small state objects, no gRPC, no simulator imports: the simulator drives them
-every control period (`cluster.Simulation` with an `AllocationRun`), and an actuator (local
-processes, Kubernetes) can drive the very same objects later.
+Pure functions and small state objects, no gRPC, no simulator imports. Two drivers run the very
+same objects every control period: the cluster simulator (`switchboard.simulation.cluster.Simulation`
+with an `AllocationRun`, in the tools package) and the scheduler's `controller.ScalingController`,
+which builds the observations from its registry and acts through an actuator (`actuators/`: dry
+run, local processes, Kubernetes).
 
 Every period an allocator reads one `PoolObservation` per pool (arrival rate in tokens/s over the
 last period, queue depth, running sequences, KV use, SLO misses, current and ready replicas) and
@@ -26,7 +28,7 @@ The baselines:
 | `keda` | KEDA queue scaling: `ceil(queue / target per replica)`, queue = requests waiting or running (a work queue's unacknowledged messages) |
 
 The learned allocator (`LearnedAllocator`) scores each pool's `FEATURE_NAMES` with a small MLP
-(numpy inference; trained in torch by `allocation_train.py`) whose output is the pool's desired
+(numpy inference; trained by `switchboard scheduler alloc-train`, tools' `allocation_run.py`) whose output is the pool's desired
 replicas as a multiple of its current count. Its versioned file falls back to `FALLBACK` (the HPA
 baseline) with a warning when missing, corrupt or made for another schema.
 """
@@ -191,6 +193,43 @@ def constrain(
         if count != int(current.get(name, 0)):
             cooldown.last_change[name] = now
     return target
+
+
+# Why a pool's applied count is what it is (`explain`), for metrics, logs and span events.
+REASON_STEADY = "steady"  # the allocator asked for the current count
+REASON_SCALE_UP = "scale_up"  # up, as asked
+REASON_SCALE_DOWN = "scale_down"  # down, as asked (the cool-down had passed)
+REASON_BOUNDS = "bounds"  # the allocator asked for a count outside the pool's bounds: clamped
+REASON_COOLDOWN = "cooldown"  # a scale-down held by the cool-down
+REASON_BUDGET = "budget"  # less than asked (up, or held), for lack of room in the budget
+REASONS = (REASON_STEADY, REASON_SCALE_UP, REASON_SCALE_DOWN, REASON_BOUNDS, REASON_COOLDOWN, REASON_BUDGET)
+
+
+def explain(
+    desired: Mapping[str, int],
+    applied: Mapping[str, int],
+    current: Mapping[str, int],
+    config: AllocationConfig,
+) -> dict[str, str]:
+    """Per pool, the reason (`REASONS`) `constrain` turned `desired` into `applied` from `current`."""
+    out: dict[str, str] = {}
+    for name in config.pools:
+        b = config.bounds[name]
+        cur = int(current.get(name, 0))
+        raw = int(desired.get(name, cur))
+        want = min(max(raw, b.min_replicas), b.max_replicas)
+        got = int(applied.get(name, cur))
+        if got > cur:
+            out[name] = REASON_BUDGET if got < want else (REASON_BOUNDS if want != raw else REASON_SCALE_UP)
+        elif got < cur:
+            out[name] = REASON_BUDGET if got < want else (REASON_BOUNDS if want != raw else REASON_SCALE_DOWN)
+        elif want < cur:
+            out[name] = REASON_COOLDOWN
+        elif want > cur:
+            out[name] = REASON_BUDGET
+        else:
+            out[name] = REASON_BOUNDS if want != raw else REASON_STEADY
+    return out
 
 
 # ----------------------------------------------------------------------------- allocators
