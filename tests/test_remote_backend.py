@@ -178,6 +178,31 @@ async def test_cancelling_the_call_closes_the_engine_stream(
             await channel.close()
 
 
+async def test_sampling_the_engine_cannot_honour_is_refused_not_dropped(
+    engine_server: tuple[str, subprocess.Popen], model_dir: Path
+) -> None:
+    """transformers serve exports no vLLM metrics: GENERATOR_REMOTE_ENGINE=auto sends OpenAI's fields
+    only and refuses top_k, repetition_penalty, min_tokens and ignore_eos with INVALID_ARGUMENT."""
+    url, _ = engine_server
+    async with remote_generator(url, model_dir) as app:
+        assert app.engine.flavour == "openai"
+        channel = open_channel(f"127.0.0.1:{app.service.port}")
+        try:
+            stub = generator_pb2_grpc.GeneratorStub(channel)
+            for field, value in (("top_k", 40), ("repetition_penalty", 1.2), ("min_tokens", 1), ("ignore_eos", True)):
+                sampling = common_pb2.SamplingParams(max_tokens=4, temperature=0.0, **{field: value})
+                call = stub.Generate(generator_pb2.GeneratorGenerateRequest(prompt=PROMPT, sampling=sampling))
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    _ = [m async for m in call]
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+                assert f"sampling.{field}" in caught.value.details() and "cannot honour" in caught.value.details()
+            assert app.engine.in_flight == 0
+            messages = [m async for m in stub.Generate(request(2))]  # the engine serves on
+            assert messages[-1].usage.completion_tokens == 2
+        finally:
+            await channel.close()
+
+
 def replica_finish(stack: RunningStack, replica_id: str, request_id: str) -> dict:
     """The generator's `generate finished` log event of one request (waits up to 15 s for it)."""
     log_path = stack.log_dir / f"generator-{replica_id}.log"

@@ -70,7 +70,12 @@ class ThirdParty:
     hardened: part of the core stack, so it takes the Switchboard hardening (non-root user,
     read-only root with `writable` paths on tmpfs/volumes, no capabilities, no privilege
     escalation, the `healthcheck` command) rather than being an overlay's development tool;
-    clients: the Switchboard services that may connect to it (Kubernetes NetworkPolicy).
+    clients: the Switchboard services that may connect to it (Kubernetes NetworkPolicy);
+    health_path: an HTTP health endpoint on `port`: the compose healthcheck GETs it and the Kubernetes
+    probes may be httpGet probes of it (instead of running `healthcheck`); gpu: it needs an NVIDIA
+    GPU (reserved in compose, an nvidia.com/gpu limit on a GPU node in Kubernetes); sidecar: in
+    Kubernetes it runs as a container of a Switchboard pod (named after its key), reached over
+    localhost, its port open to Prometheus (namespace monitoring) only.
     """
 
     image: str
@@ -79,6 +84,10 @@ class ThirdParty:
     healthcheck: tuple[str, ...] = ()
     writable: tuple[str, ...] = ()
     clients: tuple[str, ...] = ()
+    health_path: str = ""
+    gpu: bool = False
+    sidecar: bool = False
+    metrics: bool = False  # Prometheus metrics at /metrics on `port` (scraped where Prometheus runs)
 
 
 # Every third-party service of the compose files and manifests; anything else without a
@@ -90,7 +99,22 @@ THIRD_PARTY = {
     "jaeger": ThirdParty("jaegertracing/all-in-one", 4317, False),
     "prometheus": ThirdParty("prom/prometheus", 9090, False),
     "grafana": ThirdParty("grafana/grafana", 3000, False),
+    # The engine of the example vLLM pools (compose.vllm.yaml, k8s/vllm): the remote generator's.
+    "vllm": ThirdParty(
+        "vllm/vllm-openai", 8000, True, writable=("/tmp",), clients=("generator",), health_path="/health", gpu=True, sidecar=True,
+        metrics=True,
+    ),
 }
+MONITORING_PEER = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+
+
+def third_party_of(service: str) -> ThirdParty | None:
+    """What a compose service runs, by its name: redis, prometheus, vllm-<pool>[-N] (its key, or
+    the key and a dash then anything)."""
+    if service in THIRD_PARTY:
+        return THIRD_PARTY[service]
+    key = service.split("-", 1)[0]
+    return THIRD_PARTY[key] if key in THIRD_PARTY and THIRD_PARTY[key].sidecar else None
 
 
 def check_image_pinned(image: str, third_party: ThirdParty, where: str) -> list[str]:
@@ -503,14 +527,18 @@ def check_compose(model: dict[str, Any], contracts_: Mapping[str, ServiceContrac
     third_party: dict[str, tuple[str, ThirdParty]] = {}  # dns name -> (its service, what it runs)
     metrics_targets: list[tuple[set[str], int]] = []  # (dns names of one service, its metrics port)
     for name, service in services.items():
-        if compose_service_kind(service) is None and name in THIRD_PARTY:
-            third_party.update((dns, (name, THIRD_PARTY[name])) for dns in _dns_names(name, service))
+        runs = third_party_of(name)
+        if compose_service_kind(service) is None and runs is not None:
+            third_party.update((dns, (name, runs)) for dns in _dns_names(name, service))
     for name, service in services.items():
         kind = compose_service_kind(service)
         where = f"compose service {name}"
         if kind is None:
-            if name in THIRD_PARTY:
-                problems += _check_compose_third_party(where, service, THIRD_PARTY[name])
+            runs = third_party_of(name)
+            if runs is not None:
+                problems += _check_compose_third_party(where, service, runs)
+                if runs.metrics:
+                    metrics_targets.append((_dns_names(name, service), runs.port))
             else:
                 problems.append(f"{where}: runs neither a Switchboard Dockerfile nor an allowed third-party image (THIRD_PARTY)")
             continue
@@ -539,6 +567,8 @@ def check_compose(model: dict[str, Any], contracts_: Mapping[str, ServiceContrac
             problems += _check_compose_redis_url(where, env["REDIS_URL"], service, third_party)
         if kind == "generator":
             problems += _check_compose_generator(where, env, service)
+            if env.get("GENERATOR_BACKEND") == "remote":
+                problems += _check_compose_remote(where, env, service, third_party)
         problems += check_tls_mode(where, kind, env)
         problems += _check_compose_tls(where, kind, env, service)
     for name, service in services.items():
@@ -587,9 +617,16 @@ def _check_compose_third_party(where: str, service: Mapping[str, Any], third_par
     for path in third_party.writable:
         if path not in writable:
             problems.append(f"{where}: {path} must be a tmpfs or a volume (the root filesystem is read-only)")
-    expected = ["CMD", *third_party.healthcheck]
-    if (service.get("healthcheck") or {}).get("test") != expected:
-        problems.append(f"{where}: healthcheck {(service.get('healthcheck') or {}).get('test')} differs from {expected}")
+    test = (service.get("healthcheck") or {}).get("test")
+    if third_party.health_path:
+        url = f"http://127.0.0.1:{third_party.port}{third_party.health_path}"
+        if not test or test[0] != "CMD" or not any(url in str(part) for part in test):
+            problems.append(f"{where}: healthcheck {test} must GET {url}")
+    elif test != ["CMD", *third_party.healthcheck]:
+        problems.append(f"{where}: healthcheck {test} differs from {['CMD', *third_party.healthcheck]}")
+    devices = ((service.get("deploy") or {}).get("resources") or {}).get("reservations", {}).get("devices") or []
+    if third_party.gpu and not any("gpu" in (d.get("capabilities") or []) for d in devices):
+        problems.append(f"{where}: runs {third_party.image}, which needs an NVIDIA GPU, but reserves none")
     if service.get("ports"):
         problems.append(f"{where}: publishes {[p.get('published') for p in service['ports']]}; only the gateway is published")
     return problems
@@ -657,6 +694,26 @@ def _check_compose_generator(where: str, env: Mapping[str, str], service: Mappin
     if gpu and not wants_cuda:
         problems.append(f"{where}: reserves a GPU but GENERATOR_DEVICE is {env.get('GENERATOR_DEVICE', 'auto')}")
     return problems
+
+
+def _check_compose_remote(
+    where: str, env: Mapping[str, str], service: Mapping[str, Any], third_party: Mapping[str, tuple[str, ThirdParty]]
+) -> list[str]:
+    """A remote generator's GENERATOR_REMOTE_URL names an engine service on its port, and it waits
+    for that engine to be healthy."""
+    url = env.get("GENERATOR_REMOTE_URL", "")
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return [f"{where}: GENERATOR_REMOTE_URL={url} has no valid port"]
+    name, runs = third_party.get(parts.hostname or "", ("", None))
+    if runs is None or not runs.clients or "generator" not in runs.clients or port != runs.port:
+        return [f"{where}: GENERATOR_REMOTE_URL={url} names no engine service listening there"]
+    condition = ((service.get("depends_on") or {}).get(name) or {}).get("condition")
+    if condition != "service_healthy":
+        return [f"{where}: GENERATOR_REMOTE_URL names {name} but it does not depend on it with service_healthy (got {condition})"]
+    return []
 
 
 def check_prometheus_targets(config: Path, metrics_targets: list[tuple[set[str], int]]) -> list[str]:
@@ -814,35 +871,54 @@ def _check_third_party_deployment(
         problems.append(f"{where}: no Service selects its pods")
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
     for container in spec.get("containers", []):
-        cwhere = f"{where} container {container['name']}"
-        problems += check_image_pinned(container.get("image", ""), third_party, cwhere)
-        security = container.get("securityContext") or {}
-        if security.get("allowPrivilegeEscalation") is not False:
-            problems.append(f"{cwhere}: allowPrivilegeEscalation must be false")
-        if security.get("readOnlyRootFilesystem") is not True:
-            problems.append(f"{cwhere}: readOnlyRootFilesystem must be true")
-        if "ALL" not in ((security.get("capabilities") or {}).get("drop") or []):
-            problems.append(f"{cwhere}: capabilities must drop ALL")
-        if security.get("privileged"):
-            problems.append(f"{cwhere}: must not be privileged")
-        resources = container.get("resources") or {}
-        for part in ("requests", "limits"):
-            if not {"cpu", "memory"} <= set(resources.get(part) or {}):
-                problems.append(f"{cwhere}: resources.{part} must set cpu and memory")
-        ports = {p["containerPort"] for p in container.get("ports", [])}
-        if ports != {third_party.port}:
-            problems.append(f"{cwhere}: containerPorts {sorted(ports)} differ from {third_party.image}'s {[third_party.port]}")
-        for probe in ("livenessProbe", "readinessProbe"):
-            spec_ = container.get(probe) or {}
-            command = (spec_.get("exec") or {}).get("command")
-            tcp = (spec_.get("tcpSocket") or {}).get("port")
-            if command != list(third_party.healthcheck) and tcp not in {third_party.port} | _port_names(deployment, third_party.port):
-                problems.append(f"{cwhere}: {probe} must run {list(third_party.healthcheck)} or be a tcpSocket probe on {third_party.port}")
-        mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
-        for path in third_party.writable:
-            mount = mounts.get(path)
-            if mount is None or mount.get("readOnly") or "emptyDir" not in volumes.get(mount["name"], {}):
-                problems.append(f"{cwhere}: {path} must be a writable emptyDir (the root filesystem is read-only)")
+        problems += _check_third_party_container(f"{where} container {container['name']}", container, deployment, volumes, third_party)
+    return problems
+
+
+def _check_third_party_container(
+    cwhere: str, container: Mapping[str, Any], deployment: Mapping[str, Any], volumes: Mapping[str, Any], third_party: ThirdParty
+) -> list[str]:
+    """One container of a third-party image: pinned, hardened, its port, probes, writable paths, GPU."""
+    problems: list[str] = []
+    spec = deployment["spec"]["template"]["spec"]
+    problems += check_image_pinned(container.get("image", ""), third_party, cwhere)
+    security = container.get("securityContext") or {}
+    if security.get("allowPrivilegeEscalation") is not False:
+        problems.append(f"{cwhere}: allowPrivilegeEscalation must be false")
+    if security.get("readOnlyRootFilesystem") is not True:
+        problems.append(f"{cwhere}: readOnlyRootFilesystem must be true")
+    if "ALL" not in ((security.get("capabilities") or {}).get("drop") or []):
+        problems.append(f"{cwhere}: capabilities must drop ALL")
+    if security.get("privileged"):
+        problems.append(f"{cwhere}: must not be privileged")
+    resources = container.get("resources") or {}
+    for part in ("requests", "limits"):
+        if not {"cpu", "memory"} <= set(resources.get(part) or {}):
+            problems.append(f"{cwhere}: resources.{part} must set cpu and memory")
+    ports = {p["containerPort"] for p in container.get("ports", [])}
+    if ports != {third_party.port}:
+        problems.append(f"{cwhere}: containerPorts {sorted(ports)} differ from {third_party.image}'s {[third_party.port]}")
+    ports_of_it = {third_party.port} | _port_names(deployment, third_party.port)
+    for probe in ("livenessProbe", "readinessProbe"):
+        spec_ = container.get(probe) or {}
+        if third_party.health_path:
+            http = spec_.get("httpGet") or {}
+            if http.get("path") != third_party.health_path or http.get("port") not in ports_of_it:
+                problems.append(f"{cwhere}: {probe} must be an httpGet probe of {third_party.health_path} on {third_party.port}")
+            continue
+        command = (spec_.get("exec") or {}).get("command")
+        tcp = (spec_.get("tcpSocket") or {}).get("port")
+        if command != list(third_party.healthcheck) and tcp not in ports_of_it:
+            problems.append(f"{cwhere}: {probe} must run {list(third_party.healthcheck)} or be a tcpSocket probe on {third_party.port}")
+    mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
+    for path in third_party.writable:
+        mount = mounts.get(path)
+        if mount is None or mount.get("readOnly") or "emptyDir" not in volumes.get(mount["name"], {}):
+            problems.append(f"{cwhere}: {path} must be a writable emptyDir (the root filesystem is read-only)")
+    if third_party.gpu:
+        limits = resources.get("limits") or {}
+        if "nvidia.com/gpu" not in limits or not (spec.get("tolerations") and spec.get("nodeSelector")):
+            problems.append(f"{cwhere}: {third_party.image} needs an nvidia.com/gpu limit, and its pod tolerations and a nodeSelector")
     return problems
 
 
@@ -877,8 +953,17 @@ def _check_deployment(
     for companion in ("Service", "PodDisruptionBudget"):
         if not any(o["kind"] == companion and _selects(o["spec"].get("selector"), labels) for o in objects):
             problems.append(f"{where}: no {companion} selects its pods")
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    sidecars = {c["name"]: c for c in spec.get("containers", []) if c["name"] != kind}
     for container in spec.get("containers", []):
         cwhere = f"{where} container {container['name']}"
+        sidecar = THIRD_PARTY.get(container["name"])
+        if container["name"] in sidecars:
+            if sidecar is None or not sidecar.sidecar:
+                problems.append(f"{cwhere}: a {kind} pod's other containers must be allowed sidecars (THIRD_PARTY), not {container['name']}")
+            else:
+                problems += _check_third_party_container(cwhere, container, deployment, volumes, sidecar)
+            continue
         env, placeholders, env_problems = _container_env(container)
         problems += [f"{cwhere}: {p}" for p in env_problems]
         problems += check_env(contract, env, cwhere, placeholders)
@@ -930,7 +1015,9 @@ def _check_deployment(
             address = redis_address(env["REDIS_URL"])
             if address is None or address[1] not in service_ports.get(address[0].split(".")[0], set()):
                 problems.append(f"{cwhere}: REDIS_URL={env['REDIS_URL']} names no Service with that port")
-        if kind == "generator":
+        if kind == "generator" and env.get("GENERATOR_BACKEND") == "remote":
+            problems += _check_k8s_remote(cwhere, env, container, sidecars, service_ports)
+        elif kind == "generator":
             wants_gpu = "nvidia.com/gpu" in (resources.get("limits") or {})
             if gpu and not (wants_gpu and spec.get("tolerations") and spec.get("nodeSelector")):
                 problems.append(f"{cwhere}: a GPU generator needs an nvidia.com/gpu limit, tolerations and a nodeSelector")
@@ -939,6 +1026,30 @@ def _check_deployment(
             device = env.get("GENERATOR_DEVICE", "auto")
             if gpu != device.startswith("cuda"):
                 problems.append(f"{cwhere}: GENERATOR_DEVICE={device} does not fit a {'GPU' if gpu else 'CPU'} overlay")
+    return problems
+
+
+def _check_k8s_remote(
+    where: str, env: Mapping[str, str], container: Mapping[str, Any], sidecars: Mapping[str, Any], service_ports: Mapping[str, set[int]]
+) -> list[str]:
+    """A remote generator holds no GPU (its engine does) and GENERATOR_REMOTE_URL names its engine:
+    a sidecar of its pod on localhost, or a Service with that port."""
+    problems = []
+    if "nvidia.com/gpu" in ((container.get("resources") or {}).get("limits") or {}):
+        problems.append(f"{where}: a remote generator loads no model: the nvidia.com/gpu limit belongs to its engine")
+    url = env.get("GENERATOR_REMOTE_URL", "")
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return [*problems, f"{where}: GENERATOR_REMOTE_URL={url} has no valid port"]
+    host = parts.hostname or ""
+    if host in ("127.0.0.1", "localhost", "::1"):
+        engines = [c for c in sidecars.values() if any(p["containerPort"] == port for p in c.get("ports", []))]
+        if not engines:
+            problems.append(f"{where}: GENERATOR_REMOTE_URL={url} names no container of its pod listening there")
+    elif port not in service_ports.get(host.split(".")[0], set()):
+        problems.append(f"{where}: GENERATOR_REMOTE_URL={url} names no Service with that port")
     return problems
 
 
@@ -1062,6 +1173,11 @@ def _check_network_policies(
     for kind, third_party in THIRD_PARTY.items():
         for deployment in (d for d in deployments if _pod_kind(d) == kind):
             problems += _check_only_clients(policies, deployment, third_party)
+    for deployment in deployments:
+        for container in deployment["spec"]["template"]["spec"].get("containers", []):
+            sidecar = THIRD_PARTY.get(container["name"])
+            if sidecar is not None and sidecar.sidecar and _pod_kind(deployment) != container["name"]:
+                problems += _check_sidecar_ingress(policies, deployment, sidecar)
     for policy in policies:
         for rule in policy["spec"].get("ingress") or []:
             if not _open_to_all(rule):
@@ -1102,6 +1218,26 @@ def _check_public_ports(
                 problems.append(
                     f"Deployment {deployment['metadata']['name']}: ports {sorted(map(str, opened))} are open to any source, "
                     f"expected the gateway's gRPC and HTTP ports {sorted(expected)}"
+                )
+    return problems
+
+
+def _check_sidecar_ingress(policies: list[dict[str, Any]], deployment: dict[str, Any], sidecar: ThirdParty) -> list[str]:
+    """A sidecar engine is reached over localhost by its pod's service: its port accepts Prometheus
+    (namespace monitoring) only, and only when it has metrics."""
+    problems = []
+    labels = deployment["spec"]["template"]["metadata"].get("labels", {})
+    port_names = _port_names(deployment, sidecar.port)
+    for policy in (p for p in policies if _selects(p["spec"].get("podSelector"), labels)):
+        for rule in policy["spec"].get("ingress") or []:
+            ports = _rule_ports(rule)
+            if ports is not None and not ports & ({sidecar.port} | port_names):
+                continue
+            peers = rule.get("from") or [{}]
+            if not sidecar.metrics or any(peer != MONITORING_PEER for peer in peers):
+                problems.append(
+                    f"NetworkPolicy {policy['metadata']['name']}: opens {deployment['metadata']['name']}'s {sidecar.image} port "
+                    f"{sidecar.port} to {peers}; its generator uses localhost, only Prometheus (namespace monitoring) may scrape it"
                 )
     return problems
 

@@ -16,14 +16,24 @@ COMBINATIONS = [
     (["compose.yaml", "compose.observability.yaml"], []),
     (["compose.yaml", "compose.observability.yaml"], ["gpu"]),
     (["compose.yaml", "compose.replicas.yaml"], []),
+    # The example vLLM pools (config/experts.vllm.yaml), alone and with the observability overlay.
+    (["compose.yaml", "compose.vllm.yaml"], []),
+    (["compose.yaml", "compose.vllm.yaml"], ["gpu"]),
+    (["compose.yaml", "compose.observability.yaml", "compose.vllm.yaml", "compose.vllm.observability.yaml"], []),
 ]
+VLLM = ["compose.yaml", "compose.vllm.yaml"]
 
 
 def _check(compose_dir: Path, files: list[str], profiles: list[str], contracts: dict[str, dc.ServiceContract]) -> list[str]:
     model, problems = dc.compose_config([compose_dir / f for f in files], profiles)
     if model is None:
         return problems
-    prometheus = compose_dir / "prometheus/prometheus.yml" if "prometheus" in model["services"] else None
+    prometheus = None
+    if "prometheus" in model["services"]:
+        # The config file its command names (compose.vllm.observability.yaml names prometheus.vllm.yml).
+        command = model["services"]["prometheus"].get("command") or []
+        config = next((c.split("=", 1)[1] for c in command if c.startswith("--config.file=")), "prometheus.yml")
+        prometheus = compose_dir / "prometheus" / Path(config).name
     return dc.check_compose(model, contracts, prometheus)
 
 
@@ -194,7 +204,12 @@ def tls_copy(compose_copy: Path, repo: Path) -> Path:
 
 @pytest.mark.parametrize(
     ("files", "profiles"),
-    [(["compose.yaml", "compose.tls.yaml"], []), (["compose.yaml", "compose.tls.yaml"], ["gpu"]), (["compose.yaml", "compose.observability.yaml", "compose.tls.yaml"], [])],
+    [
+        (["compose.yaml", "compose.tls.yaml"], []),
+        (["compose.yaml", "compose.tls.yaml"], ["gpu"]),
+        (["compose.yaml", "compose.observability.yaml", "compose.tls.yaml"], []),
+        (["compose.yaml", "compose.tls.yaml", "compose.vllm.yaml", "compose.vllm.tls.yaml"], []),
+    ],
     ids=lambda v: "+".join(v) or "default",
 )
 def test_tls_overlay_gives_every_service_its_own_certificate(
@@ -235,6 +250,84 @@ def test_broken_tls_overlay_fails(
     else:
         _edit(tls_copy / path, old, new)
     problems = _check(tls_copy, ["compose.yaml", "compose.tls.yaml"], [], contracts)
+    assert any(expected in p for p in problems), problems
+
+
+# ----------------------------------------------------------------- the example vLLM pools (compose.vllm.yaml)
+
+
+def _render_deploy_module():
+    return _render_deploy()
+
+
+def test_vllm_pool_is_a_remote_generator_in_front_of_its_own_engine(repo: Path) -> None:
+    model, problems = dc.compose_config([repo / "compose" / f for f in VLLM], [])
+    assert problems == []
+    services = model["services"]
+    pools = _render_deploy_module().vllm_pools(repo)
+    assert [p.name for p in pools] == ["general-vllm"]
+    for pool in pools:
+        generator, engine = services[f"generator-{pool.name}"], services[f"vllm-{pool.name}"]
+        env = generator["environment"]
+        assert env["GENERATOR_BACKEND"] == "remote" and env["GENERATOR_REMOTE_ENGINE"] == "vllm"
+        assert env["GENERATOR_REMOTE_TOKEN_IDS"] == "true" and env["GENERATOR_EXPERT"] == pool.name
+        assert env["GENERATOR_REMOTE_URL"] == f"http://vllm-{pool.name}:8000"
+        assert generator["depends_on"][f"vllm-{pool.name}"]["condition"] == "service_healthy"
+        assert "profiles" not in generator and "profiles" not in engine  # under either profile
+        assert engine["image"] == _render_deploy_module().VLLM_IMAGE
+        assert dc.check_image_pinned(engine["image"], dc.THIRD_PARTY["vllm"], "vllm") == []
+        command = engine["entrypoint"]
+        assert command[:3] == ["vllm", "serve", pool.expert["model"]]
+        assert command[command.index("--served-model-name") + 1] == env["GENERATOR_REMOTE_MODEL"] == pool.name
+        assert {v["target"] for v in engine["volumes"] if v["read_only"]} == {pool.expert["model"]}
+        assert "http://127.0.0.1:8000/health" in " ".join(engine["healthcheck"]["test"])
+        assert "ports" not in engine, "the engine is reached inside the compose network only"
+    # The router and the scheduler know the pools: config/experts.yaml's experts, then the pools'.
+    experts = [s.name for s in load_experts_config(repo / "compose/vllm/experts.yaml")]
+    assert experts == [s.name for s in load_experts_config(repo / "config/experts.yaml")] + [p.name for p in pools]
+    for name in ("router", "scheduler"):
+        (mount,) = [v for v in services[name]["volumes"] if v["target"] == "/etc/switchboard/experts.yaml"]
+        assert Path(mount["source"]) == repo / "compose/vllm/experts.yaml"
+
+
+def test_vllm_pool_is_scraped_with_the_observability_overlays(repo: Path) -> None:
+    files = ["compose.yaml", "compose.observability.yaml", "compose.vllm.yaml", "compose.vllm.observability.yaml"]
+    model, problems = dc.compose_config([repo / "compose" / f for f in files], [])
+    assert problems == []
+    assert "--config.file=/etc/prometheus/prometheus.vllm.yml" in model["services"]["prometheus"]["command"]
+    assert model["services"]["generator-general-vllm"]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317"
+    # Without compose.vllm.observability.yaml, Prometheus would miss the pool: the check says so.
+    model, problems = dc.compose_config([repo / "compose" / f for f in files[:3]], [])
+    found = dc.check_compose(model, dc.contracts(), repo / "compose/prometheus/prometheus.yml")
+    assert any("no scrape target vllm-general-vllm:8000" in p for p in found), found
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ("image: vllm/vllm-openai:v0.11.0", "image: vllm/vllm-openai:latest", "must be pinned by a version tag"),
+        ("image: vllm/vllm-openai:v0.11.0", "image: example/vllm:0.11.0", "is not vllm/vllm-openai"),
+        ("            - driver: nvidia\n              count: 1\n              capabilities: [gpu]\n", "            - driver: nvidia\n              count: 1\n              capabilities: [compute]\n", "needs an NVIDIA GPU, but reserves none"),
+        ("GENERATOR_REMOTE_URL: http://vllm-general-vllm:8000", "GENERATOR_REMOTE_URL: http://vllm-general-vllm:8001", "names no engine service listening there"),
+        ("GENERATOR_REMOTE_URL: http://vllm-general-vllm:8000", "GENERATOR_REMOTE_URL: http://redis:6379", "names no engine service listening there"),
+        ("      vllm-general-vllm:\n        condition: service_healthy", "      vllm-general-vllm:\n        condition: service_started", "not service_healthy"),
+        ('user: "10001:10001"', 'user: "0:0"', "vllm-general-vllm: user must be a numeric non-root uid"),
+        ("127.0.0.1:8000/health", "127.0.0.1:8000/v1/models", "must GET http://127.0.0.1:8000/health"),
+        ("  read_only: true\n", "  read_only: false\n", "vllm-general-vllm: read_only must be true"),
+        ("GENERATOR_REMOTE_ENGINE: vllm", "GENERATOR_REMOTE_ENGINE: sglang", "the generator rejects its environment"),
+        ("      - ./vllm/experts.yaml:/etc/switchboard/experts.yaml:ro\n  scheduler:", "  scheduler:", None),
+    ],
+)
+def test_broken_vllm_pool_fails(
+    old: str, new: str, expected: str | None, compose_copy: Path, contracts: dict[str, dc.ServiceContract]
+) -> None:
+    _edit(compose_copy / "compose.vllm.yaml", old, new)
+    problems = _check(compose_copy, VLLM, [], contracts)
+    if expected is None:  # the router would read the experts without the pools: a test above fails
+        model, _ = dc.compose_config([compose_copy / f for f in VLLM], [])
+        (mount,) = [v for v in model["services"]["router"]["volumes"] if v["target"] == "/etc/switchboard/experts.yaml"]
+        assert Path(mount["source"]).name == "experts.yaml" and Path(mount["source"]).parent.name == "config"
+        return
     assert any(expected in p for p in problems), problems
 
 

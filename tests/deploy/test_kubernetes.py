@@ -10,7 +10,19 @@ import pytest
 import yaml
 from switchboard.common.experts_config import load_experts_config
 
-OVERLAYS = {"cpu": False, "gpu": True, "dev": False}  # overlay -> generators on GPUs
+OVERLAYS = {"cpu": False, "gpu": True, "dev": False, "vllm": True}  # overlay -> generators on GPUs
+
+
+def _render_deploy():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("render_deploy", dc.REPO / "scripts/render_deploy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+render_deploy = _render_deploy()
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +52,15 @@ def test_overlay_agrees_with_the_services(
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_one_generator_pool_per_expert(overlay: str, rendered: dict[str, list[dict]], repo: Path) -> None:
     experts = [spec.name for spec in load_experts_config(repo / "config/experts.yaml")]
+    if overlay == "vllm":
+        experts += [pool.name for pool in render_deploy.vllm_pools(repo)]
+    (configmap,) = [o for o in rendered[overlay] if o["kind"] == "ConfigMap"]
+    assert [e["name"] for e in yaml.safe_load(configmap["data"]["experts.yaml"])["experts"]] == experts
     pools = {}
     for d in rendered[overlay]:
         if d["kind"] == "Deployment" and d["metadata"]["name"].startswith("generator-"):
-            env = {e["name"]: e.get("value") for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}
+            (container,) = [c for c in d["spec"]["template"]["spec"]["containers"] if c["name"] == "generator"]
+            env = {e["name"]: e.get("value") for e in container["env"]}
             pools[d["metadata"]["name"]] = env["GENERATOR_EXPERT"]
     assert pools == {f"generator-{e}": e for e in experts}
 
@@ -111,7 +128,7 @@ def test_certificates_give_every_service_its_identity(overlay: str, rendered: di
     issuers = [o["metadata"]["name"] for o in objects if o["kind"] == "Issuer"]
     assert sorted(issuers) == ([] if overlay != "dev" else ["switchboard-ca", "switchboard-selfsigned"])
     for d in (o for o in objects if o["kind"] == "Deployment" and dc._pod_kind(o) in dc.SERVICES):
-        (container,) = d["spec"]["template"]["spec"]["containers"]
+        (container,) = [c for c in d["spec"]["template"]["spec"]["containers"] if c["name"] == dc._pod_kind(d)]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert container[probe]["exec"]["command"][:3] == ["python", "-m", dc.HEALTHCHECK_MODULE], (d["metadata"]["name"], probe)
 
@@ -154,6 +171,40 @@ def test_dev_tenants_put_back_in_the_base_are_found(k8s_copy: Path, repo: Path) 
 def test_everything_lands_in_one_namespace(rendered: dict[str, list[dict]]) -> None:
     namespaces = {o["metadata"].get("namespace") for o in rendered["gpu"] if o["kind"] != "Namespace"}
     assert namespaces == {"switchboard"}
+
+
+def test_vllm_pool_pods_run_the_remote_generator_beside_their_engine(rendered: dict[str, list[dict]], repo: Path) -> None:
+    objects = rendered["vllm"]
+    model, problems = dc.compose_config([repo / "compose/compose.yaml", repo / "compose/compose.vllm.yaml"], [])
+    assert problems == []
+    for pool in render_deploy.vllm_pools(repo):
+        deployment = _one(objects, "Deployment", f"generator-{pool.name}")
+        assert deployment["spec"]["replicas"] == pool.replicas
+        pod = deployment["spec"]["template"]["spec"]
+        containers = {c["name"]: c for c in pod["containers"]}
+        assert sorted(containers) == ["generator", "vllm"]
+        env = {e["name"]: e.get("value") for e in containers["generator"]["env"]}
+        assert env["GENERATOR_BACKEND"] == "remote" and env["GENERATOR_REMOTE_URL"] == "http://127.0.0.1:8000"
+        assert env["GENERATOR_REMOTE_ENGINE"] == "vllm" and env["GENERATOR_REMOTE_TOKEN_IDS"] == "true"
+        assert env["GENERATOR_REMOTE_MODEL"] == pool.name and env["GENERATOR_MODEL"] == pool.expert["model"]
+        assert containers["generator"]["image"] == "switchboard/generator:0.1.0"  # the CPU image: no torch used
+        assert "nvidia.com/gpu" not in containers["generator"]["resources"]["limits"]
+        engine = containers["vllm"]
+        # The same pinned image as compose, serving the pool's model folder under the pool's name.
+        assert engine["image"] == model["services"][f"vllm-{pool.name}"]["image"] == render_deploy.VLLM_IMAGE
+        assert [*engine["command"], *engine["args"]] == model["services"][f"vllm-{pool.name}"]["entrypoint"]
+        assert engine["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert engine[probe]["httpGet"] == {"path": "/health", "port": "engine"}, probe
+        # vLLM gets SIGTERM only after the generator has drained its streams.
+        generator_stop = containers["generator"]["lifecycle"]["preStop"]["sleep"]["seconds"] + int(env["GENERATOR_DRAIN_SECONDS"])
+        assert engine["lifecycle"]["preStop"]["sleep"]["seconds"] > generator_stop
+        assert pod["terminationGracePeriodSeconds"] > engine["lifecycle"]["preStop"]["sleep"]["seconds"]
+        role = _one(objects, "Role", "scheduler-scale-generators")
+        assert f"generator-{pool.name}" in role["rules"][1]["resourceNames"]
+    (configmap,) = [o for o in objects if o["kind"] == "ConfigMap"]
+    assert configmap["data"]["experts.yaml"] == (repo / "compose/k8s/vllm/experts.yaml").read_text()
+    assert (repo / "compose/k8s/vllm/experts.yaml").read_text() == (repo / "compose/vllm/experts.yaml").read_text()
 
 
 # ----------------------------------------------------------------- broken copies must fail
@@ -255,6 +306,35 @@ def test_semantic_checks_fail_on_a_broken_manifest(
     assert problems == []
     found = dc.check_kubernetes(objects, contracts, gpu=True)
     assert any(expected in f for f in found), found
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ("image: vllm/vllm-openai:v0.11.0", "image: vllm/vllm-openai:latest", "must be pinned by a version tag"),
+        ("            memory: 32Gi\n            nvidia.com/gpu: '1'\n", "            memory: 32Gi\n", "needs an nvidia.com/gpu limit"),
+        ("value: http://127.0.0.1:8000", "value: http://127.0.0.1:8001", "names no container of its pod listening there"),
+        ("value: http://127.0.0.1:8000", "value: http://vllm:8001", "names no Service with that port"),
+        ("path: /health\n            port: engine\n          timeoutSeconds: 5\n          periodSeconds: 5", "path: /v1/models\n            port: engine\n          timeoutSeconds: 5\n          periodSeconds: 5", "readinessProbe must be an httpGet probe of /health"),
+        ("- name: tmp\n          mountPath: /tmp\n        - name: shm", "- name: shm", "/tmp must be a writable emptyDir"),
+        ("kubernetes.io/metadata.name: monitoring", "app.kubernetes.io/name: gateway", "only Prometheus (namespace monitoring) may scrape it"),
+        ("- name: vllm\n        image:", "- name: engine\n        image:", "must be allowed sidecars"),
+    ],
+)
+def test_broken_vllm_overlay_fails(old: str, new: str, expected: str, k8s_copy: Path, contracts: dict[str, dc.ServiceContract]) -> None:
+    _edit(k8s_copy / "vllm/generators.yaml", old, new)
+    objects, problems = dc.kustomize(k8s_copy / "vllm")
+    assert problems == []
+    found = dc.check_kubernetes(objects, contracts, gpu=True)
+    assert any(expected in f for f in found), found
+
+
+def test_vllm_pool_the_scheduler_cannot_scale_is_found(k8s_copy: Path, contracts: dict[str, dc.ServiceContract]) -> None:
+    _edit(k8s_copy / "vllm/scheduler-rbac.yaml", "  - generator-general-vllm\n", "")
+    objects, problems = dc.kustomize(k8s_copy / "vllm")
+    assert problems == []
+    found = dc.check_kubernetes(objects, contracts, gpu=True)
+    assert "the scheduler cannot scale generator Deployments ['generator-general-vllm']" in found, found
 
 
 def test_the_copy_passes_before_it_is_broken(k8s_copy: Path, contracts: dict[str, dc.ServiceContract]) -> None:

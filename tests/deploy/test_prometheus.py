@@ -17,15 +17,17 @@ def prometheus_copy(repo: Path, tmp_path: Path) -> Path:
     """compose/prometheus copied, with the rule file path made local (the container path is absolute)."""
     folder = tmp_path / "prometheus"
     shutil.copytree(repo / "compose/prometheus", folder)
-    config = folder / "prometheus.yml"
-    text = config.read_text()
-    assert f"/etc/prometheus/{RULES}" in text, "prometheus.yml does not load the rules file"
-    config.write_text(text.replace(f"/etc/prometheus/{RULES}", str(folder / RULES)))
+    for config in (folder / "prometheus.yml", folder / "prometheus.vllm.yml"):
+        text = config.read_text()
+        assert f"/etc/prometheus/{RULES}" in text, f"{config.name} does not load the rules file"
+        config.write_text(text.replace(f"/etc/prometheus/{RULES}", str(folder / RULES)))
     return folder
 
 
-def test_config_and_rules_are_valid(prometheus_copy: Path) -> None:
-    assert dc.promtool(["check", "config", str(prometheus_copy / "prometheus.yml")]) == []
+# prometheus.vllm.yml: read with compose.vllm.observability.yaml (the example vLLM pools).
+@pytest.mark.parametrize("config", ["prometheus.yml", "prometheus.vllm.yml"])
+def test_config_and_rules_are_valid(config: str, prometheus_copy: Path) -> None:
+    assert dc.promtool(["check", "config", str(prometheus_copy / config)]) == []
 
 
 def test_rules_pass_promtool_check_rules(repo: Path) -> None:

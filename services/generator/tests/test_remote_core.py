@@ -8,16 +8,23 @@ import pytest
 from switchboard.generator.engine.types import EngineLoad, Usage
 from switchboard.generator.remote.core import (
     DONE,
+    EXTRA_SAMPLING,
+    OPENAI,
+    VLLM,
     EngineStreamError,
     RemoteProtocolError,
     SseDecoder,
+    UnsupportedSampling,
     completion_body,
+    flavour_from_metrics,
     load_from_metrics,
     map_finish_reason,
     max_model_len_from_models,
     parse_completion_chunk,
     parse_prometheus,
+    sampling_extras,
 )
+from switchboard.generator.sampling import SamplingParams
 
 
 def chunk(text: str = "", finish: str | None = None, **extra: object) -> str:
@@ -115,6 +122,44 @@ def test_completion_body_maps_sampling() -> None:
     )
     assert ids["prompt"] == [1, 2] and ids["return_token_ids"] is True
     assert "seed" not in ids and "stop" not in ids
+
+
+def test_extra_sampling_fields_go_to_vllm_only_when_set() -> None:
+    plain = SamplingParams(max_tokens=8)
+    assert sampling_extras(plain, VLLM) == {} and sampling_extras(plain, OPENAI) == {}
+    every = SamplingParams(max_tokens=8, top_k=40, repetition_penalty=1.2, min_tokens=2, ignore_eos=True)
+    extras = sampling_extras(every, VLLM)
+    assert extras == {"top_k": 40, "repetition_penalty": 1.2, "min_tokens": 2, "ignore_eos": True}
+    assert set(extras) == set(EXTRA_SAMPLING)
+    body = completion_body(
+        "m",
+        "x",
+        max_tokens=8,
+        temperature=1.0,
+        top_p=1.0,
+        seed=None,
+        stop=(),
+        return_token_ids=False,
+        extras=extras,
+    )
+    assert {k: body[k] for k in extras} == extras and body["stream"] is True
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("top_k", 40), ("repetition_penalty", 1.3), ("min_tokens", 1), ("ignore_eos", True)]
+)
+def test_a_plain_engine_refuses_each_extra_field_rather_than_dropping_it(field: str, value: object) -> None:
+    sampling = SamplingParams(max_tokens=8, **{field: value})
+    with pytest.raises(UnsupportedSampling, match=f"cannot honour {field}={value!r}") as caught:
+        sampling_extras(sampling, OPENAI)
+    assert caught.value.field == field and caught.value.flavour == OPENAI
+    assert f"leave it at {EXTRA_SAMPLING[field]!r}" in str(caught.value)
+
+
+def test_flavour_from_metrics() -> None:
+    assert flavour_from_metrics(parse_prometheus(VLLM_METRICS)) == VLLM
+    assert flavour_from_metrics(parse_prometheus("process_cpu_seconds_total 3\n")) == OPENAI
+    assert flavour_from_metrics({}) == OPENAI
 
 
 VLLM_METRICS = """\

@@ -30,7 +30,7 @@ VLLM_STREAM = sse(
 
 
 def engine(
-    handler: Callable[[httpx.Request], httpx.Response], token_ids: bool = False
+    handler: Callable[[httpx.Request], httpx.Response], token_ids: bool = False, flavour: str = "auto"
 ) -> tuple[RemoteEngine, list[dict]]:
     bodies: list[dict] = []
 
@@ -41,7 +41,12 @@ def engine(
 
     client = RemoteClient("http://engine", transport=httpx.MockTransport(record))
     config = RemoteConfig(
-        url="http://engine", model="m", token_ids=token_ids, max_waiting=4, start_wait_seconds=0.0
+        url="http://engine",
+        model="m",
+        token_ids=token_ids,
+        engine=flavour,
+        max_waiting=4,
+        start_wait_seconds=0.0,
     )
     return RemoteEngine(config, client), bodies
 
@@ -164,5 +169,77 @@ async def test_engine_down_or_broken_stream_is_unavailable() -> None:
             await collect(remote, request(prompt="x"))
         with pytest.raises(RequestRejected):
             await collect(remote, request(prompt_token_ids=[1]))  # ids only, to a text-only engine
+    finally:
+        await remote.stop()
+
+
+EXTRAS = {"top_k": 40, "repetition_penalty": 1.2, "min_tokens": 2, "ignore_eos": True}
+
+
+def text_engine(request: httpx.Request) -> httpx.Response:
+    """A plain OpenAI-compatible engine (transformers serve): no /metrics."""
+    if request.url.path in ("/health", "/v1/models"):
+        return httpx.Response(200, json={"data": []})
+    if request.url.path == "/metrics":
+        return httpx.Response(404)
+    return httpx.Response(200, content=sse(choice("Hi", "length")))
+
+
+def sampled(**extras: object) -> EngineRequest:
+    return EngineRequest("r1", prompt="To be", sampling=SamplingParams(max_tokens=4, **extras))
+
+
+@pytest.mark.parametrize("flavour", ["auto", "vllm"])
+async def test_vllm_gets_its_extra_sampling_fields(flavour: str) -> None:
+    remote, bodies = engine(vllm, flavour=flavour)
+    await remote.start()
+    try:
+        assert remote.flavour == "vllm"
+        await collect(remote, sampled(**EXTRAS))
+        await collect(remote, sampled())
+    finally:
+        await remote.stop()
+    assert {k: bodies[0].get(k) for k in EXTRAS} == EXTRAS
+    assert not set(EXTRAS) & set(bodies[1])  # unset fields are not sent
+
+
+@pytest.mark.parametrize(("field", "value"), list(EXTRAS.items()))
+@pytest.mark.parametrize("flavour", ["auto", "openai"])
+async def test_a_plain_engine_refuses_what_it_cannot_honour(field: str, value: object, flavour: str) -> None:
+    handler = text_engine if flavour == "auto" else vllm  # "openai" is believed over vLLM's metrics
+    remote, bodies = engine(handler, flavour=flavour)
+    await remote.start()
+    try:
+        assert remote.flavour == "openai"
+        with pytest.raises(RequestRejected, match=f"cannot honour {field}") as caught:
+            await collect(remote, sampled(**{field: value}))
+        assert caught.value.field == f"sampling.{field}"
+        assert remote.in_flight == 0 and bodies == []  # refused before the engine is asked
+        outputs = await collect(remote, sampled())  # the same request without it is served
+    finally:
+        await remote.stop()
+    assert outputs[-1].finish_reason is not None and not set(EXTRAS) & set(bodies[0])
+
+
+async def test_auto_flavour_follows_the_metrics_and_keeps_it_over_a_failed_read() -> None:
+    state = {"metrics": 404}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/metrics":
+            if state["metrics"] == 200:
+                return httpx.Response(200, text="vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n")
+            return httpx.Response(state["metrics"])
+        return vllm(request)
+
+    remote, _ = engine(handler)
+    await remote.start()
+    try:
+        assert remote.flavour == "openai"
+        state["metrics"] = 200
+        await remote.poll()
+        assert remote.flavour == "vllm"
+        state["metrics"] = 503  # a failed read keeps the last flavour
+        await remote.poll()
+        assert remote.flavour == "vllm"
     finally:
         await remote.stop()

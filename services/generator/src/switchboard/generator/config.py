@@ -23,6 +23,7 @@ DEFAULT_PORT = 50061
 DEFAULT_METRICS_PORT = 9111
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BACKENDS = ("local", "remote")
+REMOTE_ENGINES = ("auto", "vllm", "openai")  # remote.core.FLAVOURS (config imports no backend)
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 _WILDCARD_HOSTS = {"0.0.0.0", "::", "[::]", ""}
 
@@ -62,6 +63,12 @@ class GeneratorSettings:
         "GENERATOR_REMOTE_TOKEN_IDS",
         False,
         "the remote engine takes prompt token ids and streams the sampled ids (`return_token_ids`, vLLM); off: text in, text out, token counts from the final usage",
+    )
+    remote_engine: str = setting(
+        "GENERATOR_REMOTE_ENGINE",
+        "auto",
+        "flavour of the remote engine, which decides the sampling fields sent beyond OpenAI's: vllm also sends `top_k`, `repetition_penalty`, `min_tokens` and `ignore_eos`; openai (transformers serve, TGI, others) sends none, and a request setting one is refused with INVALID_ARGUMENT; auto: vllm when the engine's /metrics exports `vllm:` metrics, else openai",
+        choices=REMOTE_ENGINES,
     )
     remote_poll_seconds: float = setting(
         "GENERATOR_REMOTE_POLL_SECONDS",

@@ -49,6 +49,7 @@ def remote_engine(settings: GeneratorSettings) -> RemoteEngine:
         max_model_len=settings.remote_max_model_len,
         fallback_max_model_len=fallback,
         token_ids=settings.remote_token_ids,
+        engine=settings.remote_engine,
         poll_seconds=settings.remote_poll_seconds,
         max_waiting=settings.max_waiting,
     )

@@ -3,7 +3,9 @@
 - `SseDecoder`: Server-Sent Events framing (`data:` lines, events ended by a blank line, chunks
   split anywhere, `\\r\\n` or `\\n`), yielding each event's data; `[DONE]` ends the stream.
 - `completion_body`: the JSON body of a streaming `POST /v1/completions` from a request's prompt and
-  sampling parameters.
+  sampling parameters; `sampling_extras` the sampling fields beyond OpenAI's that the engine's
+  flavour honours (vLLM's `top_k`, `repetition_penalty`, `min_tokens`, `ignore_eos`), refusing one it
+  does not (`UnsupportedSampling`); `flavour_from_metrics` tells a vLLM engine by its metrics.
 - `parse_completion_chunk`: one streamed completion chunk -> `CompletionChunk` (text, token ids
   when the engine returns them, the finish reason mapped to the generator's names, usage).
 - `parse_prometheus` and `load_from_metrics`: the engine's `/metrics` text -> `EngineLoad` (vLLM's
@@ -41,6 +43,63 @@ WAITING = "vllm:num_requests_waiting"
 KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 # The scheduler reads KV use as blocks used / total; a fraction is reported on this scale.
 KV_SCALE = 1000
+
+
+# Engine flavours (GENERATOR_REMOTE_ENGINE): which sampling fields beyond OpenAI's the engine's
+# /v1/completions honours. "openai" is the common subset (transformers serve, TGI, and any engine
+# not known here): extra fields are rejected or silently ignored there, so none is sent.
+VLLM = "vllm"
+OPENAI = "openai"
+AUTO = "auto"
+FLAVOURS = (AUTO, VLLM, OPENAI)
+# Sampling fields beyond OpenAI's: SamplingParams field -> its "unset" value (nothing to send).
+# The body key is the field's name (vLLM's names for them).
+EXTRA_SAMPLING: dict[str, object] = {
+    "top_k": 0,
+    "repetition_penalty": 1.0,
+    "min_tokens": 0,
+    "ignore_eos": False,
+}
+HONOURED: dict[str, frozenset[str]] = {
+    VLLM: frozenset(EXTRA_SAMPLING),
+    OPENAI: frozenset(),
+}
+
+
+class UnsupportedSampling(ValueError):
+    """A request sets a sampling field the engine's flavour cannot honour (`field`, e.g. "top_k")."""
+
+    def __init__(self, field: str, value: object, flavour: str) -> None:
+        unset = EXTRA_SAMPLING[field]
+        super().__init__(
+            f"the remote engine behind this replica ({flavour}: OpenAI's completion fields only) cannot "
+            f"honour {field}={value!r}; leave it at {unset!r} or send the request to an expert whose engine "
+            "can (vLLM: GENERATOR_REMOTE_ENGINE=vllm)"
+        )
+        self.field = field
+        self.value = value
+        self.flavour = flavour
+
+
+def sampling_extras(sampling: object, flavour: str) -> dict[str, object]:
+    """The extra sampling fields to send for `sampling` (a SamplingParams) to an engine of `flavour`:
+    each one set to other than its unset value, when the flavour honours it. Raises
+    UnsupportedSampling for the first one it does not (never drops a parameter silently)."""
+    honoured = HONOURED[flavour]
+    extras: dict[str, object] = {}
+    for field, unset in EXTRA_SAMPLING.items():
+        value = getattr(sampling, field)
+        if value == unset:
+            continue
+        if field not in honoured:
+            raise UnsupportedSampling(field, value, flavour)
+        extras[field] = value
+    return extras
+
+
+def flavour_from_metrics(samples: Mapping[str, float]) -> str:
+    """The flavour an engine's /metrics samples show: vLLM's exports `vllm:` metrics."""
+    return VLLM if any(name.startswith("vllm:") for name in samples) else OPENAI
 
 
 class RemoteProtocolError(ValueError):
@@ -121,9 +180,11 @@ def completion_body(
     seed: int | None,
     stop: Sequence[str],
     return_token_ids: bool,
+    extras: Mapping[str, object] | None = None,
 ) -> dict[str, Any]:
     """The body of a streaming `/v1/completions` request (OpenAI fields only, unless
-    `return_token_ids` asks for vLLM's extension that streams the sampled ids)."""
+    `return_token_ids` asks for vLLM's extension that streams the sampled ids, or `extras`, from
+    `sampling_extras`, adds the sampling fields the engine honours beyond OpenAI's)."""
     body: dict[str, Any] = {
         "model": model,
         "prompt": prompt if isinstance(prompt, str) else list(prompt),
@@ -139,6 +200,7 @@ def completion_body(
         body["stop"] = list(stop)
     if return_token_ids:
         body["return_token_ids"] = True
+    body.update(extras or {})
     return body
 
 

@@ -8,6 +8,12 @@ A poller reads the engine's health (`/health`, else `/v1/models`) and `/metrics`
 exports them, else this replica's own in-flight count; while the engine is unhealthy new
 requests fail at once with EngineUnavailable (the servicer answers UNAVAILABLE, the gateway
 fails over) and `on_health` is told, so the replica's gRPC health follows the engine's.
+
+The engine's flavour (`RemoteConfig.engine`, GENERATOR_REMOTE_ENGINE) decides which sampling fields
+beyond OpenAI's are sent: vLLM's `top_k`, `repetition_penalty`, `min_tokens` and `ignore_eos`, or,
+for a plain OpenAI-compatible engine, none, a request that sets one being refused
+(RequestRejected: INVALID_ARGUMENT naming `sampling.<field>`) rather than served without it. With
+"auto" the flavour is read from the engine's /metrics at each poll (vLLM's `vllm:` metrics).
 """
 
 from __future__ import annotations
@@ -30,11 +36,16 @@ from switchboard.generator.engine.types import (
 )
 from switchboard.generator.remote.client import EngineRefused, EngineUnavailable, RemoteClient
 from switchboard.generator.remote.core import (
+    AUTO,
+    OPENAI,
+    UnsupportedSampling,
     completion_body,
+    flavour_from_metrics,
     in_flight_load,
     load_from_metrics,
     max_model_len_from_models,
     parse_prometheus,
+    sampling_extras,
 )
 
 log = get_logger(__name__)
@@ -56,6 +67,8 @@ class RemoteConfig:
     max_model_len: int = 0  # 0: ask /v1/models, else use `fallback_max_model_len`
     fallback_max_model_len: int = 0  # the model folder's config.json, when there is one
     token_ids: bool = False  # send prompt ids and ask for `return_token_ids` (vLLM)
+    # Flavour (core.FLAVOURS): the sampling fields beyond OpenAI's it honours; auto: from /metrics.
+    engine: str = AUTO
     poll_seconds: float = 1.0
     # How long start() waits for the engine to answer healthy before serving anyway (failing over).
     start_wait_seconds: float = 10.0
@@ -92,6 +105,8 @@ class RemoteEngine:
         self.on_health: Callable[[bool], None] | None = None
         self._poller: asyncio.Task[None] | None = None
         self._failed_probes = 0
+        # Until /metrics shows vLLM's, an "auto" engine is sent OpenAI's fields only.
+        self.flavour = OPENAI if config.engine == AUTO else config.engine
 
     @property
     def info(self) -> EngineInfo:
@@ -138,7 +153,10 @@ class RemoteEngine:
         """One health and metrics read."""
         answered = await self.client.healthy()
         text = await self.client.metrics_text() if answered else None
-        self.metrics_load = load_from_metrics(parse_prometheus(text)) if text else None
+        samples = parse_prometheus(text) if text else {}
+        self.metrics_load = load_from_metrics(samples) if samples else None
+        if text is not None:
+            self._set_flavour(flavour_from_metrics(samples))
         # One slow or failed probe on a busy host does not take a healthy engine out: two in a row do.
         self._failed_probes = 0 if answered else self._failed_probes + 1
         healthy = answered or (self.healthy and self._failed_probes < UNHEALTHY_AFTER_FAILED_PROBES)
@@ -147,6 +165,14 @@ class RemoteEngine:
             log.info("remote engine health changed", healthy=healthy, url=self.remote.url)
             if self.on_health is not None:
                 self.on_health(healthy)
+
+    def _set_flavour(self, flavour: str) -> None:
+        """The flavour an "auto" engine's latest /metrics answer shows (none, or a failed read, keeps
+        the last; an engine without /metrics stays "openai")."""
+        if self.remote.engine != AUTO or flavour == self.flavour:
+            return
+        log.info("remote engine flavour detected", flavour=flavour, url=self.remote.url)
+        self.flavour = flavour
 
     async def _poll_loop(self) -> None:
         while True:
@@ -167,6 +193,10 @@ class RemoteEngine:
                 "prompt",
                 "this replica fronts an engine that takes prompt text only; send the prompt text",
             )
+        try:
+            extras = sampling_extras(sampling, self.flavour)
+        except UnsupportedSampling as exc:
+            raise RequestRejected(f"sampling.{exc.field}", str(exc)) from None
         return completion_body(
             self.remote.model,
             prompt,
@@ -176,6 +206,7 @@ class RemoteEngine:
             seed=sampling.seed,
             stop=sampling.stop,
             return_token_ids=self.remote.token_ids,
+            extras=extras,
         )
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
