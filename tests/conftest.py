@@ -14,7 +14,7 @@ import dataclasses
 import json
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +23,7 @@ import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from switchboard.cli.localstack import LocalStack, plan_stack
-from switchboard.cli.processes import free_port
+from switchboard.cli.processes import ServiceSpec, free_port
 from switchboard.gateway.keys import add_key, new_key
 
 TINY_CORPUS = [
@@ -188,11 +188,19 @@ GENERATOR_ENV = {"GENERATOR_DEVICE": "cpu", "GENERATOR_KV_CACHE_MB": "32", "GENE
 
 @dataclass
 class RunningStack:
-    """A started LocalStack with its key and log folder."""
+    """A started LocalStack with its key and log folder, and the generators planned but held back."""
 
     stack: LocalStack
     key: str
     log_dir: Path
+    deferred: dict[str, ServiceSpec] = dataclasses.field(default_factory=dict)  # replica id -> its process
+
+    def start_deferred(self, replica_id: str, timeout: float = 120.0) -> None:
+        """Start a held-back generator (a replica deployed later) and wait until it registered."""
+        spec = self.deferred.pop(replica_id)
+        self.stack.group.start(spec)
+        self.stack.group.wait_healthy([spec.name], timeout=timeout)
+        self.stack.wait_registered([replica_id], timeout)
 
     @property
     def gateway_addr(self) -> str:
@@ -211,11 +219,15 @@ def start_stack(
     otlp_endpoint: str | None = None,
     env: dict[str, str] | None = None,
     replica_env: dict[str, dict[str, str]] | None = None,
+    deferred: Collection[str] = (),
 ) -> RunningStack:
     """Plan and start a stack on free ports (the caller must stop it); `env` overrides TEST_ENV,
-    `replica_env` adds {replica id: environment} to single replicas."""
+    `replica_env` adds {replica id: environment} to single replicas, `deferred` names replicas
+    planned but not started (`RunningStack.start_deferred` starts one)."""
     config = write_experts_config(tmp_path / "experts.yaml", model, experts)
-    return start_stack_from_config(tmp_path, config, otlp_endpoint=otlp_endpoint, env=env, replica_env=replica_env)
+    return start_stack_from_config(
+        tmp_path, config, otlp_endpoint=otlp_endpoint, env=env, replica_env=replica_env, deferred=deferred
+    )
 
 
 def start_stack_from_config(
@@ -225,6 +237,7 @@ def start_stack_from_config(
     otlp_endpoint: str | None = None,
     env: dict[str, str] | None = None,
     replica_env: dict[str, dict[str, str]] | None = None,
+    deferred: Collection[str] = (),
 ) -> RunningStack:
     """Start the stack an experts config declares (`models`: {expert: folder} overrides)."""
     keys_file = tmp_path / "tenants.yaml"
@@ -248,12 +261,14 @@ def start_stack_from_config(
         )
     log_dir = tmp_path / "logs"
     stack = LocalStack(plan, log_dir, base_env=base_env, grace=10.0)
+    held = {replica_id: stack.specs.pop(f"generator-{replica_id}") for replica_id in deferred}
+    plan.generators = [g for g in plan.generators if g.replica_id not in held]
     try:
         stack.start(timeout=240)
     except BaseException:
         stack.stop()
         raise
-    return RunningStack(stack, key, log_dir)
+    return RunningStack(stack, key, log_dir, held)
 
 
 __all__ = ["RunningStack", "TraceReceiver", "free_port", "start_stack", "start_stack_from_config"]

@@ -16,7 +16,7 @@ from switchboard.cli.main import main
 
 @pytest.fixture
 def state(tmp_path: Path) -> dict[str, Path]:
-    """A gate folder (with a nested file), two policy files, a tenants file and a price table."""
+    """A gate folder (with a nested file), two policy files, a tenants file, a price table and rollout state."""
     gate = tmp_path / "live" / "gate"
     (gate / "weights").mkdir(parents=True)
     (gate / "gate.json").write_text('{"experts": ["a", "b"]}')
@@ -27,7 +27,16 @@ def state(tmp_path: Path) -> dict[str, Path]:
     tenants, prices = tmp_path / "live" / "tenants.yaml", tmp_path / "live" / "prices.yaml"
     tenants.write_text("tenants: {dev: {}}\n")
     prices.write_text("currency: USD\n")
-    return {"gate": gate, "policy": policy, "policy-2": policy2, "tenants": tenants, "prices": prices}
+    rollouts = tmp_path / "live" / "rollouts.json"
+    rollouts.write_text('{"schema": "switchboard.rollouts/v1", "rollouts": []}')
+    return {
+        "gate": gate,
+        "policy": policy,
+        "policy-2": policy2,
+        "tenants": tenants,
+        "prices": prices,
+        "rollouts": rollouts,
+    }
 
 
 def sources(state: dict[str, Path]) -> list[Source]:
@@ -66,7 +75,7 @@ def test_the_manifest_lists_version_timestamps_and_hashes(tmp_path: Path, state:
     archive = tmp_path / "backup.tar"
     manifest = write_archive(archive, sources(state), now=1_764_628_800)
     assert manifest.version == VERSION and manifest.created_at == "2025-12-01T22:40:00Z"
-    assert [m.name for m in manifest.members] == ["gate", "policy", "policy-2", "tenants", "prices"]
+    assert [m.name for m in manifest.members] == ["gate", "policy", "policy-2", "tenants", "prices", "rollouts"]
     gate = manifest.members[0]
     assert gate.kind == "dir" and [f.path for f in gate.files] == ["gate.json", "weights/w.bin"]
     assert gate.files[1].sha256 == hashlib.sha256(bytes(range(256)) * 4).hexdigest()

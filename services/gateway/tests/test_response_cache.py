@@ -99,6 +99,8 @@ def test_the_key_separates_tenants_experts_prompts_and_sampling() -> None:
         ("tenant:main", "a", FP_A, [1, 2], "To be", common_pb2.SamplingParams(max_tokens=3, temperature=0.0, stop=["x"])),
     ]
     assert len({key, *(cache_key(*v) for v in variants)}) == len(variants) + 1
+    # Another weight revision of the same expert and tokenizer is another key.
+    assert cache_key(*base, revision="v2") not in {key, cache_key(*base, revision="v3")}
     # A tenant named like the shared namespace does not share it.
     assert namespace_for("shared", False) != namespace_for("anyone", True)
 

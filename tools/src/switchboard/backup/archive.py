@@ -44,7 +44,7 @@ VERSION = 1
 MANIFEST = "manifest.json"
 MEMBERS_DIR = "members"
 # Roles an archive member may have; the CLI maps each to the setting that names its path.
-ROLES = ("gate", "policy", "tenants", "prices")
+ROLES = ("gate", "policy", "tenants", "prices", "rollouts")
 
 
 class BackupError(Exception):
@@ -145,7 +145,7 @@ def _atomic_file(target: Path) -> Iterator[io.BufferedWriter]:
 def write_archive(target: Path, sources: Sequence[Source], now: float | None = None) -> Manifest:
     """Save `sources` into one archive at `target` (atomically); return its manifest."""
     if not sources:
-        raise BackupError("nothing to back up: name at least one of --gate, --policy, --tenants, --prices")
+        raise BackupError("nothing to back up: name at least one of --gate, --policy, --tenants, --prices, --rollouts")
     members = []
     contents: list[tuple[str, bytes, float]] = []
     for source, name in zip(sources, _member_names(sources), strict=True):

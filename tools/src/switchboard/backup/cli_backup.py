@@ -51,4 +51,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     )
     parser.add_argument("--tenants", action="append", help="the gateway's tenants file (default: GATEWAY_TENANTS_FILE)")
     parser.add_argument("--prices", action="append", help="the gateway's price table (default: GATEWAY_PRICES_FILE)")
+    parser.add_argument(
+        "--rollouts", action="append", help="the scheduler's rollout state file (default: SCHEDULER_ROLLOUT_STATE_FILE)"
+    )
     parser.set_defaults(func=run)

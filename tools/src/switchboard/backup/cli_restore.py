@@ -3,8 +3,9 @@
 The archive is verified first (a known version, every file present with its SHA-256); a corrupt
 one or one of an unknown version is refused and nothing is written. Each member goes back where it
 was saved from unless `--to NAME=PATH` names another place (NAME as `--check` lists it: gate,
-policy, policy-2, tenants, prices). The services re-read the tenants file, price table and policy
-file when they change; restart the router to load a restored gate.
+policy, policy-2, tenants, prices, rollouts). The services re-read the tenants file, price table and
+policy file when they change; restart the router to load a restored gate and the scheduler to load
+restored rollouts.
 """
 
 from __future__ import annotations

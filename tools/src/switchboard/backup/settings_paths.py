@@ -1,7 +1,7 @@
 """Where the services keep what a backup saves: the settings that name each path, read from the environment.
 
 The same variables the services read (ROUTER_GATE_PATH, SCHEDULER_POLICY_FILE, GATEWAY_TENANTS_FILE,
-GATEWAY_PRICES_FILE), so `switchboard backup` run with a service's environment saves what that
+GATEWAY_PRICES_FILE, SCHEDULER_ROLLOUT_STATE_FILE), so `switchboard backup` run with a service's environment saves what that
 service uses; a flag on the command line wins over its variable.
 """
 
@@ -16,6 +16,7 @@ ROLE_VARIABLES: Mapping[str, str] = {
     "policy": "SCHEDULER_POLICY_FILE",
     "tenants": "GATEWAY_TENANTS_FILE",
     "prices": "GATEWAY_PRICES_FILE",
+    "rollouts": "SCHEDULER_ROLLOUT_STATE_FILE",
 }
 
 

@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("switchboard.bench.cli", "replay request traces against Switchboard or an OpenAI-compatible server"),
     "router": ("switchboard.routing.cli", "build the router gate's data, train and evaluate it"),
     "scheduler": ("switchboard.simulation.cli", "evaluate placement policies in the cluster simulator"),
+    "rollout": ("switchboard.cli.rollout", "start, inspect, pause, resume and abort model-revision rollouts"),
     "backup": ("switchboard.backup.cli_backup", "save the gate, policies, tenants file and price table into one archive"),
     "restore": ("switchboard.backup.cli_restore", "restore the gate, policies, tenants file and price table from a backup"),
 }

@@ -26,6 +26,9 @@ REPLICA_QUEUE_FULL = "REPLICA_QUEUE_FULL"
 # and took it out of the batch (the replica serves on): the request is the problem, so another
 # replica would fail the same way (the gateway does not fail over on it).
 REQUEST_FAILED_IN_ENGINE = "REQUEST_FAILED_IN_ENGINE"
+# ErrorInfo reason of a generator's UNAVAILABLE refused by its fault injection
+# (GENERATOR_FAULT_ERROR_RATIO, for rollback and failover drills): the gateway fails over on it.
+INJECTED_FAULT = "INJECTED_FAULT"
 _DETAILS_KEY = "grpc-status-details-bin"
 
 

@@ -62,3 +62,23 @@ class InfoResponse(_message.Message):
     kv_blocks_total: int
     parameter_count: int
     def __init__(self, replica_id: _Optional[str] = ..., expert: _Optional[str] = ..., model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., parameter_count: _Optional[int] = ...) -> None: ...
+
+class ScoreRequest(_message.Message):
+    __slots__ = ("texts",)
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, texts: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class TextScore(_message.Message):
+    __slots__ = ("log_likelihood", "tokens")
+    LOG_LIKELIHOOD_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    log_likelihood: float
+    tokens: int
+    def __init__(self, log_likelihood: _Optional[float] = ..., tokens: _Optional[int] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("scores",)
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    scores: _containers.RepeatedCompositeFieldContainer[TextScore]
+    def __init__(self, scores: _Optional[_Iterable[_Union[TextScore, _Mapping]]] = ...) -> None: ...

@@ -47,6 +47,11 @@ class GeneratorStub:
                 request_serializer=switchboard_dot_v1_dot_generator__pb2.InfoRequest.SerializeToString,
                 response_deserializer=switchboard_dot_v1_dot_generator__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/switchboard.v1.Generator/Score',
+                request_serializer=switchboard_dot_v1_dot_generator__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_generator__pb2.ScoreResponse.FromString,
+                _registered_method=True)
 
 
 class GeneratorServicer:
@@ -69,6 +74,15 @@ class GeneratorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Score(self, request, context):
+        """Score returns the model's log-likelihood of each text (a rollout's quality
+        probe compares two revisions of an expert by it). A replica that cannot
+        score (a remote engine) answers FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GeneratorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +95,11 @@ def add_GeneratorServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=switchboard_dot_v1_dot_generator__pb2.InfoRequest.FromString,
                     response_serializer=switchboard_dot_v1_dot_generator__pb2.InfoResponse.SerializeToString,
+            ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=switchboard_dot_v1_dot_generator__pb2.ScoreRequest.FromString,
+                    response_serializer=switchboard_dot_v1_dot_generator__pb2.ScoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -140,6 +159,33 @@ class Generator:
             '/switchboard.v1.Generator/Info',
             switchboard_dot_v1_dot_generator__pb2.InfoRequest.SerializeToString,
             switchboard_dot_v1_dot_generator__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.v1.Generator/Score',
+            switchboard_dot_v1_dot_generator__pb2.ScoreRequest.SerializeToString,
+            switchboard_dot_v1_dot_generator__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

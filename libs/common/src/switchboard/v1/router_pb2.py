@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from switchboard.v1 import common_pb2 as switchboard_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bswitchboard/v1/router.proto\x12\x0eswitchboard.v1\x1a\x1bswitchboard/v1/common.proto\"\x90\x02\n\x0cRouteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x30\n\x08sampling\x18\x03 \x01(\x0b\x32\x1e.switchboard.v1.SamplingParams\x12\x0e\n\x06\x65xpert\x18\x04 \x01(\t\x12\x0e\n\x06tenant\x18\x05 \x01(\t\x12\x1b\n\x13\x65xclude_replica_ids\x18\x06 \x03(\t\x12\x18\n\x0b\x63ost_weight\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12*\n\x08priority\x18\x08 \x01(\x0e\x32\x18.switchboard.v1.Priority\x12\x17\n\x0f\x61llowed_experts\x18\t \x03(\tB\x0e\n\x0c_cost_weight\"\x9f\x02\n\rRouteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x32\n\ncandidates\x18\x02 \x03(\x0b\x32\x1e.switchboard.v1.RouteCandidate\x12+\n\x06scores\x18\x03 \x03(\x0b\x32\x1b.switchboard.v1.ExpertScore\x12\t\n\x01k\x18\x04 \x01(\r\x12\x13\n\x0b\x63ost_weight\x18\x05 \x01(\x01\x12\x11\n\tgate_kind\x18\x06 \x01(\t\x12\x14\n\x0cgate_version\x18\x07 \x01(\t\x12\x15\n\rprompt_tokens\x18\x08 \x01(\r\x12\x39\n\rtokenizations\x18\t \x03(\x0b\x32\".switchboard.v1.PromptTokenization\"F\n\x12PromptTokenization\x12\x1d\n\x15tokenizer_fingerprint\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"d\n\x0eRouteCandidate\x12\x0e\n\x06\x65xpert\x18\x01 \x01(\t\x12\x12\n\nreplica_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t\"\xaf\x01\n\x0b\x45xpertScore\x12\x0e\n\x06\x65xpert\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x10\n\x08selected\x18\x03 \x01(\x08\x12\x0f\n\x07quality\x18\x04 \x01(\x01\x12\x0c\n\x04\x62ias\x18\x05 \x01(\x01\x12\x0f\n\x07utility\x18\x06 \x01(\x01\x12\x10\n\x08\x65ligible\x18\x07 \x01(\x08\x12\x19\n\x11ineligible_reason\x18\x08 \x01(\t\x12\x12\n\ncorrection\x18\t \x01(\x01\"\xf3\x01\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\t\x12\x12\n\nreplica_id\x18\x03 \x01(\t\x12\x0f\n\x07success\x18\x04 \x01(\x08\x12\x33\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1c.switchboard.v1.FinishReason\x12$\n\x05usage\x18\x06 \x01(\x0b\x32\x15.switchboard.v1.Usage\x12#\n\x1btime_to_first_token_seconds\x18\x07 \x01(\x01\x12\x17\n\x0flatency_seconds\x18\x08 \x01(\x01\"\x12\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\"\x14\n\x12ListExpertsRequest\"B\n\x13ListExpertsResponse\x12+\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x1a.switchboard.v1.ExpertInfo\"^\n\nExpertInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x15\n\rrelative_cost\x18\x03 \x01(\x01\x12\x16\n\x0eready_replicas\x18\x04 \x01(\r2\xf5\x01\n\x06Router\x12\x44\n\x05Route\x12\x1c.switchboard.v1.RouteRequest\x1a\x1d.switchboard.v1.RouteResponse\x12M\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1f.switchboard.v1.FeedbackRequest\x1a .switchboard.v1.FeedbackResponse\x12V\n\x0bListExperts\x12\".switchboard.v1.ListExpertsRequest\x1a#.switchboard.v1.ListExpertsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bswitchboard/v1/router.proto\x12\x0eswitchboard.v1\x1a\x1bswitchboard/v1/common.proto\"\x90\x02\n\x0cRouteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x30\n\x08sampling\x18\x03 \x01(\x0b\x32\x1e.switchboard.v1.SamplingParams\x12\x0e\n\x06\x65xpert\x18\x04 \x01(\t\x12\x0e\n\x06tenant\x18\x05 \x01(\t\x12\x1b\n\x13\x65xclude_replica_ids\x18\x06 \x03(\t\x12\x18\n\x0b\x63ost_weight\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12*\n\x08priority\x18\x08 \x01(\x0e\x32\x18.switchboard.v1.Priority\x12\x17\n\x0f\x61llowed_experts\x18\t \x03(\tB\x0e\n\x0c_cost_weight\"\x9f\x02\n\rRouteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x32\n\ncandidates\x18\x02 \x03(\x0b\x32\x1e.switchboard.v1.RouteCandidate\x12+\n\x06scores\x18\x03 \x03(\x0b\x32\x1b.switchboard.v1.ExpertScore\x12\t\n\x01k\x18\x04 \x01(\r\x12\x13\n\x0b\x63ost_weight\x18\x05 \x01(\x01\x12\x11\n\tgate_kind\x18\x06 \x01(\t\x12\x14\n\x0cgate_version\x18\x07 \x01(\t\x12\x15\n\rprompt_tokens\x18\x08 \x01(\r\x12\x39\n\rtokenizations\x18\t \x03(\x0b\x32\".switchboard.v1.PromptTokenization\"F\n\x12PromptTokenization\x12\x1d\n\x15tokenizer_fingerprint\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"v\n\x0eRouteCandidate\x12\x0e\n\x06\x65xpert\x18\x01 \x01(\t\x12\x12\n\nreplica_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t\x12\x10\n\x08revision\x18\x05 \x01(\t\"\xaf\x01\n\x0b\x45xpertScore\x12\x0e\n\x06\x65xpert\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x10\n\x08selected\x18\x03 \x01(\x08\x12\x0f\n\x07quality\x18\x04 \x01(\x01\x12\x0c\n\x04\x62ias\x18\x05 \x01(\x01\x12\x0f\n\x07utility\x18\x06 \x01(\x01\x12\x10\n\x08\x65ligible\x18\x07 \x01(\x08\x12\x19\n\x11ineligible_reason\x18\x08 \x01(\t\x12\x12\n\ncorrection\x18\t \x01(\x01\"\xf3\x01\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\t\x12\x12\n\nreplica_id\x18\x03 \x01(\t\x12\x0f\n\x07success\x18\x04 \x01(\x08\x12\x33\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1c.switchboard.v1.FinishReason\x12$\n\x05usage\x18\x06 \x01(\x0b\x32\x15.switchboard.v1.Usage\x12#\n\x1btime_to_first_token_seconds\x18\x07 \x01(\x01\x12\x17\n\x0flatency_seconds\x18\x08 \x01(\x01\"\x12\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\"\x14\n\x12ListExpertsRequest\"B\n\x13ListExpertsResponse\x12+\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x1a.switchboard.v1.ExpertInfo\"^\n\nExpertInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x15\n\rrelative_cost\x18\x03 \x01(\x01\x12\x16\n\x0eready_replicas\x18\x04 \x01(\r2\xf5\x01\n\x06Router\x12\x44\n\x05Route\x12\x1c.switchboard.v1.RouteRequest\x1a\x1d.switchboard.v1.RouteResponse\x12M\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1f.switchboard.v1.FeedbackRequest\x1a .switchboard.v1.FeedbackResponse\x12V\n\x0bListExperts\x12\".switchboard.v1.ListExpertsRequest\x1a#.switchboard.v1.ListExpertsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,19 +39,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROMPTTOKENIZATION']._serialized_start=641
   _globals['_PROMPTTOKENIZATION']._serialized_end=711
   _globals['_ROUTECANDIDATE']._serialized_start=713
-  _globals['_ROUTECANDIDATE']._serialized_end=813
-  _globals['_EXPERTSCORE']._serialized_start=816
-  _globals['_EXPERTSCORE']._serialized_end=991
-  _globals['_FEEDBACKREQUEST']._serialized_start=994
-  _globals['_FEEDBACKREQUEST']._serialized_end=1237
-  _globals['_FEEDBACKRESPONSE']._serialized_start=1239
-  _globals['_FEEDBACKRESPONSE']._serialized_end=1257
-  _globals['_LISTEXPERTSREQUEST']._serialized_start=1259
-  _globals['_LISTEXPERTSREQUEST']._serialized_end=1279
-  _globals['_LISTEXPERTSRESPONSE']._serialized_start=1281
-  _globals['_LISTEXPERTSRESPONSE']._serialized_end=1347
-  _globals['_EXPERTINFO']._serialized_start=1349
-  _globals['_EXPERTINFO']._serialized_end=1443
-  _globals['_ROUTER']._serialized_start=1446
-  _globals['_ROUTER']._serialized_end=1691
+  _globals['_ROUTECANDIDATE']._serialized_end=831
+  _globals['_EXPERTSCORE']._serialized_start=834
+  _globals['_EXPERTSCORE']._serialized_end=1009
+  _globals['_FEEDBACKREQUEST']._serialized_start=1012
+  _globals['_FEEDBACKREQUEST']._serialized_end=1255
+  _globals['_FEEDBACKRESPONSE']._serialized_start=1257
+  _globals['_FEEDBACKRESPONSE']._serialized_end=1275
+  _globals['_LISTEXPERTSREQUEST']._serialized_start=1277
+  _globals['_LISTEXPERTSREQUEST']._serialized_end=1297
+  _globals['_LISTEXPERTSRESPONSE']._serialized_start=1299
+  _globals['_LISTEXPERTSRESPONSE']._serialized_end=1365
+  _globals['_EXPERTINFO']._serialized_start=1367
+  _globals['_EXPERTINFO']._serialized_end=1461
+  _globals['_ROUTER']._serialized_start=1464
+  _globals['_ROUTER']._serialized_end=1709
 # @@protoc_insertion_point(module_scope)

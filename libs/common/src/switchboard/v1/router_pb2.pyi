@@ -60,16 +60,18 @@ class PromptTokenization(_message.Message):
     def __init__(self, tokenizer_fingerprint: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RouteCandidate(_message.Message):
-    __slots__ = ("expert", "replica_id", "address", "tokenizer_fingerprint")
+    __slots__ = ("expert", "replica_id", "address", "tokenizer_fingerprint", "revision")
     EXPERT_FIELD_NUMBER: _ClassVar[int]
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     expert: str
     replica_id: str
     address: str
     tokenizer_fingerprint: str
-    def __init__(self, expert: _Optional[str] = ..., replica_id: _Optional[str] = ..., address: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ...) -> None: ...
+    revision: str
+    def __init__(self, expert: _Optional[str] = ..., replica_id: _Optional[str] = ..., address: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., revision: _Optional[str] = ...) -> None: ...
 
 class ExpertScore(_message.Message):
     __slots__ = ("expert", "score", "selected", "quality", "bias", "utility", "eligible", "ineligible_reason", "correction")

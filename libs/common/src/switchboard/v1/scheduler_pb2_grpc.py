@@ -69,6 +69,36 @@ class SchedulerStub:
                 request_serializer=switchboard_dot_v1_dot_scheduler__pb2.GetClusterRequest.SerializeToString,
                 response_deserializer=switchboard_dot_v1_dot_scheduler__pb2.GetClusterResponse.FromString,
                 _registered_method=True)
+        self.StartRollout = channel.unary_unary(
+                '/switchboard.v1.Scheduler/StartRollout',
+                request_serializer=switchboard_dot_v1_dot_scheduler__pb2.StartRolloutRequest.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_scheduler__pb2.Rollout.FromString,
+                _registered_method=True)
+        self.GetRollout = channel.unary_unary(
+                '/switchboard.v1.Scheduler/GetRollout',
+                request_serializer=switchboard_dot_v1_dot_scheduler__pb2.GetRolloutRequest.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_scheduler__pb2.Rollout.FromString,
+                _registered_method=True)
+        self.ListRollouts = channel.unary_unary(
+                '/switchboard.v1.Scheduler/ListRollouts',
+                request_serializer=switchboard_dot_v1_dot_scheduler__pb2.ListRolloutsRequest.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_scheduler__pb2.ListRolloutsResponse.FromString,
+                _registered_method=True)
+        self.PauseRollout = channel.unary_unary(
+                '/switchboard.v1.Scheduler/PauseRollout',
+                request_serializer=switchboard_dot_v1_dot_scheduler__pb2.RolloutActionRequest.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_scheduler__pb2.Rollout.FromString,
+                _registered_method=True)
+        self.ResumeRollout = channel.unary_unary(
+                '/switchboard.v1.Scheduler/ResumeRollout',
+                request_serializer=switchboard_dot_v1_dot_scheduler__pb2.RolloutActionRequest.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_scheduler__pb2.Rollout.FromString,
+                _registered_method=True)
+        self.AbortRollout = channel.unary_unary(
+                '/switchboard.v1.Scheduler/AbortRollout',
+                request_serializer=switchboard_dot_v1_dot_scheduler__pb2.RolloutActionRequest.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_scheduler__pb2.Rollout.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -123,6 +153,52 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartRollout(self, request, context):
+        """StartRollout begins moving one expert's traffic from one revision to
+        another, step by step, gated on the new revision's error ratio and
+        latency against the old one's; the scheduler promotes or rolls back on
+        its own. One rollout per expert at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRollout(self, request, context):
+        """GetRollout returns an expert's current (or last) rollout.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRollouts(self, request, context):
+        """ListRollouts returns every expert's current (or last) rollout.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseRollout(self, request, context):
+        """PauseRollout holds a running rollout at its current weights.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeRollout(self, request, context):
+        """ResumeRollout continues a paused rollout.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortRollout(self, request, context):
+        """AbortRollout stops a rollout and sends all traffic back to the old
+        revision.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -155,6 +231,36 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.GetCluster,
                     request_deserializer=switchboard_dot_v1_dot_scheduler__pb2.GetClusterRequest.FromString,
                     response_serializer=switchboard_dot_v1_dot_scheduler__pb2.GetClusterResponse.SerializeToString,
+            ),
+            'StartRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartRollout,
+                    request_deserializer=switchboard_dot_v1_dot_scheduler__pb2.StartRolloutRequest.FromString,
+                    response_serializer=switchboard_dot_v1_dot_scheduler__pb2.Rollout.SerializeToString,
+            ),
+            'GetRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRollout,
+                    request_deserializer=switchboard_dot_v1_dot_scheduler__pb2.GetRolloutRequest.FromString,
+                    response_serializer=switchboard_dot_v1_dot_scheduler__pb2.Rollout.SerializeToString,
+            ),
+            'ListRollouts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRollouts,
+                    request_deserializer=switchboard_dot_v1_dot_scheduler__pb2.ListRolloutsRequest.FromString,
+                    response_serializer=switchboard_dot_v1_dot_scheduler__pb2.ListRolloutsResponse.SerializeToString,
+            ),
+            'PauseRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseRollout,
+                    request_deserializer=switchboard_dot_v1_dot_scheduler__pb2.RolloutActionRequest.FromString,
+                    response_serializer=switchboard_dot_v1_dot_scheduler__pb2.Rollout.SerializeToString,
+            ),
+            'ResumeRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeRollout,
+                    request_deserializer=switchboard_dot_v1_dot_scheduler__pb2.RolloutActionRequest.FromString,
+                    response_serializer=switchboard_dot_v1_dot_scheduler__pb2.Rollout.SerializeToString,
+            ),
+            'AbortRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortRollout,
+                    request_deserializer=switchboard_dot_v1_dot_scheduler__pb2.RolloutActionRequest.FromString,
+                    response_serializer=switchboard_dot_v1_dot_scheduler__pb2.Rollout.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -324,6 +430,168 @@ class Scheduler:
             '/switchboard.v1.Scheduler/GetCluster',
             switchboard_dot_v1_dot_scheduler__pb2.GetClusterRequest.SerializeToString,
             switchboard_dot_v1_dot_scheduler__pb2.GetClusterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.v1.Scheduler/StartRollout',
+            switchboard_dot_v1_dot_scheduler__pb2.StartRolloutRequest.SerializeToString,
+            switchboard_dot_v1_dot_scheduler__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.v1.Scheduler/GetRollout',
+            switchboard_dot_v1_dot_scheduler__pb2.GetRolloutRequest.SerializeToString,
+            switchboard_dot_v1_dot_scheduler__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRollouts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.v1.Scheduler/ListRollouts',
+            switchboard_dot_v1_dot_scheduler__pb2.ListRolloutsRequest.SerializeToString,
+            switchboard_dot_v1_dot_scheduler__pb2.ListRolloutsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.v1.Scheduler/PauseRollout',
+            switchboard_dot_v1_dot_scheduler__pb2.RolloutActionRequest.SerializeToString,
+            switchboard_dot_v1_dot_scheduler__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.v1.Scheduler/ResumeRollout',
+            switchboard_dot_v1_dot_scheduler__pb2.RolloutActionRequest.SerializeToString,
+            switchboard_dot_v1_dot_scheduler__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.v1.Scheduler/AbortRollout',
+            switchboard_dot_v1_dot_scheduler__pb2.RolloutActionRequest.SerializeToString,
+            switchboard_dot_v1_dot_scheduler__pb2.Rollout.FromString,
             options,
             channel_credentials,
             insecure,

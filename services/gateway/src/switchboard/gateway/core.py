@@ -138,6 +138,7 @@ class Outcome:
 
     expert: str = ""
     replica_id: str = ""
+    revision: str = ""  # of the expert, as the replica that streamed registered it (prices, cache keys)
     finish_reason: int = common_pb2.FINISH_REASON_UNSPECIFIED
     usage: common_pb2.Usage = field(default_factory=common_pb2.Usage)
     first_token_at: float | None = None
@@ -378,6 +379,7 @@ class GatewayCore:
             ids if candidate.tokenizer_fingerprint else (),
             prompt,
             sampling,
+            revision=candidate.revision,
         )
 
     async def _cache_get(self, key: str) -> CachedAnswer | None:
@@ -447,8 +449,9 @@ class GatewayCore:
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         """Stream a cached answer in the shapes a replica's stream has; its tokens count as usage."""
         outcome.expert, outcome.replica_id, outcome.cached = answer.expert, decision.candidates[0].replica_id, True
+        outcome.revision = decision.candidates[0].revision  # the key named it
         # A cached answer is usage like any other (as for the token budget): priced at its expert's price.
-        limits.set_price(self._prices.price(answer.expert))
+        limits.set_price(self._prices.price(answer.expert, outcome.revision))
         trace.get_current_span().set_attribute(SpanAttributes.EXPERT, answer.expert)
         for index, cached in enumerate(answer.messages):
             if time.monotonic() >= deadline:
@@ -550,7 +553,7 @@ class GatewayCore:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise deadline_exceeded("the request deadline passed before a replica answered")
-            outcome.expert, outcome.replica_id = candidate.expert, candidate.replica_id
+            outcome.expert, outcome.replica_id, outcome.revision = candidate.expert, candidate.replica_id, candidate.revision
             upstream_request = upstream[candidate.tokenizer_fingerprint]
             # The lease keeps the pooled channel open until this attempt's call has ended.
             channel = self._channels.acquire(candidate.address)
@@ -591,7 +594,7 @@ class GatewayCore:
                         message.model = candidate.expert
                         outcome.first_token_at = now
                         # The expert that streams is the one that is paid for (not a failed candidate).
-                        limits.set_price(self._prices.price(candidate.expert))
+                        limits.set_price(self._prices.price(candidate.expert, outcome.revision))
                         trace.get_current_span().set_attribute(SpanAttributes.EXPERT, candidate.expert)
                         trace.get_current_span().set_attribute(SpanAttributes.REPLICA_ID, candidate.replica_id)
                         trace.get_current_span().set_attribute(SpanAttributes.ATTEMPT, attempt)
@@ -698,7 +701,7 @@ class GatewayCore:
         metrics.REQUESTS.labels(tenant, expert, outcome.code.name).inc()
         metrics.OUTPUT_TOKENS.labels(tenant, expert).inc(outcome.tokens)
         if outcome.first_token_at is not None:
-            cost = self._prices.price(expert).cost(prompt_tokens, outcome.tokens)
+            cost = self._prices.price(expert, outcome.revision).cost(prompt_tokens, outcome.tokens)
             self._meter.record(tenant, expert, prompt_tokens, outcome.tokens, cost)
         ttft = (outcome.first_token_at - started) if outcome.first_token_at is not None else 0.0
         if outcome.first_token_at is not None:

@@ -9,7 +9,9 @@ The key (`cache_key`) is a SHA-256 over, length-prefixed so no two tuples collid
 - the key format's version;
 - the namespace: the tenant's name, or one shared namespace for the tenants whose entry in the
   tenants file says `share_cache: true` (only those read and write it);
-- the expert the router chose (the first candidate) and its tokenizer fingerprint, with the prompt's
+- the expert the router chose (the first candidate), the revision its replica serves (as it
+  registered: `GENERATOR_REVISION`, by default derived from the model folder's files), and its
+  tokenizer fingerprint, with the prompt's
   token ids for that tokenizer as the router counted them: the lookup runs after routing, so the
   key names the expert that would serve, also for `model: auto` (a pinned-only cache would miss
   every routed request, and a key before routing cannot know which expert the gate picks);
@@ -18,9 +20,10 @@ The key (`cache_key`) is a SHA-256 over, length-prefixed so no two tuples collid
   max_tokens after its default, temperature, top_p, top_k, repetition_penalty, stop, seed,
   min_tokens, ignore_eos, and any field added later).
 
-The gateway knows no weight revision beyond the expert's name and tokenizer: an expert whose
-weights change under the same name and tokenizer serves stale answers until the entries expire
-(`GATEWAY_CACHE_TTL_SECONDS`) or the cache is flushed.
+New weights under the same expert name announce a new revision, so their answers get new keys and
+the old revision's entries simply expire (`GATEWAY_CACHE_TTL_SECONDS`). A replica that announces
+no revision (a remote engine without a model folder or GENERATOR_REVISION) keys by "" and serves
+stale answers after a weight change until the entries expire or the cache is flushed.
 
 An entry is an envelope (`encode_entry`): magic, format version, CRC-32 of the payload, then the
 expert's name and the `GenerateResponse` messages of the stream as the client received them. An
@@ -59,7 +62,7 @@ from switchboard.gateway.redis_connection import RedisConnection
 from switchboard.v1 import common_pb2, gateway_pb2
 
 KEY_PREFIX = "sb:gw:cache:"
-KEY_VERSION = b"sb-response-cache-key/1"
+KEY_VERSION = b"sb-response-cache-key/2"
 MAGIC = b"SBRC"
 ENTRY_VERSION = 1
 # The largest entry either store takes (a GATEWAY_MAX_TOKENS_LIMIT stream of 4,096 one-token
@@ -111,12 +114,14 @@ def cache_key(
     token_ids: Sequence[int],
     prompt: str,
     sampling: common_pb2.SamplingParams,
+    revision: str = "",
 ) -> str:
     """The store key of a request's answer (see the module docstring for what goes in)."""
     digest = hashlib.sha256(KEY_VERSION)
     for part in (
         namespace.encode("utf-8"),
         expert.encode("utf-8"),
+        revision.encode("utf-8"),
         tokenizer_fingerprint.encode("utf-8"),
         b"".join(struct.pack(">Q", i & 0xFFFFFFFFFFFFFFFF) for i in token_ids),
         prompt.encode("utf-8"),

@@ -24,7 +24,8 @@ from switchboard.generator.config import (
 )
 from switchboard.generator.engine import EngineConfig
 from switchboard.generator.registration import Registrar
-from switchboard.generator.servicer import GeneratorServicer, ReplicaIdentity
+from switchboard.generator.revision import replica_revision
+from switchboard.generator.servicer import FaultInjection, GeneratorServicer, ReplicaIdentity
 from switchboard.v1 import generator_pb2, generator_pb2_grpc, scheduler_pb2
 
 if TYPE_CHECKING:
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 IDENTITY_POLICY = {
     "/switchboard.v1.Generator/Generate": frozenset({"gateway", "operator"}),
     "/switchboard.v1.Generator/Info": frozenset({"gateway", "router", "scheduler", "operator"}),
+    # The scheduler's quality probe of a rollout scores fixed texts on each revision.
+    "/switchboard.v1.Generator/Score": frozenset({"scheduler", "operator"}),
 }
 log = get_logger(__name__)
 
@@ -65,8 +68,13 @@ class GeneratorApp:
             expert=settings.expert or engine.info.model_name.rstrip("/").rsplit("/", 1)[-1],
         )
         self.servicer = GeneratorServicer(
-            engine, self.identity, settings.default_max_tokens, on_engine_failure=self._engine_failed
+            engine,
+            self.identity,
+            settings.default_max_tokens,
+            on_engine_failure=self._engine_failed,
+            faults=FaultInjection(settings.fault_error_ratio, settings.fault_first_token_delay_seconds),
         )
+        self.revision = replica_revision(settings.revision, settings.model)
         self.service = GrpcService("generator", settings.server, identity_policy=IDENTITY_POLICY)
         generator_pb2_grpc.add_GeneratorServicer_to_server(self.servicer, self.service.server)
         self.service.on_drain(self._drain)
@@ -107,6 +115,7 @@ class GeneratorApp:
             kv_hash_seed=self.engine.hash_seed,
             tokenizer_fingerprint=self.servicer.tokenizer_fingerprint,
             max_waiting=self.engine.config.max_waiting,
+            revision=self.revision,
             cost_model=None
             if cost is None
             else scheduler_pb2.StepCostModel(
@@ -116,6 +125,10 @@ class GeneratorApp:
                 context_token_ms=cost.context_token_ms,
             ),
         )
+
+    def _outcomes(self) -> tuple[int, int]:
+        outcomes = self.servicer.outcomes
+        return outcomes.ended, outcomes.failed
 
     async def _drain(self) -> None:
         self.servicer.draining = True
@@ -160,6 +173,7 @@ class GeneratorApp:
                     kv_blocks=info.kv_blocks_total,
                     max_model_len=info.max_model_len,
                     tokenizer_fingerprint=self.servicer.tokenizer_fingerprint[:12],
+                    revision=self.revision,
                     cost_model=self.cost_model is not None,
                 )
                 if self.settings.scheduler_addr:
@@ -169,6 +183,7 @@ class GeneratorApp:
                         self.engine.load,
                         kv_events=self.engine.kv_events,
                         tls=self.settings.server.tls,
+                        outcomes=self._outcomes,
                     )
                     self.registrar.start()
                 if getattr(self.engine, "healthy", True) is False:

@@ -32,8 +32,11 @@ _WILDCARD_HOSTS = {"0.0.0.0", "::", "[::]", ""}
 class GeneratorSettings:
     """Everything the generator reads from its environment."""
 
-    # Generate carries the prompt's token ids and keeps the server limit; Info carries nothing.
-    server_defaults: ClassVar[Mapping[str, Any]] = {"max_method_message_bytes": ("Generator/Info=4096",)}
+    # Generate carries the prompt's token ids and keeps the server limit; Info carries nothing; Score
+    # carries a quality probe's texts (64 at most).
+    server_defaults: ClassVar[Mapping[str, Any]] = {
+        "max_method_message_bytes": ("Generator/Info=4096", "Generator/Score=1048576")
+    }
 
     server: ServerSettings
     backend: str = setting(
@@ -137,6 +140,25 @@ class GeneratorSettings:
     )
     scheduler_addr: str = setting(
         "SCHEDULER_ADDR", "127.0.0.1:50053", "host:port of the scheduler (empty: do not register)"
+    )
+    revision: str = setting(
+        "GENERATOR_REVISION",
+        "",
+        "label of the model revision this replica serves, announced to the scheduler (rollouts move an expert's traffic between revisions; the gateway keys cached answers by it); empty: derived from GENERATOR_MODEL's files (`sha-` and 12 hex digits of its config and weights' sizes and edges), or none for a remote engine without a model folder",
+    )
+    fault_error_ratio: float = setting(
+        "GENERATOR_FAULT_ERROR_RATIO",
+        0.0,
+        "fault injection for drills (rollback, failover): the share of Generate calls refused with UNAVAILABLE (reason INJECTED_FAULT) before any work, counted as failed by the replica; 0: off",
+        minimum=0.0,
+        maximum=1.0,
+    )
+    fault_first_token_delay_seconds: float = setting(
+        "GENERATOR_FAULT_FIRST_TOKEN_DELAY_SECONDS",
+        0.0,
+        "fault injection for drills: seconds every Generate waits before its work starts (a slow revision); 0: off",
+        minimum=0.0,
+        maximum=600.0,
     )
     cost_profile: Path | None = setting(
         "GENERATOR_COST_PROFILE",

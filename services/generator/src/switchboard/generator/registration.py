@@ -35,14 +35,16 @@ RPC_TIMEOUT_SECONDS = 2.0
 MAX_KV_HASHES_PER_REPORT = 4096
 
 
-def load_to_proto(load: EngineLoad) -> scheduler_pb2.ReplicaLoad:
-    """The wire form of an engine load snapshot."""
+def load_to_proto(load: EngineLoad, outcomes: tuple[int, int] = (0, 0)) -> scheduler_pb2.ReplicaLoad:
+    """The wire form of an engine load snapshot, with the replica's (ended, failed) request counts."""
     return scheduler_pb2.ReplicaLoad(
         running=load.running,
         waiting=load.waiting,
         kv_blocks_used=load.kv_blocks_used,
         kv_blocks_total=load.kv_blocks_total,
         tokens_per_second=load.tokens_per_second,
+        requests_ended=outcomes[0],
+        requests_failed=outcomes[1],
     )
 
 
@@ -79,8 +81,10 @@ class Registrar:
         heartbeat_seconds: float = 1.0,
         kv_events: KvEventJournal | None = None,
         tls: TlsIdentity | None = None,
+        outcomes: Callable[[], tuple[int, int]] | None = None,
     ) -> None:
         self.scheduler_addr = scheduler_addr
+        self._outcomes = outcomes
         self._tls = tls
         self._announce = announce
         self._load = load
@@ -143,6 +147,9 @@ class Registrar:
             self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
         return self._stub
 
+    def _load_proto(self) -> scheduler_pb2.ReplicaLoad:
+        return load_to_proto(self._load(), self._outcomes() if self._outcomes is not None else (0, 0))
+
     def start(self) -> None:
         """Start the register/heartbeat loop as a background task."""
         if self._task is None:
@@ -151,7 +158,7 @@ class Registrar:
     async def _register(self) -> None:
         request = scheduler_pb2.RegisterRequest()
         request.CopyFrom(self._announce())
-        request.load.CopyFrom(load_to_proto(self._load()))
+        request.load.CopyFrom(self._load_proto())
         self._kv_resync = True  # a (re-)registration always starts the scheduler's index over
         self._kv_reset_from = None
         kv = self._kv_batch()
@@ -176,7 +183,7 @@ class Registrar:
     async def _heartbeat(self, draining: bool = False) -> bool:
         """One ReportLoad; returns whether the scheduler still knows this replica."""
         request = scheduler_pb2.ReportLoadRequest(
-            replica_id=self._announce().replica_id, load=load_to_proto(self._load()), draining=draining
+            replica_id=self._announce().replica_id, load=self._load_proto(), draining=draining
         )
         kv = self._kv_batch()
         if kv is not None:

@@ -15,6 +15,8 @@ out of the batch at the next step and returns its KV blocks to the pool.
 
 from __future__ import annotations
 
+import asyncio
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -25,9 +27,11 @@ from typing import TYPE_CHECKING
 import grpc
 from opentelemetry import trace
 from switchboard.common.errors import (
+    INJECTED_FAULT,
     REPLICA_QUEUE_FULL,
     REQUEST_FAILED_IN_ENGINE,
     ServiceError,
+    failed_precondition,
     invalid_argument,
     resource_exhausted,
     unavailable,
@@ -53,6 +57,7 @@ log = get_logger(__name__)
 tracer = get_tracer(__name__)
 
 MAX_REQUEST_ID_LENGTH = 256
+MAX_SCORE_TEXTS = 64
 # RetryInfo delay of a Generate refused with a full waiting queue (reason REPLICA_QUEUE_FULL): about
 # one scheduler heartbeat, by when the queue has moved and the scheduler has seen it.
 QUEUE_FULL_RETRY_SECONDS = 1.0
@@ -63,6 +68,30 @@ FINISH_REASONS = {
     "stop_sequence": common_pb2.FINISH_REASON_STOP_SEQUENCE,
     "cancelled": common_pb2.FINISH_REASON_CANCELLED,
 }
+
+
+# Finish reasons of requests the replica ended (counted in `ReplicaOutcomes`): the others were
+# cancelled by the client or refused before any work (full queue, invalid request).
+_ENDED = frozenset({"length", "eos", "stop_sequence", "error"})
+
+
+@dataclass
+class ReplicaOutcomes:
+    """Requests this replica ended and, of those, failed, since it started (its heartbeats carry
+    them: the scheduler compares an expert's revisions by them during a rollout)."""
+
+    ended: int = 0
+    failed: int = 0
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """Faults a drill injects into every Generate (GENERATOR_FAULT_*): a share refused with
+    UNAVAILABLE before any work, and a delay before the work starts. Off by default."""
+
+    error_ratio: float = 0.0
+    first_token_delay_seconds: float = 0.0
+    seed: int | None = None
 
 
 @dataclass
@@ -130,8 +159,12 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         identity: ReplicaIdentity,
         default_max_tokens: int,
         on_engine_failure: Callable[[BaseException], None] | None = None,
+        faults: FaultInjection | None = None,
     ) -> None:
         self.engine = engine
+        self.outcomes = ReplicaOutcomes()
+        self.faults = faults or FaultInjection()
+        self._fault_random = random.Random(self.faults.seed)
         self.identity = identity
         self.default_max_tokens = default_max_tokens
         self.draining = False
@@ -181,6 +214,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                 raise unavailable(f"replica {self.identity.replica_id} is draining", retry_after_seconds=0.0)
             self._check_engine()
             engine_request = self._engine_request(request, request_id)
+            await self._inject_faults()
             sampling = engine_request.sampling
             server_span = trace.get_current_span()
             attributes = {
@@ -272,6 +306,21 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                 decode_span.end()
             self._record(finish_reason, arrival, first_token_at, completion_tokens, usage, server_span)
 
+    async def _inject_faults(self) -> None:
+        """The drill's faults: wait, then refuse a share of the calls (counted as failed)."""
+        faults = self.faults
+        if faults.first_token_delay_seconds > 0:
+            await asyncio.sleep(faults.first_token_delay_seconds)
+        if faults.error_ratio > 0 and self._fault_random.random() < faults.error_ratio:
+            self.outcomes.ended += 1
+            self.outcomes.failed += 1
+            metrics.record_finished("error", None, 0.0, 0, 0, 0)
+            raise unavailable(
+                f"replica {self.identity.replica_id} refused the request: injected fault (GENERATOR_FAULT_ERROR_RATIO)",
+                retry_after_seconds=None,
+                reason=INJECTED_FAULT,
+            )
+
     def _failed_in_engine(
         self, exc: RequestFailedInEngine, server_span: trace.Span, streamed_tokens: int
     ) -> ServiceError:
@@ -298,6 +347,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         usage: object,
         server_span: trace.Span,
     ) -> None:
+        if finish_reason in _ENDED:
+            self.outcomes.ended += 1
+            self.outcomes.failed += finish_reason == "error"
         prompt_tokens = getattr(usage, "prompt_tokens", 0)
         cached = getattr(usage, "cached_prompt_tokens", 0)
         completion_tokens = getattr(usage, "completion_tokens", completion_tokens)
@@ -320,6 +372,34 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             cached_prompt_tokens=cached,
             time_to_first_token_s=None if ttft is None else round(ttft, 4),
             seconds=round(total, 4),
+        )
+
+    async def Score(
+        self, request: generator_pb2.ScoreRequest, context: grpc.aio.ServicerContext
+    ) -> generator_pb2.ScoreResponse:
+        """The model's log-likelihood of each text (a rollout's quality probe)."""
+        score = getattr(self.engine, "score", None)
+        if score is None:
+            raise failed_precondition(
+                f"replica {self.identity.replica_id} fronts a remote engine and cannot score texts",
+                reason="SCORE_UNSUPPORTED",
+            )
+        count = len(request.texts)
+        if not 1 <= count <= MAX_SCORE_TEXTS:
+            raise invalid_argument("texts", f"give 1 to {MAX_SCORE_TEXTS} texts, got {count}")
+        self._check_engine()
+        encoded: list[list[int]] = []
+        limit = self.engine.max_model_len
+        for index, text in enumerate(request.texts):
+            ids = list(self.engine.tokenizer.encode(text))
+            if not 2 <= len(ids) <= limit:
+                raise invalid_argument(
+                    f"texts[{index}]", f"must encode to 2..{limit} tokens (the context length), got {len(ids)}"
+                )
+            encoded.append(ids)
+        scores = await score(encoded)
+        return generator_pb2.ScoreResponse(
+            scores=[generator_pb2.TextScore(log_likelihood=ll, tokens=n) for ll, n in scores]
         )
 
     async def Info(

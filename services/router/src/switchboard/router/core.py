@@ -91,6 +91,8 @@ class Candidate:
     # The fingerprint of its expert's tokenizer ("": none loaded); its ids are the RouteOutput
     # tokenization with this fingerprint.
     tokenizer_fingerprint: str = ""
+    # The revision of its expert the replica serves ("": not announced).
+    revision: str = ""
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ _NO_REPLICA_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAU
 
 
 def _candidate(expert: str, replica: scheduler_pb2.Replica) -> Candidate:
-    return Candidate(expert=expert, replica_id=replica.replica_id, address=replica.address)
+    return Candidate(expert=expert, replica_id=replica.replica_id, address=replica.address, revision=replica.revision)
 
 
 class SchedulerPlacer:

@@ -174,6 +174,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     replica_id=c.replica_id,
                     address=c.address,
                     tokenizer_fingerprint=c.tokenizer_fingerprint,
+                    revision=c.revision,
                 )
                 for c in output.candidates
             ],

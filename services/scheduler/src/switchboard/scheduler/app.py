@@ -37,6 +37,13 @@ IDENTITY_POLICY = {
     "/switchboard.v1.Scheduler/Place": frozenset({"router"}),
     "/switchboard.v1.Scheduler/Complete": frozenset({"router"}),
     "/switchboard.v1.Scheduler/GetCluster": frozenset({"router", "gateway", "operator"}),
+    # Rollouts are an operator's (and the tools'): reading them is open to the gateway and router too.
+    "/switchboard.v1.Scheduler/StartRollout": frozenset({"operator"}),
+    "/switchboard.v1.Scheduler/GetRollout": frozenset({"router", "gateway", "operator"}),
+    "/switchboard.v1.Scheduler/ListRollouts": frozenset({"router", "gateway", "operator"}),
+    "/switchboard.v1.Scheduler/PauseRollout": frozenset({"operator"}),
+    "/switchboard.v1.Scheduler/ResumeRollout": frozenset({"operator"}),
+    "/switchboard.v1.Scheduler/AbortRollout": frozenset({"operator"}),
 }
 
 
@@ -73,6 +80,8 @@ class SchedulerApp:
             heartbeat_seconds=settings.heartbeat_seconds,
             retry_after_seconds=settings.retry_after_seconds,
             slos=slos,
+            rollout_state_file=settings.rollout_state_file,
+            tls=settings.server.tls,
         )
         self.service = GrpcService("scheduler", settings.server, identity_policy=IDENTITY_POLICY)
         # Allocation across expert pools (SCHEDULER_ALLOCATOR; None when off); `actuator` replaces
@@ -85,6 +94,7 @@ class SchedulerApp:
     async def run(self, handle_signals: bool = True) -> int:
         """Serve until SIGTERM/SIGINT or `service.stop()`, then drain; returns the exit code."""
         sweeper = asyncio.create_task(self.servicer.run_sweeper(sweep_interval(self.settings)))
+        rollouts = asyncio.create_task(self.servicer.run_rollouts(self.settings.rollout_tick_seconds))
         allocating = asyncio.create_task(self.controller.run()) if self.controller is not None else None
         log.info(
             "scheduler starting",
@@ -95,7 +105,7 @@ class SchedulerApp:
         try:
             await self.service.run([SERVICE_NAME], handle_signals=handle_signals)
         finally:
-            for task in (sweeper, allocating):
+            for task in (sweeper, rollouts, allocating):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):

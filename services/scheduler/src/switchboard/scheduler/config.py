@@ -34,6 +34,13 @@ class SchedulerSettings:
             "Scheduler/Deregister=4096",
             "Scheduler/Complete=8192",
             "Scheduler/GetCluster=4096",
+            # A rollout spec: 32 steps, gates and a quality probe's prompts.
+            "Scheduler/StartRollout=262144",
+            "Scheduler/GetRollout=4096",
+            "Scheduler/ListRollouts=4096",
+            "Scheduler/PauseRollout=8192",
+            "Scheduler/ResumeRollout=8192",
+            "Scheduler/AbortRollout=8192",
         ),
     }
 
@@ -51,6 +58,18 @@ class SchedulerSettings:
         "a replica silent for longer than this is dropped",
         minimum=0.1,
         maximum=3600.0,
+    )
+    rollout_state_file: Path | None = setting(
+        "SCHEDULER_ROLLOUT_STATE_FILE",
+        None,
+        "JSON file the rollouts are saved to at every transition (atomically) and read back at start, so a restarted scheduler continues them; unset: rollouts live in memory only",
+    )
+    rollout_tick_seconds: float = setting(
+        "SCHEDULER_ROLLOUT_TICK_SECONDS",
+        1.0,
+        "how often running rollouts are judged against their gates",
+        minimum=0.05,
+        maximum=60.0,
     )
     placement_ttl_seconds: float = setting(
         "SCHEDULER_PLACEMENT_TTL_SECONDS",

@@ -139,3 +139,50 @@ def pool_counters(expert: str) -> tuple[float, float, float]:
     bad = value("switchboard_scheduler_goodput_requests_total", {"expert": expert, "good": "false"})
     return placed, good + bad, bad
 
+
+# ----------------------------------------------------------------------------- rollouts
+
+ROLLOUT_STATE = Gauge(
+    "switchboard_scheduler_rollout_state",
+    "1 for the state an expert's current (or last) rollout is in (running, paused, promoted, rolled_back, aborted), 0 for the others.",
+    ["expert", "state"],
+)
+ROLLOUT_WEIGHT = Gauge(
+    "switchboard_scheduler_rollout_weight",
+    "The share of an expert's requests placed first on the new revision of its rollout.",
+    ["expert", "revision"],
+)
+ROLLOUT_STEP = Gauge(
+    "switchboard_scheduler_rollout_step",
+    "The current step (0-based) of an expert's rollout.",
+    ["expert"],
+)
+ROLLOUT_STEP_SECONDS = Gauge(
+    "switchboard_scheduler_rollout_step_seconds",
+    "Seconds an expert's running or paused rollout has been in its current step (0 once ended): a stuck rollout keeps growing.",
+    ["expert"],
+)
+ROLLOUT_TRANSITIONS = Counter(
+    "switchboard_scheduler_rollout_transitions_total",
+    "Rollout transitions by expert and kind: started, probed (the quality probe passed), step, paused, resumed, promoted, rolled_back, aborted.",
+    ["expert", "transition"],
+)
+REVISION_PLACEMENTS = Counter(
+    "switchboard_scheduler_revision_placements_total",
+    "Reserved placements (primaries) by expert and the revision of the replica.",
+    ["expert", "revision"],
+)
+REVISION_REQUESTS = Counter(
+    "switchboard_scheduler_revision_requests_total",
+    "Requests replicas ended, by expert, revision and whether they failed (from the replicas' heartbeats).",
+    ["expert", "revision", "failed"],
+)
+
+
+def update_rollout_gauges(expert: str, state: str, to_revision: str, weight: float, step: int, step_seconds: float) -> None:
+    """Set one expert's rollout gauges."""
+    for name in ("running", "paused", "promoted", "rolled_back", "aborted"):
+        ROLLOUT_STATE.labels(expert=expert, state=name).set(1 if name == state else 0)
+    ROLLOUT_WEIGHT.labels(expert=expert, revision=to_revision).set(weight)
+    ROLLOUT_STEP.labels(expert=expert).set(step)
+    ROLLOUT_STEP_SECONDS.labels(expert=expert).set(step_seconds)

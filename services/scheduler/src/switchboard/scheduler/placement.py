@@ -31,6 +31,7 @@ from switchboard.scheduler.registry import (
     ReplicaRegistry,
     ReplicaView,
 )
+from switchboard.scheduler.rollout import RevisionSplit
 
 # Re-exported: the policy types were defined here before policies.py existed.
 __all__ = [
@@ -155,6 +156,9 @@ class Placer:
         self.registry = registry
         self.policy = policy
         self.experts = frozenset(experts)
+        # expert -> the revision split of its rollout (`rollout.RolloutManager.splits`); experts
+        # without one place over all their replicas, whatever their revision.
+        self.splits: Mapping[str, RevisionSplit] = {}
         self._placed: Callable[[PlacementQuery, ReplicaView], None] | None = getattr(policy, "placed", None)
         # The least-loaded policy's `top`: its ranking cut to what placement keeps, from one pass
         # instead of a sort, and without building the query it never reads. Not for a subclass
@@ -259,6 +263,9 @@ class Placer:
             return ExpertShortfall(
                 expert, UNDECLARED, f"expert {expert!r} is not declared in the scheduler's experts config ({known})"
             )
+        splits = self.splits
+        if splits and expert in splits:
+            return self._place_split(expert, request, snapshot, splits[expert])
         exclude = request.exclude_replica_ids
         needed = request.min_model_len  # replicas with a known max_model_len (> 0) below it are skipped
         policy = self._least_loaded
@@ -289,11 +296,43 @@ class Placer:
             ]
         if not open_:
             return _shortfall(expert, healthy, exclude, needed)
+        ranked = self._rank(expert, request, open_)
+        alternates = tuple(ranked[1 : 1 + request.max_alternates]) if request.max_alternates else ()
+        return _candidates(expert, ranked[0], alternates)
+
+    def _rank(self, expert: str, request: PlacementRequest, views: list[ReplicaView]) -> list[ReplicaView]:
         top = self._top
         if top is not None:
-            ranked = top(open_, 1 + request.max_alternates)
-        else:
-            ranked = self.policy.rank(self._query(expert, request), open_)
+            return top(views, 1 + request.max_alternates)
+        return self.policy.rank(self._query(expert, request), views)
+
+    def _place_split(
+        self, expert: str, request: PlacementRequest, snapshot: ClusterSnapshot | ReadyViews, split: RevisionSplit
+    ) -> ExpertCandidates | ExpertShortfall:
+        """Placement on an expert in a rollout (or pinned to one revision): the replicas of the
+        revision the request tries first, ranked by the policy, then those of the second, then any
+        other revision's, so the primary is on the request's side when that side has an open
+        replica and the alternates the gateway fails over to reach the other side."""
+        exclude = request.exclude_replica_ids
+        needed = request.min_model_len
+        healthy = snapshot.candidates(expert)
+        first_revision, second_revision = split.order(request.request_id)
+        sides: tuple[list[ReplicaView], list[ReplicaView], list[ReplicaView]] = ([], [], [])
+        for view in healthy:
+            if (
+                view.replica_id in exclude
+                or 0 < view.info.max_model_len < needed
+                or 0 < view.info.max_waiting <= view.load.waiting
+            ):
+                continue
+            revision = view.info.revision
+            sides[0 if revision == first_revision else 1 if revision == second_revision else 2].append(view)
+        ranked: list[ReplicaView] = []
+        for side in sides:
+            if side:
+                ranked.extend(self._rank(expert, request, side))
+        if not ranked:
+            return _shortfall(expert, healthy, exclude, needed)
         alternates = tuple(ranked[1 : 1 + request.max_alternates]) if request.max_alternates else ()
         return _candidates(expert, ranked[0], alternates)
 

@@ -62,6 +62,10 @@ class LoadSnapshot:
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
     tokens_per_second: float = 0.0
+    # Requests the replica ended since it started, and of those failed (cumulative counters;
+    # `rollout.RevisionLedger` takes the differences between heartbeats).
+    requests_ended: int = 0
+    requests_failed: int = 0
 
     @property
     def kv_utilization(self) -> float:
@@ -93,6 +97,8 @@ class ReplicaInfo:
     # The bound on its waiting queue: nothing is placed on it while its reported `waiting` is at
     # least this (it would refuse with RESOURCE_EXHAUSTED). 0 = not announced (no bound known).
     max_waiting: int = 0
+    # The revision of its expert it serves ("" = not announced): rollouts move traffic between them.
+    revision: str = ""
 
 
 class Placement(NamedTuple):
@@ -350,6 +356,11 @@ class ReplicaRegistry:
         # request_id -> replica_id, so Complete finds the replica even without its id.
         self._request_index: dict[str, str] = {}
 
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The registry's clock (monotonic seconds unless a test injected another)."""
+        return self._clock
+
     def __len__(self) -> int:
         return len(self._replicas)
 
@@ -462,6 +473,10 @@ class ReplicaRegistry:
         """READY and heard from within the expiry (the sweep may not have run yet)."""
         fresh = self._clock() - record.last_heartbeat <= self.expiry_seconds
         return record.state is ReplicaState.READY and fresh
+
+    def count_ready(self, expert: str, revision: str) -> int:
+        """How many healthy replicas of `expert` serve `revision`."""
+        return sum(1 for r in self.healthy_replicas(expert) if r.info.revision == revision)
 
     def healthy_replicas(self, expert: str, exclude: Iterable[str] = ()) -> list[ReplicaRecord]:
         """Healthy replicas of one expert, minus the excluded ids."""

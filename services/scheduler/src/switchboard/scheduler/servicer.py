@@ -9,16 +9,25 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
+from pathlib import Path
 
 import grpc
+from switchboard.common.channels import open_channel
 from switchboard.common.enums import enum_name
-from switchboard.common.errors import ServiceError, already_exists, invalid_argument, not_found, unavailable
+from switchboard.common.errors import (
+    ServiceError,
+    already_exists,
+    failed_precondition,
+    invalid_argument,
+    not_found,
+    unavailable,
+)
 from switchboard.common.experts_config import ExpertSLO
 from switchboard.common.logging import get_logger
 from switchboard.common.outcomes import never_served
 from switchboard.common.telemetry import SpanAttributes, get_tracer
-from switchboard.common.tls import peer_identity
+from switchboard.common.tls import TlsIdentity, peer_identity
 from switchboard.replica.cost_model import CostModel
 from switchboard.scheduler import metrics
 from switchboard.scheduler.ownership import NotYourReplica, ReplicaOwners
@@ -40,8 +49,18 @@ from switchboard.scheduler.registry import (
     ReplicaState,
     ReplicaView,
 )
+from switchboard.scheduler.rollout import (
+    MAX_REVISION_LENGTH,
+    InvalidRollout,
+    NoRollout,
+    RevisionLedger,
+    Rollout,
+    RolloutConflict,
+    RolloutManager,
+)
+from switchboard.scheduler.rollout_messages import rollout_to_proto, spec_from_proto
 from switchboard.scheduler.slo import judge
-from switchboard.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from switchboard.v1 import common_pb2, generator_pb2, generator_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 log = get_logger(__name__)
 tracer = get_tracer(__name__)
@@ -53,6 +72,9 @@ MAX_KV_BLOCK_SIZE = 1024
 # scheduler hashes them once per block size on every Place, so the bound bounds that work.
 MAX_PROMPT_TOKEN_IDS = 131072
 MAX_FINGERPRINT_LENGTH = 256
+MAX_REASON_LENGTH = 1024
+# How long one generator has to score a quality probe's texts.
+PROBE_TIMEOUT_SECONDS = 120.0
 _COST_FIELDS = ("base_ms", "prefill_token_ms", "decode_seq_ms", "context_token_ms")
 
 _STATE_TO_PROTO = {
@@ -85,6 +107,8 @@ def load_from_proto(message: scheduler_pb2.ReplicaLoad) -> LoadSnapshot:
         kv_blocks_used=message.kv_blocks_used,
         kv_blocks_total=message.kv_blocks_total,
         tokens_per_second=message.tokens_per_second,
+        requests_ended=message.requests_ended,
+        requests_failed=message.requests_failed,
     )
 
 
@@ -96,6 +120,8 @@ def load_to_proto(load: LoadSnapshot) -> scheduler_pb2.ReplicaLoad:
         kv_blocks_used=load.kv_blocks_used,
         kv_blocks_total=load.kv_blocks_total,
         tokens_per_second=load.tokens_per_second,
+        requests_ended=load.requests_ended,
+        requests_failed=load.requests_failed,
     )
 
 
@@ -153,6 +179,10 @@ def replica_info_from_proto(request: scheduler_pb2.RegisterRequest) -> ReplicaIn
             f"must be at most {MAX_KV_BLOCK_SIZE} tokens per KV block (0: not announced), got {request.kv_block_size}",
         )
     _check_fingerprint("tokenizer_fingerprint", request.tokenizer_fingerprint)
+    if len(request.revision) > MAX_REVISION_LENGTH or not request.revision.isprintable():
+        raise invalid_argument(
+            "revision", f"must be at most {MAX_REVISION_LENGTH} printable characters (GENERATOR_REVISION)"
+        )
     cost = cost_model_from_proto(request.cost_model) if request.HasField("cost_model") else None
     return ReplicaInfo(
         replica_id=request.replica_id,
@@ -166,6 +196,7 @@ def replica_info_from_proto(request: scheduler_pb2.RegisterRequest) -> ReplicaIn
         tokenizer_fingerprint=request.tokenizer_fingerprint,
         cost_model=cost,
         max_waiting=request.max_waiting,
+        revision=request.revision,
     )
 
 
@@ -215,14 +246,31 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         heartbeat_seconds: float,
         retry_after_seconds: float = 1.0,
         slos: Mapping[str, ExpertSLO | None] | None = None,
+        rollout_state_file: Path | None = None,
+        tls: TlsIdentity | None = None,
     ) -> None:
         self.registry = registry
+        self._tls = tls  # this scheduler's identity, for the quality probe's calls to generators
+        self._probing: set[str] = set()  # experts whose quality probe runs now
         self.experts = frozenset(experts)
         self.slos = dict(slos or {})
         self.policy = policy
         self.heartbeat_seconds = heartbeat_seconds
         self.retry_after_seconds = retry_after_seconds
         self.placer = Placer(registry, policy, self.experts)
+        self.ledger = RevisionLedger(registry.clock)
+        self.rollouts = RolloutManager(
+            self.experts,
+            self.ledger,
+            registry.count_ready,
+            clock=registry.clock,
+            state_file=rollout_state_file,
+            on_transition=self._rollout_transition,
+        )
+        self.rollouts.load()
+        for rollout in self.rollouts.list():
+            self._rollout_gauges(rollout)
+        self.placer.splits = self.rollouts.splits
         self._owners = ReplicaOwners(lambda replica_id: registry.get(replica_id) is not None)
         metrics.update_replica_gauges(self.experts, ())
 
@@ -245,6 +293,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             tokenizer_fingerprint=info.tokenizer_fingerprint,
             cost_model=cost_model_to_proto(info.cost_model) if info.cost_model is not None else None,
             max_waiting=info.max_waiting,
+            revision=info.revision,
         )
 
     def _changed(self) -> None:
@@ -283,6 +332,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         except DuplicateReplica as exc:
             raise already_exists(str(exc), reason="REPLICA_ID_TAKEN", retry_after_seconds=exc.retry_after_seconds) from None
         self._owners.bind(info.replica_id, identity)
+        self._pin_serving_revision(info)
         ack = self.registry.apply_kv_events(info.replica_id, kv) if kv is not None else None
         ack = ack or self.registry.kv_ack(info.replica_id) or KvAck(0, True)
         self._changed()
@@ -313,9 +363,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         kv = kv_events_from_proto(request.kv_events) if request.HasField("kv_events") else None
         record = self.registry.get(request.replica_id)
         was_draining = record is not None and record.state is ReplicaState.DRAINING
-        known = self.registry.report_load(request.replica_id, load_from_proto(request.load), request.draining)
+        previous = record.load if record is not None else None
+        load = load_from_proto(request.load)
+        known = self.registry.report_load(request.replica_id, load, request.draining)
         if not known:
             return scheduler_pb2.ReportLoadResponse(known=False)
+        if record is not None and previous is not None:
+            self._count_outcomes(record, previous, load)
         if request.draining and not was_draining:
             log.info("replica draining", replica_id=request.replica_id)
             self._changed()
@@ -323,6 +377,42 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         ack = ack or self.registry.kv_ack(request.replica_id) or KvAck(0, True)
         return scheduler_pb2.ReportLoadResponse(
             known=True, kv_acked_sequence=ack.acked_sequence, kv_resync_needed=ack.resync_needed
+        )
+
+    def _pin_serving_revision(self, info: ReplicaInfo) -> None:
+        """A replica of a revision its expert does not serve yet takes no traffic until a rollout:
+        the expert is pinned to the revision its other replicas serve."""
+        others = {r.info.revision for r in self.registry.healthy_replicas(info.expert) if r.replica_id != info.replica_id}
+        if others and info.revision not in others and len(others) == 1:
+            (serving,) = others
+            if self.rollouts.pin(info.expert, serving):
+                log.info(
+                    "new revision registered: it takes traffic only through a rollout",
+                    expert=info.expert,
+                    serving_revision=serving,
+                    new_revision=info.revision,
+                    replica_id=info.replica_id,
+                )
+
+    def _unpin_if_one_revision(self, expert: str) -> None:
+        """Drop an expert's pin once its replicas serve one revision again (the fast path returns)."""
+        if len({r.info.revision for r in self.registry.healthy_replicas(expert)}) <= 1:
+            self.rollouts.unpin(expert)
+
+    def _count_outcomes(self, record: ReplicaRecord, previous: LoadSnapshot, load: LoadSnapshot) -> None:
+        """Credit the requests a heartbeat says the replica ended since the last one to its revision
+        (counters that went down: the replica restarted under its id, so they count from zero)."""
+        ended = load.requests_ended - previous.requests_ended
+        failed = load.requests_failed - previous.requests_failed
+        if ended < 0 or failed < 0:
+            ended, failed = load.requests_ended, load.requests_failed
+        if ended <= 0 and failed <= 0:
+            return
+        revision = record.info.revision
+        self.ledger.record_outcomes(record.expert, revision, ended, failed)
+        metrics.REVISION_REQUESTS.labels(expert=record.expert, revision=revision, failed="true").inc(failed)
+        metrics.REVISION_REQUESTS.labels(expert=record.expert, revision=revision, failed="false").inc(
+            max(0, ended - failed)
         )
 
     async def Deregister(
@@ -334,6 +424,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         record = self.registry.deregister(request.replica_id)
         self._owners.release(request.replica_id)
         if record is not None:
+            self._unpin_if_one_revision(record.expert)
             self._changed()
             log.info("replica deregistered", replica_id=record.replica_id, expert=record.expert)
         return scheduler_pb2.DeregisterResponse()
@@ -365,6 +456,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 )
             span.set_attribute(SpanAttributes.EXPERT, primary.expert)
             span.set_attribute(SpanAttributes.REPLICA_ID, primary.replica.replica_id)
+            if self.rollouts.splits:
+                revision = primary.replica.info.revision
+                span.set_attribute("switchboard.revision", revision)
+                metrics.REVISION_PLACEMENTS.labels(expert=primary.expert, revision=revision).inc()
             self._changed()
             return self.result_to_proto(result)
 
@@ -402,6 +497,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             request.usage.completion_tokens,
             request.time_to_first_token_seconds,
         )
+        if record is not None and not unserved and request.success and request.time_to_first_token_seconds > 0:
+            tokens = request.usage.completion_tokens
+            decode = request.latency_seconds - request.time_to_first_token_seconds
+            tpot = decode / (tokens - 1) if tokens > 1 and decode > 0 else 0.0
+            self.ledger.record_latency(record.expert, record.info.revision, request.time_to_first_token_seconds, tpot)
         if record is not None and not unserved:
             metrics.count_slo(
                 expert,
@@ -437,6 +537,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         if expired:
             self._owners.prune()
         for record in expired:
+            self._unpin_if_one_revision(record.expert)
             metrics.EXPIRATIONS.labels(expert=record.expert).inc()
             log.warning(
                 "replica expired",
@@ -447,6 +548,169 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             )
         self._changed()
         return expired
+
+    # ------------------------------------------------------------------ rollouts
+
+    async def StartRollout(
+        self, request: scheduler_pb2.StartRolloutRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.Rollout:
+        """Start moving an expert's traffic to a new revision."""
+        if not request.HasField("spec"):
+            raise invalid_argument("spec", "is required (expert, from_revision, to_revision, ...)")
+        try:
+            rollout = self.rollouts.start(spec_from_proto(request.spec))
+        except InvalidRollout as error:
+            raise invalid_argument(error.field, error.description) from None
+        except RolloutConflict as error:
+            raise failed_precondition(str(error), reason="ROLLOUT_CONFLICT") from None
+        return rollout_to_proto(rollout, self.registry.clock())
+
+    async def GetRollout(
+        self, request: scheduler_pb2.GetRolloutRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.Rollout:
+        """An expert's current (or last) rollout."""
+        _check_id("expert", request.expert)
+        try:
+            return rollout_to_proto(self.rollouts.get(request.expert), self.registry.clock())
+        except NoRollout as error:
+            raise not_found(str(error), reason="ROLLOUT_NOT_FOUND") from None
+
+    async def ListRollouts(
+        self, request: scheduler_pb2.ListRolloutsRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.ListRolloutsResponse:
+        """Every expert's current (or last) rollout."""
+        now = self.registry.clock()
+        return scheduler_pb2.ListRolloutsResponse(rollouts=[rollout_to_proto(r, now) for r in self.rollouts.list()])
+
+    async def PauseRollout(
+        self, request: scheduler_pb2.RolloutActionRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.Rollout:
+        """Hold a running rollout at its weights."""
+        return self._rollout_action(request, self.rollouts.pause)
+
+    async def ResumeRollout(
+        self, request: scheduler_pb2.RolloutActionRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.Rollout:
+        """Continue a paused rollout."""
+        return self._rollout_action(request, self.rollouts.resume)
+
+    async def AbortRollout(
+        self, request: scheduler_pb2.RolloutActionRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.Rollout:
+        """Stop a rollout; all traffic back to the old revision."""
+        return self._rollout_action(request, self.rollouts.abort)
+
+    def _rollout_action(self, request: scheduler_pb2.RolloutActionRequest, action: Callable[[str, str], Rollout]) -> scheduler_pb2.Rollout:
+        _check_id("expert", request.expert)
+        if len(request.reason) > MAX_REASON_LENGTH:
+            raise invalid_argument("reason", f"must be at most {MAX_REASON_LENGTH} characters")
+        try:
+            rollout = action(request.expert, request.reason)
+        except NoRollout as error:
+            raise not_found(str(error), reason="ROLLOUT_NOT_FOUND") from None
+        except RolloutConflict as error:
+            raise failed_precondition(str(error), reason="ROLLOUT_CONFLICT") from None
+        return rollout_to_proto(rollout, self.registry.clock())
+
+    def _rollout_gauges(self, rollout: Rollout) -> None:
+        spec = rollout.spec
+        metrics.update_rollout_gauges(
+            spec.expert,
+            rollout.state.value,
+            spec.to_revision,
+            rollout.weight,
+            rollout.step,
+            rollout.step_elapsed(self.registry.clock()),
+        )
+
+    def _rollout_transition(self, rollout: Rollout, transition: str, detail: str) -> None:
+        """Every rollout transition: metrics, one log line and a span with the event."""
+        spec = rollout.spec
+        metrics.ROLLOUT_TRANSITIONS.labels(expert=spec.expert, transition=transition).inc()
+        self._rollout_gauges(rollout)
+        attributes = {
+            "switchboard.expert": spec.expert,
+            "switchboard.rollout.from_revision": spec.from_revision,
+            "switchboard.rollout.to_revision": spec.to_revision,
+            "switchboard.rollout.strategy": spec.strategy,
+            "switchboard.rollout.step": rollout.step,
+            "switchboard.rollout.weight": rollout.weight,
+            "switchboard.rollout.state": rollout.state.value,
+            "switchboard.rollout.reason": detail,
+        }
+        with tracer.start_as_current_span("scheduler.rollout", attributes=attributes) as span:
+            span.add_event(f"rollout.{transition}", attributes=attributes)
+        stats = {f"{s.revision}": f"{s.failed}/{s.requests} failed, ttft p95 {s.ttft_p95 * 1000:.1f} ms" for s in rollout.stats}
+        logger = log.warning if transition in ("rolled_back", "aborted") else log.info
+        logger(
+            f"rollout {transition}",
+            expert=spec.expert,
+            from_revision=spec.from_revision,
+            to_revision=spec.to_revision,
+            step=rollout.step,
+            weight=rollout.weight,
+            reason=detail,
+            stats=stats,
+        )
+
+    def start_probes(self) -> list[asyncio.Task[None]]:
+        """Start the quality probe of every rollout that waits for one (once per rollout)."""
+        started = []
+        for rollout in self.rollouts.pending_probes():
+            expert = rollout.spec.expert
+            if expert not in self._probing:
+                self._probing.add(expert)
+                started.append(asyncio.get_running_loop().create_task(self._probe(rollout)))
+        return started
+
+    async def _probe(self, rollout: Rollout) -> None:
+        """Score the probe's texts on one ready replica of each revision; record the mean NLL per token."""
+        spec = rollout.spec
+        probe = spec.quality_probe
+        assert probe is not None
+        try:
+            nll: dict[str, float] = {}
+            for revision in (spec.from_revision, spec.to_revision):
+                replica = next(
+                    (r for r in self.registry.healthy_replicas(spec.expert) if r.info.revision == revision), None
+                )
+                if replica is None:
+                    raise LookupError(f"revision {revision} has no ready replica to score on")
+                nll[revision] = await self._mean_nll(replica, probe.texts)
+        except (LookupError, grpc.aio.AioRpcError) as error:
+            detail = f"{error.code().name}: {error.details()}" if isinstance(error, grpc.aio.AioRpcError) else str(error)
+            self.rollouts.record_probe(spec.expert, None, detail)
+        else:
+            self.rollouts.record_probe(spec.expert, nll)
+        finally:
+            self._probing.discard(spec.expert)
+
+    async def _mean_nll(self, replica: ReplicaRecord, texts: Sequence[str]) -> float:
+        async with open_channel(replica.info.address, self._tls, "generator") as channel:
+            reply = await generator_pb2_grpc.GeneratorStub(channel).Score(
+                generator_pb2.ScoreRequest(texts=list(texts)), timeout=PROBE_TIMEOUT_SECONDS
+            )
+        tokens = sum(s.tokens for s in reply.scores)
+        if tokens <= 0:
+            raise LookupError(f"replica {replica.replica_id} scored no tokens")
+        return -sum(s.log_likelihood for s in reply.scores) / tokens
+
+    def tick_rollouts(self) -> None:
+        """Judge every active rollout once (starting any quality probe due) and refresh the rollout gauges."""
+        self.start_probes()
+        self.rollouts.tick()
+        for rollout in self.rollouts.list():
+            if not rollout.state.ended:
+                self._rollout_gauges(rollout)
+
+    async def run_rollouts(self, interval_seconds: float) -> None:
+        """Judge the rollouts every `interval_seconds` until cancelled (a failure is logged, never fatal)."""
+        while True:
+            await asyncio.sleep(interval_seconds)
+            try:
+                self.tick_rollouts()
+            except Exception as error:  # one bad tick (a full disk for the state file) must not stop judging
+                log.error("rollout tick failed", error=repr(error))
 
     async def run_sweeper(self, interval_seconds: float) -> None:
         """Sweep expired replicas every `interval_seconds` until cancelled."""

@@ -357,6 +357,22 @@ class Engine:
                 if self._wake is not None:
                     self._wake.set()
 
+    async def score(self, texts: list[list[int]]) -> list[tuple[float, int]]:
+        """(log-likelihood, tokens scored) of each token sequence: one dense causal pass per text on
+        the thread the steps run on, between steps (a quality probe's few texts, not serving traffic;
+        the KV cache is not touched)."""
+        return await self._run_step(asyncio.get_running_loop(), lambda: self._score(texts))
+
+    @torch.inference_mode()
+    def _score(self, texts: list[list[int]]) -> list[tuple[float, int]]:
+        scores: list[tuple[float, int]] = []
+        for ids in texts:
+            tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
+            logits = self.model(tokens)[0, :-1].float()
+            logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[0, 1:, None])
+            scores.append((float(logprobs.sum()), len(ids) - 1))
+        return scores
+
     def _deliver_error(self, seq: Sequence, error: BaseException) -> None:
         seq.state.queue.put_nowait(error)
 
