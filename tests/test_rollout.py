@@ -6,9 +6,10 @@ revisions' replicas start later, as a deploy would start them (`start_deferred`)
 serves one revision, a replica of another takes traffic only as a fallback until a rollout moves
 traffic to it. The bad revisions are real generators with the drill faults on
 (`GENERATOR_FAULT_ERROR_RATIO`: half their calls refused before any work;
-`GENERATOR_FAULT_FIRST_TOKEN_DELAY_SECONDS`: every call waits before it starts), and one serves
-a damaged copy of the weights (noise on every matrix), which the quality probe catches before any
-traffic reaches it. Clients keep
+`GENERATOR_FAULT_FIRST_TOKEN_DELAY_SECONDS`: every call waits before it starts). The last rollout
+deploys its revision itself (the scheduler's local deployer starts the generator process, from a
+damaged copy of the weights: noise on every matrix): the quality probe catches it before any
+traffic reaches it, and the deployer stops the process again. Clients keep
 sending requests through the gateway the whole time; every one must succeed.
 """
 
@@ -33,7 +34,6 @@ REVISIONS = {
     "bard-small-1": "v2",
     "bard-small-2": "v3-failing",
     "bard-small-3": "v4-slow",
-    "bard-small-4": "v5-damaged",
 }
 FAULTS = {
     "bard-small-2": {"GENERATOR_FAULT_ERROR_RATIO": "0.5"},
@@ -164,12 +164,13 @@ def damaged_copy(model_dir: Path, folder: Path) -> Path:
 
 @pytest.fixture
 def stack(tmp_path: Path, model_dir: Path) -> Iterator[RunningStack]:
-    faults = {**FAULTS, "bard-small-4": {"GENERATOR_MODEL": str(damaged_copy(model_dir, tmp_path / "damaged"))}}
+    damaged_copy(model_dir, tmp_path / "damaged")
     running = start_stack(
         tmp_path,
         model_dir,
         {"bard-small": len(REVISIONS)},
-        replica_env={rid: {"GENERATOR_REVISION": rev, **faults.get(rid, {})} for rid, rev in REVISIONS.items()},
+        env={"SCHEDULER_ROLLOUT_DEPLOYER": "local"},
+        replica_env={rid: {"GENERATOR_REVISION": rev, **FAULTS.get(rid, {})} for rid, rev in REVISIONS.items()},
         deferred=[rid for rid in REVISIONS if rid != "bard-small-0"],
     )
     try:
@@ -178,7 +179,7 @@ def stack(tmp_path: Path, model_dir: Path) -> Iterator[RunningStack]:
         running.stack.stop()
 
 
-def test_canary_promotes_a_good_revision_and_rolls_back_bad_ones(stack: RunningStack) -> None:
+def test_canary_promotes_a_good_revision_and_rolls_back_bad_ones(stack: RunningStack, tmp_path: Path) -> None:
     channel, stub = scheduler(stack)
     with channel, Traffic(stack) as traffic:
         traffic.wait_for(12)  # v1's baseline
@@ -221,15 +222,20 @@ def test_canary_promotes_a_good_revision_and_rolls_back_bad_ones(stack: RunningS
         assert "TTFT p95" in last.reason
         assert last.ended_unix_seconds - last.started_unix_seconds < BAD_STEP_SECONDS
 
-        # Damaged weights: the quality probe rolls it back before any request reaches it.
-        stack.start_deferred("bard-small-4")
-        placed_before = placements_on(stack, "v5-damaged")
-        damaged = run_rollout(stub, spec("v2", "v5-damaged", [(0.5, BAD_STEP_SECONDS)], probe=True), timeout=120)
+        # Damaged weights, deployed by the scheduler: the quality probe rolls it back before any request
+        # reaches it, and the deployer stops the process it started.
+        damaged_spec = spec("v2", "v5-damaged", [(0.5, BAD_STEP_SECONDS)], probe=True)
+        damaged_spec.deploy.CopyFrom(scheduler_pb2.RolloutDeploy(model=str(tmp_path / "damaged"), replicas=1))
+        damaged = run_rollout(stub, damaged_spec, timeout=240)
         last = damaged[-1]
         assert last.state == scheduler_pb2.ROLLOUT_STATE_ROLLED_BACK and "quality probe" in last.reason, last
         probed = {s.revision: s.probe_nll for s in last.stats}
         assert probed["v5-damaged"] > probed["v2"] > 0
-        assert placements_on(stack, "v5-damaged") == placed_before
+        assert placements_on(stack, "v5-damaged") == 0
+        deadline = time.monotonic() + 60
+        while any(r.revision == "v5-damaged" for r in stub.GetCluster(scheduler_pb2.GetClusterRequest(), timeout=10).replicas):
+            assert time.monotonic() < deadline, "the deployed replica of the rolled-back revision is still registered"
+            time.sleep(0.5)
         traffic.wait_for(6)
     # No client request failed because of any of the three rollouts.
     assert set(traffic.codes) == {"OK"}, traffic.codes

@@ -1278,7 +1278,27 @@ def _check_rbac(objects: list[dict[str, Any]], deployments: list[dict[str, Any]]
         d["metadata"]["name"] for d in deployments if d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/name") == "generator"
     }
     scalable: set[str] = set()
+    # The opt-in revision deployer (compose/k8s/rollouts) may create, read and delete Deployments
+    # and patch any Deployment's scale, in one Role of exactly those rules, and only where the
+    # scheduler is told to deploy revisions.
+    deploys = any(
+        _container_env(c)[0].get("SCHEDULER_ROLLOUT_DEPLOYER") == "kubernetes"
+        for d in deployments
+        if d["metadata"]["name"] == "scheduler"
+        for c in d["spec"]["template"]["spec"]["containers"]
+    )
+    deployer_rules = [
+        {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "create", "delete"]},
+        {"apiGroups": ["apps"], "resources": ["deployments/scale"], "verbs": ["patch"]},
+    ]
     for role in _by_kind(objects, "Role"):
+        if role.get("rules") == deployer_rules:
+            if not deploys:
+                problems.append(
+                    f"Role {role['metadata']['name']}: deploys revisions, but the scheduler's SCHEDULER_ROLLOUT_DEPLOYER "
+                    "is not kubernetes"
+                )
+            continue
         for rule in role.get("rules", []):
             rwhere = f"Role {role['metadata']['name']}"
             if set(rule.get("apiGroups", [])) != {"apps"} or not set(rule.get("resources", [])) <= {"deployments", "deployments/scale"}:

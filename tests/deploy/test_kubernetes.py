@@ -10,7 +10,7 @@ import pytest
 import yaml
 from switchboard.common.experts_config import load_experts_config
 
-OVERLAYS = {"cpu": False, "gpu": True, "dev": False, "vllm": True}  # overlay -> generators on GPUs
+OVERLAYS = {"cpu": False, "gpu": True, "dev": False, "vllm": True, "rollouts": False}  # overlay -> generators on GPUs
 
 
 def _render_deploy():

@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -67,6 +68,14 @@ def describe(rollout: scheduler_pb2.Rollout) -> str:
     return "\n".join(lines)
 
 
+def _probe(path: str | None, max_nll_increase: float) -> scheduler_pb2.RolloutQualityProbe | None:
+    """The quality probe from a text file (one text per non-empty line), or None."""
+    if path is None:
+        return None
+    texts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    return scheduler_pb2.RolloutQualityProbe(texts=texts, max_nll_increase=max_nll_increase)
+
+
 def _stub(args: argparse.Namespace) -> tuple[grpc.Channel, scheduler_pb2_grpc.SchedulerStub]:
     channel = blocking_channel(args.scheduler, load_tls_identity(os.environ), "scheduler")
     return channel, scheduler_pb2_grpc.SchedulerStub(channel)
@@ -91,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
             return _dispatch(args, stub)
     except grpc.RpcError as error:
         print(f"switchboard rollout: {error.code().name}: {error.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        return 2
+    except OSError as error:  # the probe file
+        print(f"switchboard rollout: {error}", file=sys.stderr)
         return 2
 
 
@@ -135,6 +147,10 @@ def _dispatch(args: argparse.Namespace, stub: scheduler_pb2_grpc.SchedulerStub) 
             max_tpot_p95_ratio=args.max_tpot_ratio,
             min_requests=args.min_requests,
         ),
+        quality_probe=_probe(args.probe_file, args.max_nll_increase),
+        deploy=scheduler_pb2.RolloutDeploy(model=args.deploy_model or "", replicas=args.deploy_replicas or 1)
+        if args.deploy_model is not None or args.deploy_replicas
+        else None,
     )
     rollout = stub.StartRollout(scheduler_pb2.StartRolloutRequest(spec=spec), timeout=RPC_TIMEOUT_SECONDS)
     _show(args, rollout)
@@ -199,6 +215,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     start.add_argument(
         "--min-requests", type=int, default=0, help="requests per step before judging (default 20)"
     )
+    start.add_argument(
+        "--probe-file", help="quality probe: a text file, one text per line, scored by both revisions before traffic moves"
+    )
+    start.add_argument("--max-nll-increase", type=float, default=0.0, help="quality probe bound in nats (default 0.05)")
+    start.add_argument(
+        "--deploy-model",
+        help="let the scheduler start the new revision's replicas from this model folder ('' for the pool's own); "
+        "needs SCHEDULER_ROLLOUT_DEPLOYER on the scheduler",
+    )
+    start.add_argument("--deploy-replicas", type=int, default=0, help="how many replicas to deploy (default 1)")
     start.add_argument(
         "--wait",
         action="store_true",

@@ -314,7 +314,7 @@ class RolloutGates(_message.Message):
     def __init__(self, max_error_ratio: _Optional[float] = ..., max_ttft_p95_ratio: _Optional[float] = ..., max_tpot_p95_ratio: _Optional[float] = ..., min_requests: _Optional[int] = ...) -> None: ...
 
 class RolloutSpec(_message.Message):
-    __slots__ = ("expert", "from_revision", "to_revision", "strategy", "steps", "gates", "quality_probe")
+    __slots__ = ("expert", "from_revision", "to_revision", "strategy", "steps", "gates", "quality_probe", "deploy")
     EXPERT_FIELD_NUMBER: _ClassVar[int]
     FROM_REVISION_FIELD_NUMBER: _ClassVar[int]
     TO_REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -322,6 +322,7 @@ class RolloutSpec(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     GATES_FIELD_NUMBER: _ClassVar[int]
     QUALITY_PROBE_FIELD_NUMBER: _ClassVar[int]
+    DEPLOY_FIELD_NUMBER: _ClassVar[int]
     expert: str
     from_revision: str
     to_revision: str
@@ -329,7 +330,16 @@ class RolloutSpec(_message.Message):
     steps: _containers.RepeatedCompositeFieldContainer[RolloutStep]
     gates: RolloutGates
     quality_probe: RolloutQualityProbe
-    def __init__(self, expert: _Optional[str] = ..., from_revision: _Optional[str] = ..., to_revision: _Optional[str] = ..., strategy: _Optional[_Union[RolloutStrategy, str]] = ..., steps: _Optional[_Iterable[_Union[RolloutStep, _Mapping]]] = ..., gates: _Optional[_Union[RolloutGates, _Mapping]] = ..., quality_probe: _Optional[_Union[RolloutQualityProbe, _Mapping]] = ...) -> None: ...
+    deploy: RolloutDeploy
+    def __init__(self, expert: _Optional[str] = ..., from_revision: _Optional[str] = ..., to_revision: _Optional[str] = ..., strategy: _Optional[_Union[RolloutStrategy, str]] = ..., steps: _Optional[_Iterable[_Union[RolloutStep, _Mapping]]] = ..., gates: _Optional[_Union[RolloutGates, _Mapping]] = ..., quality_probe: _Optional[_Union[RolloutQualityProbe, _Mapping]] = ..., deploy: _Optional[_Union[RolloutDeploy, _Mapping]] = ...) -> None: ...
+
+class RolloutDeploy(_message.Message):
+    __slots__ = ("model", "replicas")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    replicas: int
+    def __init__(self, model: _Optional[str] = ..., replicas: _Optional[int] = ...) -> None: ...
 
 class RolloutQualityProbe(_message.Message):
     __slots__ = ("texts", "max_nll_increase")

@@ -15,6 +15,7 @@ from switchboard.scheduler.config import SchedulerSettings
 from switchboard.scheduler.controller import ScalingController, controller_from_settings
 from switchboard.scheduler.policies import PlacementPolicy, make_policy
 from switchboard.scheduler.registry import ReplicaRegistry
+from switchboard.scheduler.revisions import make_deployer
 from switchboard.scheduler.servicer import SchedulerServicer
 from switchboard.v1 import scheduler_pb2, scheduler_pb2_grpc
 
@@ -82,6 +83,7 @@ class SchedulerApp:
             slos=slos,
             rollout_state_file=settings.rollout_state_file,
             tls=settings.server.tls,
+            deployer=make_deployer(settings),
         )
         self.service = GrpcService("scheduler", settings.server, identity_policy=IDENTITY_POLICY)
         # Allocation across expert pools (SCHEDULER_ALLOCATOR; None when off); `actuator` replaces
@@ -110,4 +112,7 @@ class SchedulerApp:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+            deployer = self.servicer.deployer
+            if deployer is not None and hasattr(deployer, "close"):
+                await asyncio.to_thread(deployer.close)  # the local one stops the processes it started
         return self.service.exit_code

@@ -12,6 +12,7 @@ from switchboard.common.settings import ServerSettings, SettingsError, load_sett
 from switchboard.scheduler.actuators import ACTUATOR_NAMES
 from switchboard.scheduler.allocation import ALLOCATOR_NAMES, AllocationConfig
 from switchboard.scheduler.policies import POLICY_NAMES, SELECTABLE_POLICY_NAMES, PolicyOptions
+from switchboard.scheduler.revisions import DEPLOYER_NAMES
 
 SERVER_PREFIX = "SCHEDULER"
 DEFAULT_PORT = 50053
@@ -63,6 +64,12 @@ class SchedulerSettings:
         "SCHEDULER_ROLLOUT_STATE_FILE",
         None,
         "JSON file the rollouts are saved to at every transition (atomically) and read back at start, so a restarted scheduler continues them; unset: rollouts live in memory only",
+    )
+    rollout_deployer: str = setting(
+        "SCHEDULER_ROLLOUT_DEPLOYER",
+        "none",
+        "what starts a rollout's new revision when its spec has `deploy`, and retires the revision that lost: none (a rollout with deploy is refused), local (generator processes from SCHEDULER_LOCAL_GENERATORS_FILE's template, as switchboard up starts them), kubernetes (a copy of the pool's Deployment, SCHEDULER_K8S_DEPLOYMENT, per revision; needs the compose/k8s/rollouts Role)",
+        choices=DEPLOYER_NAMES,
     )
     rollout_tick_seconds: float = setting(
         "SCHEDULER_ROLLOUT_TICK_SECONDS",
@@ -274,6 +281,11 @@ class SchedulerSettings:
         if self.allocator != "off" and self.actuator == "local" and not self.local_generators_file:
             raise SettingsError(
                 "SCHEDULER_LOCAL_GENERATORS_FILE: required by SCHEDULER_ACTUATOR=local (the generator template "
+                "that switchboard up writes)"
+            )
+        if self.rollout_deployer == "local" and not self.local_generators_file:
+            raise SettingsError(
+                "SCHEDULER_LOCAL_GENERATORS_FILE: required by SCHEDULER_ROLLOUT_DEPLOYER=local (the generator template "
                 "that switchboard up writes)"
             )
         if "{expert}" not in self.k8s_deployment:

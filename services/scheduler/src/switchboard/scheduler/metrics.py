@@ -164,7 +164,7 @@ ROLLOUT_STEP_SECONDS = Gauge(
 )
 ROLLOUT_TRANSITIONS = Counter(
     "switchboard_scheduler_rollout_transitions_total",
-    "Rollout transitions by expert and kind: started, probed (the quality probe passed), step, paused, resumed, promoted, rolled_back, aborted.",
+    "Rollout transitions by expert and kind: started, deployed (the new replicas are ready), probed (the quality probe passed), step, paused, resumed, promoted, rolled_back, aborted.",
     ["expert", "transition"],
 )
 REVISION_PLACEMENTS = Counter(

@@ -123,6 +123,19 @@ class QualityProbe:
     max_nll_increase: float = 0.05
 
 
+MAX_DEPLOY_REPLICAS = 64
+# A rollout whose deployed replicas are not all ready this long after the deploy rolls back.
+DEPLOY_TIMEOUT_SECONDS = 900.0
+
+
+@dataclass(frozen=True)
+class Deploy:
+    """The new revision's replicas a rollout starts (see revisions.py)."""
+
+    model: str = ""
+    replicas: int = 1
+
+
 DEFAULT_STEPS = {
     CANARY: (Step(0.1, 60.0), Step(0.5, 60.0), Step(1.0, 60.0)),
     BLUE_GREEN: (Step(1.0, 60.0),),
@@ -140,6 +153,7 @@ class RolloutSpec:
     steps: tuple[Step, ...] = ()
     gates: Gates = field(default_factory=Gates)
     quality_probe: QualityProbe | None = None
+    deploy: Deploy | None = None
 
     def validated(self, experts: Iterable[str]) -> RolloutSpec:
         """This spec with defaults filled in; InvalidRollout naming the field otherwise."""
@@ -197,6 +211,10 @@ class RolloutSpec:
         if not 1 <= gates.min_requests <= 1_000_000:
             raise InvalidRollout(
                 "spec.gates.min_requests", f"must be in [1, 1000000], got {gates.min_requests}"
+            )
+        if self.deploy is not None and not 1 <= self.deploy.replicas <= MAX_DEPLOY_REPLICAS:
+            raise InvalidRollout(
+                "spec.deploy.replicas", f"must be in [1, {MAX_DEPLOY_REPLICAS}], got {self.deploy.replicas}"
             )
         probe = self.quality_probe
         if probe is not None:
@@ -359,6 +377,9 @@ class Rollout:
     stats: tuple[RevisionStats, ...] = ()
     # Since when the new revision has had no ready replica (clock reading; None: it has one).
     no_replica_since: float | None = None
+    # The deploy: "" (none asked), "deploying" (the deployer is to be asked), "waiting" (it was asked;
+    # until the replicas are ready), "ready".
+    deploy_state: str = ""
     # The quality probe: "" (none asked), "pending", "passed"; and each revision's mean NLL per token.
     probe_state: str = ""
     probe_nll: dict[str, float] = field(default_factory=dict)
@@ -372,8 +393,8 @@ class Rollout:
             return 1.0
         if self.state in (RolloutState.ROLLED_BACK, RolloutState.ABORTED):
             return 0.0
-        if self.probe_state == "pending":
-            return 0.0  # no traffic moves before the quality probe passed
+        if self.probe_state == "pending" or self.deploy_state in ("deploying", "waiting"):
+            return 0.0  # no traffic moves before the new replicas are ready and the probe passed
         return self.spec.steps[self.step].weight
 
     def step_elapsed(self, now: float) -> float:
@@ -464,7 +485,7 @@ class RolloutManager:
                 f"expert {spec.expert!r} has a {current.state.value} rollout to {current.spec.to_revision!r}; "
                 "abort it first"
             )
-        if self._ready(spec.expert, spec.to_revision) < 1:
+        if spec.deploy is None and self._ready(spec.expert, spec.to_revision) < 1:
             raise RolloutConflict(
                 f"revision {spec.to_revision!r} of {spec.expert!r} has no ready replica; start its replicas "
                 "(GENERATOR_REVISION) and wait until they register"
@@ -477,6 +498,8 @@ class RolloutManager:
         rollout = Rollout(spec, RolloutState.RUNNING, 0, now, now, self._wall(), window_start=now)
         if spec.quality_probe is not None:
             rollout.probe_state = "pending"
+        if spec.deploy is not None:
+            rollout.deploy_state = "deploying"
         self._rollouts[spec.expert] = rollout
         self._changed(rollout, "started", f"{spec.strategy} from {spec.from_revision} to {spec.to_revision}")
         return rollout
@@ -511,8 +534,31 @@ class RolloutManager:
     # ------------------------------------------------------------------ the quality probe
 
     def pending_probes(self) -> list[Rollout]:
-        """Active rollouts whose quality probe has not run yet."""
-        return [r for r in self.list() if r.probe_state == "pending" and not r.state.ended]
+        """Active rollouts whose quality probe is due (their new replicas are ready) and has not run."""
+        return [
+            r
+            for r in self.list()
+            if r.probe_state == "pending" and r.deploy_state not in ("deploying", "waiting") and not r.state.ended
+        ]
+
+    def pending_deploys(self) -> list[Rollout]:
+        """Active rollouts whose new revision's replicas are to be started (the servicer starts each once)."""
+        return [r for r in self.list() if r.deploy_state == "deploying" and not r.state.ended]
+
+    def record_deploy_started(self, expert: str) -> None:
+        """The deployer was asked (it answered): the rollout now waits for the replicas to be ready."""
+        rollout = self._rollouts.get(expert)
+        if rollout is not None and not rollout.state.ended and rollout.deploy_state == "deploying":
+            rollout.deploy_state = "waiting"
+            self.save()
+
+    def record_deploy_failure(self, expert: str, error: str) -> Rollout | None:
+        """The deployer could not start the new replicas: the rollout rolls back."""
+        rollout = self._rollouts.get(expert)
+        if rollout is None or rollout.state.ended or rollout.deploy_state not in ("deploying", "waiting"):
+            return None
+        self._end(rollout, RolloutState.ROLLED_BACK, f"the new revision could not be deployed: {error}")
+        return rollout
 
     def record_probe(self, expert: str, nll: Mapping[str, float] | None, error: str = "") -> Rollout | None:
         """The probe's result: each revision's mean NLL per token (None with `error` when it could not
@@ -579,6 +625,23 @@ class RolloutManager:
         spec = rollout.spec
         old, new = self._refresh_stats(rollout, now)
         ready_new = new.ready_replicas
+        if rollout.deploy_state in ("deploying", "waiting"):
+            assert spec.deploy is not None
+            if ready_new >= spec.deploy.replicas:
+                rollout.deploy_state = "ready"
+                rollout.step_started_at = rollout.window_start = now
+                self._changed(rollout, "deployed", f"{ready_new} replica(s) of {spec.to_revision} ready")
+                return "deployed"
+            if now - rollout.started_at >= DEPLOY_TIMEOUT_SECONDS:
+                self._end(
+                    rollout,
+                    RolloutState.ROLLED_BACK,
+                    f"{ready_new} of {spec.deploy.replicas} replica(s) of {spec.to_revision} ready after "
+                    f"{DEPLOY_TIMEOUT_SECONDS:g} s",
+                )
+                return "rolled_back"
+            rollout.reason = f"waiting for replicas of {spec.to_revision}: {ready_new} of {spec.deploy.replicas} ready"
+            return ""
         if ready_new < 1:
             if rollout.no_replica_since is None:
                 rollout.no_replica_since = now
@@ -693,6 +756,7 @@ def _to_json(rollout: Rollout, now: float) -> dict[str, Any]:
             "steps": [asdict(s) for s in spec.steps],
             "gates": asdict(spec.gates),
             "quality_probe": None if spec.quality_probe is None else asdict(spec.quality_probe),
+            "deploy": None if spec.deploy is None else asdict(spec.deploy),
         },
         "state": rollout.state.value,
         "step": rollout.step,
@@ -701,6 +765,7 @@ def _to_json(rollout: Rollout, now: float) -> dict[str, Any]:
         "ended_unix": rollout.ended_unix,
         "reason": rollout.reason,
         "probe_state": rollout.probe_state,
+        "deploy_state": rollout.deploy_state,
         "probe_nll": rollout.probe_nll,
     }
 
@@ -719,6 +784,9 @@ def _from_json(entry: Mapping[str, Any], now: float) -> Rollout:
         else QualityProbe(
             tuple(str(t) for t in raw["quality_probe"]["texts"]), float(raw["quality_probe"]["max_nll_increase"])
         ),
+        deploy=None
+        if not raw.get("deploy")
+        else Deploy(str(raw["deploy"].get("model", "")), int(raw["deploy"].get("replicas", 1))),
     )
     state = RolloutState(entry["state"])
     step = int(entry["step"])
@@ -737,5 +805,6 @@ def _from_json(entry: Mapping[str, Any], now: float) -> Rollout:
         paused_elapsed=elapsed if state is RolloutState.PAUSED else 0.0,
         window_start=now,
         probe_state=str(entry.get("probe_state", "")),
+        deploy_state=str(entry.get("deploy_state", "")),
         probe_nll={str(k): float(v) for k, v in (entry.get("probe_nll") or {}).items()},
     )

@@ -7,6 +7,7 @@ import time
 from switchboard.scheduler.rollout import (
     BLUE_GREEN,
     CANARY,
+    Deploy,
     Gates,
     InvalidRollout,
     QualityProbe,
@@ -59,6 +60,7 @@ def spec_from_proto(message: scheduler_pb2.RolloutSpec) -> RolloutSpec:
             min_requests=gates.min_requests or defaults.min_requests,
         ),
         quality_probe=_probe_from_proto(message.quality_probe) if message.HasField("quality_probe") else None,
+        deploy=Deploy(message.deploy.model, message.deploy.replicas or 1) if message.HasField("deploy") else None,
     )
 
 
@@ -88,6 +90,9 @@ def spec_to_proto(spec: RolloutSpec) -> scheduler_pb2.RolloutSpec:
         else scheduler_pb2.RolloutQualityProbe(
             texts=list(spec.quality_probe.texts), max_nll_increase=spec.quality_probe.max_nll_increase
         ),
+        deploy=None
+        if spec.deploy is None
+        else scheduler_pb2.RolloutDeploy(model=spec.deploy.model, replicas=spec.deploy.replicas),
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -30,6 +30,7 @@ from switchboard.common.telemetry import SpanAttributes, get_tracer
 from switchboard.common.tls import TlsIdentity, peer_identity
 from switchboard.replica.cost_model import CostModel
 from switchboard.scheduler import metrics
+from switchboard.scheduler.actuators import ActuatorError
 from switchboard.scheduler.ownership import NotYourReplica, ReplicaOwners
 from switchboard.scheduler.placement import (
     InvalidPlacement,
@@ -49,6 +50,7 @@ from switchboard.scheduler.registry import (
     ReplicaState,
     ReplicaView,
 )
+from switchboard.scheduler.revisions import RevisionDeployer
 from switchboard.scheduler.rollout import (
     MAX_REVISION_LENGTH,
     InvalidRollout,
@@ -57,6 +59,7 @@ from switchboard.scheduler.rollout import (
     Rollout,
     RolloutConflict,
     RolloutManager,
+    RolloutState,
 )
 from switchboard.scheduler.rollout_messages import rollout_to_proto, spec_from_proto
 from switchboard.scheduler.slo import judge
@@ -248,8 +251,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         slos: Mapping[str, ExpertSLO | None] | None = None,
         rollout_state_file: Path | None = None,
         tls: TlsIdentity | None = None,
+        deployer: RevisionDeployer | None = None,
     ) -> None:
         self.registry = registry
+        self.deployer = deployer  # starts a rollout's new revision and retires the loser (revisions.py)
+        self._deploying: set[str] = set()  # experts whose deploy call runs now
+        self._background: set[asyncio.Task[None]] = set()
         self._tls = tls  # this scheduler's identity, for the quality probe's calls to generators
         self._probing: set[str] = set()  # experts whose quality probe runs now
         self.experts = frozenset(experts)
@@ -558,7 +565,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         if not request.HasField("spec"):
             raise invalid_argument("spec", "is required (expert, from_revision, to_revision, ...)")
         try:
-            rollout = self.rollouts.start(spec_from_proto(request.spec))
+            spec = spec_from_proto(request.spec)
+            if spec.deploy is not None and self.deployer is None:
+                raise RolloutConflict(
+                    "this rollout asks to deploy its new revision, but the scheduler has no deployer "
+                    "(SCHEDULER_ROLLOUT_DEPLOYER=none): start its replicas yourself and leave deploy out, "
+                    "or set SCHEDULER_ROLLOUT_DEPLOYER"
+                )
+            rollout = self.rollouts.start(spec)
         except InvalidRollout as error:
             raise invalid_argument(error.field, error.description) from None
         except RolloutConflict as error:
@@ -640,6 +654,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         }
         with tracer.start_as_current_span("scheduler.rollout", attributes=attributes) as span:
             span.add_event(f"rollout.{transition}", attributes=attributes)
+        if rollout.state.ended and spec.deploy is not None and self.deployer is not None:
+            self._in_background(self._retire(rollout))
         stats = {f"{s.revision}": f"{s.failed}/{s.requests} failed, ttft p95 {s.ttft_p95 * 1000:.1f} ms" for s in rollout.stats}
         logger = log.warning if transition in ("rolled_back", "aborted") else log.info
         logger(
@@ -652,6 +668,44 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             reason=detail,
             stats=stats,
         )
+
+    def start_deploys(self) -> list[asyncio.Task[None]]:
+        """Ask the deployer for the new replicas of every rollout that waits for them (once per rollout)."""
+        started = []
+        for rollout in self.rollouts.pending_deploys():
+            expert = rollout.spec.expert
+            if expert not in self._deploying and self.deployer is not None:
+                self._deploying.add(expert)
+                started.append(self._in_background(self._deploy(rollout)))
+        return started
+
+    async def _deploy(self, rollout: Rollout) -> None:
+        spec = rollout.spec
+        assert spec.deploy is not None and self.deployer is not None
+        try:
+            await asyncio.to_thread(self.deployer.deploy, spec.expert, spec.to_revision, spec.deploy.model, spec.deploy.replicas)
+            self.rollouts.record_deploy_started(spec.expert)
+        except ActuatorError as error:
+            self.rollouts.record_deploy_failure(spec.expert, f"{error.reason}: {error}")
+        finally:
+            self._deploying.discard(spec.expert)
+
+    async def _retire(self, rollout: Rollout) -> None:
+        """Once a rollout with a deploy ended: retire the revision that lost."""
+        spec = rollout.spec
+        assert self.deployer is not None
+        promoted = rollout.state is RolloutState.PROMOTED
+        loser = spec.from_revision if promoted else spec.to_revision
+        try:
+            await asyncio.to_thread(self.deployer.retire, spec.expert, loser, promoted)
+        except ActuatorError as error:
+            log.error("retiring a revision failed", expert=spec.expert, revision=loser, reason=error.reason, error=str(error))
+
+    def _in_background(self, work: Coroutine[object, object, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     def start_probes(self) -> list[asyncio.Task[None]]:
         """Start the quality probe of every rollout that waits for one (once per rollout)."""
@@ -696,7 +750,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         return -sum(s.log_likelihood for s in reply.scores) / tokens
 
     def tick_rollouts(self) -> None:
-        """Judge every active rollout once (starting any quality probe due) and refresh the rollout gauges."""
+        """Judge every active rollout once (starting any deploy and quality probe due) and refresh the rollout gauges."""
+        self.start_deploys()
         self.start_probes()
         self.rollouts.tick()
         for rollout in self.rollouts.list():

@@ -138,6 +138,7 @@ class _Started:
     expert: str
     popen: subprocess.Popen[bytes]
     port: int
+    revision: str = ""  # the GENERATOR_REVISION it was started with ("": the template's)
 
 
 @dataclass
@@ -149,18 +150,22 @@ class LocalProcessActuator:
     name: str = "local"
     acts: bool = True
     targeted: bool = True
+    # The middle of the ids it gives (`<expert>-<tag>-<n>`): the rollouts' deployer has its own.
+    id_tag: str = "auto"
     _started: dict[str, _Started] = field(default_factory=dict)
     _retired: set[str] = field(default_factory=set)  # ids it started and has stopped (or is stopping)
     _next: int = 1
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def replica_env(self, expert: str, replica_id: str, port: int) -> dict[str, str]:
-        """The environment the new replica adds to the inherited one."""
+    def replica_env(
+        self, expert: str, replica_id: str, port: int, overrides: Mapping[str, str] | None = None
+    ) -> dict[str, str]:
+        """The environment the new replica adds to the inherited one (`overrides` over the template's)."""
         env = self.template.experts.get(expert)
         if env is None:
             known = ", ".join(sorted(self.template.experts)) or "(none)"
             raise ActuatorError("unknown_expert", f"the generator template has no expert {expert!r} (it has {known})")
-        out = dict(env)
+        out = {**env, **(overrides or {})}
         out["GENERATOR_REPLICA_ID"] = replica_id
         out["GENERATOR_PORT"] = str(port)
         if out.get("GENERATOR_METRICS_PORT", "0") != "0":
@@ -172,15 +177,20 @@ class LocalProcessActuator:
         out["PYTHONUNBUFFERED"] = "1"
         return out
 
-    def add(self, expert: str, count: int) -> list[str]:
+    def add(self, expert: str, count: int, env: Mapping[str, str] | None = None) -> list[str]:
+        """Start `count` generators of `expert`; `env` overrides the template's environment (a
+        rollout's GENERATOR_REVISION and GENERATOR_MODEL)."""
         ids = []
         for _ in range(count):
             with self._lock:
-                replica_id = f"{expert}-auto-{self._next}"
+                replica_id = f"{expert}-{self.id_tag}-{self._next}"
                 self._next += 1
             port = free_port()
             try:
-                env = {**(os.environ if self.base_env is None else self.base_env), **self.replica_env(expert, replica_id, port)}
+                child_env = {
+                    **(os.environ if self.base_env is None else self.base_env),
+                    **self.replica_env(expert, replica_id, port, env),
+                }
             except OSError as exc:  # the CA folder is unreadable
                 raise ActuatorError("pki", f"cannot issue a certificate for {replica_id}: {exc}") from None
             self.template.log_dir.mkdir(parents=True, exist_ok=True)
@@ -191,7 +201,7 @@ class LocalProcessActuator:
                     # Python between fork and exec in this gRPC server's process (launch.py says why).
                     popen = subprocess.Popen(
                         launched(self.template.argv),
-                        env=launch_env(env),
+                        env=launch_env(child_env),
                         stdin=subprocess.DEVNULL,
                         stdout=out,
                         stderr=err,
@@ -200,7 +210,7 @@ class LocalProcessActuator:
             except OSError as exc:
                 raise ActuatorError("spawn", f"cannot start a generator of {expert}: {exc}") from None
             with self._lock:
-                self._started[replica_id] = _Started(expert, popen, port)
+                self._started[replica_id] = _Started(expert, popen, port, (env or {}).get("GENERATOR_REVISION", ""))
             log.info("generator process started", expert=expert, replica_id=replica_id, pid=popen.pid, port=port)
             ids.append(replica_id)
         return ids
@@ -212,6 +222,11 @@ class LocalProcessActuator:
     def expected(self, expert: str) -> list[str | None]:
         """The stack's own generators of `expert` (the template's `replicas`)."""
         return list(self.template.replicas.get(expert, ()))
+
+    def started_ids(self, expert: str, revision: str) -> list[str]:
+        """The ids of the processes it started for `expert` with this GENERATOR_REVISION override."""
+        with self._lock:
+            return [rid for rid, s in self._started.items() if s.expert == expert and s.revision == revision]
 
     def alive(self, replica_id: str) -> bool:
         """Whether a process this actuator started is still running."""
