@@ -11,8 +11,11 @@ PYTEST_ARGS ?=
 
 .PHONY: run test compose-test venv buf promtool protos protos-check deploy-files experts gate lint clean
 
-run: venv experts gate  ## Start the whole stack locally (gateway on 127.0.0.1:50051).
-	$(BIN)/switchboard up
+# TRACES=1 also runs the local trace viewer (Phoenix, installed into ~/.cache/switchboard/phoenix on first use).
+TRACES ?=
+
+run: venv experts gate  ## Start the whole stack locally (gateway on 127.0.0.1:50051; TRACES=1 adds the trace viewer).
+	$(BIN)/switchboard up$(if $(filter 1 yes true,$(TRACES)), --traces)
 
 test: venv buf promtool experts gate  ## Lint, then run every test (unit, cross-service, deployment checks).
 	$(BIN)/ruff check .

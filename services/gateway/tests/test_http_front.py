@@ -78,7 +78,7 @@ tenants:
 
 
 @asynccontextmanager
-async def front(tmp_path: Path, router_up: bool = True) -> AsyncIterator[Front]:
+async def front(tmp_path: Path, router_up: bool = True, cache: str = "off") -> AsyncIterator[Front]:
     replica, router = StreamingReplica(), ListingRouter(router_pb2.RouteResponse())
     tenants = tmp_path / "tenants.yaml"
     key = new_key()
@@ -97,6 +97,7 @@ async def front(tmp_path: Path, router_up: bool = True) -> AsyncIterator[Front]:
             tenants_file=tenants,
             http_port=http_port,
             router_timeout_seconds=1.0,
+            cache=cache,
         )
         async with started_gateway(settings):
             yield Front(f"http://127.0.0.1:{http_port}/v1", key, replica, router)
@@ -143,6 +144,47 @@ async def test_chat_completions_whole_and_streamed(tmp_path: Path) -> None:
         deltas = [c.choices[0].delta for c in chunks if c.choices]
         assert deltas[0].role == "assistant" and "".join(d.content or "" for d in deltas) == "To be,"
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
+
+
+async def test_a_cached_answer_says_so_in_its_usage(tmp_path: Path) -> None:
+    """A response-cache hit: OpenAI's cached_tokens is the whole prompt, and Switchboard's cached is true."""
+    async with front(tmp_path, cache="memory") as f:
+        client = f.client()
+        first = await client.completions.create(model="auto", prompt="To be", max_tokens=3, temperature=0)
+        assert first.usage is not None and first.usage.prompt_tokens_details is None
+        assert "cached" not in (first.usage.model_extra or {})
+        again = await client.completions.create(model="auto", prompt="To be", max_tokens=3, temperature=0)
+        assert len(f.replica.prompts) == 1  # no replica ran the second one
+        assert again.choices[0].text == first.choices[0].text == "To be,"
+        usage = again.usage
+        assert usage is not None and (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (3, 3, 6)
+        assert usage.prompt_tokens_details is not None and usage.prompt_tokens_details.cached_tokens == 3
+        assert (usage.model_extra or {}).get("cached") is True
+        # Streamed, with the usage chunk: the same marks; without temperature 0 nothing is cached.
+        stream = await client.completions.create(
+            model="auto", prompt="To be", max_tokens=3, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+        chunks = [chunk async for chunk in stream]
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == "To be,"
+        last = chunks[-1].usage
+        assert last is not None and last.prompt_tokens_details is not None and last.prompt_tokens_details.cached_tokens == 3
+        assert (last.model_extra or {}).get("cached") is True and len(f.replica.prompts) == 1
+        sampled = await client.completions.create(model="auto", prompt="To be", max_tokens=3)
+        assert sampled.usage is not None and "cached" not in (sampled.usage.model_extra or {})
+        assert len(f.replica.prompts) == 2
+        # Chat completions: the first is a miss, the repeat (whole, then streamed) a hit.
+        messages = [{"role": "user", "content": "Well?"}]
+        miss = await client.chat.completions.create(model="auto", messages=messages, max_tokens=2, seed=7)  # type: ignore[arg-type]
+        hit = await client.chat.completions.create(model="auto", messages=messages, max_tokens=2, seed=7)  # type: ignore[arg-type]
+        assert len(f.replica.prompts) == 3 and hit.choices[0].message.content == miss.choices[0].message.content
+        assert miss.usage is not None and "cached" not in (miss.usage.model_extra or {})
+        assert hit.usage is not None and (hit.usage.model_extra or {}).get("cached") is True
+        assert hit.usage.prompt_tokens_details is not None and hit.usage.prompt_tokens_details.cached_tokens == 3
+        streamed = await client.chat.completions.create(
+            model="auto", messages=messages, max_tokens=2, seed=7, stream=True, stream_options={"include_usage": True}  # type: ignore[arg-type]
+        )
+        final = [chunk async for chunk in streamed][-1].usage
+        assert final is not None and (final.model_extra or {}).get("cached") is True and len(f.replica.prompts) == 3
 
 
 async def test_models_lists_what_the_scopes_allow(tmp_path: Path) -> None:

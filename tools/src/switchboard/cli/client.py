@@ -2,7 +2,9 @@
 
 The API key comes from --key or SWITCHBOARD_API_KEY (or the dev key that
 `switchboard up` saved in the cache). Usage (prompt and completion tokens, the
-expert that served) goes to stderr at the end, so stdout is just the text.
+expert that served) goes to stderr at the end, so stdout is just the text. When the gateway
+is a stack that `switchboard up --traces` runs, the request is sent as the child of a root span
+exported to its trace viewer, and the viewer's URL of the request's trace goes to stderr too.
 """
 
 from __future__ import annotations
@@ -16,14 +18,17 @@ import grpc
 from switchboard.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 
+def _cache_dir() -> Path:
+    return Path(os.environ.get("SWITCHBOARD_CACHE_DIR") or Path.home() / ".cache" / "switchboard").expanduser()
+
+
 def resolve_key(explicit: str | None) -> str | None:
     """--key, else SWITCHBOARD_API_KEY, else the dev key saved by `switchboard up`."""
     if explicit:
         return explicit
     if os.environ.get("SWITCHBOARD_API_KEY"):
         return os.environ["SWITCHBOARD_API_KEY"]
-    cache = Path(os.environ.get("SWITCHBOARD_CACHE_DIR") or Path.home() / ".cache" / "switchboard").expanduser()
-    saved = cache / "dev-api-key"
+    saved = _cache_dir() / "dev-api-key"
     return saved.read_text().strip() if saved.is_file() else None
 
 
@@ -67,9 +72,22 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"switchboard generate: cannot read --cacert {args.cacert}: {exc.strerror}", file=sys.stderr)
         return 2
+    # A stack run with `switchboard up --traces`: trace this request from here (imports the
+    # OpenTelemetry SDK only then, so a plain `generate` stays quick to start).
+    from switchboard.cli.traceviewer import read_session, trace_url
+
+    session = read_session(_cache_dir(), args.addr)
+    traced, link = None, ""
+    if session is not None:
+        from switchboard.cli.traceviewer import ClientTrace
+
+        traced = ClientTrace(str(session["otlp"]))
+        link = trace_url(str(session["ui"]), traced.trace_id)
+    metadata = [("authorization", f"Bearer {key}"), *(traced.metadata() if traced else [])]
+    error_text: str | None = None
     with channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
-        call = stub.Generate(request, metadata=[("authorization", f"Bearer {key}")], timeout=args.timeout)
+        call = stub.Generate(request, metadata=metadata, timeout=args.timeout)
         model, last = "", None
         try:
             if args.echo:
@@ -80,20 +98,29 @@ def run(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
                 last = message
         except grpc.RpcError as error:
-            print(f"\nerror: {error.code().name}: {error.details()}", file=sys.stderr)
+            error_text = f"{error.code().name}: {error.details()}"
+            print(f"\nerror: {error_text}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
+            error_text = "cancelled"
             call.cancel()
             print("\ncancelled", file=sys.stderr)
             return 130
+        finally:
+            if traced is not None:
+                traced.finish({"switchboard.request_id": last.request_id} if last is not None else {}, error=error_text)
+                if error_text is not None:  # on success it follows the usage line
+                    print(f"trace: {link}", file=sys.stderr)
     print()
     if last is not None:
         reason = common_pb2.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
         print(
             f"[{model}] prompt_tokens={last.usage.prompt_tokens} completion_tokens={last.usage.completion_tokens} "
-            f"finish={reason} request_id={last.request_id}",
+            f"finish={reason} request_id={last.request_id}" + (" cached=true" if last.usage.cached else ""),
             file=sys.stderr,
         )
+    if link:
+        print(f"trace: {link}", file=sys.stderr)
     return 0
 
 

@@ -11,6 +11,11 @@ answers grpc.health.v1 SERVING and every generator is registered, prints the
 endpoints, the metrics URLs and the key, then waits. Ctrl-C (or SIGTERM) stops all
 of them (SIGTERM, grace period, SIGKILL); if one dies, the rest are stopped and
 the command exits 1.
+
+With --traces it also runs the local trace viewer (Arize Phoenix, installed on first use into a
+venv of its own under the cache: switchboard.cli.traceviewer), points every service's OTLP
+export at it, prints its URL, and stops it with the rest; `switchboard generate` then prints the
+viewer's URL of each request's trace.
 """
 
 from __future__ import annotations
@@ -23,7 +28,14 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from switchboard.cli.processes import StartupError
+from switchboard.cli.processes import StartupError, free_port
+from switchboard.cli.traceviewer import (
+    TraceViewer,
+    TraceViewerError,
+    ensure_phoenix,
+    remove_session,
+    write_session,
+)
 
 
 def cache_dir() -> Path:
@@ -112,12 +124,28 @@ def run(args: argparse.Namespace) -> int:
     if gate:
         plan.env["ROUTER_GATE_PATH"] = gate
     log_dir = Path(args.log_dir or cache / "logs")
+    viewer = None
+    if args.traces:
+        try:
+            phoenix = ensure_phoenix(cache, progress=lambda line: print(line, flush=True))
+        except TraceViewerError as exc:
+            print(f"switchboard up: {exc}", file=sys.stderr)
+            return 2
+        viewer = TraceViewer(phoenix, cache / "traces", log_dir / "trace-viewer.log")
+        if args.free_ports:
+            viewer.port, viewer.grpc_port = free_port(), free_port()
+        plan.env.update(viewer.export_env())
     stack = LocalStack(plan, log_dir, start_timeout=args.timeout)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        print(f"starting scheduler, router, {len(plan.generators)} generator(s), gateway (logs in {log_dir})...", flush=True)
         started = time.monotonic()
+        if viewer is not None:
+            print(f"starting the trace viewer (Phoenix {viewer.ui}, OTLP {viewer.otlp_endpoint})...", flush=True)
+            viewer.start()
+        print(f"starting scheduler, router, {len(plan.generators)} generator(s), gateway (logs in {log_dir})...", flush=True)
         stack.start(args.timeout)
+        if viewer is not None:
+            write_session(cache, viewer, plan.gateway_addr)
         print(f"\nSwitchboard is up ({time.monotonic() - started:.1f}s)\n")
         print(f"  gateway    {plan.gateway_addr}   metrics http://127.0.0.1:{plan.gateway_metrics}/metrics")
         print(f"  OpenAI API {plan.openai_base_url}   (the same key; model: an expert's name or auto)")
@@ -141,7 +169,12 @@ def run(args: argparse.Namespace) -> int:
             f"  internal hops: mutual TLS (CA and certificates in {cache / 'pki'}; tools use operator.pem "
             "with SWITCHBOARD_TLS_CA_FILE, SWITCHBOARD_TLS_CERT_FILE, SWITCHBOARD_TLS_KEY_FILE)"
         )
-        print(f"\n  logs: {log_dir}/<service>.log   traces: set OTEL_EXPORTER_OTLP_ENDPOINT before `switchboard up`")
+        if viewer is not None:
+            print(f"  traces     {viewer.ui}   (Phoenix; every service exports to {viewer.otlp_endpoint})")
+            print("             `switchboard generate` prints the viewer's URL of each request's trace")
+            print(f"\n  logs: {log_dir}/<service>.log")
+        else:
+            print(f"\n  logs: {log_dir}/<service>.log   traces: `switchboard up --traces` (or set OTEL_EXPORTER_OTLP_ENDPOINT)")
         print("\nCtrl-C stops everything.", flush=True)
         while True:
             dead = next(iter(stack.group.dead()), None)
@@ -152,8 +185,11 @@ def run(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
                 return 1
+            if viewer is not None and not viewer.alive():
+                print(f"\nthe trace viewer exited; stopping the stack. Log: {viewer.log_path}", file=sys.stderr)
+                return 1
             time.sleep(0.5)
-    except StartupError as exc:
+    except (StartupError, TraceViewerError) as exc:
         print(f"switchboard up: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -164,6 +200,9 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stack.stop()
+        if viewer is not None:
+            remove_session(cache)
+            viewer.stop()
         print("stopped.", flush=True)
 
 
@@ -178,5 +217,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the stack to become healthy")
     parser.add_argument(
         "--no-gate", action="store_true", help="route with the built-in n-gram rule instead of the learned gate"
+    )
+    parser.add_argument(
+        "--traces",
+        action="store_true",
+        help="also run the local trace viewer (Phoenix; installed into <cache>/phoenix on first use) and export every service's spans to it",
     )
     parser.set_defaults(func=run)

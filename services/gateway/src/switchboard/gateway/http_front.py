@@ -222,12 +222,22 @@ def _include_usage(body: Mapping[str, Any]) -> bool:
 
 
 def _usage(usage: common_pb2.Usage) -> dict[str, Any]:
+    """OpenAI's usage object; a response-cache hit says so twice (gateway README, HTTP front).
+
+    On a hit no replica ran the request, so every prompt token was served from a cache: OpenAI's
+    `prompt_tokens_details.cached_tokens` is the whole prompt (what OpenAI-aware clients read), and
+    `cached: true` (Switchboard's field, the gRPC `Usage.cached`) says the completion was cached too.
+    Otherwise `cached_tokens` counts the prompt tokens the replica's prefix cache reused.
+    """
     out: dict[str, Any] = {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.prompt_tokens + usage.completion_tokens,
     }
-    if usage.cached_prompt_tokens:
+    if usage.cached:
+        out["prompt_tokens_details"] = {"cached_tokens": usage.prompt_tokens}
+        out["cached"] = True
+    elif usage.cached_prompt_tokens:
         out["prompt_tokens_details"] = {"cached_tokens": usage.cached_prompt_tokens}
     return out
 
