@@ -80,6 +80,7 @@ def test_the_price_table_prices_experts_revisions_and_the_rest() -> None:
         ("experts: {a: {prompt_per_1k: -1}}", "experts.a.prompt_per_1k"),
         ("experts: {a: {prompt_per_1k: cheap}}", "experts.a.prompt_per_1k"),
         ("experts: {a: {prompt_per_1k: .nan}}", "experts.a.prompt_per_1k"),
+        ("experts: {a: {per_replica_second: -0.1}}", "experts.a.per_replica_second: must be a number >= 0 (currency units per replica-second)"),
         ("experts: {a: {input_per_1k: 1}}", "experts.a: unknown field(s) input_per_1k"),
         ("experts: {a: {revisions: {r1: {output_per_1k: true}}}}", "experts.a.revisions.r1.output_per_1k"),
         ("experts: [a, b]", "experts: expected a mapping"),
@@ -172,6 +173,29 @@ async def test_the_limiter_charges_cost_at_the_serving_price_and_refunds_it() ->
     assert "renews" in refused.value.message
     wall.now += 31 * 86400  # the next month: a fresh counter
     await (await limiter.admit(principal, request_id="r5", prompt_tokens=1, max_output_tokens=1)).finish(0)
+
+
+def test_replica_seconds_are_priced_alone_or_with_tokens() -> None:
+    table = parse_prices(
+        "experts: {gpu: {per_replica_second: 0.5, revisions: {r2: {prompt_per_1k: 1}}}, mixed: {output_per_1k: 1000, per_replica_second: 2}}"
+    )
+    assert table.price("gpu").cost(1000, 1000, 3.0) == pytest.approx(1.5)  # only the replica time
+    assert table.price("gpu", "r2").cost(1000, 0, 3.0) == pytest.approx(2.5)  # the revision keeps the expert's 0.5/s
+    assert table.price("mixed").cost(0, 2, 0.25) == pytest.approx(2.5)
+    assert table.price("mixed").cost(0, 0, -1.0) == 0.0  # never a credit
+    assert table.price("mixed").cost_nanos(0, 0, 1e-9) == 2
+
+
+async def test_the_limiter_charges_the_replica_time_at_the_end() -> None:
+    store = MemoryLimitStore()
+    limiter = TenantLimiter(store, output_batch_tokens=1, wall_clock=WallClock())
+    principal = Principal("acme", "k", limits=TenantLimits(monthly_cost_budget=100.0))
+    admission = await limiter.admit(principal, request_id="r1", prompt_tokens=10, max_output_tokens=10)
+    admission.set_price(Price(per_replica_second=2.0))
+    await admission.charge_output(3)
+    assert await limiter.month_cost("acme") == 0  # known only when the replica reports it, at the end
+    await admission.finish(3, replica_seconds=0.75)
+    assert await limiter.month_cost("acme") == pytest.approx(1.5)
 
 
 async def test_a_tenant_without_a_cost_budget_costs_no_store_call() -> None:

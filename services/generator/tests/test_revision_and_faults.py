@@ -131,3 +131,25 @@ async def test_score_matches_transformers_and_refuses_bad_texts(loaded: LoadedMo
             loss = float(reference(ids, labels=ids).loss)
         assert score.tokens == ids.shape[1] - 1
         assert -score.log_likelihood / score.tokens == pytest.approx(loss, abs=1e-4)
+
+
+async def test_the_last_message_carries_the_replica_time(loaded: LoadedModel, model_dir: Path) -> None:
+    async with running_generator(loaded, generator_settings(str(model_dir))) as app:
+        channel = open_channel(f"127.0.0.1:{app.service.port}")
+        try:
+            started = time.monotonic()
+            messages = [
+                m
+                async for m in generator_pb2_grpc.GeneratorStub(channel).Generate(
+                    generator_pb2.GeneratorGenerateRequest(
+                        prompt="To be", sampling=common_pb2.SamplingParams(max_tokens=4, temperature=0.0)
+                    )
+                )
+            ]
+            wall = time.monotonic() - started
+        finally:
+            await channel.close()
+    assert all(not m.HasField("usage") for m in messages[:-1])
+    # Alone on the replica, its share is the whole time it was in flight: more than 0, within the call.
+    assert 0.0 < messages[-1].usage.replica_seconds <= wall
+    assert app.servicer.replica_time.in_flight == 0

@@ -465,6 +465,7 @@ class GatewayCore:
                 outcome.first_token_at = now
             if message.HasField("usage") or message.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
                 message.usage.cached = True
+                message.usage.replica_seconds = 0.0  # no replica ran it (the stored one is the first answer's)
                 outcome.usage.CopyFrom(message.usage)
             outcome.tokens += message.token_count
             outcome.last_token_at = now
@@ -611,7 +612,7 @@ class GatewayCore:
                         outcome.finish_reason = chunk.finish_reason
                         # Settle and free the stream slot before the last message goes out: a client that
                         # sends its next request as soon as this one ends must find the slot free.
-                        await limits.finish(outcome.tokens)
+                        await limits.finish(outcome.tokens, outcome.usage.replica_seconds)
                     yield message
                 # Read the stream to its end (not `return` at the last message): the tracing
                 # client interceptor ends the upstream call's span only when the stream is exhausted.
@@ -701,7 +702,9 @@ class GatewayCore:
         metrics.REQUESTS.labels(tenant, expert, outcome.code.name).inc()
         metrics.OUTPUT_TOKENS.labels(tenant, expert).inc(outcome.tokens)
         if outcome.first_token_at is not None:
-            cost = self._prices.price(expert, outcome.revision).cost(prompt_tokens, outcome.tokens)
+            cost = self._prices.price(expert, outcome.revision).cost(
+                prompt_tokens, outcome.tokens, outcome.usage.replica_seconds
+            )
             self._meter.record(tenant, expert, prompt_tokens, outcome.tokens, cost)
         ttft = (outcome.first_token_at - started) if outcome.first_token_at is not None else 0.0
         if outcome.first_token_at is not None:

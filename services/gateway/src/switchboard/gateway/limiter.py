@@ -373,6 +373,7 @@ class Admission:
         self._charged_tokens = 0
         self._charged_budget = 0
         self._charged_cost = 0  # nano-units
+        self._replica_seconds = 0.0  # the serving replica's charge, known at the end
 
     @property
     def output_tokens(self) -> int:
@@ -424,10 +425,11 @@ class Admission:
             return
         await asyncio.shield(self._give_back())
 
-    async def finish(self, output_tokens_total: int | None = None) -> None:
+    async def finish(self, output_tokens_total: int | None = None, replica_seconds: float = 0.0) -> None:
         """Settle the request's exact total (prompt + output tokens) and free its stream slot.
 
-        `output_tokens_total` is the true count (None: what `charge_output` saw). Idempotent, never
+        `output_tokens_total` is the true count (None: what `charge_output` saw); `replica_seconds`
+        is the replica time the serving generator charged it (priced by `per_replica_second`). Idempotent, never
         raises for the store, and completes even when the calling task is cancelled (safe in `finally`).
         """
         if self.finished:
@@ -435,6 +437,7 @@ class Admission:
         self.finished = True
         if output_tokens_total is not None:
             self._output_tokens = output_tokens_total
+        self._replica_seconds = max(0.0, replica_seconds)
         await asyncio.shield(self._finish())
 
     async def _finish(self) -> None:
@@ -462,7 +465,11 @@ class Admission:
                 self._log_failure(context, error)
         if self._cost_key is not None:
             price = self._price
-            cost = 0 if refund or price is None else price.cost_nanos(self.prompt_tokens, self._output_tokens)
+            cost = (
+                0
+                if refund or price is None
+                else price.cost_nanos(self.prompt_tokens, self._output_tokens, self._replica_seconds)
+            )
             if cost != self._charged_cost:
                 cost_key, delta, ttl = self._cost_key, cost - self._charged_cost, self._budget_ttl
                 try:

@@ -1,8 +1,12 @@
 """The price table: what a tenant's tokens cost, per expert (and revision), for cost metering and budgets.
 
 One YAML file (GATEWAY_PRICES_FILE) gives, per expert, the price of 1,000 prompt tokens and of
-1,000 output tokens in one currency; a revision may have its own prices, and `default` prices
-the experts the table does not name (without it they cost nothing):
+1,000 output tokens in one currency, and or instead the price of one replica-second: the
+request's share of the time its replica was busy, as the generator accounts it
+(`Usage.replica_seconds`: while n requests are in flight each is charged 1/n of every second, so
+the charges add up to the replica's busy time; switchboard.generator.replica_time). A revision may
+have its own prices, and `default` prices the experts the table does not name (without it they
+cost nothing):
 
     currency: USD
     default: {prompt_per_1k: 0.001, output_per_1k: 0.002}
@@ -12,6 +16,7 @@ the experts the table does not name (without it they cost nothing):
         output_per_1k: 0.0015
         revisions:
           r2: {prompt_per_1k: 0.0006, output_per_1k: 0.002}
+      scribe-large: {per_replica_second: 0.0004}   # a GPU's hourly price / 3600
 
 A malformed table is a start error naming the path of the bad value (a typo would otherwise bill
 nothing). The file is re-read when its identity changes, as the tenants file is; a bad edit keeps
@@ -44,7 +49,7 @@ RELOAD_FAILURES = Counter(
     "Price table reloads refused (malformed or unreadable file); the last good table stays.",
 )
 
-_PRICE_KEYS = {"prompt_per_1k", "output_per_1k"}
+_PRICE_KEYS = {"prompt_per_1k", "output_per_1k", "per_replica_second"}
 _EXPERT_KEYS = _PRICE_KEYS | {"revisions"}
 _TOP_KEYS = {"currency", "default", "experts"}
 
@@ -55,18 +60,21 @@ class PriceTableError(Exception):
 
 @dataclass(frozen=True)
 class Price:
-    """The price of 1,000 prompt tokens and of 1,000 output tokens, in the table's currency."""
+    """The price of 1,000 prompt tokens, of 1,000 output tokens and of one replica-second (the
+    request's share of its replica's busy time, `Usage.replica_seconds`), in the table's currency."""
 
     prompt_per_1k: float = 0.0
     output_per_1k: float = 0.0
+    per_replica_second: float = 0.0
 
-    def cost(self, prompt_tokens: int, output_tokens: int) -> float:
-        """What these tokens cost, in currency units."""
-        return (prompt_tokens * self.prompt_per_1k + output_tokens * self.output_per_1k) / TOKENS_PER_PRICE
+    def cost(self, prompt_tokens: int, output_tokens: int, replica_seconds: float = 0.0) -> float:
+        """What these tokens and this replica time cost, in currency units."""
+        tokens = (prompt_tokens * self.prompt_per_1k + output_tokens * self.output_per_1k) / TOKENS_PER_PRICE
+        return tokens + max(0.0, replica_seconds) * self.per_replica_second
 
-    def cost_nanos(self, prompt_tokens: int, output_tokens: int) -> int:
-        """What these tokens cost, in nano-units (rounded), as budgets count it."""
-        return round(self.cost(prompt_tokens, output_tokens) * NANOS_PER_UNIT)
+    def cost_nanos(self, prompt_tokens: int, output_tokens: int, replica_seconds: float = 0.0) -> int:
+        """What they cost, in nano-units (rounded), as budgets count it."""
+        return round(self.cost(prompt_tokens, output_tokens, replica_seconds) * NANOS_PER_UNIT)
 
 
 FREE = Price()
@@ -99,9 +107,14 @@ def _parse_price(raw: Mapping[str, Any], path: str, base: Price = FREE) -> Price
             continue
         value = raw[name]
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-            raise _fail(f"{path}.{name}", f"must be a number >= 0 (currency units per 1,000 tokens), got {value!r}")
+            unit = "per replica-second" if name == "per_replica_second" else "per 1,000 tokens"
+            raise _fail(f"{path}.{name}", f"must be a number >= 0 (currency units {unit}), got {value!r}")
         values[name] = float(value)
-    return Price(values.get("prompt_per_1k", base.prompt_per_1k), values.get("output_per_1k", base.output_per_1k))
+    return Price(
+        values.get("prompt_per_1k", base.prompt_per_1k),
+        values.get("output_per_1k", base.output_per_1k),
+        values.get("per_replica_second", base.per_replica_second),
+    )
 
 
 def parse_prices(text: str, source: str = "price table") -> PriceTable:

@@ -47,6 +47,7 @@ from switchboard.generator.engine import (
     RequestRejected,
 )
 from switchboard.generator.prompt_input import PromptRejected, choose_prompt
+from switchboard.generator.replica_time import ReplicaTimeMeter
 from switchboard.generator.sampling import SamplingParams
 from switchboard.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 
@@ -163,6 +164,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
     ) -> None:
         self.engine = engine
         self.outcomes = ReplicaOutcomes()
+        self.replica_time = ReplicaTimeMeter()  # each request's share of the busy time (Usage.replica_seconds)
         self.faults = faults or FaultInjection()
         self._fault_random = random.Random(self.faults.seed)
         self.identity = identity
@@ -259,6 +261,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         # when the request's prefill first ran: generator.queue (arrival to admission) and
         # generator.prefill (admission to first token).
         arrival_ns = time.time_ns()
+        metered = object()  # this call's key in the replica-time meter
+        self.replica_time.start(metered)
         try:
             async with aclosing(self.engine.generate(engine_request)) as outputs:
                 async for output in outputs:
@@ -272,10 +276,12 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                             "generator.decode", attributes={SpanAttributes.REQUEST_ID: request_id}
                         )
                     completion_tokens += len(output.token_ids)
+                    response = response_from_output(output)
                     if output.finish_reason is not None:
                         finish_reason = output.finish_reason
                         usage = output.usage
-                    yield response_from_output(output)
+                        response.usage.replica_seconds = self.replica_time.finish(metered)
+                    yield response
         except QueueFull as exc:
             finish_reason = "queue_full"
             raise resource_exhausted(
@@ -299,6 +305,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                 f"generation failed on replica {self.identity.replica_id}", retry_after_seconds=None
             ) from exc
         finally:
+            self.replica_time.finish(metered)  # a no-op after the last message; frees a cancelled call's
             if first_token_at is None:
                 record_queue_and_prefill(request_id, arrival_ns, None)
             if decode_span is not None:
