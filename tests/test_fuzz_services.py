@@ -450,6 +450,76 @@ def info(rng: random.Random, absurd: bool, replica: str) -> Message:
     return generator_pb2.InfoRequest()
 
 
+def score(rng: random.Random, absurd: bool, replica: str) -> Message:
+    message = generator_pb2.ScoreRequest(texts=[words(rng, 2, 12) for _ in range(rng.randint(1, 3))])
+    if absurd:
+        kind = rng.choice(["none", "many", "short", "long", "odd"])
+        if kind == "none":
+            del message.texts[:]
+        elif kind == "many":
+            message.texts[:] = ["to be"] * rng.choice([65, 1000])
+        elif kind == "short":
+            message.texts.append(rng.choice(["", "a"]))
+        elif kind == "long":
+            message.texts.append("thou " * 2000)  # far past the 512-token context: refused before the model runs
+        else:
+            message.texts.append(odd_string(rng))
+    return message
+
+
+def rollout_spec(rng: random.Random, absurd: bool) -> scheduler_pb2.RolloutSpec:
+    spec = scheduler_pb2.RolloutSpec(
+        expert=EXPERT,
+        from_revision=rng.choice(["", "v1", "fuzz"]),
+        to_revision=rng.choice(["v2", "fuzz", "sha-000000000000"]),
+        steps=[scheduler_pb2.RolloutStep(weight=rng.choice([0.1, 0.5, 1.0]), duration_seconds=rng.choice([1.0, 60.0]))],
+    )
+    if not absurd:
+        return spec
+    kind = rng.choice(["expert", "labels", "steps", "gates", "strategy", "probe", "deploy"])
+    if kind == "expert":
+        spec.expert = rng.choice(["", odd_string(rng)])
+    elif kind == "labels":
+        spec.from_revision, spec.to_revision = odd_string(rng), odd_string(rng)
+    elif kind == "steps":
+        spec.steps.extend(
+            scheduler_pb2.RolloutStep(weight=odd_float(rng), duration_seconds=odd_float(rng)) for _ in range(rng.choice([1, 40]))
+        )
+    elif kind == "gates":
+        spec.gates.CopyFrom(
+            scheduler_pb2.RolloutGates(
+                max_error_ratio=odd_float(rng), max_ttft_p95_ratio=odd_float(rng), min_requests=odd_u32(rng)
+            )
+        )
+    elif kind == "strategy":
+        spec.strategy = rng.choice([2, 3, 99])
+    elif kind == "probe":
+        spec.quality_probe.texts[:] = rng.choice([[], [""], ["x"] * 65, [odd_string(rng)]])
+        spec.quality_probe.max_nll_increase = odd_float(rng)
+    else:
+        spec.deploy.CopyFrom(scheduler_pb2.RolloutDeploy(model=odd_string(rng), replicas=odd_u32(rng)))
+    return spec
+
+
+def start_rollout(rng: random.Random, absurd: bool, replica: str) -> Message:
+    return scheduler_pb2.StartRolloutRequest(spec=rollout_spec(rng, absurd))
+
+
+def get_rollout(rng: random.Random, absurd: bool, replica: str) -> Message:
+    return scheduler_pb2.GetRolloutRequest(expert=odd_string(rng) if absurd else EXPERT)
+
+
+def list_rollouts(rng: random.Random, absurd: bool, replica: str) -> Message:
+    return scheduler_pb2.ListRolloutsRequest()
+
+
+def rollout_action(rng: random.Random, absurd: bool, replica: str) -> Message:
+    message = scheduler_pb2.RolloutActionRequest(expert=EXPERT, reason=words(rng, 0, 4))
+    if absurd:
+        message.expert, message.reason = rng.choice([("", ""), (odd_string(rng), ""), (EXPERT, "x" * 5000)])
+    return message
+
+
 Builder = Callable[[random.Random, bool, str], Message]
 
 
@@ -475,6 +545,13 @@ METHODS = [
     Method("router", "/switchboard.v1.Router/ListExperts", list_experts, "gateway", 1),
     Method("generator", "/switchboard.v1.Generator/Generate", generate, "gateway", 2, streaming=True),
     Method("generator", "/switchboard.v1.Generator/Info", info, "operator", 3),
+    Method("generator", "/switchboard.v1.Generator/Score", score, "operator", 1),
+    Method("scheduler", "/switchboard.v1.Scheduler/StartRollout", start_rollout, "operator", 2),
+    Method("scheduler", "/switchboard.v1.Scheduler/GetRollout", get_rollout, "operator", 1),
+    Method("scheduler", "/switchboard.v1.Scheduler/ListRollouts", list_rollouts, "operator", 1),
+    Method("scheduler", "/switchboard.v1.Scheduler/PauseRollout", rollout_action, "operator", 1),
+    Method("scheduler", "/switchboard.v1.Scheduler/ResumeRollout", rollout_action, "operator", 1),
+    Method("scheduler", "/switchboard.v1.Scheduler/AbortRollout", rollout_action, "operator", 1),
 ]
 # An identity each method's policy refuses (PERMISSION_DENIED before the handler).
 REFUSED = {"scheduler": "gateway", "router": "operator", "generator": "router"}
