@@ -1,9 +1,11 @@
 """Paged KV cache tensors: fixed-size blocks, addressed by slot.
 
 The cache stores keys and values of every layer in one tensor per layer shaped
-[num_blocks * block_size, num_kv_heads, head_dim] (a "slot" per token). A
-sequence owns a block table (list of block ids); token position p of the
-sequence lives in slot `table[p // block_size] * block_size + p % block_size`.
+[num_kv_heads, num_blocks * block_size, head_dim] (a "slot" per token in each
+head's plane). A sequence owns a block table (list of block ids); token position p
+of the sequence lives in slot `table[p // block_size] * block_size + p % block_size`.
+Heads lead so that gathering a sequence's blocks yields each head's keys as one
+contiguous [tokens, head_dim] matrix, the layout attention's matmuls read directly.
 
 The bookkeeping of those blocks (the block pool with its reference counts and
 prefix cache, the chained block hashes) is torch-free and lives in
@@ -40,6 +42,6 @@ class KVCache:
     ) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks
-        shape = (num_blocks * block_size, num_kv_heads, head_dim)
+        shape = (num_kv_heads, num_blocks * block_size, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
