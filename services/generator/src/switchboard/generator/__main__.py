@@ -43,7 +43,7 @@ async def serve(settings: GeneratorSettings) -> int:
 
     path = resolve_model_path(settings.model)
     device = resolve_device(settings.device)
-    log.info("loading model", path=str(path), device=device, dtype=settings.dtype)
+    log.info("loading model", path=str(path), device=device, dtype=settings.dtype, quantize=settings.quantize)
     # One thread does all of this replica's torch work (loading, engine setup, every step) while
     # the event loop stays free for gRPC: on CPU, steps on any thread but the one that loaded
     # the model ran 2-3x slower (see EngineConfig.step_in_thread).
@@ -51,7 +51,9 @@ async def serve(settings: GeneratorSettings) -> int:
     loop = asyncio.get_running_loop()
     try:
         try:
-            loaded = await loop.run_in_executor(compute, load_model, path, device, settings.dtype)
+            loaded = await loop.run_in_executor(
+                compute, load_model, path, device, settings.dtype, settings.quantize
+            )
         except ModelLoadError as exc:
             log.error("cannot load model", error=str(exc))
             return MODEL_LOAD_EXIT_CODE

@@ -22,6 +22,7 @@ SERVER_PREFIX = "GENERATOR"
 DEFAULT_PORT = 50061
 DEFAULT_METRICS_PORT = 9111
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "int8")  # switchboard.generator.models.quantize.QUANTIZATIONS (no torch import here)
 BACKENDS = ("local", "remote")
 REMOTE_ENGINES = ("auto", "vllm", "openai")  # remote.core.FLAVOURS (config imports no backend)
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
@@ -98,8 +99,14 @@ class GeneratorSettings:
     dtype: str = setting(
         "GENERATOR_DTYPE",
         "auto",
-        "weight dtype: auto (bfloat16 on CUDA and on CPUs with native bf16, else float32), float32, bfloat16, float16",
+        "weight dtype: auto (bfloat16 on CUDA; on CPU the faster of float32 and bfloat16 in a short step timed at load, logged as `dtype measured at load`; float32 for a float16 checkpoint), float32, bfloat16, float16 (naming one skips the timing)",
         choices=DTYPES,
+    )
+    quantize: str = setting(
+        "GENERATOR_QUANTIZE",
+        "none",
+        "weight-only quantization of the linear layers, CPU only: none, or int8 (int8 weights with one scale per output channel through torch's `_weight_int8pack_mm`, activations in GENERATOR_DTYPE; speed and perplexity in bench/README.md, Weight-only int8)",
+        choices=QUANTIZATIONS,
     )
     kv_cache_mb: int = setting(
         "GENERATOR_KV_CACHE_MB",
@@ -169,6 +176,14 @@ class GeneratorSettings:
     def __post_init__(self) -> None:
         if not _DEVICE.match(self.device):
             raise SettingsError(f"GENERATOR_DEVICE: must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        if self.quantize != "none" and self.device.startswith("cuda"):
+            raise SettingsError(
+                f"GENERATOR_QUANTIZE: {self.quantize} runs on CPU only (torch's CPU int8 kernels); GENERATOR_DEVICE is {self.device}"
+            )
+        if self.quantize != "none" and self.dtype == "float16":
+            raise SettingsError(
+                f"GENERATOR_QUANTIZE: {self.quantize} computes in bfloat16 or float32, not GENERATOR_DTYPE=float16"
+            )
         if self.backend == "remote":
             if not self.remote_url.startswith(("http://", "https://")):
                 raise SettingsError(

@@ -23,9 +23,14 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from switchboard.common.logging import get_logger
+from switchboard.generator.models.dtype_choice import cast_parameters, fastest, measure_dtypes
+from switchboard.generator.models.quantize import QUANTIZATIONS, int8_available
 from switchboard.generator.models.registry import ModelFamily, UnsupportedModelError, resolve_family
 from switchboard.generator.tokenizer import Tokenizer
 from torch import nn
+
+log = get_logger("switchboard.generator.loader")
 
 #: dtype names accepted by `load_model`, per device type.
 SUPPORTED_DTYPES: dict[str, dict[str, torch.dtype]] = {
@@ -59,6 +64,11 @@ class LoadedModel:
     eos_token_ids: set[int]
     parameter_count: int
     path: Path | None = None
+    #: Weight quantization of the linear layers: "none", or "int8" (weight-only, per-channel scales).
+    quantization: str = "none"
+    #: dtype "auto" on CPU: best one-token step seconds per candidate dtype and row count, timed
+    #: at load (`models/dtype_choice.py`); None when the dtype was named or there was one candidate.
+    dtype_timings: dict[str, dict[int, float]] | None = None
 
 
 def cpu_supports_bfloat16() -> bool:
@@ -75,7 +85,8 @@ def resolve_dtype(
     """The torch dtype to load into; ModelLoadError for a dtype the device does not support.
 
     "auto" is bfloat16 on CUDA; on CPU bfloat16 where the CPU has native bf16
-    support and the checkpoint is bf16 or fp32, float32 otherwise.
+    support and the checkpoint is bf16 or fp32, float32 otherwise. (`load_model`
+    decides CPU "auto" by timing both instead, see `measured_candidates`.)
     """
     name = _DTYPE_ALIASES.get(dtype.lower(), dtype.lower()) if isinstance(dtype, str) else str(dtype)
     supported = SUPPORTED_DTYPES.get(device.type)
@@ -91,6 +102,17 @@ def resolve_dtype(
             f"dtype {dtype!r} is not supported on {device.type}; choose one of: auto, {', '.join(supported)}"
         )
     return supported[name]
+
+
+def measured_candidates(
+    dtype: str, device: torch.device, checkpoint_dtype: torch.dtype | None
+) -> tuple[torch.dtype, ...]:
+    """The dtypes "auto" times at load on CPU (float32 and bfloat16); () when nothing is measured:
+    a named dtype, CUDA (bfloat16), or a float16 checkpoint (float32, as `resolve_dtype`)."""
+    name = _DTYPE_ALIASES.get(dtype.lower(), dtype.lower()) if isinstance(dtype, str) else str(dtype)
+    if name != "auto" or device.type != "cpu" or checkpoint_dtype not in (None, torch.bfloat16, torch.float32):
+        return ()
+    return (torch.float32, torch.bfloat16)
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -225,14 +247,32 @@ def _parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def load_model(path: Path | str, device: str | torch.device = "cpu", dtype: str = "auto") -> LoadedModel:
-    """Load a model folder onto `device` in `dtype`; ModelLoadError names whatever is wrong."""
+def check_quantization(quantize: str, device: torch.device) -> str:
+    """The quantization scheme name, checked against the device; ModelLoadError otherwise."""
+    if quantize not in QUANTIZATIONS:
+        raise ModelLoadError(f"weight quantization {quantize!r} is not supported; choose one of: {', '.join(QUANTIZATIONS)}")
+    if quantize != "none" and device.type != "cpu":
+        raise ModelLoadError(f"weight quantization {quantize!r} runs on CPU only (torch's CPU int8 kernels); the device is {device}")
+    if quantize == "int8" and not int8_available():
+        raise ModelLoadError("weight quantization 'int8' needs aten._weight_int8pack_mm, which this torch build lacks")
+    return quantize
+
+
+def load_model(
+    path: Path | str, device: str | torch.device = "cpu", dtype: str = "auto", quantize: str = "none"
+) -> LoadedModel:
+    """Load a model folder onto `device` in `dtype`; ModelLoadError names whatever is wrong.
+
+    `quantize="int8"` (CPU only) fuses the projections and makes every linear layer and the
+    output head weight-only int8 (`models/quantize.py`), computing in `dtype`.
+    """
     path = Path(path).expanduser()
     if not path.is_dir():
         raise ModelLoadError(f"model folder {path} does not exist or is not a directory")
     target = torch.device(device)
     if target.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device {device!r} requested for {path} but CUDA is not available")
+    quantize = check_quantization(quantize, target)
     config_json = _read_config(path)
     try:
         family = resolve_family(config_json)
@@ -244,11 +284,33 @@ def load_model(path: Path | str, device: str | torch.device = "cpu", dtype: str 
     files = weight_files(path)
     if not (path / "tokenizer.json").is_file():
         raise ModelLoadError(f"missing tokenizer.json in model folder {path}")
-    torch_dtype = resolve_dtype(dtype, target, _checkpoint_dtype(files))
+    checkpoint_dtype = _checkpoint_dtype(files)
+    torch_dtype = resolve_dtype(dtype, target, checkpoint_dtype)
+    candidates = measured_candidates(dtype, target, checkpoint_dtype)
+    if candidates:
+        torch_dtype = torch.float32  # loaded exactly, cast to the measured winner below
     with torch.device("meta"):
         model = family.model_class(config)
     _load_weights(model, family, config, files, target, torch_dtype)
     model.eval().requires_grad_(False)
+    timings = None
+    if candidates:
+        from switchboard.generator.models.packed_linear import packing_available
+
+        timings = measure_dtypes(model, candidates, quantize, pack=packing_available())
+        choice = fastest(timings)
+        torch_dtype = getattr(torch, choice)
+        cast_parameters(model, torch_dtype)
+        log.info(
+            "dtype measured at load",
+            model=path.name,
+            chosen=choice,
+            quantize=quantize,
+            **{f"{name}_step_ms": {rows: round(1e3 * t, 3) for rows, t in times.items()} for name, times in timings.items()},
+        )
+    parameter_count = _parameter_count(model)  # before quantizing: int8 weights are buffers
+    if quantize != "none":
+        model.quantize_for_serving(quantize)
     try:
         tokenizer = Tokenizer.from_dir(path, config_json)
     except Exception as exc:  # tokenizers raises a bare Exception for malformed files
@@ -267,8 +329,10 @@ def load_model(path: Path | str, device: str | torch.device = "cpu", dtype: str 
         dtype=torch_dtype,
         max_model_len=int(family.max_model_len(config)),
         eos_token_ids=set(tokenizer.eos_token_ids),
-        parameter_count=_parameter_count(model),
+        parameter_count=parameter_count,
         path=path,
+        quantization=quantize,
+        dtype_timings=timings,
     )
 
 
@@ -281,7 +345,8 @@ def _summary(loaded: LoadedModel) -> str:
             f"path:            {loaded.path}",
             f"architecture:    {loaded.architecture} ({type(loaded.model).__name__})",
             f"parameters:      {loaded.parameter_count:,}",
-            f"device / dtype:  {loaded.device} / {str(loaded.dtype).removeprefix('torch.')}",
+            f"device / dtype:  {loaded.device} / {str(loaded.dtype).removeprefix('torch.')}"
+            + ("" if loaded.quantization == "none" else f" activations, {loaded.quantization} weights"),
             f"layers / heads:  {c.num_hidden_layers} layers, {c.num_attention_heads} heads, "
             f"{c.num_key_value_heads} kv heads, head size {c.head_size}",
             f"vocab:           model {c.vocab_size}, tokenizer {loaded.tokenizer.vocab_size}",
@@ -301,11 +366,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
     parser.add_argument(
+        "--quantize", default="none", choices=QUANTIZATIONS, help="weight quantization (default: none)"
+    )
+    parser.add_argument(
         "--prompt", default=None, help="also run one greedy step on this prompt and print the next token"
     )
     args = parser.parse_args(argv)
     try:
-        loaded = load_model(args.path, args.device, args.dtype)
+        loaded = load_model(args.path, args.device, args.dtype, args.quantize)
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

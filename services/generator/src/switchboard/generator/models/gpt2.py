@@ -204,6 +204,15 @@ class GPT2Model(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
 
+def _serving_linear_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight [out, in], bias) of a Conv1D (stored [in, out]: its transpose) or an nn.Linear."""
+    from switchboard.generator.models.packed_linear import linear_weights
+
+    if isinstance(module, Conv1D):
+        return module.weight.t().contiguous(), module.bias
+    return linear_weights(module)
+
+
 class GPT2LMHeadModel(nn.Module):
     """A GPT-2 causal language model; the output head shares the token embedding when tied."""
 
@@ -231,14 +240,26 @@ class GPT2LMHeadModel(nn.Module):
         """With `pack`, prepack every projection for oneDNN (CPU); one-way, see packed_linear.py."""
         if not pack:
             return
-        from switchboard.generator.models.packed_linear import linear_weights, pack_linear_layers
+        from switchboard.generator.models.packed_linear import pack_linear_layers
 
-        def weights_of(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-            if isinstance(module, Conv1D):  # weight stored [in, out]: pack its transpose
-                return module.weight.t().contiguous(), module.bias
-            return linear_weights(module)
+        pack_linear_layers(self, _serving_linear_weights)
 
-        pack_linear_layers(self, weights_of)
+    def quantize_for_serving(self, scheme: str, head: bool = True) -> int:
+        """Make every projection (and, with `head`, lm_head) weight-only int8; see models/quantize.py.
+
+        Returns how many layers were quantized. One-way, as packing.
+        """
+        from switchboard.generator.models.quantize import quantize_linear_layers
+
+        if scheme != "int8":
+            raise ValueError(f"unknown weight quantization {scheme!r}; supported: int8")
+        dtype = self.transformer.wte.weight.dtype
+        count = quantize_linear_layers(self.transformer, dtype, _serving_linear_weights)
+        if head:
+            count += quantize_linear_layers(
+                self, dtype, lambda m: _serving_linear_weights(m) if m is self.lm_head else None
+            )
+        return count
 
     def forward_step(
         self,

@@ -539,6 +539,26 @@ class LlamaForCausalLM(nn.Module):
 
             pack_linear_layers(self)
 
+    def quantize_for_serving(self, scheme: str, head: bool = True) -> int:
+        """Fuse the projections, then make every linear layer (and, with `head`, lm_head) int8.
+
+        Weight-only int8 with per-output-channel scales (`models/quantize.py`), computing in
+        the model's dtype; returns how many layers were quantized. One-way, as packing.
+        """
+        from switchboard.generator.models.packed_linear import linear_weights
+        from switchboard.generator.models.quantize import quantize_linear_layers
+
+        if scheme != "int8":
+            raise ValueError(f"unknown weight quantization {scheme!r}; supported: int8")
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        dtype = self.model.embed_tokens.weight.dtype
+        count = quantize_linear_layers(self.model, dtype)
+        if head:
+            count += quantize_linear_layers(self, dtype, lambda m: linear_weights(m) if m is self.lm_head else None)
+        return count
+
     def forward_step(
         self,
         input_ids: torch.Tensor,

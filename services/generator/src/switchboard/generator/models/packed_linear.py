@@ -67,12 +67,24 @@ def pack_linear_layers(model: nn.Module, weights_of: LinearWeights = linear_weig
     Returns how many were packed. The default packs `nn.Linear`; a model with its own
     linear-like modules passes a function that also reads those.
     """
+    return replace_linear_layers(model, PackedLinear, weights_of)
+
+
+def replace_linear_layers(
+    model: nn.Module,
+    build: Callable[[torch.Tensor, torch.Tensor | None], nn.Module],
+    weights_of: LinearWeights = linear_weights,
+) -> int:
+    """Replace every module that `weights_of` reads as a linear layer with `build(weight, bias)`.
+
+    Returns how many were replaced (packing here, int8 quantization in `quantize.py`).
+    """
     count = 0
     with torch.no_grad():
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
                 weights = weights_of(child)
                 if weights is not None:
-                    setattr(parent, name, PackedLinear(*weights))
+                    setattr(parent, name, build(*weights))
                     count += 1
     return count
