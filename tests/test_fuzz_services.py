@@ -513,11 +513,16 @@ def list_rollouts(rng: random.Random, absurd: bool, replica: str) -> Message:
     return scheduler_pb2.ListRolloutsRequest()
 
 
-def rollout_action(rng: random.Random, absurd: bool, replica: str) -> Message:
-    message = scheduler_pb2.RolloutActionRequest(expert=EXPERT, reason=words(rng, 0, 4))
-    if absurd:
-        message.expert, message.reason = rng.choice([("", ""), (odd_string(rng), ""), (EXPERT, "x" * 5000)])
-    return message
+def rollout_action(kind: type[Message]) -> Builder:
+    """A builder of PauseRolloutRequest, ResumeRolloutRequest or AbortRolloutRequest (the same fields)."""
+
+    def build(rng: random.Random, absurd: bool, replica: str) -> Message:
+        message = kind(expert=EXPERT, reason=words(rng, 0, 4))
+        if absurd:
+            message.expert, message.reason = rng.choice([("", ""), (odd_string(rng), ""), (EXPERT, "x" * 5000)])
+        return message
+
+    return build
 
 
 Builder = Callable[[random.Random, bool, str], Message]
@@ -549,9 +554,9 @@ METHODS = [
     Method("scheduler", "/switchboard.v1.Scheduler/StartRollout", start_rollout, "operator", 2),
     Method("scheduler", "/switchboard.v1.Scheduler/GetRollout", get_rollout, "operator", 1),
     Method("scheduler", "/switchboard.v1.Scheduler/ListRollouts", list_rollouts, "operator", 1),
-    Method("scheduler", "/switchboard.v1.Scheduler/PauseRollout", rollout_action, "operator", 1),
-    Method("scheduler", "/switchboard.v1.Scheduler/ResumeRollout", rollout_action, "operator", 1),
-    Method("scheduler", "/switchboard.v1.Scheduler/AbortRollout", rollout_action, "operator", 1),
+    Method("scheduler", "/switchboard.v1.Scheduler/PauseRollout", rollout_action(scheduler_pb2.PauseRolloutRequest), "operator", 1),
+    Method("scheduler", "/switchboard.v1.Scheduler/ResumeRollout", rollout_action(scheduler_pb2.ResumeRolloutRequest), "operator", 1),
+    Method("scheduler", "/switchboard.v1.Scheduler/AbortRollout", rollout_action(scheduler_pb2.AbortRolloutRequest), "operator", 1),
 ]
 # An identity each method's policy refuses (PERMISSION_DENIED before the handler).
 REFUSED = {"scheduler": "gateway", "router": "operator", "generator": "router"}

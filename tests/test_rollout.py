@@ -115,13 +115,13 @@ def run_rollout(
     stub: scheduler_pb2_grpc.SchedulerStub, spec: scheduler_pb2.RolloutSpec, timeout: float
 ) -> list[scheduler_pb2.Rollout]:
     """Start a rollout and follow it until it ends; returns every distinct (state, step) seen."""
-    seen = [stub.StartRollout(scheduler_pb2.StartRolloutRequest(spec=spec), timeout=10)]
+    seen = [stub.StartRollout(scheduler_pb2.StartRolloutRequest(spec=spec), timeout=10).rollout]
     deadline = time.monotonic() + timeout
     ended = (scheduler_pb2.ROLLOUT_STATE_PROMOTED, scheduler_pb2.ROLLOUT_STATE_ROLLED_BACK, scheduler_pb2.ROLLOUT_STATE_ABORTED)
     while seen[-1].state not in ended:
         assert time.monotonic() < deadline, f"the rollout did not end in {timeout:g} s: {seen[-1]}"
         time.sleep(0.2)
-        now = stub.GetRollout(scheduler_pb2.GetRolloutRequest(expert=spec.expert), timeout=10)
+        now = stub.GetRollout(scheduler_pb2.GetRolloutRequest(expert=spec.expert), timeout=10).rollout
         if (now.state, now.step) != (seen[-1].state, seen[-1].step):
             seen.append(now)
         else:

@@ -82,7 +82,7 @@ async def test_rollout_rpcs_refuse_what_they_cannot_do(tmp_path: Path) -> None:
             )
             assert error["reason"] == "ROLLOUT_CONFLICT" and "no ready replica" in error["details"]
             await stub.Register(register("new", "v2", 50062))
-            started = await stub.StartRollout(scheduler_pb2.StartRolloutRequest(spec=rollout_spec()))
+            started = (await stub.StartRollout(scheduler_pb2.StartRolloutRequest(spec=rollout_spec()))).rollout
             assert started.state == scheduler_pb2.ROLLOUT_STATE_RUNNING and started.weight == 1.0
             assert started.spec.gates.max_ttft_p95_ratio == pytest.approx(1.5)  # defaults filled in
             await expect_error(
@@ -90,20 +90,20 @@ async def test_rollout_rpcs_refuse_what_they_cannot_do(tmp_path: Path) -> None:
                 grpc.StatusCode.FAILED_PRECONDITION,
             )
             await expect_error(
-                stub.ResumeRollout(scheduler_pb2.RolloutActionRequest(expert="bard-small")),
+                stub.ResumeRollout(scheduler_pb2.ResumeRolloutRequest(expert="bard-small")),
                 grpc.StatusCode.FAILED_PRECONDITION,
             )
             await expect_error(
-                stub.PauseRollout(scheduler_pb2.RolloutActionRequest(expert="bard-small", reason="x" * 2000)),
+                stub.PauseRollout(scheduler_pb2.PauseRolloutRequest(expert="bard-small", reason="x" * 2000)),
                 grpc.StatusCode.INVALID_ARGUMENT,
             )
             await expect_error(
-                stub.AbortRollout(scheduler_pb2.RolloutActionRequest(expert="milton-small")),
+                stub.AbortRollout(scheduler_pb2.AbortRolloutRequest(expert="milton-small")),
                 grpc.StatusCode.NOT_FOUND,
             )
-            paused = await stub.PauseRollout(
-                scheduler_pb2.RolloutActionRequest(expert="bard-small", reason="hold")
-            )
+            paused = (
+                await stub.PauseRollout(scheduler_pb2.PauseRolloutRequest(expert="bard-small", reason="hold"))
+            ).rollout
             assert paused.state == scheduler_pb2.ROLLOUT_STATE_PAUSED and paused.reason == "hold"
             # Placement follows the weight (1.0: the new revision first, the old one as the alternate).
             place = await stub.Place(
@@ -113,9 +113,9 @@ async def test_rollout_rpcs_refuse_what_they_cannot_do(tmp_path: Path) -> None:
             assert [a.revision for a in place.placements[0].alternates] == ["v1"]
             cluster = await stub.GetCluster(scheduler_pb2.GetClusterRequest())
             assert {r.replica_id: r.revision for r in cluster.replicas} == {"old": "v1", "new": "v2"}
-            aborted = await stub.AbortRollout(
-                scheduler_pb2.RolloutActionRequest(expert="bard-small", reason="drill")
-            )
+            aborted = (
+                await stub.AbortRollout(scheduler_pb2.AbortRolloutRequest(expert="bard-small", reason="drill"))
+            ).rollout
             assert aborted.state == scheduler_pb2.ROLLOUT_STATE_ABORTED and aborted.weight == 0.0
             listed = await stub.ListRollouts(scheduler_pb2.ListRolloutsRequest())
             assert [r.spec.expert for r in listed.rollouts] == ["bard-small"]
@@ -131,9 +131,11 @@ async def test_rollout_rpcs_refuse_what_they_cannot_do(tmp_path: Path) -> None:
     async with running_scheduler(rollout_state_file=tmp_path / "rollouts.json") as app:
         channel = open_channel(f"127.0.0.1:{app.service.port}")
         try:
-            back = await scheduler_pb2_grpc.SchedulerStub(channel).GetRollout(
-                scheduler_pb2.GetRolloutRequest(expert="bard-small")
-            )
+            back = (
+                await scheduler_pb2_grpc.SchedulerStub(channel).GetRollout(
+                    scheduler_pb2.GetRolloutRequest(expert="bard-small")
+                )
+            ).rollout
             assert back.state == scheduler_pb2.ROLLOUT_STATE_ABORTED and back.reason == "drill"
         finally:
             await channel.close()
@@ -156,7 +158,7 @@ async def test_heartbeat_outcomes_roll_a_failing_revision_back() -> None:
                     )
                 )
             app.servicer.tick_rollouts()
-            rollout = await stub.GetRollout(scheduler_pb2.GetRolloutRequest(expert="bard-small"))
+            rollout = (await stub.GetRollout(scheduler_pb2.GetRolloutRequest(expert="bard-small"))).rollout
             assert rollout.state == scheduler_pb2.ROLLOUT_STATE_ROLLED_BACK, rollout
             assert "error ratio 0.400" in rollout.reason
             new = next(s for s in rollout.stats if s.revision == "v2")

@@ -116,22 +116,16 @@ def _dispatch(args: argparse.Namespace, stub: scheduler_pb2_grpc.SchedulerStub) 
             print("\n".join(describe(r) for r in reply.rollouts) or "no rollouts")
         return 0
     if action == "status":
-        _show(
-            args,
-            stub.GetRollout(scheduler_pb2.GetRolloutRequest(expert=args.expert), timeout=RPC_TIMEOUT_SECONDS),
-        )
+        reply = stub.GetRollout(scheduler_pb2.GetRolloutRequest(expert=args.expert), timeout=RPC_TIMEOUT_SECONDS)
+        _show(args, reply.rollout)
         return 0
     if action in ("pause", "resume", "abort"):
-        method = {"pause": stub.PauseRollout, "resume": stub.ResumeRollout, "abort": stub.AbortRollout}[
-            action
-        ]
-        _show(
-            args,
-            method(
-                scheduler_pb2.RolloutActionRequest(expert=args.expert, reason=args.reason),
-                timeout=RPC_TIMEOUT_SECONDS,
-            ),
-        )
+        method, message = {
+            "pause": (stub.PauseRollout, scheduler_pb2.PauseRolloutRequest),
+            "resume": (stub.ResumeRollout, scheduler_pb2.ResumeRolloutRequest),
+            "abort": (stub.AbortRollout, scheduler_pb2.AbortRolloutRequest),
+        }[action]
+        _show(args, method(message(expert=args.expert, reason=args.reason), timeout=RPC_TIMEOUT_SECONDS).rollout)
         return 0
     spec = scheduler_pb2.RolloutSpec(
         expert=args.expert,
@@ -152,7 +146,7 @@ def _dispatch(args: argparse.Namespace, stub: scheduler_pb2_grpc.SchedulerStub) 
         if args.deploy_model is not None or args.deploy_replicas
         else None,
     )
-    rollout = stub.StartRollout(scheduler_pb2.StartRolloutRequest(spec=spec), timeout=RPC_TIMEOUT_SECONDS)
+    rollout = stub.StartRollout(scheduler_pb2.StartRolloutRequest(spec=spec), timeout=RPC_TIMEOUT_SECONDS).rollout
     _show(args, rollout)
     if not args.wait:
         return 0
@@ -161,7 +155,7 @@ def _dispatch(args: argparse.Namespace, stub: scheduler_pb2_grpc.SchedulerStub) 
         time.sleep(args.poll_seconds)
         rollout = stub.GetRollout(
             scheduler_pb2.GetRolloutRequest(expert=args.expert), timeout=RPC_TIMEOUT_SECONDS
-        )
+        ).rollout
         if (rollout.state, rollout.step) != last:
             last = (rollout.state, rollout.step)
             _show(args, rollout)

@@ -395,11 +395,23 @@ class StartRolloutRequest(_message.Message):
     spec: RolloutSpec
     def __init__(self, spec: _Optional[_Union[RolloutSpec, _Mapping]] = ...) -> None: ...
 
+class StartRolloutResponse(_message.Message):
+    __slots__ = ("rollout",)
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    rollout: Rollout
+    def __init__(self, rollout: _Optional[_Union[Rollout, _Mapping]] = ...) -> None: ...
+
 class GetRolloutRequest(_message.Message):
     __slots__ = ("expert",)
     EXPERT_FIELD_NUMBER: _ClassVar[int]
     expert: str
     def __init__(self, expert: _Optional[str] = ...) -> None: ...
+
+class GetRolloutResponse(_message.Message):
+    __slots__ = ("rollout",)
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    rollout: Rollout
+    def __init__(self, rollout: _Optional[_Union[Rollout, _Mapping]] = ...) -> None: ...
 
 class ListRolloutsRequest(_message.Message):
     __slots__ = ()
@@ -411,10 +423,44 @@ class ListRolloutsResponse(_message.Message):
     rollouts: _containers.RepeatedCompositeFieldContainer[Rollout]
     def __init__(self, rollouts: _Optional[_Iterable[_Union[Rollout, _Mapping]]] = ...) -> None: ...
 
-class RolloutActionRequest(_message.Message):
+class PauseRolloutRequest(_message.Message):
     __slots__ = ("expert", "reason")
     EXPERT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     expert: str
     reason: str
     def __init__(self, expert: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class PauseRolloutResponse(_message.Message):
+    __slots__ = ("rollout",)
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    rollout: Rollout
+    def __init__(self, rollout: _Optional[_Union[Rollout, _Mapping]] = ...) -> None: ...
+
+class ResumeRolloutRequest(_message.Message):
+    __slots__ = ("expert", "reason")
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    expert: str
+    reason: str
+    def __init__(self, expert: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ResumeRolloutResponse(_message.Message):
+    __slots__ = ("rollout",)
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    rollout: Rollout
+    def __init__(self, rollout: _Optional[_Union[Rollout, _Mapping]] = ...) -> None: ...
+
+class AbortRolloutRequest(_message.Message):
+    __slots__ = ("expert", "reason")
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    expert: str
+    reason: str
+    def __init__(self, expert: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class AbortRolloutResponse(_message.Message):
+    __slots__ = ("rollout",)
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    rollout: Rollout
+    def __init__(self, rollout: _Optional[_Union[Rollout, _Mapping]] = ...) -> None: ...

@@ -72,12 +72,12 @@ class SchedulerStub:
         self.StartRollout = channel.unary_unary(
                 '/switchboard.v1.Scheduler/StartRollout',
                 request_serializer=switchboard_dot_v1_dot_scheduler__pb2.StartRolloutRequest.SerializeToString,
-                response_deserializer=switchboard_dot_v1_dot_scheduler__pb2.Rollout.FromString,
+                response_deserializer=switchboard_dot_v1_dot_scheduler__pb2.StartRolloutResponse.FromString,
                 _registered_method=True)
         self.GetRollout = channel.unary_unary(
                 '/switchboard.v1.Scheduler/GetRollout',
                 request_serializer=switchboard_dot_v1_dot_scheduler__pb2.GetRolloutRequest.SerializeToString,
-                response_deserializer=switchboard_dot_v1_dot_scheduler__pb2.Rollout.FromString,
+                response_deserializer=switchboard_dot_v1_dot_scheduler__pb2.GetRolloutResponse.FromString,
                 _registered_method=True)
         self.ListRollouts = channel.unary_unary(
                 '/switchboard.v1.Scheduler/ListRollouts',
@@ -86,18 +86,18 @@ class SchedulerStub:
                 _registered_method=True)
         self.PauseRollout = channel.unary_unary(
                 '/switchboard.v1.Scheduler/PauseRollout',
-                request_serializer=switchboard_dot_v1_dot_scheduler__pb2.RolloutActionRequest.SerializeToString,
-                response_deserializer=switchboard_dot_v1_dot_scheduler__pb2.Rollout.FromString,
+                request_serializer=switchboard_dot_v1_dot_scheduler__pb2.PauseRolloutRequest.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_scheduler__pb2.PauseRolloutResponse.FromString,
                 _registered_method=True)
         self.ResumeRollout = channel.unary_unary(
                 '/switchboard.v1.Scheduler/ResumeRollout',
-                request_serializer=switchboard_dot_v1_dot_scheduler__pb2.RolloutActionRequest.SerializeToString,
-                response_deserializer=switchboard_dot_v1_dot_scheduler__pb2.Rollout.FromString,
+                request_serializer=switchboard_dot_v1_dot_scheduler__pb2.ResumeRolloutRequest.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_scheduler__pb2.ResumeRolloutResponse.FromString,
                 _registered_method=True)
         self.AbortRollout = channel.unary_unary(
                 '/switchboard.v1.Scheduler/AbortRollout',
-                request_serializer=switchboard_dot_v1_dot_scheduler__pb2.RolloutActionRequest.SerializeToString,
-                response_deserializer=switchboard_dot_v1_dot_scheduler__pb2.Rollout.FromString,
+                request_serializer=switchboard_dot_v1_dot_scheduler__pb2.AbortRolloutRequest.SerializeToString,
+                response_deserializer=switchboard_dot_v1_dot_scheduler__pb2.AbortRolloutResponse.FromString,
                 _registered_method=True)
 
 
@@ -235,12 +235,12 @@ def add_SchedulerServicer_to_server(servicer, server):
             'StartRollout': grpc.unary_unary_rpc_method_handler(
                     servicer.StartRollout,
                     request_deserializer=switchboard_dot_v1_dot_scheduler__pb2.StartRolloutRequest.FromString,
-                    response_serializer=switchboard_dot_v1_dot_scheduler__pb2.Rollout.SerializeToString,
+                    response_serializer=switchboard_dot_v1_dot_scheduler__pb2.StartRolloutResponse.SerializeToString,
             ),
             'GetRollout': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRollout,
                     request_deserializer=switchboard_dot_v1_dot_scheduler__pb2.GetRolloutRequest.FromString,
-                    response_serializer=switchboard_dot_v1_dot_scheduler__pb2.Rollout.SerializeToString,
+                    response_serializer=switchboard_dot_v1_dot_scheduler__pb2.GetRolloutResponse.SerializeToString,
             ),
             'ListRollouts': grpc.unary_unary_rpc_method_handler(
                     servicer.ListRollouts,
@@ -249,18 +249,18 @@ def add_SchedulerServicer_to_server(servicer, server):
             ),
             'PauseRollout': grpc.unary_unary_rpc_method_handler(
                     servicer.PauseRollout,
-                    request_deserializer=switchboard_dot_v1_dot_scheduler__pb2.RolloutActionRequest.FromString,
-                    response_serializer=switchboard_dot_v1_dot_scheduler__pb2.Rollout.SerializeToString,
+                    request_deserializer=switchboard_dot_v1_dot_scheduler__pb2.PauseRolloutRequest.FromString,
+                    response_serializer=switchboard_dot_v1_dot_scheduler__pb2.PauseRolloutResponse.SerializeToString,
             ),
             'ResumeRollout': grpc.unary_unary_rpc_method_handler(
                     servicer.ResumeRollout,
-                    request_deserializer=switchboard_dot_v1_dot_scheduler__pb2.RolloutActionRequest.FromString,
-                    response_serializer=switchboard_dot_v1_dot_scheduler__pb2.Rollout.SerializeToString,
+                    request_deserializer=switchboard_dot_v1_dot_scheduler__pb2.ResumeRolloutRequest.FromString,
+                    response_serializer=switchboard_dot_v1_dot_scheduler__pb2.ResumeRolloutResponse.SerializeToString,
             ),
             'AbortRollout': grpc.unary_unary_rpc_method_handler(
                     servicer.AbortRollout,
-                    request_deserializer=switchboard_dot_v1_dot_scheduler__pb2.RolloutActionRequest.FromString,
-                    response_serializer=switchboard_dot_v1_dot_scheduler__pb2.Rollout.SerializeToString,
+                    request_deserializer=switchboard_dot_v1_dot_scheduler__pb2.AbortRolloutRequest.FromString,
+                    response_serializer=switchboard_dot_v1_dot_scheduler__pb2.AbortRolloutResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -456,7 +456,7 @@ class Scheduler:
             target,
             '/switchboard.v1.Scheduler/StartRollout',
             switchboard_dot_v1_dot_scheduler__pb2.StartRolloutRequest.SerializeToString,
-            switchboard_dot_v1_dot_scheduler__pb2.Rollout.FromString,
+            switchboard_dot_v1_dot_scheduler__pb2.StartRolloutResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -483,7 +483,7 @@ class Scheduler:
             target,
             '/switchboard.v1.Scheduler/GetRollout',
             switchboard_dot_v1_dot_scheduler__pb2.GetRolloutRequest.SerializeToString,
-            switchboard_dot_v1_dot_scheduler__pb2.Rollout.FromString,
+            switchboard_dot_v1_dot_scheduler__pb2.GetRolloutResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -536,8 +536,8 @@ class Scheduler:
             request,
             target,
             '/switchboard.v1.Scheduler/PauseRollout',
-            switchboard_dot_v1_dot_scheduler__pb2.RolloutActionRequest.SerializeToString,
-            switchboard_dot_v1_dot_scheduler__pb2.Rollout.FromString,
+            switchboard_dot_v1_dot_scheduler__pb2.PauseRolloutRequest.SerializeToString,
+            switchboard_dot_v1_dot_scheduler__pb2.PauseRolloutResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -563,8 +563,8 @@ class Scheduler:
             request,
             target,
             '/switchboard.v1.Scheduler/ResumeRollout',
-            switchboard_dot_v1_dot_scheduler__pb2.RolloutActionRequest.SerializeToString,
-            switchboard_dot_v1_dot_scheduler__pb2.Rollout.FromString,
+            switchboard_dot_v1_dot_scheduler__pb2.ResumeRolloutRequest.SerializeToString,
+            switchboard_dot_v1_dot_scheduler__pb2.ResumeRolloutResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -590,8 +590,8 @@ class Scheduler:
             request,
             target,
             '/switchboard.v1.Scheduler/AbortRollout',
-            switchboard_dot_v1_dot_scheduler__pb2.RolloutActionRequest.SerializeToString,
-            switchboard_dot_v1_dot_scheduler__pb2.Rollout.FromString,
+            switchboard_dot_v1_dot_scheduler__pb2.AbortRolloutRequest.SerializeToString,
+            switchboard_dot_v1_dot_scheduler__pb2.AbortRolloutResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -560,7 +560,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     async def StartRollout(
         self, request: scheduler_pb2.StartRolloutRequest, context: grpc.aio.ServicerContext
-    ) -> scheduler_pb2.Rollout:
+    ) -> scheduler_pb2.StartRolloutResponse:
         """Start moving an expert's traffic to a new revision."""
         if not request.HasField("spec"):
             raise invalid_argument("spec", "is required (expert, from_revision, to_revision, ...)")
@@ -577,17 +577,18 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             raise invalid_argument(error.field, error.description) from None
         except RolloutConflict as error:
             raise failed_precondition(str(error), reason="ROLLOUT_CONFLICT") from None
-        return rollout_to_proto(rollout, self.registry.clock())
+        return scheduler_pb2.StartRolloutResponse(rollout=rollout_to_proto(rollout, self.registry.clock()))
 
     async def GetRollout(
         self, request: scheduler_pb2.GetRolloutRequest, context: grpc.aio.ServicerContext
-    ) -> scheduler_pb2.Rollout:
+    ) -> scheduler_pb2.GetRolloutResponse:
         """An expert's current (or last) rollout."""
         _check_id("expert", request.expert)
         try:
-            return rollout_to_proto(self.rollouts.get(request.expert), self.registry.clock())
+            rollout = self.rollouts.get(request.expert)
         except NoRollout as error:
             raise not_found(str(error), reason="ROLLOUT_NOT_FOUND") from None
+        return scheduler_pb2.GetRolloutResponse(rollout=rollout_to_proto(rollout, self.registry.clock()))
 
     async def ListRollouts(
         self, request: scheduler_pb2.ListRolloutsRequest, context: grpc.aio.ServicerContext
@@ -597,24 +598,29 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         return scheduler_pb2.ListRolloutsResponse(rollouts=[rollout_to_proto(r, now) for r in self.rollouts.list()])
 
     async def PauseRollout(
-        self, request: scheduler_pb2.RolloutActionRequest, context: grpc.aio.ServicerContext
-    ) -> scheduler_pb2.Rollout:
+        self, request: scheduler_pb2.PauseRolloutRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.PauseRolloutResponse:
         """Hold a running rollout at its weights."""
-        return self._rollout_action(request, self.rollouts.pause)
+        return scheduler_pb2.PauseRolloutResponse(rollout=self._rollout_action(request, self.rollouts.pause))
 
     async def ResumeRollout(
-        self, request: scheduler_pb2.RolloutActionRequest, context: grpc.aio.ServicerContext
-    ) -> scheduler_pb2.Rollout:
+        self, request: scheduler_pb2.ResumeRolloutRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.ResumeRolloutResponse:
         """Continue a paused rollout."""
-        return self._rollout_action(request, self.rollouts.resume)
+        return scheduler_pb2.ResumeRolloutResponse(rollout=self._rollout_action(request, self.rollouts.resume))
 
     async def AbortRollout(
-        self, request: scheduler_pb2.RolloutActionRequest, context: grpc.aio.ServicerContext
-    ) -> scheduler_pb2.Rollout:
+        self, request: scheduler_pb2.AbortRolloutRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.AbortRolloutResponse:
         """Stop a rollout; all traffic back to the old revision."""
-        return self._rollout_action(request, self.rollouts.abort)
+        return scheduler_pb2.AbortRolloutResponse(rollout=self._rollout_action(request, self.rollouts.abort))
 
-    def _rollout_action(self, request: scheduler_pb2.RolloutActionRequest, action: Callable[[str, str], Rollout]) -> scheduler_pb2.Rollout:
+    def _rollout_action(
+        self,
+        request: scheduler_pb2.PauseRolloutRequest | scheduler_pb2.ResumeRolloutRequest | scheduler_pb2.AbortRolloutRequest,
+        action: Callable[[str, str], Rollout],
+    ) -> scheduler_pb2.Rollout:
+        """Pause, resume or abort (the three requests have the same fields)."""
         _check_id("expert", request.expert)
         if len(request.reason) > MAX_REASON_LENGTH:
             raise invalid_argument("reason", f"must be at most {MAX_REASON_LENGTH} characters")
