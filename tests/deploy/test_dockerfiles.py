@@ -9,6 +9,7 @@ import deploy_checks as dc
 import pytest
 from switchboard.cli.localstack import plan_stack, service_specs
 from switchboard.cli.processes import ProcessGroup, ServiceSpec
+from switchboard.common.launch import launched
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,11 @@ def stack_commands(tmp_path_factory: pytest.TempPathFactory, repo: Path) -> dict
         probe = group.start(ServiceSpec("probe", dc.HEALTHCHECK_MODULE, port=1))
         probe.popen.wait(timeout=60)
         argv = list(probe.popen.args)
-    assert argv == [sys.executable, "-m", dc.HEALTHCHECK_MODULE]
+    # The local stack starts each service through the launcher that ties it to `switchboard up`'s
+    # life (switchboard.common.launch); what the launcher execs is the image's command.
+    launcher = launched([])
+    assert argv[: len(launcher)] == launcher
+    assert argv[len(launcher) :] == [sys.executable, "-m", dc.HEALTHCHECK_MODULE]
     return {service: ["python", "-m", module] for service, module in modules.items()}
 
 
