@@ -88,7 +88,8 @@ async def outcome(stub: generator_pb2_grpc.GeneratorStub) -> tuple[grpc.StatusCo
 async def read_all(call: object) -> None:
     """Read a stream to its end; a cancelled one ends quietly."""
     try:
-        async for _ in call:  # type: ignore[attr-defined]
+        # read(), as the caller already did: grpc.aio does not let one call mix read() and iteration.
+        while await call.read() is not grpc.aio.EOF:  # type: ignore[attr-defined]
             pass
     except asyncio.CancelledError:
         pass

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-from switchboard.common.telemetry import client_interceptors
+from switchboard.common.rpc_tracing import TracedChannel
 from switchboard.common.tls import TlsIdentity
 
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
@@ -28,8 +28,8 @@ def open_channel(address: str, tls: TlsIdentity | None = None, peer_role: str | 
     replicas are reached by IP). Without it, plaintext.
     """
     if tls is None:
-        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=client_interceptors())
+        return TracedChannel(grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS))
     if not peer_role:
         raise ValueError("a mutual-TLS channel needs the role of the service it calls (peer_role)")
     options = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", peer_role)]
-    return grpc.aio.secure_channel(address, tls.channel_credentials(), options=options, interceptors=client_interceptors())
+    return TracedChannel(grpc.aio.secure_channel(address, tls.channel_credentials(), options=options))

@@ -27,10 +27,13 @@ from switchboard.common.interceptors import (
     ErrorInterceptor,
     MethodBound,
     MetricsInterceptor,
+    ServerPipeline,
+    Stage,
 )
 from switchboard.common.logging import configure_logging, get_logger
+from switchboard.common.rpc_tracing import ServerTracing
 from switchboard.common.settings import ServerSettings, SettingsError, method_message_limits
-from switchboard.common.telemetry import configure_tracing, server_interceptors, shutdown_tracing
+from switchboard.common.telemetry import configure_tracing, shutdown_tracing
 from switchboard.common.tls import IdentityInterceptor
 
 log = get_logger(__name__)
@@ -127,7 +130,7 @@ class GrpcService:
         self,
         name: str,
         settings: ServerSettings,
-        extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        extra_interceptors: Sequence[Stage] = (),
         identity_policy: Mapping[str, frozenset[str]] | None = None,
         public: bool = False,
         public_credentials: grpc.ServerCredentials | None = None,
@@ -140,22 +143,24 @@ class GrpcService:
         self.extra_interceptors = tuple(extra_interceptors)
         self._credentials: grpc.ServerCredentials | None = public_credentials
         self.method_bounds = method_bounds(settings)
-        identity: list[grpc.aio.ServerInterceptor] = []
+        identity: list[Stage] = []
         if not public and settings.tls is not None:
             if identity_policy is None:
                 # Fail closed: mutual TLS without a policy would let any certified service call anything.
                 raise ValueError(f"{name}: a server with mutual TLS needs its identity policy")
             self._credentials = settings.tls.server_credentials()
             identity.append(IdentityInterceptor(identity_policy))
-        interceptors = [
-            *server_interceptors(),
-            MetricsInterceptor(name),
-            DecodeInterceptor(self.method_bounds),
-            *identity,
-            *extra_interceptors,
-            ErrorInterceptor(),
-        ]
-        self.server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
+        pipeline = ServerPipeline(
+            [
+                ServerTracing(),
+                MetricsInterceptor(name),
+                DecodeInterceptor(self.method_bounds),
+                *identity,
+                *extra_interceptors,
+                ErrorInterceptor(),
+            ]
+        )
+        self.server = grpc.aio.server(interceptors=[pipeline], options=server_options(settings))
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = 0

@@ -4,8 +4,8 @@ With `OTEL_EXPORTER_OTLP_ENDPOINT` set, spans are exported over OTLP/gRPC in
 batches (`OTEL_BSP_*` tune the batching); without it, spans are still created
 (so trace ids reach the logs and propagate across hops) but not exported.
 `OTEL_SERVICE_NAME` overrides the service name. gRPC server and client spans
-come from the interceptors that `server_interceptors()`/`client_interceptors()`
-return; health and reflection calls are not traced.
+come from rpc_tracing.py (the server pipeline's first stage, and the channels that
+`channels.open_channel` returns); health and reflection calls are not traced.
 """
 
 from __future__ import annotations
@@ -14,29 +14,11 @@ import os
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
 _provider: TracerProvider | None = None
-
-# Infrastructure RPCs that would drown real requests in the trace viewer.
-_UNTRACED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
-
-
-def _is_traced(details: Any) -> bool:
-    """Whether a call is traced: every call but health and reflection.
-
-    A plain prefix test on the method name. OpenTelemetry's own filters (`service_prefix`, `negate`)
-    run several `isinstance` checks against typing protocols per call, which the gateway bench's
-    profile showed at ~3% of the gateway's and the router's CPU per request.
-    """
-    method = getattr(details, "method", "")
-    if isinstance(method, bytes):  # grpc.aio client call details carry bytes (grpc issue 31092)
-        method = method.decode("utf-8", "replace")
-    return not str(method).startswith(_UNTRACED_PREFIXES)
-
 
 class SpanAttributes:
     """Span attribute names: OpenTelemetry's gen_ai.* conventions plus our own switchboard.*."""
@@ -100,16 +82,6 @@ def shutdown_tracing() -> None:
 def get_tracer(name: str) -> trace.Tracer:
     """A tracer for domain spans (queue, prefill, decode, route, place)."""
     return trace.get_tracer(name)
-
-
-def server_interceptors() -> list[Any]:
-    """The OpenTelemetry gRPC server interceptor (extracts context from metadata)."""
-    return [aio_server_interceptor(filter_=_is_traced)]
-
-
-def client_interceptors() -> list[Any]:
-    """The OpenTelemetry gRPC client interceptors (inject context into metadata)."""
-    return list(aio_client_interceptors(filter_=_is_traced))
 
 
 def in_memory_span_exporter() -> Any:

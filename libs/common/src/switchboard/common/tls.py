@@ -19,7 +19,7 @@ The gateway's public port is not an internal hop: it serves clients with its own
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -27,7 +27,7 @@ from typing import Any
 
 import grpc
 from switchboard.common.errors import ServiceError, unauthenticated
-from switchboard.common.interceptors import Behavior, is_infrastructure, rewrap_handler
+from switchboard.common.interceptors import Behavior, Stage, is_infrastructure
 from switchboard.common.logging import get_logger
 
 log = get_logger(__name__)
@@ -138,7 +138,7 @@ def permission_denied(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.PERMISSION_DENIED, message, reason="IDENTITY_NOT_ALLOWED")
 
 
-class IdentityInterceptor(grpc.aio.ServerInterceptor):
+class IdentityInterceptor(Stage):
     """Refuse calls whose peer role the service's policy does not allow (deny by default).
 
     `policy` maps a full method name ('/switchboard.v1.Scheduler/Register') to the roles allowed.
@@ -148,16 +148,8 @@ class IdentityInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, policy: Mapping[str, frozenset[str]]) -> None:
         self._policy = dict(policy)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None:
-            return handler
-        allowed = frozenset({ANY_ROLE}) if is_infrastructure(details.method) else self._policy.get(details.method, frozenset())
-        method = details.method
+    def wrap(self, behavior: Behavior, streaming: bool, method: str) -> Behavior:
+        allowed = frozenset({ANY_ROLE}) if is_infrastructure(method) else self._policy.get(method, frozenset())
 
         async def refuse(context: grpc.aio.ServicerContext, identity: str | None) -> None:
             log.warning("call refused for its identity", method=method, identity=identity, peer=context.peer())
@@ -179,24 +171,21 @@ class IdentityInterceptor(grpc.aio.ServerInterceptor):
                 return identity
             return None
 
-        def wrap(behavior: Behavior, streaming: bool) -> Behavior:
-            if streaming:
+        if streaming:
 
-                async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                    if permitted(context) is None:
-                        await refuse(context, peer_identity(context))
-                        return
-                    async for item in behavior(request, context):
-                        yield item
-
-                return stream
-
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 if permitted(context) is None:
                     await refuse(context, peer_identity(context))
-                    return None
-                return await behavior(request, context)
+                    return
+                async for item in behavior(request, context):
+                    yield item
 
-            return unary
+            return stream
 
-        return rewrap_handler(handler, wrap)
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if permitted(context) is None:
+                await refuse(context, peer_identity(context))
+                return None
+            return await behavior(request, context)
+
+        return unary

@@ -9,12 +9,12 @@ nothing if the interceptor was somehow bypassed.
 from __future__ import annotations
 
 import contextvars
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 from switchboard.common.errors import unauthenticated
-from switchboard.common.interceptors import Behavior, is_infrastructure, rewrap_handler
+from switchboard.common.interceptors import Behavior, Stage, is_infrastructure
 from switchboard.common.logging import get_logger
 from switchboard.gateway import metrics
 from switchboard.gateway.auth import Authenticator, AuthError
@@ -41,7 +41,7 @@ def _reset(token: contextvars.Token[Principal | None]) -> None:
         pass  # a stream closed from another context (its task is gone): nothing left to reset
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(Stage):
     """Resolve the caller's principal from `authorization` metadata, or refuse with UNAUTHENTICATED."""
 
     def __init__(self) -> None:
@@ -56,14 +56,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             raise AuthError("GATEWAY_STARTING", "the gateway is starting; retry")
         return self._authenticator.authenticate_metadata(context.invocation_metadata())
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or is_infrastructure(details.method):
-            return handler
+    def apply(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        return handler if is_infrastructure(method) else super().apply(handler, method)
+
+    def wrap(self, behavior: Behavior, streaming: bool, method: str) -> Behavior:
         resolve = self._resolve
 
         async def refuse(error: AuthError, context: grpc.aio.ServicerContext) -> None:
@@ -72,36 +68,33 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             status = unauthenticated(error.message, reason=error.reason).to_status()
             await context.abort(status.code, status.details, status.trailing_metadata)
 
-        def wrap(behavior: Behavior, streaming: bool) -> Behavior:
-            if streaming:
+        if streaming:
 
-                async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                    try:
-                        principal = resolve(context)
-                    except AuthError as error:
-                        await refuse(error, context)
-                        return
-                    token = _PRINCIPAL.set(principal)
-                    try:
-                        async for item in behavior(request, context):
-                            yield item
-                    finally:
-                        _reset(token)
-
-                return stream
-
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 try:
                     principal = resolve(context)
                 except AuthError as error:
                     await refuse(error, context)
-                    return None
+                    return
                 token = _PRINCIPAL.set(principal)
                 try:
-                    return await behavior(request, context)
+                    async for item in behavior(request, context):
+                        yield item
                 finally:
                     _reset(token)
 
-            return unary
+            return stream
 
-        return rewrap_handler(handler, wrap)
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                principal = resolve(context)
+            except AuthError as error:
+                await refuse(error, context)
+                return None
+            token = _PRINCIPAL.set(principal)
+            try:
+                return await behavior(request, context)
+            finally:
+                _reset(token)
+
+        return unary

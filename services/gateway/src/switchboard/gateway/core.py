@@ -682,7 +682,10 @@ class GatewayCore:
         TimeoutError past the budget (or the request's deadline, if sooner)."""
         budget = self._settings.attempt_first_token_seconds if budgeted else 0.0
         try:
-            return await asyncio.wait_for(anext(chunks), timeout=min(budget, remaining) if budget else remaining)
+            # asyncio.timeout, not wait_for: wait_for runs the read in a task of its own, one more
+            # trip through the event loop on every request's critical path.
+            async with asyncio.timeout(min(budget, remaining) if budget else remaining):
+                return await anext(chunks)
         except StopAsyncIteration:
             return None
 
