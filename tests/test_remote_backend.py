@@ -154,6 +154,7 @@ async def test_streams_a_completion_from_the_engine(
     # transformers serve streams no token ids: counts come from the final usage.
     assert all(not m.token_ids for m in messages)
     assert info.architecture == "remote" and info.max_model_len > 0
+    assert info.quantization == "" and info.revision  # the engine does not say; the revision is announced
     assert app.engine.load().running == 0
 
 

@@ -199,6 +199,7 @@ async def test_int8_greedy_through_the_paged_engine_equals_the_int8_model_recomp
     engine = await running_engine(loaded, enable_prefix_caching=prefix_caching, max_tokens_per_step=10)
     try:
         assert not any(isinstance(m, (torch.nn.Linear, PackedLinear)) for m in loaded.model.modules())
+        assert engine.info.quantization == "int8"  # what Generator.Info reports
         prompts = [*PROMPTS, PROMPTS[1] + " and more"]
         results = await asyncio.gather(
             *(collect(engine, _request(f"q{i}", p)) for i, p in enumerate(prompts))

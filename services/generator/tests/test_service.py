@@ -235,6 +235,8 @@ async def test_info_describes_the_replica(app: GeneratorApp, stub: generator_pb2
     assert info.max_model_len == LONG_CONTEXT
     assert info.kv_block_size == 16 and info.kv_blocks_total == app.engine.info.kv_blocks_total > 0
     assert info.vocab_size > 0 and info.parameter_count > 0
+    assert info.quantization == "none"
+    assert info.revision == app.revision and info.revision.startswith("sha-")  # derived from the model folder
 
 
 async def test_draining_replica_refuses_new_requests(

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from switchboard.v1 import common_pb2 as switchboard_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eswitchboard/v1/generator.proto\x12\x0eswitchboard.v1\x1a\x1bswitchboard/v1/common.proto\"\xa9\x01\n\x18GeneratorGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x30\n\x08sampling\x18\x04 \x01(\x0b\x32\x1e.switchboard.v1.SamplingParams\x12\x1d\n\x15tokenizer_fingerprint\x18\x05 \x01(\t\"\x97\x01\n\x19GeneratorGenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x33\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1c.switchboard.v1.FinishReason\x12$\n\x05usage\x18\x04 \x01(\x0b\x32\x15.switchboard.v1.Usage\"\r\n\x0bInfoRequest\"\xef\x01\n\x0cInfoResponse\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x15\n\rkv_block_size\x18\t \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\n \x01(\r\x12\x17\n\x0fparameter_count\x18\x0b \x01(\x04\"\x1d\n\x0cScoreRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"3\n\tTextScore\x12\x16\n\x0elog_likelihood\x18\x01 \x01(\x01\x12\x0e\n\x06tokens\x18\x02 \x01(\r\":\n\rScoreResponse\x12)\n\x06scores\x18\x01 \x03(\x0b\x32\x19.switchboard.v1.TextScore2\xf7\x01\n\tGenerator\x12\x61\n\x08Generate\x12(.switchboard.v1.GeneratorGenerateRequest\x1a).switchboard.v1.GeneratorGenerateResponse0\x01\x12\x41\n\x04Info\x12\x1b.switchboard.v1.InfoRequest\x1a\x1c.switchboard.v1.InfoResponse\x12\x44\n\x05Score\x12\x1c.switchboard.v1.ScoreRequest\x1a\x1d.switchboard.v1.ScoreResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eswitchboard/v1/generator.proto\x12\x0eswitchboard.v1\x1a\x1bswitchboard/v1/common.proto\"\xa9\x01\n\x18GeneratorGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x30\n\x08sampling\x18\x04 \x01(\x0b\x32\x1e.switchboard.v1.SamplingParams\x12\x1d\n\x15tokenizer_fingerprint\x18\x05 \x01(\t\"\x97\x01\n\x19GeneratorGenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x33\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1c.switchboard.v1.FinishReason\x12$\n\x05usage\x18\x04 \x01(\x0b\x32\x15.switchboard.v1.Usage\"\r\n\x0bInfoRequest\"\x97\x02\n\x0cInfoResponse\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x15\n\rkv_block_size\x18\t \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\n \x01(\r\x12\x17\n\x0fparameter_count\x18\x0b \x01(\x04\x12\x14\n\x0cquantization\x18\x0c \x01(\t\x12\x10\n\x08revision\x18\r \x01(\t\"\x1d\n\x0cScoreRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"3\n\tTextScore\x12\x16\n\x0elog_likelihood\x18\x01 \x01(\x01\x12\x0e\n\x06tokens\x18\x02 \x01(\r\":\n\rScoreResponse\x12)\n\x06scores\x18\x01 \x03(\x0b\x32\x19.switchboard.v1.TextScore2\xf7\x01\n\tGenerator\x12\x61\n\x08Generate\x12(.switchboard.v1.GeneratorGenerateRequest\x1a).switchboard.v1.GeneratorGenerateResponse0\x01\x12\x41\n\x04Info\x12\x1b.switchboard.v1.InfoRequest\x1a\x1c.switchboard.v1.InfoResponse\x12\x44\n\x05Score\x12\x1c.switchboard.v1.ScoreRequest\x1a\x1d.switchboard.v1.ScoreResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,13 +39,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFOREQUEST']._serialized_start=405
   _globals['_INFOREQUEST']._serialized_end=418
   _globals['_INFORESPONSE']._serialized_start=421
-  _globals['_INFORESPONSE']._serialized_end=660
-  _globals['_SCOREREQUEST']._serialized_start=662
-  _globals['_SCOREREQUEST']._serialized_end=691
-  _globals['_TEXTSCORE']._serialized_start=693
-  _globals['_TEXTSCORE']._serialized_end=744
-  _globals['_SCORERESPONSE']._serialized_start=746
-  _globals['_SCORERESPONSE']._serialized_end=804
-  _globals['_GENERATOR']._serialized_start=807
-  _globals['_GENERATOR']._serialized_end=1054
+  _globals['_INFORESPONSE']._serialized_end=700
+  _globals['_SCOREREQUEST']._serialized_start=702
+  _globals['_SCOREREQUEST']._serialized_end=731
+  _globals['_TEXTSCORE']._serialized_start=733
+  _globals['_TEXTSCORE']._serialized_end=784
+  _globals['_SCORERESPONSE']._serialized_start=786
+  _globals['_SCORERESPONSE']._serialized_end=844
+  _globals['_GENERATOR']._serialized_start=847
+  _globals['_GENERATOR']._serialized_end=1094
 # @@protoc_insertion_point(module_scope)

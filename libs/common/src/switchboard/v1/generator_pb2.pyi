@@ -38,7 +38,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("replica_id", "expert", "model_name", "architecture", "device", "dtype", "max_model_len", "vocab_size", "kv_block_size", "kv_blocks_total", "parameter_count")
+    __slots__ = ("replica_id", "expert", "model_name", "architecture", "device", "dtype", "max_model_len", "vocab_size", "kv_block_size", "kv_blocks_total", "parameter_count", "quantization", "revision")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     EXPERT_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,8 @@ class InfoResponse(_message.Message):
     KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     expert: str
     model_name: str
@@ -61,7 +63,9 @@ class InfoResponse(_message.Message):
     kv_block_size: int
     kv_blocks_total: int
     parameter_count: int
-    def __init__(self, replica_id: _Optional[str] = ..., expert: _Optional[str] = ..., model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., parameter_count: _Optional[int] = ...) -> None: ...
+    quantization: str
+    revision: str
+    def __init__(self, replica_id: _Optional[str] = ..., expert: _Optional[str] = ..., model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., parameter_count: _Optional[int] = ..., quantization: _Optional[str] = ..., revision: _Optional[str] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("texts",)

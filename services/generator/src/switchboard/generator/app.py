@@ -63,9 +63,11 @@ class GeneratorApp:
     def __init__(self, settings: GeneratorSettings, engine: Engine) -> None:
         self.settings = settings
         self.engine = engine
+        self.revision = replica_revision(settings.revision, settings.model)
         self.identity = ReplicaIdentity(
             replica_id=settings.replica_id,
             expert=settings.expert or engine.info.model_name.rstrip("/").rsplit("/", 1)[-1],
+            revision=self.revision,
         )
         self.servicer = GeneratorServicer(
             engine,
@@ -74,7 +76,6 @@ class GeneratorApp:
             on_engine_failure=self._engine_failed,
             faults=FaultInjection(settings.fault_error_ratio, settings.fault_first_token_delay_seconds),
         )
-        self.revision = replica_revision(settings.revision, settings.model)
         self.service = GrpcService("generator", settings.server, identity_policy=IDENTITY_POLICY)
         generator_pb2_grpc.add_GeneratorServicer_to_server(self.servicer, self.service.server)
         self.service.on_drain(self._drain)

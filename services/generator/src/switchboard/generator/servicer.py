@@ -101,6 +101,7 @@ class ReplicaIdentity:
 
     replica_id: str
     expert: str
+    revision: str = ""
 
 
 def sampling_from_proto(message: common_pb2.SamplingParams, default_max_tokens: int) -> SamplingParams:
@@ -426,4 +427,6 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             kv_block_size=info.block_size,
             kv_blocks_total=info.kv_blocks_total,
             parameter_count=info.parameter_count,
+            quantization=info.quantization,
+            revision=self.identity.revision,
         )

@@ -181,6 +181,7 @@ class Engine:
             block_size=cfg.block_size,
             kv_blocks_total=num_blocks,
             parameter_count=int(loaded.parameter_count),
+            quantization=loaded.quantization,
         )
         self.failed: BaseException | None = None
         # Failure isolation: requests failed by the last step (delivered by the loop), how many

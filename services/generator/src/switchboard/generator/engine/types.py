@@ -135,3 +135,5 @@ class EngineInfo:
     block_size: int
     kv_blocks_total: int
     parameter_count: int
+    #: Weight quantization of the linear layers ("none", "int8"); "" when the engine does not say (remote).
+    quantization: str = "none"

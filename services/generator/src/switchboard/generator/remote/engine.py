@@ -120,6 +120,7 @@ class RemoteEngine:
             block_size=0,
             kv_blocks_total=0,
             parameter_count=0,
+            quantization="",
         )
 
     def load(self) -> EngineLoad:
