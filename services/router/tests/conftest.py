@@ -61,8 +61,7 @@ async def running_stack(
         scheduler_addr=f"127.0.0.1:{scheduler.service.port}",
         experts_config=experts_config,
         max_alternates=max_alternates,
-        scheduler_timeout_seconds=1.0,
-        **router_settings,  # type: ignore[arg-type]
+        **{"scheduler_timeout_seconds": 1.0, **router_settings},  # type: ignore[arg-type]
     )
     service = GrpcService("router", settings.server)
     router_task = asyncio.create_task(serve(settings, service, handle_signals=False))

@@ -370,3 +370,47 @@ async def test_a_placement_on_a_pool_the_view_missed_refreshes_the_view_at_once(
             await asyncio.sleep(0.02)
         bard = next(s for s in reply.scores if s.expert == "bard-small")
         assert bard.eligible and not bard.ineligible_reason  # looked again at once, not after 30 s
+
+
+async def test_a_route_right_after_a_scheduler_restart_waits_for_the_channel_instead_of_failing() -> None:
+    """After a scheduler restart the router's channel may still be backing off from the refused
+    connections when the new scheduler already serves: the Route still succeeds (the placer tries
+    once more, waiting for the channel within the same deadline), instead of SCHEDULER_UNAVAILABLE."""
+    from switchboard.common.service import wait_started
+    from switchboard.common.settings import ServerSettings
+    from switchboard.scheduler.app import SchedulerApp
+    from switchboard.scheduler.config import SchedulerSettings
+    from switchboard.v1 import scheduler_pb2_grpc
+
+    async with running_stack(scheduler_timeout_seconds=2.0) as stack:  # the default deadline
+        port = stack.scheduler.service.port
+        stack.scheduler.service.stop()
+        await asyncio.sleep(0.5)
+        # Routes while it is down fail (and put the router's channel into reconnect backoff).
+        for _ in range(3):
+            details = await expect(stack.router.Route(route(), timeout=10), grpc.StatusCode.UNAVAILABLE)
+            assert details["reason"] == "SCHEDULER_UNAVAILABLE"
+        restarted = SchedulerApp(
+            SchedulerSettings(server=ServerSettings(port=port, metrics_port=0, drain_seconds=0.2)),
+            ["bard-small", "milton-small", "scribe-large"],
+        )
+        task = asyncio.create_task(restarted.run(handle_signals=False))
+        await wait_started(task, restarted.service.started)
+        assert restarted.service.port == port, (restarted.service.port, port)
+        # A subchannel of its own: grpc shares subchannels between a process's channels, and this
+        # registration must not connect the router's (still backing off) for it.
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+        try:
+            await scheduler_pb2_grpc.SchedulerStub(channel).Register(
+                scheduler_pb2.RegisterRequest(
+                    replica_id="bard-1", expert="bard-small", address="127.0.0.1:50061", device="cpu",
+                    model_name="bard-small", max_model_len=512, load=scheduler_pb2.ReplicaLoad(kv_blocks_total=100),
+                ),
+                timeout=5,
+            )
+            reply = await stack.router.Route(route(request_id="after-restart"), timeout=10)
+            assert reply.candidates[0].replica_id == "bard-1"
+        finally:
+            await channel.close()
+            restarted.service.stop()
+            await task

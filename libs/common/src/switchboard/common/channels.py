@@ -13,9 +13,11 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
     # Fail fast when a peer is gone instead of waiting out long reconnect backoffs:
-    # the caller (gateway failover, scheduler expiry) decides what to do next.
+    # the caller (gateway failover, scheduler expiry) decides what to do next. The longest backoff
+    # stays under the router's default 2 s Place deadline, so a Place that waits for a restarted
+    # scheduler's connection (router/scheduler_client.py) gets it within the deadline.
     ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2_000),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
     ("grpc.enable_retries", 0),
 ]
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Iterable, Mapping
+from typing import NoReturn
 
 import grpc
 from switchboard.common.errors import error_details
@@ -30,6 +32,20 @@ log = get_logger(__name__)
 
 # Scheduler answers that mean "nothing to offer now", not "the scheduler is broken".
 _NO_REPLICA_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.NOT_FOUND}
+
+
+def _answered(error: grpc.aio.AioRpcError) -> bool:
+    """Whether the scheduler itself answered: its errors carry rich details (ErrorInfo/RetryInfo); a
+    transport failure (scheduler down) is a bare UNAVAILABLE and must not read as "no replica"."""
+    details = error_details(error)
+    return details["reason"] is not None or details["retry_after"] is not None
+
+
+def _raise_for(error: grpc.aio.AioRpcError) -> NoReturn:
+    """The core's exception for a failed Place."""
+    if _answered(error) and error.code() in _NO_REPLICA_CODES:
+        raise PlacementUnavailable(error.details() or "no replica") from None
+    raise SchedulerUnreachable(f"{error.code().name}: {error.details()}") from None
 
 
 def _candidate(expert: str, replica: scheduler_pb2.Replica) -> Candidate:
@@ -59,19 +75,25 @@ class SchedulerPlacer:
             tokenizer_fingerprint=request.tokenizer_fingerprint,
             priority=request.priority,  # type: ignore[arg-type]
         )
+        timeout = self._timeout
+        if request.timeout_seconds is not None:
+            timeout = max(0.01, min(timeout, request.timeout_seconds))
+        started = time.monotonic()
         try:
-            timeout = self._timeout
-            if request.timeout_seconds is not None:
-                timeout = max(0.01, min(timeout, request.timeout_seconds))
             reply = await self._stub.Place(message, timeout=timeout)
         except grpc.aio.AioRpcError as error:
-            # A scheduler answer carries rich details (ErrorInfo/RetryInfo); a transport failure
-            # (scheduler down) is a bare UNAVAILABLE and must not read as "no replica".
-            details = error_details(error)
-            answered = details["reason"] is not None or details["retry_after"] is not None
-            if answered and error.code() in _NO_REPLICA_CODES:
-                raise PlacementUnavailable(error.details() or "no replica") from None
-            raise SchedulerUnreachable(f"{error.code().name}: {error.details()}") from None
+            if _answered(error) or error.code() != grpc.StatusCode.UNAVAILABLE:
+                _raise_for(error)
+            # Not answered: the call never reached a scheduler. After a scheduler restart the channel
+            # can still be backing off from the refused connections while the new scheduler already
+            # serves, and a plain call fails at once; so try once more, waiting for the channel to
+            # connect within what is left of the same deadline. A scheduler that is down still ends
+            # in SchedulerUnreachable, within the deadline.
+            remaining = max(0.01, timeout - (time.monotonic() - started))
+            try:
+                reply = await self._stub.Place(message, timeout=remaining, wait_for_ready=True)
+            except grpc.aio.AioRpcError as again:
+                _raise_for(again)
         candidates = {
             p.expert: [_candidate(p.expert, p.replica)] + [_candidate(p.expert, alt) for alt in p.alternates]
             for p in reply.placements
