@@ -20,17 +20,16 @@ and the W3C trace context carried in the call's metadata (the global propagator'
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+import functools
+from collections.abc import AsyncIterator, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
-from switchboard.common.interceptors import Behavior, Stage
-
-# Infrastructure RPCs that would drown real requests in the trace viewer.
-UNTRACED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+from switchboard.common.interceptors import Behavior, Stage, is_infrastructure
 
 RPC_SYSTEM = "rpc.system"
 RPC_SERVICE = "rpc.service"
@@ -41,14 +40,16 @@ Metadata = Sequence[tuple[str, str | bytes]]
 
 
 def is_traced(method: str) -> bool:
-    """Every call is traced but health and reflection."""
-    return not method.startswith(UNTRACED_PREFIXES)
+    """Every call is traced but health and reflection, which would drown real requests in the viewer."""
+    return not is_infrastructure(method)
 
 
-def rpc_attributes(method: str) -> dict[str, Any]:
-    """The span attributes named by the full method ('/switchboard.v1.Router/Route')."""
+@functools.lru_cache(maxsize=256)
+def rpc_attributes(method: str) -> Mapping[str, Any]:
+    """The span attributes named by the full method ('/switchboard.v1.Router/Route'); computed once
+    per method (stubs, and so their multicallables, are made per call on the gateway's hot path)."""
     service, _, name = method.lstrip("/").partition("/")
-    return {RPC_SYSTEM: "grpc", RPC_SERVICE: service, RPC_METHOD: name}
+    return MappingProxyType({RPC_SYSTEM: "grpc", RPC_SERVICE: service, RPC_METHOD: name})
 
 
 def end_span(span: trace.Span, code: grpc.StatusCode | None, details: str | None = None) -> None:
