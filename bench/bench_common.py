@@ -6,6 +6,7 @@ Imported by the bench scripts, which run as `python bench/<name>.py` (so this fo
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import signal
@@ -15,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -104,3 +106,12 @@ def switchboard_up(
         yield address
     finally:
         stop(proc)
+
+
+def write_jsonl(rows: Sequence[Any], path: Path) -> None:
+    """Trace rows (`switchboard.bench.workload.TraceRequest`) as a JSONL trace with `hash_ids`, so a
+    replay (`switchboard bench run --trace`) and the simulator get the very same requests."""
+    with path.open("w") as out:
+        for r in rows:
+            out.write(json.dumps({"timestamp": round(r.arrival_s * 1000, 3), "input_length": r.input_tokens,
+                                  "output_length": r.output_tokens, "hash_ids": list(r.hash_ids)}) + "\n")

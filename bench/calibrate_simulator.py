@@ -37,7 +37,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench_common import machine, switchboard_up
+from bench_common import machine, switchboard_up, write_jsonl
 from switchboard.bench.records import STATUS_OK
 from switchboard.bench.results import read_results, records_of
 from switchboard.bench.transform import WorkloadShape, shape
@@ -82,13 +82,6 @@ def window(rows: list[TraceRequest], spec: str, speedup: float, args: argparse.N
                                            fit_context=args.fit_context, max_output_tokens=args.max_output_tokens))
     return assign_shared_prefixes(shaped, groups=args.prefix_groups, prefix_tokens=args.prefix_tokens,
                                   trace_block_size=TRACE_BLOCK, seed=seed)
-
-
-def write_jsonl(rows: list[TraceRequest], path: Path) -> None:
-    with path.open("w") as out:
-        for r in rows:
-            out.write(json.dumps({"timestamp": round(r.arrival_s * 1000, 3), "input_length": r.input_tokens,
-                                  "output_length": r.output_tokens, "hash_ids": list(r.hash_ids)}) + "\n")
 
 
 @contextlib.contextmanager

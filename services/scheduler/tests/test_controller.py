@@ -105,6 +105,13 @@ def register(registry: ReplicaRegistry, rid: str, expert: str = "bard-small", ru
     registry.register(ReplicaInfo(rid, expert, f"127.0.0.1:{50000 + len(registry)}"), LoadSnapshot(running=running, waiting=waiting))
 
 
+def place_demand(expert: str, tokens: int) -> None:
+    """Count `tokens` of demand placed on `expert`, as the servicer's Place does (prompt + output budget)."""
+    from switchboard.scheduler import metrics
+
+    metrics.PLACED_TOKENS.labels(expert=expert).inc(tokens)
+
+
 def config(budget: int = 4, cooldown: float = 0.0, **bounds: tuple[int, int]) -> AllocationConfig:
     b = {name.replace("_", "-"): PoolBounds(*span) for name, span in bounds.items()} or {"bard-small": PoolBounds(1, 3)}
     return AllocationConfig(budget, b, period_seconds=10.0, scale_down_cooldown_seconds=cooldown, keda_target_queue=4.0)
@@ -352,9 +359,9 @@ async def test_a_failed_stop_keeps_the_replica_draining_and_retries_after_a_peri
 
 
 def doubling_network() -> AllocationNetwork:
-    """Outputs log(2) whatever the input: desired = 2 x current."""
+    """Outputs a margin of log(2) and no damping whatever the input: desired = 2 x the HPA formula's."""
     n = len(FEATURE_NAMES)
-    return AllocationNetwork(np.zeros(n), np.ones(n), ((np.zeros((n, 1)), np.array([math.log(2.0)])),))
+    return AllocationNetwork(np.zeros(n), np.ones(n), ((np.zeros((n, 2)), np.array([math.log(2.0), 0.0])),))
 
 
 async def test_learned_allocator_and_the_kill_switch(tmp_path: Path) -> None:
@@ -362,23 +369,42 @@ async def test_learned_allocator_and_the_kill_switch(tmp_path: Path) -> None:
     kill = tmp_path / "allocation.off"
     clock = Clock()
     registry = ReplicaRegistry(expiry_seconds=500.0, clock=clock)
-    register(registry, "bard-small-0")  # idle: HPA keeps 1 (0 tokens/s -> 0, bounded to 1); learned doubles
+    register(registry, "bard-small-0")
     actuator = FakeActuator()
     cfg = config(budget=8, bard_small=(1, 8))
     ctl = controller(registry, clock, actuator, allocator="learned", cfg=cfg, policy_file=policy, kill_switch_file=kill)
+    # 1000 tokens/s placed over the period, the HPA target on 1 replica: HPA keeps 1; learned doubles that.
+    place_demand("bard-small", 10_000)
+    clock.now += 10
     decision = await ctl.step()
     assert decision.allocator == "learned" and decision.applied == {"bard-small": 2}
     kill.touch()
     with capture_logs() as logs:
         clock.now += 10
         decision = await ctl.step()
-    assert decision.allocator == "hpa" and decision.desired == {"bard-small": 0}
+    assert decision.allocator == "hpa" and decision.desired == {"bard-small": 0}  # no demand this period
     assert sample("switchboard_scheduler_allocation_kill_switch", {}) == 1
     assert any(e["event"].startswith("allocation kill switch engaged") and e["log_level"] == "warning" for e in logs)
     kill.unlink()
     clock.now += 10
     decision = await ctl.step()
     assert decision.allocator == "learned" and sample("switchboard_scheduler_allocation_kill_switch", {}) == 0
+
+
+def test_a_pools_tokens_per_second_is_the_demand_placed_since_the_last_period() -> None:
+    # Prompt + output budget of the requests placed, per second, as the simulator counts arrivals;
+    # not what the replicas report generating (a backlog would hide the demand).
+    clock = Clock()
+    registry = ReplicaRegistry(expiry_seconds=500.0, clock=clock)
+    register(registry, "bard-small-0")
+    ctl = controller(registry, clock, FakeActuator())
+    place_demand("bard-small", 4_000)
+    clock.now += 10
+    (first,) = ctl.observe(clock.now)
+    assert first.tokens_per_second == pytest.approx(400.0)
+    clock.now += 5
+    (second,) = ctl.observe(clock.now)
+    assert second.tokens_per_second == 0.0  # nothing placed since
 
 
 @pytest.mark.parametrize("problem", ["missing", "corrupt", "schema"])

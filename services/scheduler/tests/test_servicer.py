@@ -45,6 +45,11 @@ def placements_count(expert: str, outcome: str) -> float:
     )
 
 
+def demand_tokens(expert: str) -> float:
+    """The demand tokens placed on one expert (prompt + output budget of its primaries)."""
+    return REGISTRY.get_sample_value("switchboard_scheduler_placed_tokens_total", {"expert": expert}) or 0.0
+
+
 async def expect_error(call, code: grpc.StatusCode) -> dict:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call
@@ -166,9 +171,14 @@ async def test_place_on_several_experts_in_request_order(stub: scheduler_pb2_grp
     placed_before = placements_count("milton-small", "placed")
     candidate_before = placements_count("bard-small", "candidate")
     missing_before = placements_count("scribe-large", "no_replica")
+    tokens_before = {e: demand_tokens(e) for e in ("milton-small", "bard-small")}
     reply = await stub.Place(
         scheduler_pb2.PlaceRequest(
-            request_id="r1", experts=["milton-small", "scribe-large", "bard-small"], max_alternates=3
+            request_id="r1",
+            experts=["milton-small", "scribe-large", "bard-small"],
+            max_alternates=3,
+            prompt_tokens=120,
+            max_tokens=30,
         )
     )
     # scribe-large has no replica: skipped in placements, listed in unavailable with a reason.
@@ -184,6 +194,9 @@ async def test_place_on_several_experts_in_request_order(stub: scheduler_pb2_grp
     assert placements_count("milton-small", "placed") == placed_before + 1
     assert placements_count("bard-small", "candidate") == candidate_before + 1
     assert placements_count("scribe-large", "no_replica") == missing_before + 1
+    # The demand (prompt + output budget) counts on the primary's expert only: the allocation's tokens/s.
+    assert demand_tokens("milton-small") == tokens_before["milton-small"] + 150
+    assert demand_tokens("bard-small") == tokens_before["bard-small"]
 
 
 async def test_primary_does_not_depend_on_call_order(stub: scheduler_pb2_grpc.SchedulerStub) -> None:

@@ -192,7 +192,7 @@ def replace_replicas(pool: PoolSpec, n: int) -> PoolSpec:
 def network(seed: int = 0) -> AllocationNetwork:
     rng = np.random.default_rng(seed)
     n = len(FEATURE_NAMES)
-    return AllocationNetwork(np.zeros(n), np.ones(n), ((rng.normal(size=(n, 4)), np.zeros(4)), (rng.normal(size=(4, 1)), np.zeros(1))))
+    return AllocationNetwork(np.zeros(n), np.ones(n), ((rng.normal(size=(n, 4)), np.zeros(4)), (rng.normal(size=(4, 2)), np.zeros(2))))
 
 
 def test_policy_file_round_trip(tmp_path: Path) -> None:
@@ -205,7 +205,80 @@ def test_policy_file_round_trip(tmp_path: Path) -> None:
     learned = LearnedAllocator(path)
     assert learned.status == "learned"
     got = learned.desired([obs("a", 2, tokens=500.0), obs("b", 3)], config())
-    assert set(got) == {"a", "b"} and all(v >= 1 for v in got.values())
+    assert set(got) == {"a", "b"} and got["a"] >= 1 and got["b"] >= 0  # b is idle: the bounds lift it
+
+
+def zero_network() -> AllocationNetwork:
+    n = len(FEATURE_NAMES)
+    return AllocationNetwork(np.zeros(n), np.ones(n), ((np.zeros((n, 4)), np.zeros(4)), (np.zeros((4, 2)), np.zeros(2))))
+
+
+def bias_network(y: float, d: float = 0.0) -> AllocationNetwork:
+    n = len(FEATURE_NAMES)
+    return AllocationNetwork(np.zeros(n), np.ones(n), ((np.zeros((n, 2)), np.array([y, d])),))
+
+
+def test_all_zero_weights_are_exactly_the_hpa_formula() -> None:
+    # The training starts here: every case of the formula (idle, within the tolerance, up, down, no replica).
+    cfg = config(hpa_target_tokens_per_replica=1000.0)
+    cases = [obs("a", 1, 0.0), obs("a", 2, 2100.0), obs("a", 2, 1900.0), obs("a", 3, 7400.0), obs("a", 6, 900.0),
+             obs("a", 0, 2500.0), obs("b", 4, 4000.0)]
+    learned = LearnedAllocator(network=zero_network())
+    for o in cases:
+        assert learned.desired([o], cfg) == HpaAllocator().desired([o], cfg), o
+
+
+def test_the_output_scales_the_hpa_recommendation() -> None:
+    cfg = config(hpa_target_tokens_per_replica=1000.0)
+    # 3000 tokens/s: HPA wants 3; exp(log 2) asks for 6, exp(-log 2) for 2 (1.5, rounded up).
+    assert LearnedAllocator(network=bias_network(np.log(2.0))).desired([obs("a", 2, 3000.0)], cfg) == {"a": 6}
+    assert LearnedAllocator(network=bias_network(-np.log(2.0))).desired([obs("a", 2, 3000.0)], cfg) == {"a": 2}
+    # Clipped to x4 whatever the network says.
+    assert LearnedAllocator(network=bias_network(50.0)).desired([obs("a", 2, 1000.0)], cfg) == {"a": 4}
+
+
+def test_the_step_moves_part_of_the_way_and_at_least_one_replica() -> None:
+    cfg = config(hpa_target_tokens_per_replica=1000.0)
+    up, down = obs("a", 2, 8000.0), obs("a", 8, 1000.0)  # HPA: 8 and 1
+    hold = LearnedAllocator(network=bias_network(0.0, -1.0))  # a = 0: a fixed split, whatever the demand
+    assert hold.desired([up], cfg) == {"a": 2} and hold.desired([down], cfg) == {"a": 8}
+    half = LearnedAllocator(network=bias_network(0.0, -0.5))  # half-way, rounded toward the recommendation
+    assert half.desired([up], cfg) == {"a": 5} and half.desired([down], cfg) == {"a": 4}
+    crawl = LearnedAllocator(network=bias_network(0.0, -0.99))  # a = 0.01: still one replica per period
+    assert crawl.desired([up], cfg) == {"a": 3} and crawl.desired([down], cfg) == {"a": 7}
+    # Past -1 or +0 the step saturates: -5 holds, +3 goes all the way.
+    assert LearnedAllocator(network=bias_network(0.0, -5.0)).desired([up], cfg) == {"a": 2}
+    assert LearnedAllocator(network=bias_network(0.0, 3.0)).desired([up], cfg) == {"a": 8}
+
+
+def test_the_demand_trend_compares_with_the_previous_period() -> None:
+    from switchboard.scheduler.allocation import features
+
+    cfg = config()
+    col = FEATURE_NAMES.index("demand_trend")
+    assert features(obs("a", 2, 999.0), cfg)[col] == 0.0  # no previous period
+    assert features(obs("a", 2, 1999.0), cfg, previous_tokens_per_second=999.0)[col] == pytest.approx(np.log(2.0))
+    assert features(obs("a", 2, 0.0), cfg, previous_tokens_per_second=1e9)[col] == -3.0  # clipped
+    # The allocator remembers each pool's tokens/s between calls: a network that reads only the trend.
+    n = len(FEATURE_NAMES)
+    w = np.zeros((n, 2))
+    w[col, 0] = 1.0
+    learned = LearnedAllocator(network=AllocationNetwork(np.zeros(n), np.ones(n), ((w, np.zeros(2)),)))
+    assert learned.desired([obs("a", 2, 1999.0)], config(hpa_target_tokens_per_replica=1000.0)) == {"a": 2}
+    # Demand doubled since: HPA would ask for 4, the trend doubles it again.
+    assert learned.desired([obs("a", 2, 3999.0)], config(hpa_target_tokens_per_replica=1000.0)) == {"a": 8}
+
+
+def test_a_file_of_the_first_schema_falls_back_and_names_both_versions(tmp_path) -> None:
+    old = ["tokens_per_second", "tokens_per_replica_over_target", "queue_per_replica",
+           "inflight_per_replica_over_target", "kv_utilization", "miss_rate", "replicas", "starting_fraction",
+           "budget_share"]
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps({"format": ALLOCATION_FORMAT, "version": 1, "schema": "allocation-v1", "features": old}))
+    learned = LearnedAllocator(path)
+    assert learned.status == "fallback to hpa (schema)"
+    with pytest.raises(Exception, match="version 1 / schema 'allocation-v1'; this reads version 2 / allocation-v2"):
+        load_allocation_file(path)
 
 
 @pytest.mark.parametrize(
@@ -273,6 +346,18 @@ def test_a_tiny_training_writes_a_loadable_file_that_eval_uses(traces, tmp_path,
     assert results["learned"]["status"] == "learned" and results["learned"]["runs"] == 2
     for row in results.values():
         assert row["requests"] > 0 and row["replica_seconds"] > 0
+    # Paired over the same runs: learned - each other allocator, with its interval and wins.
+    paired = results["static"]["paired_vs_learned"]["attainment_per_replica"]
+    assert paired["runs"] == 2 and paired["ci95"][0] <= paired["mean"] <= paired["ci95"][1]
+    assert "paired over the same runs" in capsys.readouterr().out
+    # A tuned baseline runs under its own name; a target on another allocator is refused.
+    assert main(["scheduler", "alloc-eval", *cli_args(traces), "--allocators", "hpa,hpa@2500,keda@1",
+                 "--windows", "1", "--window-seconds", "2", "--out", str(ev)]) == 0
+    tuned = json.loads((ev / "results.json").read_text())["allocators"]
+    assert set(tuned) == {"hpa", "hpa@2500", "keda@1"} and tuned["hpa@2500"]["mean_replicas"] >= tuned["hpa"]["mean_replicas"]
+    assert main(["scheduler", "alloc-eval", *cli_args(traces), "--allocators", "static@3",
+                 "--windows", "1", "--window-seconds", "2", "--out", str(ev)]) == 2
+    assert "only hpa@TOKENS and keda@QUEUE take a target" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
     bad.write_text("{")
     assert main(["scheduler", "alloc-eval", *cli_args(traces), "--allocators", "learned", "--policy-file", str(bad),

@@ -28,7 +28,8 @@ def add_parsers(sub: Any) -> None:
                         "on held-out windows of real traces, simulated")
     _common(ev)
     ev.add_argument("--allocators", default=None,
-                    help="comma-separated (default: static,proportional,hpa,keda, and learned with --policy-file)")
+                    help="comma-separated (default: static,proportional,hpa,keda, and learned with --policy-file); "
+                         "hpa@TOKENS and keda@QUEUE run a baseline at another target (tuned baselines)")
     ev.add_argument("--policy-file", type=Path, default=None, help="the learned allocator's file (alloc-train)")
     ev.add_argument("--windows", type=int, default=3, help="held-out windows (default: 3)")
     ev.add_argument("--window-seconds", type=float, default=300.0, help="trace seconds per window (default: 300)")
@@ -47,7 +48,9 @@ def add_parsers(sub: Any) -> None:
     tr.add_argument("--iterations", type=int, default=None, help="CEM iterations (default: 10 without --minutes)")
     tr.add_argument("--minutes", type=float, default=None, help="stop after this wall-clock budget")
     tr.add_argument("--val-windows", type=int, default=2)
-    tr.add_argument("--hidden", type=int, default=8)
+    tr.add_argument("--hidden", type=int, default=8, help="hidden units (default: 8; 0: a linear policy)")
+    tr.add_argument("--init-std", type=float, default=0.3, help="CEM's initial spread around the hpa start (default: 0.3)")
+    tr.add_argument("--workers", type=int, default=1, help="processes scoring the candidates (default: 1)")
     tr.add_argument("--out", type=Path, default=Path("alloc-train"),
                     help="folder for allocation.json, checkpoints/, allocation_learning_curve.png, train_allocation.json")
     tr.set_defaults(func=run_alloc_train)
@@ -69,7 +72,13 @@ def _common(p: Any) -> None:
     p.add_argument("--keda-target", type=float, default=4.0, help="KEDA target requests per replica (default: 4)")
     p.add_argument("--cost-per-replica", type=float, default=0.02,
                    help="reward cost per mean replica (replica-seconds / seconds) (default: 0.02)")
+    p.add_argument("--initial", choices=("split", "min"), default="split",
+                   help="replicas at the start: the budget split equally (default) or each pool's minimum "
+                        "(as a local stack starts, bench/allocation_stack_bench.py)")
     p.add_argument("--speedup", type=float, default=1.0)
+    p.add_argument("--fit-context", type=int, default=None,
+                   help="scale lengths so 99%% fit this context (default: the profile's max_model_len)")
+    p.add_argument("--max-output-tokens", type=int, default=None, help="cap every request's output (default: none)")
     p.add_argument("--step-overhead-ms", type=float, default=1.69)
     p.add_argument("--dispatch-ms", type=float, default=15.2)
 
@@ -114,21 +123,25 @@ def build_setup(args: argparse.Namespace) -> Any:
         hpa_target_tokens_per_replica=args.hpa_target, hpa_tolerance=args.hpa_tolerance,
         keda_target_queue=args.keda_target,
     )
-    return AllocSetup(tuple(pools), traces, alloc, speedup=args.speedup, fit_context=spec.max_model_len or None,
-                      dispatch_seconds=args.dispatch_ms / 1000.0, cost_per_replica=args.cost_per_replica)
+    return AllocSetup(tuple(pools), traces, alloc, speedup=args.speedup,
+                      fit_context=args.fit_context or spec.max_model_len or None, max_output_tokens=args.max_output_tokens,
+                      dispatch_seconds=args.dispatch_ms / 1000.0, cost_per_replica=args.cost_per_replica,
+                      initial_counts={p.expert: args.min_replicas for p in pools} if args.initial == "min" else None)
 
 
 def run_alloc_eval(args: argparse.Namespace) -> int:
     from switchboard.scheduler.allocation import ALLOCATOR_NAMES, AllocationPolicyError, load_allocation_file
-    from switchboard.simulation.allocation_run import compare, held_out_starts, render
+    from switchboard.simulation.allocation_run import compare, held_out_starts, render, render_paired, variant
 
     try:
         setup = build_setup(args)
         default = "static,proportional,hpa,keda" + (",learned" if args.policy_file else "")
         names = [n.strip() for n in (args.allocators or default).split(",") if n.strip()]
-        unknown = [n for n in names if n not in ALLOCATOR_NAMES]
+        unknown = [n for n in names if n.partition("@")[0] not in ALLOCATOR_NAMES]
         if unknown:
             raise ValueError(f"unknown allocators {', '.join(unknown)}; choose from {', '.join(ALLOCATOR_NAMES)}")
+        for name in names:
+            variant(setup, name)  # a bad target is an error here, not a traceback mid-comparison
         if "learned" in names:
             if not args.policy_file:
                 raise ValueError("the allocator 'learned' needs --policy-file (written by switchboard scheduler alloc-train)")
@@ -146,6 +159,9 @@ def run_alloc_eval(args: argparse.Namespace) -> int:
     results = compare(setup, names, starts, args.window_seconds, seeds, args.policy_file,
                       progress=lambda line: print(line, flush=True))
     print(render(results))
+    paired = render_paired(results)
+    if paired:
+        print("\n" + paired)
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {"windows": starts, "window_seconds": args.window_seconds, "seeds": seeds, "budget": args.budget,
                "pools": args.pools, "startup_seconds": args.startup_seconds, "period": args.period,
@@ -171,7 +187,10 @@ def run_alloc_train(args: argparse.Namespace) -> int:
             episodes_per_candidate=args.episodes_per_candidate, population=args.population, elites=args.elites,
             iterations=args.iterations if args.iterations is not None or args.minutes else 10,
             minutes=args.minutes, val_windows=args.val_windows, hidden=args.hidden,
+            init_std=args.init_std, workers=args.workers,
         )
+        if args.workers < 1 or args.init_std <= 0 or args.hidden < 0:
+            raise ValueError("need --workers >= 1, --init-std > 0 and --hidden >= 0")
         if args.elites < 1 or args.population < args.elites:
             raise ValueError("need 1 <= --elites <= --population")
         summary = train_allocation(config, progress=lambda line: print(line, flush=True))

@@ -31,6 +31,7 @@ from switchboard.bench.transform import WorkloadShape, shape
 from switchboard.bench.workload import TraceRequest
 from switchboard.scheduler.allocation import (
     FEATURE_NAMES,
+    OUTPUTS,
     AllocationConfig,
     AllocationController,
     AllocationNetwork,
@@ -57,11 +58,13 @@ class AllocSetup:
     placement: str = "prefix-load"
     speedup: float = 1.0
     fit_context: int | None = None
+    max_output_tokens: int | None = None
     prefix_groups: int = 16
     prefix_tokens: int = 128
     trace_block_size: int = 64
     dispatch_seconds: float = 0.0
     cost_per_replica: float = 0.02
+    initial_counts: dict[str, int] | None = None  # each pool's replicas at the start; None: the budget split equally
 
     @property
     def span(self) -> float:
@@ -73,7 +76,7 @@ class AllocSetup:
         merged: list[SimRequest] = []
         for k, pool in enumerate(self.pools):
             spec = WorkloadShape(window_start_s=start, window_duration_s=seconds, speedup=self.speedup,
-                                 fit_context=self.fit_context)
+                                 fit_context=self.fit_context, max_output_tokens=self.max_output_tokens)
             rows, _ = shape(list(self.traces[pool.expert]), spec)
             if self.prefix_groups > 0:
                 rows = assign_shared_prefixes(rows, self.prefix_groups, self.prefix_tokens, self.trace_block_size,
@@ -117,7 +120,7 @@ def run_window(setup: AllocSetup, allocator: Any, start: float, seconds: float, 
                requests: Sequence[SimRequest] | None = None) -> tuple[RunScore, SimResult, Simulation]:
     """Simulate one window under one allocator (a fresh controller); its score, result and simulation."""
     reqs = requests if requests is not None else setup.requests(start, seconds, seed)
-    controller = AllocationController(allocator, setup.allocation)
+    controller = AllocationController(allocator, setup.allocation, initial_counts=setup.initial_counts)
     sim = Simulation(setup.config(seed), make_policy(setup.placement, seed), allocation=controller)
     result = sim.run(reqs)
     met = sum(1 for r in result.records if good(result, r))
@@ -140,19 +143,42 @@ def bootstrap_ci(values: Sequence[float], seed: int, resamples: int = 2000) -> t
     return float(v.mean()), float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))
 
 
+def variant(setup: AllocSetup, name: str) -> tuple[AllocSetup, str]:
+    """`hpa@750` / `keda@8`: the baseline with another target (a tuned baseline); else `name` as is."""
+    base, sep, target = name.partition("@")
+    if not sep:
+        return setup, name
+    try:
+        value = float(target)
+    except ValueError:
+        raise ValueError(f"{name!r}: the target after @ must be a number") from None
+    if base == "hpa":
+        return replace(setup, allocation=replace(setup.allocation, hpa_target_tokens_per_replica=value)), base
+    if base == "keda":
+        return replace(setup, allocation=replace(setup.allocation, keda_target_queue=value)), base
+    raise ValueError(f"{name!r}: only hpa@TOKENS and keda@QUEUE take a target")
+
+
 def compare(setup: AllocSetup, names: Sequence[str], starts: Sequence[float], seconds: float,
             seeds: Sequence[int], policy_file: str | Path | None = None,
             progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """Every allocator on every (window, seed), same requests; per allocator the pooled numbers and CIs."""
+    """Every allocator on every (window, seed), same requests; per allocator the pooled numbers and CIs.
+
+    With `learned` among them, each row also carries the paired differences learned - that
+    allocator over the same runs (`paired_vs_learned`).
+    """
     out: dict[str, Any] = {}
+    per_run: dict[str, list[RunScore]] = {}
     for name in names:
         runs: list[RunScore] = []
         started = time.perf_counter()
+        run_setup, kind = variant(setup, name)
         for seed in seeds:
             for start in starts:
-                allocator = make_allocator(name, policy_file)
-                score, _res, _sim = run_window(setup, allocator, start, seconds, seed)
+                allocator = make_allocator(kind, policy_file)
+                score, _res, _sim = run_window(run_setup, allocator, start, seconds, seed)
                 runs.append(score)
+        per_run[name] = runs
         total_req = sum(r.requests for r in runs)
         total_met = sum(r.met for r in runs)
         total_rs = sum(r.replica_seconds for r in runs)
@@ -177,7 +203,43 @@ def compare(setup: AllocSetup, names: Sequence[str], starts: Sequence[float], se
         out[name] = row
         progress(f"{name}: SLO {att:.1%}, mean replicas {mean_rep:.2f}, attainment per replica "
                  f"{row['attainment_per_replica']:.4f} {_ci(row['attainment_per_replica_ci95'])}")
+    if "learned" in per_run:
+        mine = per_run["learned"]
+        for name, runs in per_run.items():
+            if name == "learned":
+                continue
+            out[name]["paired_vs_learned"] = {
+                "slo_attainment": _paired(mine, runs, lambda r: r.attainment),
+                "attainment_per_replica": _paired(mine, runs, lambda r: r.per_replica_second),
+                "mean_replicas": _paired(mine, runs, lambda r: r.mean_replicas),
+            }
     return out
+
+
+def _paired(a: Sequence[RunScore], b: Sequence[RunScore], value: Callable[[RunScore], float]) -> dict[str, Any]:
+    """Mean of value(a) - value(b) over the same runs, its 95% bootstrap interval, and a's wins."""
+    diffs = [value(x) - value(y) for x, y in zip(a, b, strict=True)]
+    mean, lo, hi = bootstrap_ci(diffs, 0)
+    return {"mean": mean, "ci95": [lo, hi], "wins": sum(d > 0 for d in diffs), "runs": len(diffs)}
+
+
+def _diff(d: dict[str, Any], scale: float, fmt: str, wins: bool = True) -> str:
+    lo, hi = d["ci95"]
+    text = f"{scale * d['mean']:+{fmt}} [{scale * lo:+{fmt}}, {scale * hi:+{fmt}}]"
+    return text + (f" ({d['wins']}/{d['runs']})" if wins else "")
+
+
+def render_paired(results: dict[str, Any]) -> str:
+    """learned - each allocator, paired over the same runs (empty without `learned`)."""
+    rows = [(n, r["paired_vs_learned"]) for n, r in results.items() if "paired_vs_learned" in r]
+    if not rows:
+        return ""
+    lines = ["learned - allocator, paired over the same runs: mean [95% CI] (runs learned is ahead)",
+             f"{'allocator':<13}{'SLO att. (pts)':>30}{'att./replica':>34}{'mean replicas':>30}"]
+    for name, p in rows:
+        a, r, m = p["slo_attainment"], p["attainment_per_replica"], p["mean_replicas"]
+        lines.append(f"{name:<13}{_diff(a, 100, '.1f'):>30}{_diff(r, 1, '.4f'):>34}{_diff(m, 1, '.2f', wins=False):>30}")
+    return "\n".join(lines)
 
 
 def _ci(ci: Sequence[float]) -> str:
@@ -217,19 +279,25 @@ class AllocTrainConfig:
     minutes: float | None = None
     val_windows: int = 2
     hidden: int = 8
-    init_std: float = 0.5
+    init_std: float = 0.3
+    workers: int = 1  # processes scoring the candidates (fork); 1: in this process
 
 
 def torch_model(hidden: int) -> Any:
-    """The torch MLP (9 features -> hidden, tanh -> 1); normalization is fixed (see `_NORM`)."""
+    """The torch MLP (`FEATURE_NAMES` -> hidden, tanh -> `OUTPUTS`), or a linear policy with hidden = 0.
+
+    The normalization is fixed (`_MEAN`, `_STD`).
+    """
     from torch import nn
 
-    return nn.Sequential(nn.Linear(len(FEATURE_NAMES), hidden), nn.Tanh(), nn.Linear(hidden, 1))
+    if hidden == 0:
+        return nn.Sequential(nn.Linear(len(FEATURE_NAMES), len(OUTPUTS)))
+    return nn.Sequential(nn.Linear(len(FEATURE_NAMES), hidden), nn.Tanh(), nn.Linear(hidden, len(OUTPUTS)))
 
 
 # A fixed feature normalization (a rough scale of each feature), so the file is self-contained.
-_MEAN = np.array([7.0, 1.0, 0.5, 1.0, 0.3, 0.1, 1.5, 0.1, 0.5])
-_STD = np.array([2.0, 1.0, 1.0, 1.0, 0.3, 0.2, 0.7, 0.2, 0.3])
+_MEAN = np.array([7.0, 1.0, 0.5, 1.0, 0.3, 0.1, 1.5, 0.1, 0.5, 0.0, 7.0])
+_STD = np.array([2.0, 1.0, 1.0, 1.0, 0.3, 0.2, 0.7, 0.2, 0.3, 0.5, 1.0])
 
 
 def to_network(model: Any, training: dict[str, Any] | None = None) -> AllocationNetwork:
@@ -263,7 +331,7 @@ def train_allocation(config: AllocTrainConfig, progress: Callable[[str], None] =
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()  # the mean starts at "hold the current counts"
-    mean = parameters_to_vector(model.parameters()).detach().numpy().astype(np.float64)
+    mean = parameters_to_vector(model.parameters()).detach().numpy().astype(np.float64)  # zeros: exactly hpa
     std = np.full_like(mean, config.init_std)
     cost = setup.cost_per_replica
 
@@ -272,8 +340,7 @@ def train_allocation(config: AllocTrainConfig, progress: Callable[[str], None] =
         return to_network(model)
 
     def evaluate(net: AllocationNetwork, windows: Sequence[tuple[float, int, list[SimRequest]]]) -> float:
-        return float(np.mean([run_window(setup, LearnedAllocator(network=net), s, secs, seed, reqs)[0].reward(cost)
-                              for s, seed, reqs in windows]))
+        return float(np.mean(score_all(setup, [net], windows, secs, cost, config.workers)[0]))
 
     val = [(s, config.seed + 1000 + i, setup.requests(s, secs, config.seed + 1000 + i))
            for i, s in enumerate(spread(*config.val_range, secs, config.val_windows))]
@@ -282,7 +349,7 @@ def train_allocation(config: AllocTrainConfig, progress: Callable[[str], None] =
     best_val = evaluate(network(mean), val)
     best_theta = mean.copy()
     curve: list[dict[str, Any]] = [{"iteration": 0, "val_reward": best_val}]
-    progress(f"iteration 0 (hold): val reward {best_val:.4f} (hpa {hpa_val:.4f})")
+    progress(f"iteration 0 (= hpa): val reward {best_val:.4f} (hpa {hpa_val:.4f})")
     iteration = 0
     while (config.iterations is None or iteration < config.iterations) and time.perf_counter() < deadline:
         iteration += 1
@@ -293,7 +360,8 @@ def train_allocation(config: AllocTrainConfig, progress: Callable[[str], None] =
             episodes.append((start, seed, setup.requests(start, secs, seed)))
         thetas = mean + std * rng.standard_normal((config.population, len(mean)))
         thetas[0] = mean  # the current mean competes too
-        rewards = np.array([evaluate(network(t), episodes) for t in thetas])
+        scores = score_all(setup, [network(t) for t in thetas], episodes, secs, cost, config.workers)
+        rewards = scores.mean(axis=1)
         elite = thetas[np.argsort(-rewards)[: config.elites]]
         mean = elite.mean(axis=0)
         std = np.maximum(elite.std(axis=0), 0.02)
@@ -320,6 +388,8 @@ def train_allocation(config: AllocTrainConfig, progress: Callable[[str], None] =
         "population": config.population,
         "elites": config.elites,
         "episodes_per_candidate": config.episodes_per_candidate,
+        "init_std": config.init_std,
+        "start": "all-zero weights: exactly the hpa formula",
         "val_best": best_val,
         "val_hpa": hpa_val,
         "budget": setup.allocation.budget,
@@ -331,6 +401,38 @@ def train_allocation(config: AllocTrainConfig, progress: Callable[[str], None] =
     (out / "train_allocation.json").write_text(json.dumps({**metadata, "curve": curve}, indent=2) + "\n")
     plot_curve(curve, hpa_val, out / "allocation_learning_curve.png")
     return {**metadata, "curve": curve}
+
+
+# What forked scoring workers read: the setup, the windows and the reward's terms (set before the fork).
+_SCORING: tuple[AllocSetup, Sequence[tuple[float, int, list[SimRequest]]], float, float] | None = None
+
+
+def _score_task(task: tuple[AllocationNetwork, int]) -> float:
+    assert _SCORING is not None
+    setup, windows, seconds, cost = _SCORING
+    net, k = task
+    start, seed, reqs = windows[k]
+    return run_window(setup, LearnedAllocator(network=net), start, seconds, seed, reqs)[0].reward(cost)
+
+
+def score_all(setup: AllocSetup, nets: Sequence[AllocationNetwork],
+              windows: Sequence[tuple[float, int, list[SimRequest]]], seconds: float, cost: float,
+              workers: int = 1) -> np.ndarray:
+    """[len(nets), len(windows)] rewards; with workers > 1 in forked processes (each run is independent)."""
+    global _SCORING
+    tasks = [(net, k) for net in nets for k in range(len(windows))]
+    _SCORING = (setup, windows, seconds, cost)
+    try:
+        if workers > 1 and len(tasks) > 1:
+            import multiprocessing
+
+            with multiprocessing.get_context("fork").Pool(min(workers, len(tasks))) as pool:
+                flat = pool.map(_score_task, tasks, chunksize=1)
+        else:
+            flat = [_score_task(t) for t in tasks]
+    finally:
+        _SCORING = None
+    return np.asarray(flat, dtype=np.float64).reshape(len(nets), len(windows))
 
 
 def plot_curve(curve: Sequence[dict[str, Any]], hpa_val: float, path: Path) -> Path:

@@ -27,10 +27,17 @@ The baselines:
 | `hpa` | Kubernetes HPA on tokens/s per replica: `ceil(current * (metric / target))`, unchanged while `abs(metric / target - 1) <= tolerance` (0.1) |
 | `keda` | KEDA queue scaling: `ceil(queue / target per replica)`, queue = requests waiting or running (a work queue's unacknowledged messages) |
 
-The learned allocator (`LearnedAllocator`) scores each pool's `FEATURE_NAMES` with a small MLP
-(numpy inference; trained by `switchboard scheduler alloc-train`, tools' `allocation_run.py`) whose output is the pool's desired
-replicas as a multiple of its current count. Its versioned file falls back to `FALLBACK` (the HPA
-baseline) with a warning when missing, corrupt or made for another schema.
+The learned allocator (`LearnedAllocator`) is a learned control law around the HPA formula: a
+small MLP (numpy inference; trained by `switchboard scheduler alloc-train`, tools'
+`allocation_run.py`) reads each pool's `FEATURE_NAMES` (the baselines' signals plus the demand's
+trend and shape) and outputs two numbers per pool: a margin `y`, which scales the demand the HPA
+formula sizes the pool for (`ceil(tokens/s x exp(y) / target)`, within the HPA's tolerance), and a
+step `d`, how far the pool moves from its current count toward that recommendation this period
+(`a = clip(1 + d, 0, 1)`: 1 goes all the way, 0 holds). All-zero weights are exactly
+`hpa`, the training's starting point; `d = -1` is a fixed split (`static`); between them are
+damped (a fraction `a` of the way, at least one replica), anticipating, per-pool policies (a rising demand ahead of the start-up delay, long prompts,
+queues building). Its versioned file falls back to `FALLBACK` (the HPA baseline) with a warning
+when missing, corrupt or made for another schema.
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ class PoolObservation:
     """What an allocator sees of one pool at a control tick (rates over the last period)."""
 
     expert: str
-    tokens_per_second: float  # prompt + output tokens of the requests that arrived, per second
+    tokens_per_second: float  # demand: prompt tokens + output budget of the requests that arrived, per second
     requests_per_second: float
     queue_depth: int  # requests waiting at its replicas
     running: int  # sequences running at its replicas
@@ -289,11 +296,16 @@ class HpaAllocator:
     name = "hpa"
 
     def desired(self, observations: Sequence[PoolObservation], config: AllocationConfig) -> dict[str, int]:
-        out = {}
-        for o in observations:
-            per = o.tokens_per_second / o.replicas if o.replicas else o.tokens_per_second
-            out[o.expert] = hpa_desired(o.replicas, per, config.hpa_target_tokens_per_replica, config.hpa_tolerance)
-        return out
+        return {
+            o.expert: hpa_desired(o.replicas, _tokens_per_replica(o), config.hpa_target_tokens_per_replica,
+                                  config.hpa_tolerance)
+            for o in observations
+        }
+
+
+def _tokens_per_replica(o: PoolObservation) -> float:
+    """The HPA's metric: tokens/s averaged over the current replicas (the total with none)."""
+    return o.tokens_per_second / o.replicas if o.replicas else o.tokens_per_second
 
 
 class KedaAllocator:
@@ -308,10 +320,10 @@ class KedaAllocator:
 # ----------------------------------------------------------------------------- the learned allocator
 
 ALLOCATION_FORMAT = "switchboard-allocation-policy"
-ALLOCATION_FORMAT_VERSION = 1
-ALLOCATION_SCHEMA = "allocation-v1"
+ALLOCATION_FORMAT_VERSION = 2
+ALLOCATION_SCHEMA = "allocation-v2"
 # Per pool, in vector order (log1p of counts and rates; ratios to the HPA/KEDA targets so the
-# network sees the baselines' own signals).
+# network sees the baselines' own signals; the trend needs the previous period's observation).
 FEATURE_NAMES: tuple[str, ...] = (
     "tokens_per_second",  # log1p
     "tokens_per_replica_over_target",  # tokens/s / replicas / the HPA target
@@ -322,11 +334,16 @@ FEATURE_NAMES: tuple[str, ...] = (
     "replicas",  # log1p
     "starting_fraction",  # (replicas - ready) / replicas
     "budget_share",  # replicas / budget
+    "demand_trend",  # log((tokens/s + 1) / (previous period's + 1)), clipped to +-3; 0 in the first period
+    "tokens_per_request",  # log1p(tokens/s / requests/s): long prompts cost more per token of demand
 )
 # What the allocator falls back to without a usable file (the best heuristic of the README's table).
 FALLBACK = "hpa"
-# The network's output y becomes desired = ceil(replicas * exp(clip(y, -LOG_RANGE, LOG_RANGE))).
+# The network's outputs per pool: y, the margin on the demand the HPA formula sizes for (clipped to
+# +-LOG_RANGE), and d, the step toward that recommendation (a = clip(1 + d, 0, 1)).
+OUTPUTS = ("margin", "step")
 LOG_RANGE = math.log(4.0)
+TREND_RANGE = 3.0
 MISSING, CORRUPT, SCHEMA = "missing", "corrupt", "schema"
 
 
@@ -338,9 +355,13 @@ class AllocationPolicyError(Exception):
         self.reason = reason
 
 
-def features(o: PoolObservation, config: AllocationConfig) -> np.ndarray:
-    """`FEATURE_NAMES` of one pool's observation."""
+def features(o: PoolObservation, config: AllocationConfig, previous_tokens_per_second: float | None = None) -> np.ndarray:
+    """`FEATURE_NAMES` of one pool's observation (`previous_tokens_per_second`: the last period's)."""
     r = max(o.replicas, 1)
+    trend = 0.0
+    if previous_tokens_per_second is not None:
+        trend = math.log((o.tokens_per_second + 1.0) / (previous_tokens_per_second + 1.0))
+        trend = max(-TREND_RANGE, min(TREND_RANGE, trend))
     return np.array(
         [
             math.log1p(o.tokens_per_second),
@@ -352,6 +373,8 @@ def features(o: PoolObservation, config: AllocationConfig) -> np.ndarray:
             math.log1p(o.replicas),
             (o.replicas - o.ready) / r if o.replicas else 0.0,
             o.replicas / config.budget,
+            trend,
+            math.log1p(o.tokens_per_second / o.requests_per_second) if o.requests_per_second > 0 else 0.0,
         ],
         dtype=np.float64,
     )
@@ -359,7 +382,7 @@ def features(o: PoolObservation, config: AllocationConfig) -> np.ndarray:
 
 @dataclass(frozen=True)
 class AllocationNetwork:
-    """MLP over one pool's features (tanh hidden layers, one output); numpy only."""
+    """MLP over one pool's features (tanh hidden layers, `OUTPUTS` out); numpy only."""
 
     mean: np.ndarray
     std: np.ndarray
@@ -367,20 +390,31 @@ class AllocationNetwork:
     training: Mapping[str, Any] = field(default_factory=dict)
 
     def outputs(self, x: np.ndarray) -> np.ndarray:
-        """One output per row of `x` ([n, len(FEATURE_NAMES)])."""
+        """[n, len(OUTPUTS)]: the outputs of each row of `x` ([n, len(FEATURE_NAMES)])."""
         h = (x - self.mean) / self.std
         last = len(self.layers) - 1
         for i, (w, b) in enumerate(self.layers):
             h = h @ w + b
             if i < last:
                 h = np.tanh(h)
-        return h[:, 0]
+        return h
 
 
-def desired_from_output(replicas: int, y: float, min_replicas: int) -> int:
-    """A pool's desired count from the network's output (at least 1 to scale from)."""
-    base = max(replicas, min_replicas, 1)
-    return math.ceil(base * math.exp(max(-LOG_RANGE, min(LOG_RANGE, float(y)))) - 1e-9)
+def desired_from_output(o: PoolObservation, y: float, d: float, config: AllocationConfig) -> int:
+    """A pool's desired count from the network's margin `y` and step `d` (both 0: exactly `hpa`).
+
+    The HPA formula on the pool's tokens/s scaled by exp(y) gives the recommendation; the count
+    moves a fraction a = clip(1 + d, 0, 1) of the way there, rounded toward it (so any a > 0 moves
+    at least one replica; a = 1: the recommendation itself; a = 0: the current count).
+    """
+    scale = math.exp(max(-LOG_RANGE, min(LOG_RANGE, float(y))))
+    recommended = hpa_desired(o.replicas, _tokens_per_replica(o) * scale, config.hpa_target_tokens_per_replica,
+                              config.hpa_tolerance)
+    a = max(0.0, min(1.0, 1.0 + float(d)))
+    if a <= 0.0:
+        return o.replicas
+    moved = o.replicas + a * (recommended - o.replicas)
+    return math.ceil(moved - 1e-9) if recommended > o.replicas else math.floor(moved + 1e-9)
 
 
 def write_allocation_file(path: str | Path, network: AllocationNetwork, training: Mapping[str, Any] | None = None) -> Path:
@@ -392,7 +426,8 @@ def write_allocation_file(path: str | Path, network: AllocationNetwork, training
         "version": ALLOCATION_FORMAT_VERSION,
         "schema": ALLOCATION_SCHEMA,
         "features": list(FEATURE_NAMES),
-        "output": "log of desired / current replicas, clipped to +-log(4)",
+        "outputs": {"margin": "log of the demand multiplier the HPA formula sizes the pool for, clipped to +-log(4)",
+                    "step": "d: the pool moves clip(1 + d, 0, 1) of the way toward that recommendation, rounded toward it"},
         "normalization": {"mean": [float(v) for v in network.mean], "std": [float(v) for v in network.std]},
         "activation": "tanh",
         "layers": [{"weight": w.tolist(), "bias": b.tolist()} for w, b in network.layers],
@@ -440,8 +475,8 @@ def load_allocation_file(path: str | Path) -> AllocationNetwork:
                 raise ValueError(f"layer {i} has non-finite weights")
             layers.append((w, b))
             width = w.shape[1]
-        if not layers or width != 1:
-            raise ValueError("the last layer must have one output")
+        if not layers or width != len(OUTPUTS):
+            raise ValueError(f"the last layer must have {len(OUTPUTS)} outputs ({', '.join(OUTPUTS)})")
     except (KeyError, TypeError, ValueError) as exc:
         raise AllocationPolicyError(CORRUPT, f"allocation policy file {path} has malformed weights: {exc}") from None
     training = data.get("training")
@@ -465,6 +500,7 @@ class LearnedAllocator:
                 self.fallback_reason = exc.reason
                 log.warning("learned allocator falls back to %s (%s): %s", FALLBACK, exc.reason, exc)
         self._fallback = HpaAllocator()
+        self._previous: dict[str, float] = {}  # each pool's tokens/s of the last period (the trend feature)
 
     @property
     def status(self) -> str:
@@ -473,12 +509,10 @@ class LearnedAllocator:
     def desired(self, observations: Sequence[PoolObservation], config: AllocationConfig) -> dict[str, int]:
         if self.network is None or not observations:
             return self._fallback.desired(observations, config)
-        x = np.stack([features(o, config) for o in observations])
-        ys = self.network.outputs(x)
-        return {
-            o.expert: desired_from_output(o.replicas, y, config.bounds[o.expert].min_replicas)
-            for o, y in zip(observations, ys, strict=True)
-        }
+        x = np.stack([features(o, config, self._previous.get(o.expert)) for o in observations])
+        self._previous = {o.expert: o.tokens_per_second for o in observations}
+        out = self.network.outputs(x)
+        return {o.expert: desired_from_output(o, row[0], row[1], config) for o, row in zip(observations, out, strict=True)}
 
 
 ALLOCATOR_NAMES = ("static", "proportional", "hpa", "keda", "learned")
@@ -507,9 +541,13 @@ class AllocationController:
     config: AllocationConfig
     cooldown: CooldownState = field(default_factory=CooldownState)
     decisions: list[dict[str, Any]] = field(default_factory=list)
+    # The counts to start from; None: the budget split equally within bounds.
+    initial_counts: Mapping[str, int] | None = None
 
     def initial(self) -> dict[str, int]:
-        """The counts to start from: the budget split equally within bounds."""
+        """The counts to start from (`initial_counts`, or the budget split equally within bounds)."""
+        if self.initial_counts is not None:
+            return {n: int(self.initial_counts.get(n, 0)) for n in self.config.pools}
         return bounded_split(self.config.budget, {n: 1.0 for n in self.config.pools}, self.config.bounds)
 
     def step(self, observations: Sequence[PoolObservation], now: float) -> dict[str, int]:

@@ -193,7 +193,7 @@ class SchedulerSettings:
     allocation_hpa_target_tokens: float = setting(
         "SCHEDULER_ALLOCATION_HPA_TARGET_TOKENS",
         1000.0,
-        "hpa: target reported tokens/s per replica (tolerance 0.1); also the learned allocator's fallback",
+        "hpa: target demand tokens/s (prompt + output budget placed) per replica (tolerance 0.1); also the learned allocator's fallback",
         minimum=0.001,
         maximum=1e9,
     )

@@ -143,7 +143,7 @@ class ScalingController:
         self.draining: dict[str, _Drain] = {}
         self.last: Decision | None = None
         self._seen: set[str] = set(r.replica_id for r in registry.replicas())
-        self._counters: dict[str, tuple[float, float, float]] = {e: metrics.pool_counters(e) for e in config.pools}
+        self._counters: dict[str, tuple[float, float, float, float]] = {e: metrics.pool_counters(e) for e in config.pools}
         self._last_at = clock()
         self._last_reason: dict[str, str] = {}
         self._kill_switch = False
@@ -240,15 +240,17 @@ class ScalingController:
         out = []
         for expert in self.config.pools:
             serving = by_pool[expert]
-            placed, finished, misses = metrics.pool_counters(expert)
-            before = self._counters.get(expert, (0.0, 0.0, 0.0))
-            self._counters[expert] = (placed, finished, misses)
+            counters = metrics.pool_counters(expert)
+            placed, finished, misses, tokens = counters
+            before = self._counters.get(expert, (0.0, 0.0, 0.0, 0.0))
+            self._counters[expert] = counters
             kv = [r.load.kv_utilization for r in serving]
             pending = sum(1 for p in self.pending if p.expert == expert)
             out.append(
                 PoolObservation(
                     expert=expert,
-                    tokens_per_second=sum(r.load.tokens_per_second for r in serving),
+                    # The demand placed, as the simulator counts arrivals: prompt + output budget per second.
+                    tokens_per_second=max(0.0, tokens - before[3]) / elapsed,
                     requests_per_second=max(0.0, placed - before[0]) / elapsed,
                     queue_depth=sum(r.load.waiting for r in serving),
                     running=sum(r.load.running for r in serving),

@@ -74,10 +74,20 @@ def count_slo(expert: str, verdict: Verdict) -> None:
     GOODPUT.labels(expert=expert, good=str(verdict.good).lower()).inc()
 
 
-def count_placements(result: PlacementResult) -> None:
-    """Count one Place call's outcome on every expert it asked for."""
+PLACED_TOKENS = Counter(
+    "switchboard_scheduler_placed_tokens_total",
+    "Prompt tokens plus output budget (max_tokens) of the requests placed on each expert (primaries only): the"
+    " demand whose rate the allocation controller reads as a pool's tokens/s.",
+    ["expert"],
+)
+
+
+def count_placements(result: PlacementResult, demand_tokens: int = 0) -> None:
+    """Count one Place call's outcome on every expert it asked for; `demand_tokens` go to the primary's expert."""
     for index, placement in enumerate(result.placements):
         PLACEMENTS.labels(expert=placement.expert, outcome="placed" if index == 0 else "candidate").inc()
+        if index == 0 and demand_tokens > 0:
+            PLACED_TOKENS.labels(expert=placement.expert).inc(demand_tokens)
     for shortfall in result.unavailable:
         # An undeclared name comes from the caller: one label for all keeps the series bounded.
         expert = "unknown" if shortfall.outcome == UNDECLARED else shortfall.expert
@@ -127,8 +137,9 @@ ALLOCATION_FALLBACKS = Counter(
 )
 
 
-def pool_counters(expert: str) -> tuple[float, float, float]:
-    """Of one pool, since start: requests placed (primary), requests finished and those that missed an objective."""
+def pool_counters(expert: str) -> tuple[float, float, float, float]:
+    """Of one pool, since start: requests placed (primary), requests finished, those that missed an objective,
+    and the demand tokens placed (prompt + output budget)."""
     from prometheus_client import REGISTRY
 
     def value(name: str, labels: dict[str, str]) -> float:
@@ -137,7 +148,8 @@ def pool_counters(expert: str) -> tuple[float, float, float]:
     placed = value("switchboard_scheduler_placements_total", {"expert": expert, "outcome": "placed"})
     good = value("switchboard_scheduler_goodput_requests_total", {"expert": expert, "good": "true"})
     bad = value("switchboard_scheduler_goodput_requests_total", {"expert": expert, "good": "false"})
-    return placed, good + bad, bad
+    tokens = value("switchboard_scheduler_placed_tokens_total", {"expert": expert})
+    return placed, good + bad, bad, tokens
 
 
 # ----------------------------------------------------------------------------- rollouts

@@ -453,7 +453,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 for _ in error.unknown:
                     metrics.PLACEMENTS.labels(expert="unknown", outcome="unknown_expert").inc()
                 raise not_found(str(error), reason="EXPERT_NOT_FOUND") from None
-            metrics.count_placements(result)
+            metrics.count_placements(result, placement.prompt_tokens + placement.max_tokens)
             primary = result.primary
             if primary is None:
                 raise unavailable(
