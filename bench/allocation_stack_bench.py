@@ -46,12 +46,10 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench_common import ROOT, VENV_BIN, machine, switchboard_up, write_jsonl
+from bench_common import ROOT, VENV_BIN, machine, switchboard_up, trace_window, write_jsonl
 from switchboard.bench.records import STATUS_OK
 from switchboard.bench.results import read_results, records_of
-from switchboard.bench.transform import WorkloadShape, shape
-from switchboard.bench.workload import TraceRequest, load_jsonl, load_trace
-from switchboard.simulation.workload import assign_shared_prefixes
+from switchboard.bench.workload import load_jsonl, load_trace
 
 TRACES = ROOT / ".." / "shared" / "data" / "traces"
 DEFAULT_POOLS = f"chat={TRACES / 'azure_llm_2023_conv.csv'},code={TRACES / 'azure_llm_2023_code.csv'}"
@@ -98,13 +96,6 @@ def pools_of(spec: str) -> dict[str, Path]:
     if len(out) < 2:
         raise SystemExit("--pools needs two pools, NAME=TRACE,NAME=TRACE")
     return out
-
-
-def shaped(rows: list[TraceRequest], args: argparse.Namespace, start: float, seed: int) -> list[TraceRequest]:
-    spec = WorkloadShape(window_start_s=start, window_duration_s=args.window_seconds, speedup=args.speedup,
-                         fit_context=args.fit_context, max_output_tokens=args.max_output_tokens)
-    out, _ = shape(rows, spec)
-    return assign_shared_prefixes(out, groups=16, prefix_tokens=128, trace_block_size=TRACE_BLOCK, seed=seed)
 
 
 def initial_counts(names: list[str], args: argparse.Namespace) -> dict[str, int]:
@@ -277,7 +268,8 @@ def main() -> int:
     traces = {n: args.out / f"{n}.jsonl" for n in names}
     if not args.reuse:
         for k, n in enumerate(names):
-            window = shaped(rows[n], args, start, args.seed * 101 + k)
+            window = trace_window(rows[n], start, args.window_seconds, args.speedup, args.fit_context,
+                                  args.max_output_tokens, args.seed * 101 + k, trace_block=TRACE_BLOCK)
             if not window:
                 raise SystemExit(f"pool {n}: no request in trace seconds {start:g}-{start + args.window_seconds:g}; "
                                  "choose another --window-start or a longer --window-seconds")

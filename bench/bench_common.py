@@ -115,3 +115,18 @@ def write_jsonl(rows: Sequence[Any], path: Path) -> None:
         for r in rows:
             out.write(json.dumps({"timestamp": round(r.arrival_s * 1000, 3), "input_length": r.input_tokens,
                                   "output_length": r.output_tokens, "hash_ids": list(r.hash_ids)}) + "\n")
+
+
+def trace_window(rows: Sequence[Any], start: float, seconds: float, speedup: float, fit_context: int | None,
+                 max_output_tokens: int | None, seed: int, prefix_groups: int = 16, prefix_tokens: int = 128,
+                 trace_block: int = 64) -> list[Any]:
+    """One window of a trace shaped as `switchboard bench` shapes it (time scaled, lengths fitted and
+    capped), every prompt starting with one of `prefix_groups` shared system prompts (synthetic, as
+    `switchboard scheduler eval` does: the traces have no content)."""
+    from switchboard.bench.transform import WorkloadShape, shape
+    from switchboard.simulation.workload import assign_shared_prefixes
+
+    shaped, _ = shape(list(rows), WorkloadShape(window_start_s=start, window_duration_s=seconds, speedup=speedup,
+                                                 fit_context=fit_context, max_output_tokens=max_output_tokens))
+    return assign_shared_prefixes(shaped, groups=prefix_groups, prefix_tokens=prefix_tokens,
+                                  trace_block_size=trace_block, seed=seed)

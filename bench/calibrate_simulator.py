@@ -37,17 +37,16 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench_common import machine, switchboard_up, write_jsonl
+from bench_common import machine, switchboard_up, trace_window, write_jsonl
 from switchboard.bench.records import STATUS_OK
 from switchboard.bench.results import read_results, records_of
-from switchboard.bench.transform import WorkloadShape, shape
 from switchboard.bench.workload import TraceRequest, load_jsonl, load_trace
 from switchboard.common.experts_config import ExpertSpec
 from switchboard.scheduler.policies import make_policy
 from switchboard.simulation.cluster import SimConfig, Simulation
 from switchboard.simulation.evaluate import pool_from_profile
 from switchboard.simulation.metrics import quantile
-from switchboard.simulation.workload import assign_shared_prefixes, from_trace
+from switchboard.simulation.workload import from_trace
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -78,10 +77,8 @@ def parse_args() -> argparse.Namespace:
 
 def window(rows: list[TraceRequest], spec: str, speedup: float, args: argparse.Namespace, seed: int) -> list[TraceRequest]:
     start, seconds = (float(x) for x in spec.split(":"))
-    shaped, _ = shape(rows, WorkloadShape(window_start_s=start, window_duration_s=seconds, speedup=speedup,
-                                           fit_context=args.fit_context, max_output_tokens=args.max_output_tokens))
-    return assign_shared_prefixes(shaped, groups=args.prefix_groups, prefix_tokens=args.prefix_tokens,
-                                  trace_block_size=TRACE_BLOCK, seed=seed)
+    return trace_window(rows, start, seconds, speedup, args.fit_context, args.max_output_tokens, seed,
+                        args.prefix_groups, args.prefix_tokens, TRACE_BLOCK)
 
 
 @contextlib.contextmanager
