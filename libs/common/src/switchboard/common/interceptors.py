@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from grpc._cython.cygrpc import ExecuteBatchError
 from prometheus_client import Counter, Histogram
 from switchboard.common.errors import ServiceError
 from switchboard.common.logging import get_logger
@@ -134,6 +135,20 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
         return composed
 
 
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str, trailing: Any = ()) -> None:
+    """`context.abort`, for a call that may have ended in grpc core meanwhile.
+
+    When the caller's deadline passes (or it goes away) at the moment a handler fails, for example
+    a handler whose own deadline is the caller's, core has already finished the call and sending the
+    status fails with ExecuteBatchError, which grpc logs as an error in core. Nobody is left to tell:
+    the call ends as cancelled, which grpc treats as such (no status to send, nothing logged).
+    """
+    try:
+        await context.abort(code, details, trailing)
+    except ExecuteBatchError:
+        raise asyncio.CancelledError(f"the call ended before its {code.name} status went out") from None
+
+
 class ErrorInterceptor(Stage):
     """Map exceptions raised by servicers to canonical statuses."""
 
@@ -144,9 +159,9 @@ class ErrorInterceptor(Stage):
         async def fail(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
             if isinstance(exc, ServiceError):
                 status = exc.to_status()
-                await context.abort(status.code, status.details, status.trailing_metadata)
+                await _abort(context, status.code, status.details, status.trailing_metadata)
             log.error("unhandled error in handler", method=method, exc_info=exc)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log for this trace id")
+            await _abort(context, grpc.StatusCode.INTERNAL, "internal error; see the service log for this trace id")
 
         if streaming:
 
