@@ -42,6 +42,7 @@ from switchboard.scheduler.allocation import (
 from switchboard.scheduler.policies import make_policy
 from switchboard.simulation.cluster import PoolSpec, SimConfig, SimResult, Simulation
 from switchboard.simulation.metrics import good
+from switchboard.simulation.parallel import fork_map
 from switchboard.simulation.train import spread
 from switchboard.simulation.workload import SimRequest, assign_shared_prefixes, from_trace
 
@@ -403,35 +404,17 @@ def train_allocation(config: AllocTrainConfig, progress: Callable[[str], None] =
     return {**metadata, "curve": curve}
 
 
-# What forked scoring workers read: the setup, the windows and the reward's terms (set before the fork).
-_SCORING: tuple[AllocSetup, Sequence[tuple[float, int, list[SimRequest]]], float, float] | None = None
-
-
-def _score_task(task: tuple[AllocationNetwork, int]) -> float:
-    assert _SCORING is not None
-    setup, windows, seconds, cost = _SCORING
-    net, k = task
-    start, seed, reqs = windows[k]
-    return run_window(setup, LearnedAllocator(network=net), start, seconds, seed, reqs)[0].reward(cost)
-
-
 def score_all(setup: AllocSetup, nets: Sequence[AllocationNetwork],
               windows: Sequence[tuple[float, int, list[SimRequest]]], seconds: float, cost: float,
               workers: int = 1) -> np.ndarray:
     """[len(nets), len(windows)] rewards; with workers > 1 in forked processes (each run is independent)."""
-    global _SCORING
-    tasks = [(net, k) for net in nets for k in range(len(windows))]
-    _SCORING = (setup, windows, seconds, cost)
-    try:
-        if workers > 1 and len(tasks) > 1:
-            import multiprocessing
 
-            with multiprocessing.get_context("fork").Pool(min(workers, len(tasks))) as pool:
-                flat = pool.map(_score_task, tasks, chunksize=1)
-        else:
-            flat = [_score_task(t) for t in tasks]
-    finally:
-        _SCORING = None
+    def score(task: tuple[AllocationNetwork, int]) -> float:
+        net, k = task
+        start, seed, reqs = windows[k]
+        return run_window(setup, LearnedAllocator(network=net), start, seconds, seed, reqs)[0].reward(cost)
+
+    flat = fork_map(score, [(net, k) for net in nets for k in range(len(windows))], workers)
     return np.asarray(flat, dtype=np.float64).reshape(len(nets), len(windows))
 
 

@@ -183,6 +183,9 @@ class Simulation:
         self._cancelled: set[str] = set()  # removed while starting: they never register
         # (time, {expert: replicas}) after every tick, for plots and tests.
         self.allocation_log: list[tuple[float, dict[str, int]]] = []
+        # The request `Placer.place` is placing now: a policy that looks ahead in the simulator
+        # (`switchboard.simulation.lookahead`) reads it; the scheduler's policies never do.
+        self.placing: Request | None = None
 
     # ----------------------------------------------------------------- setup
 
@@ -314,6 +317,13 @@ class Simulation:
             {p.expert: p.slo for p in self.config.pools},
         )
 
+    def en_route(self, replica_id: str) -> list[tuple[float, Request]]:
+        """The requests placed on `replica_id` that have not reached it yet, with the times they
+        will, in delivery order (what a look-ahead must add to a fork of that replica)."""
+        entries = [e for e in self._heap if e[1] == _DELIVER and e[3].state.replica_id == replica_id]  # type: ignore[union-attr]
+        entries.sort(key=lambda e: (e[0], e[2]))
+        return [(e[0], e[3]) for e in entries]  # type: ignore[misc]
+
     def _busy(self) -> bool:
         """Whether a live replica still holds work."""
         return any(r.has_work() for rid, r in self.replicas.items() if rid not in self.dead)
@@ -352,6 +362,7 @@ class Simulation:
         """Place a request (re-placing it while its primary is dead) and deliver it; `wake_now`: as
         for `_deliver`."""
         record: SimRecord = req.state
+        self.placing = req
         while True:
             placement = placement_request(  # `PlacementRequest(...)`, built faster
                 record.request_id,

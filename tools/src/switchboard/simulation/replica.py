@@ -22,6 +22,7 @@ would reach. A test checks both paths give the same per-request times.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -29,6 +30,7 @@ from operator import attrgetter
 
 from switchboard.replica.block_pool import BlockPool
 from switchboard.replica.cost_model import CostModel
+from switchboard.replica.kv_events import KvEventJournal
 from switchboard.replica.outputs import model_runner_output
 from switchboard.replica.request import Request, RequestStatus
 from switchboard.replica.scheduler import Scheduler
@@ -249,6 +251,16 @@ class SimReplica:
         if stretch is not None:
             return stretch.end
         return end
+
+    def fork(self) -> SimReplica:
+        """An independent copy to run ahead (`switchboard.simulation.lookahead`): its requests and
+        their records are copies, so nothing it does reaches this replica or the run's results.
+
+        The block pool's KV-event journal is not copied: the copy journals into a fresh one that
+        nobody drains (the journal mirrors the whole cached set, and a look ahead never reports).
+        """
+        memo = {id(self.pool.events): KvEventJournal(max_hashes=1 << 30)}
+        return copy.deepcopy(self, memo)
 
     def drop_all(self) -> list[Request]:
         """Take every request out (the replica failed); returns them, their blocks freed."""
