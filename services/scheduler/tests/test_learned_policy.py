@@ -110,6 +110,21 @@ def test_the_prefix_feature_sees_this_requests_cache_hit(tmp_path: Path) -> None
     assert ids(policy.rank(query(), candidates))[0] == "r1"
 
 
+def test_the_recency_features_see_what_the_heartbeat_does_not_show_yet() -> None:
+    idle = view("r0")
+    busy = view("r1")._replace(placed_since_report_tokens=1500, last_placed_age=0.01, last_placed_prompt_tokens=1000)
+    old = view("r2")._replace(placed_since_report_tokens=0, last_placed_age=99.0, last_placed_prompt_tokens=1000)
+    features = FeatureExtractor().features(query(), [idle, busy, old])
+    assert np.all(np.isfinite(features))
+    col = {name: features[:, FEATURE_NAMES.index(name)] for name in FEATURE_NAMES}
+    assert list(col["placed_since_report_tokens"]) == pytest.approx([0.0, np.log1p(1500), 0.0])
+    assert list(col["last_placed_age_s"]) == pytest.approx([10.0, 0.01, 10.0])  # capped; inf = never
+    # 1,000 tokens in two 512-token chunks on COST: 2 x 2 ms + 0.02 ms x 1,000 = 24 ms, 10 ms of it gone.
+    assert list(col["last_placed_remaining_ms"]) == pytest.approx([0.0, np.log1p(14.0), 0.0])
+    policy = LearnedPlacementPolicy(network=linear("last_placed_remaining_ms", -1.0))
+    assert ids(policy.rank(query(), [busy, idle]))[-1] == "r1"
+
+
 def test_make_policy_and_settings_select_it(tmp_path: Path) -> None:
     path = write_policy_file(tmp_path / "policy.json", linear("waiting", -1.0))
     assert LEARNED in SELECTABLE_POLICY_NAMES

@@ -88,6 +88,30 @@ def test_inflight_counts_placements_until_complete_or_ttl() -> None:
     assert registry.get("b").inflight == 0  # type: ignore[union-attr]
 
 
+def test_views_show_what_was_placed_since_the_last_heartbeat() -> None:
+    clock = FakeClock()
+    registry = ReplicaRegistry(expiry_seconds=5.0, clock=clock)
+    registry.register(info("a"))
+    (fresh,) = registry.snapshot().candidates("bard-small")
+    assert fresh.placed_since_report_tokens == 0 and fresh.last_placed_age == float("inf")
+    registry.record_placement("r1", "a", prompt_tokens=300, max_tokens=20)
+    clock.now += 0.25
+    registry.record_placement("r2", "a", prompt_tokens=700, max_tokens=20)
+    clock.now += 0.5
+    (view,) = registry.snapshot().candidates("bard-small")
+    assert view.placed_since_report_tokens == 1000
+    assert view.last_placed_age == pytest.approx(0.5) and view.last_placed_prompt_tokens == 700
+    # Every way of building views says the same.
+    (ready,) = registry.ready_views().candidates("bard-small")
+    assert ready[-3:] == view[-3:]
+    best = registry.ready_views().least_loaded("bard-small", 1.0, 1.0, 2.0)
+    assert best is not None and best[-3:] == view[-3:]
+    # A heartbeat shows them: nothing is unreported any more, the newest placement stays known.
+    registry.report_load("a", LoadSnapshot(running=2))
+    (after,) = registry.snapshot().candidates("bard-small")
+    assert after.placed_since_report_tokens == 0 and after.last_placed_prompt_tokens == 700
+
+
 def test_reregister_at_new_address_forgets_placements() -> None:
     clock = FakeClock()
     registry = ReplicaRegistry(expiry_seconds=5.0, clock=clock)

@@ -1,9 +1,9 @@
 """Learned placement (issue 17): a small MLP scores each candidate replica; numpy inference only.
 
 `LearnedPlacementPolicy.rank(query, candidates)` is the `PlacementPolicy` protocol: per candidate a
-feature vector (`FEATURE_NAMES`: its load, its prefix-cache hit for this request, the predicted
-TTFT/TPOT of the predicted-latency policy's cost model, the prefix-load policy's score, and the
-request's size), normalized with the file's statistics, goes through one MLP with weights shared
+feature vector (`FEATURE_NAMES`: its load, what was placed on it since its last heartbeat, its
+prefix-cache hit for this request, the predicted TTFT/TPOT of the predicted-latency policy's cost
+model, the prefix-load policy's score, and the request's size), normalized with the file's statistics, goes through one MLP with weights shared
 by every candidate; candidates are ranked by score, highest first (ties: replica id). The network
 is trained in the simulator (`switchboard scheduler train`, a softmax over these very scores) and
 stored in a versioned **policy file** (JSON, `write_policy_file`):
@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 from prometheus_client import Counter
 from switchboard.common.experts_config import ExpertSLO
+from switchboard.replica.cost_model import CostModel
 from switchboard.scheduler.policies import (
     LEARNED,
     PlacementPolicy,
@@ -81,11 +82,19 @@ FEATURE_NAMES: tuple[str, ...] = (
     "prefix_load_score",  # prefix-load's score minus the best one's (signed log1p; 0 = its choice)
     "overloaded",  # 1 when prefix-load's guard ranks it after the others
     "heartbeat_age_s",
+    # What the heartbeat cannot show yet (the scheduler's own record of what it placed since):
+    "placed_since_report_tokens",  # prompt tokens placed since the last heartbeat (log1p)
+    "last_placed_age_s",  # since the newest placement here (capped at LAST_PLACED_CAP_S)
+    "last_placed_remaining_ms",  # that prompt's predicted prefill time minus its age, >= 0 (log1p)
     "prompt_tokens",  # request (log1p)
     "max_tokens",  # request (log1p)
     "candidates",  # how many candidates (log1p)
 )
-FEATURE_SCHEMA = "placement-v1"
+FEATURE_SCHEMA = "placement-v2"
+# Older than this, the newest placement says nothing about the replica's present work.
+LAST_PLACED_CAP_S = 10.0
+# The prefill chunk `last_placed_remaining_ms` assumes (an engine's usual per-step token budget).
+MAX_PREFILL_CHUNK = 512
 # The fallback reasons (the metric's label values).
 MISSING, CORRUPT, SCHEMA = "missing", "corrupt", "schema"
 
@@ -274,6 +283,7 @@ class FeatureExtractor:
         tpot_goal = slo.tpot_seconds * 1000.0 if slo is not None and slo.tpot_seconds else 0.0
         decode_tokens = self.prefix.decode_seq_tokens
         predict = self.latency._predict
+        fallback_cost = sibling or self.latency.default_cost_model
         n = len(candidates)
         # First pass: what each candidate's features are made of; second: the relative ones and
         # the transforms, in plain Python (a few numpy calls on 16 x 21 values cost more than this).
@@ -285,7 +295,8 @@ class FeatureExtractor:
             p = predict(view, sibling, prompt, output, cached)
             total = load.kv_blocks_total
             work = queued_tokens + decode_tokens * decoding  # PrefixLoadPolicy.load_tokens, from the same estimate
-            parts.append((view, load, total, cached, queued, queued_tokens, work, p.ttft_ms, p.tpot_ms))
+            parts.append((view, load, total, cached, queued, queued_tokens, work, p.ttft_ms, p.tpot_ms,
+                          _remaining_prefill_ms(view, view.info.cost_model or fallback_cost)))
         least = min(part[6] for part in parts)
         fastest = min(part[7] for part in parts)
         prefix = self.prefix
@@ -295,7 +306,7 @@ class FeatureExtractor:
         log1p = math.log1p
         request = (log1p(prompt), log1p(output), log1p(n))
         rows = []
-        for view, load, total, cached, queued, queued_tokens, work, ttft, tpot in parts:
+        for view, load, total, cached, queued, queued_tokens, work, ttft, tpot, remaining in parts:
             score = cached - weight * (work - least) - best  # <= 0: prefix-load's score minus the best
             rows.append((
                 log1p(max(load.waiting, 0)),
@@ -316,9 +327,23 @@ class FeatureExtractor:
                 -log1p(-score) if score < 0 else 0.0,
                 1.0 if work > limit else 0.0,
                 view.heartbeat_age,
+                log1p(max(view.placed_since_report_tokens, 0)),
+                min(view.last_placed_age, LAST_PLACED_CAP_S),
+                log1p(remaining),
                 *request,
             ))
         return np.array(rows, dtype=np.float64)
+
+
+def _remaining_prefill_ms(view: ReplicaView, cost: CostModel) -> float:
+    """How much of the newest placement's prefill is predicted to be left: its prompt's prefill
+    time on the cost model (chunked by MAX_PREFILL_CHUNK) minus the time since it was placed."""
+    tokens = view.last_placed_prompt_tokens
+    if tokens <= 0 or not math.isfinite(view.last_placed_age):
+        return 0.0
+    steps = -(-tokens // MAX_PREFILL_CHUNK)
+    ms = steps * cost.base_ms + cost.prefill_token_ms * tokens
+    return max(ms - 1000.0 * view.last_placed_age, 0.0)
 
 
 def order_by_scores(candidates: Sequence[ReplicaView], scores: np.ndarray) -> list[ReplicaView]:

@@ -20,6 +20,7 @@ deregistration and expiry.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -129,6 +130,11 @@ class ReplicaRecord:
     # Sums over `placements`, kept in step with it by the registry (O(1) per snapshot).
     inflight_prompt_tokens: int = 0
     inflight_max_tokens: int = 0
+    # What the last heartbeat cannot show yet: the prompt tokens placed here since it, and when
+    # the newest placement was made and how big its prompt was (it may still be prefilling).
+    placed_since_report_tokens: int = 0
+    last_placed_at: float = -math.inf
+    last_placed_prompt_tokens: int = 0
 
     @property
     def replica_id(self) -> str:
@@ -158,7 +164,10 @@ class ReplicaView(NamedTuple):
     Place would cost O(cached blocks)). A policy reads it within one synchronous `rank` call, and
     the index only changes in ReportLoad handlers on the same event loop, so it cannot change under
     the policy. `inflight_prompt_tokens` and `inflight_max_tokens` are the sums of the prompt
-    tokens and output budgets of the requests counted in `inflight`.
+    tokens and output budgets of the requests counted in `inflight`; `placed_since_report_tokens`
+    the prompt tokens placed since the last heartbeat (which `load` does not show yet), and
+    `last_placed_age` / `last_placed_prompt_tokens` how long ago the newest placement was made
+    (inf: never) and its prompt's size.
     """
 
     replica_id: str
@@ -172,6 +181,9 @@ class ReplicaView(NamedTuple):
     prefix: PrefixIndex | None = None
     inflight_prompt_tokens: int = 0
     inflight_max_tokens: int = 0
+    placed_since_report_tokens: int = 0
+    last_placed_age: float = math.inf
+    last_placed_prompt_tokens: int = 0
 
     @property
     def max_model_len(self) -> int:
@@ -266,6 +278,9 @@ class ReadyViews:
                         record.prefix,
                         record.inflight_prompt_tokens,
                         record.inflight_max_tokens,
+                        record.placed_since_report_tokens,
+                        now - record.last_placed_at,
+                        record.last_placed_prompt_tokens,
                     ),
                 )
             )
@@ -323,6 +338,9 @@ class ReadyViews:
                 best.prefix,
                 best.inflight_prompt_tokens,
                 best.inflight_max_tokens,
+                best.placed_since_report_tokens,
+                now - best.last_placed_at,
+                best.last_placed_prompt_tokens,
             ),
         )
 
@@ -413,6 +431,7 @@ class ReplicaRegistry:
             return False
         record.load = load
         record.last_heartbeat = self._clock()
+        record.placed_since_report_tokens = 0
         if draining:
             record.state = ReplicaState.DRAINING
         return True
@@ -517,6 +536,9 @@ class ReplicaRegistry:
                     record.prefix,
                     record.inflight_prompt_tokens,
                     record.inflight_max_tokens,
+                    record.placed_since_report_tokens,
+                    now - record.last_placed_at,
+                    record.last_placed_prompt_tokens,
                 ),
             )
             if healthy:
@@ -569,9 +591,13 @@ class ReplicaRegistry:
         if previous is not None and previous in self._replicas:
             # A retry of the same request on another replica (or the same one): it runs only here now.
             _drop_placement(self._replicas[previous], request_id)
-        record.placements[request_id] = Placement(self._clock(), prompt_tokens, max_tokens)
+        now = self._clock()
+        record.placements[request_id] = Placement(now, prompt_tokens, max_tokens)
         record.inflight_prompt_tokens += prompt_tokens
         record.inflight_max_tokens += max_tokens
+        record.placed_since_report_tokens += prompt_tokens
+        record.last_placed_at = now
+        record.last_placed_prompt_tokens = prompt_tokens
         self._request_index[request_id] = replica_id
 
     def complete(self, request_id: str, replica_id: str = "") -> ReplicaRecord | None:
