@@ -54,11 +54,33 @@ def test_eval_prints_every_policy_and_writes_results_and_plots(setup_files, caps
         (("--window-seconds", "100"), "does not fit the held-out"),
         (("--cost-models", "/nonexistent"), "no cost profile for expert 'a'"),
         (("--trace", "/nonexistent.jsonl"), "no such trace file"),
+        (("--seeds", "0,x"), "--seeds must be comma-separated integers"),
+        (("--policies", "least-loaded", "--baseline", "prefix-load"), "baseline 'prefix-load' is not among"),
     ],
 )
 def test_bad_input_is_a_clear_error(setup_files, capsys, extra: tuple[str, ...], says: str) -> None:
     assert main(eval_args(setup_files, *extra)) == 2
     assert says in capsys.readouterr().err
+
+
+def test_seeds_pool_their_runs_and_every_policy_is_paired_with_the_baseline(setup_files, capsys) -> None:
+    assert main(eval_args(setup_files, "--policies", "least-loaded,prefix-load", "--seed", "3")) == 0
+    one = json.loads((setup_files["out"] / "results.json").read_text())
+    assert main(eval_args(setup_files, "--policies", "least-loaded,prefix-load,lookahead", "--seeds", "3,4")) == 0
+    printed = capsys.readouterr().out
+    assert "x 2 seeds" in printed
+    assert "least-loaded vs prefix-load" in printed and "lookahead vs prefix-load" in printed
+    both = json.loads((setup_files["out"] / "results.json").read_text())
+    assert both["seeds"] == [3, 4]
+    assert both["policies"]["prefix-load"]["requests"] > one["policies"]["prefix-load"]["requests"]
+    paired = both["paired"]["lookahead"]
+    assert paired["baseline"] == "prefix-load" and paired["requests"] == both["policies"]["prefix-load"]["requests"]
+    for key in ("ttft_mean_ratio", "ttft_p99_ratio", "attainment_points"):
+        estimate, lo, hi = paired[key]
+        assert lo <= estimate <= hi
+    # The point estimate is the ratio of the two rows' means.
+    ratio = both["policies"]["prefix-load"]["ttft_mean"] / both["policies"]["lookahead"]["ttft_mean"]
+    assert paired["ttft_mean_ratio"][0] == pytest.approx(ratio)
 
 
 def test_held_out_windows_lie_in_the_last_part_of_the_trace() -> None:

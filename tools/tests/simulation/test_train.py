@@ -109,3 +109,38 @@ def test_eval_runs_the_learned_policy_from_its_file(files, capsys) -> None:
     (files["tmp"] / "bad.json").write_text("{")
     assert main([*ev, "--policy", "learned", "--policy-file", str(files["tmp"] / "bad.json")]) == 2
     assert "not JSON" in capsys.readouterr().err
+
+
+def test_the_look_ahead_teacher_distils_with_dagger_in_forked_workers_deterministically(files, capsys) -> None:
+    args = ("--teacher", "lookahead", "--dagger-rounds", "2", "--dagger-episodes", "2", "--episodes", "0")
+    one, two = files["tmp"] / "la1", files["tmp"] / "la2"
+    assert main(train_args(files, one, *args)) == 0
+    printed = capsys.readouterr().out
+    assert "agreement with lookahead" in printed and "DAgger round 2:" in printed and "held-out lookahead" in printed
+    summary = json.loads((one / "train.json").read_text())
+    assert summary["teacher"] == "lookahead" and summary["pg_episodes"] == 0
+    dagger = [c for c in summary["curve"] if c["phase"] == "dagger"]
+    assert [c["round"] for c in dagger] == [1, 2]
+    assert dagger[0]["decisions"] < dagger[1]["decisions"] == summary["dagger"]["decisions"]
+    assert set(summary["held_out"]) == {"learned", "prefix-load", "lookahead"}
+    assert (one / "checkpoints" / "dagger_002.pt").is_file()
+    assert LearnedPlacementPolicy(one / "policy.json").network is not None
+    # Episodes labelled in two forked workers give the very same network as in this process.
+    assert main(train_args(files, two, *args, "--workers", "2")) == 0
+    a, b = load_policy_file(one / "policy.json"), load_policy_file(two / "policy.json")
+    for (w1, b1), (w2, b2) in zip(a.layers, b.layers, strict=True):
+        np.testing.assert_array_equal(w1, w2)
+        np.testing.assert_array_equal(b1, b2)
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (("--dagger-rounds", "1"), "--dagger-rounds needs --teacher lookahead"),
+        (("--teacher", "lookahead", "--workers", "0"), "--workers at least 1"),
+        (("--teacher", "lookahead", "--target-temperature", "0"), "target temperature must be positive"),
+    ],
+)
+def test_bad_distillation_options_are_refused(files, capsys, extra: tuple[str, ...], says: str) -> None:
+    assert main(train_args(files, files["tmp"] / "x", *extra)) == 2
+    assert says in capsys.readouterr().err

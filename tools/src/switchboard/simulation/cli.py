@@ -39,6 +39,12 @@ def add_parser(subparsers: Any) -> None:
                     help="the learned policy's file (from switchboard scheduler train), for the policy 'learned'")
     ev.add_argument("--windows", type=int, default=3, help="held-out windows (default: 3)")
     ev.add_argument("--window-seconds", type=float, default=300.0, help="trace seconds per window (default: 300)")
+    ev.add_argument("--seeds", default=None,
+                    help="comma-separated seeds: replay the windows once per seed, pooled (default: --seed)")
+    ev.add_argument("--baseline", default=None,
+                    help="compare every other policy with this one on the same requests: TTFT mean and p99 ratios "
+                         "and the attainment difference, with 95%% paired bootstrap intervals (default: prefix-load "
+                         "when it is evaluated)")
     ev.add_argument("--out", type=Path, default=Path("scheduler-eval"), help="folder for results.json and plots")
     ev.set_defaults(func=run_eval)
     tr = sub.add_parser(
@@ -66,6 +72,16 @@ def add_parser(subparsers: Any) -> None:
     tr.add_argument("--bc-weight", type=float, default=0.1,
                     help="weight of the cross-entropy to prefix-load's choice during the policy gradient (default: 0.1)")
     tr.add_argument("--bc-smoothing", type=float, default=0.0, help="label smoothing of behaviour cloning (default: 0)")
+    tr.add_argument("--teacher", choices=("prefix-load", "lookahead"), default="prefix-load",
+                    help="what cloning imitates: the prefix-load heuristic, or the simulator's look-ahead of each "
+                         "candidate (then --dagger-rounds; default: prefix-load)")
+    tr.add_argument("--dagger-rounds", type=int, default=0,
+                    help="with --teacher lookahead: rounds of episodes placed by the network and labelled by the "
+                         "look-ahead, refitting on all labels after each (default: 0)")
+    tr.add_argument("--dagger-episodes", type=int, default=4, help="episodes per DAgger round (default: 4)")
+    tr.add_argument("--target-temperature", type=float, default=0.05,
+                    help="seconds: look-ahead costs become targets softmax(-cost / this) (default: 0.05)")
+    tr.add_argument("--workers", type=int, default=1, help="processes for the labelled episodes (default: 1)")
     tr.add_argument("--out", type=Path, default=Path("scheduler-train"),
                     help="folder for policy.json, checkpoints/, learning_curve.png and train.json")
     tr.set_defaults(func=run_train)
@@ -136,9 +152,18 @@ def run_train(args: argparse.Namespace) -> int:
             entropy=args.entropy,
             bc_weight=args.bc_weight,
             bc_smoothing=args.bc_smoothing,
+            teacher=args.teacher,
+            dagger_rounds=args.dagger_rounds,
+            dagger_episodes=args.dagger_episodes,
+            target_temperature=args.target_temperature,
+            workers=args.workers,
         )
         if args.bc_episodes < 1:
             raise ValueError("--bc-episodes must be at least 1")
+        if args.dagger_rounds < 0 or args.dagger_episodes < 1 or args.workers < 1:
+            raise ValueError("--dagger-rounds must be at least 0, --dagger-episodes and --workers at least 1")
+        if args.dagger_rounds and args.teacher != "lookahead":
+            raise ValueError("--dagger-rounds needs --teacher lookahead (DAgger labels with the look-ahead)")
         summary = train(config, progress=lambda line: print(line, flush=True))
     except (OSError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -163,20 +188,40 @@ def run_eval(args: argparse.Namespace) -> int:
     from switchboard.simulation.plots import write_plots
     from switchboard.simulation.report import render_table
 
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else None
+    except ValueError:
+        print(f"error: --seeds must be comma-separated integers, got {args.seeds!r}", file=sys.stderr)
+        return 2
+    from switchboard.scheduler.policies import PREFIX_LOAD
+
+    baseline = args.baseline or (PREFIX_LOAD if PREFIX_LOAD in policies else None)
+    if baseline is not None and baseline not in policies:
+        print(f"error: the baseline {baseline!r} is not among the evaluated policies ({', '.join(policies)})",
+              file=sys.stderr)
+        return 2
     windows = setup.windows()
-    total = sum(len(w) for w in windows)
+    total = sum(len(w) for w in windows) * (len(seeds) if seeds else 1)
     print(
         f"{len(setup.window_starts)} held-out windows of {setup.window_seconds:g} s from {args.trace.name}"
-        f" ({total} requests, speedup {setup.speedup:g}); {args.replicas} replicas of each of "
-        + ", ".join(p.expert for p in setup.pools),
+        f"{f' x {len(seeds)} seeds' if seeds else ''} ({total} requests, speedup {setup.speedup:g}); "
+        f"{args.replicas} replicas of each of " + ", ".join(p.expert for p in setup.pools),
         flush=True,
     )
-    results = evaluate(setup, policies, windows, options=options)
+    results = evaluate(setup, policies, None if seeds else windows, options=options, seeds=seeds)
     print(render_table(results))
     means = {r.policy: _mean_ttft(r.records, args.seed) for r in results}
     print("TTFT mean (completed requests, 95% bootstrap CI over requests): " + "; ".join(
         f"{name} {1000 * m:.0f} ms [{1000 * lo:.0f}, {1000 * hi:.0f}]" for name, (m, lo, hi) in means.items()
     ))
+    paired = []
+    if baseline is not None:
+        from switchboard.simulation.paired import compare, render_paired
+
+        base = next(r for r in results if r.policy == baseline)
+        paired = [compare(r, base, seed=args.seed) for r in results if r.policy != baseline]
+        if paired:
+            print(render_paired(paired))
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {
         "trace": str(args.trace),
@@ -189,6 +234,8 @@ def run_eval(args: argparse.Namespace) -> int:
         "step_overhead_ms": args.step_overhead_ms,
         "dispatch_ms": args.dispatch_ms,
         "policy_file": str(args.policy_file) if args.policy_file else None,
+        "seeds": list(seeds) if seeds else [args.seed],
+        "paired": {c.policy: c.as_dict() for c in paired},
         "policies": {
             r.policy: {
                 **r.summary.as_row(),
@@ -223,13 +270,16 @@ def _setup(args: argparse.Namespace) -> tuple[Any, list[str], Any]:
 
     from switchboard.scheduler.learned_policy import PolicyFileError, load_policy_file
     from switchboard.scheduler.policies import LEARNED, POLICY_NAMES, SELECTABLE_POLICY_NAMES, PolicyOptions
-    from switchboard.simulation.evaluate import held_out_windows
+    from switchboard.simulation.evaluate import LOOKAHEAD, held_out_windows
 
     default = ",".join(SELECTABLE_POLICY_NAMES if args.policy_file else POLICY_NAMES)
     policies = [p.strip() for p in (args.policies or default).split(",") if p.strip()]
-    unknown = [p for p in policies if p not in SELECTABLE_POLICY_NAMES]
+    unknown = [p for p in policies if p not in (*SELECTABLE_POLICY_NAMES, LOOKAHEAD)]
     if unknown:
-        raise ValueError(f"unknown policies {', '.join(unknown)}; choose from {', '.join(SELECTABLE_POLICY_NAMES)}")
+        raise ValueError(
+            f"unknown policies {', '.join(unknown)}; choose from {', '.join(SELECTABLE_POLICY_NAMES)} "
+            f"(and {LOOKAHEAD}, the simulator-only oracle)"
+        )
     options = PolicyOptions(policy_file=str(args.policy_file or ""))
     if LEARNED in policies:
         if not args.policy_file:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -18,9 +18,9 @@ from switchboard.bench.transform import WorkloadShape, shape
 from switchboard.bench.workload import TraceRequest
 from switchboard.common.experts_config import ExpertSpec
 from switchboard.replica.cost_model import CostModel
-from switchboard.scheduler.policies import PlacementPolicy, PolicyOptions, make_policy
+from switchboard.scheduler.policies import PREFIX_LOAD, PlacementPolicy, PolicyOptions, make_policy
 from switchboard.simulation.cluster import PoolSpec, SimConfig, SimResult, Simulation, policy_factory
-from switchboard.simulation.metrics import RunSummary, summarize
+from switchboard.simulation.metrics import RunSummary, good, summarize
 from switchboard.simulation.replica import ReplicaSpec, SimRecord
 from switchboard.simulation.workload import SimRequest, assign_shared_prefixes, expert_mix, from_trace
 
@@ -128,6 +128,25 @@ class PolicyResult:
     summary: RunSummary
     records: list[SimRecord] = field(repr=False)
     wall_seconds: float = 0.0
+    met: list[bool] = field(default_factory=list, repr=False)  # per record: met its objectives
+
+
+# A simulator-only reference row: the look-ahead oracle (`lookahead.py`), which reads the replicas'
+# exact state; no scheduler can run it. About 50x slower than a heuristic.
+LOOKAHEAD = "lookahead"
+
+
+def _factory(name: str, seed: int, slos: dict, options: PolicyOptions | None) -> Callable[[], PlacementPolicy]:
+    """Fresh policies for each run (a cursor or an RNG is per run); fails now on an unknown name."""
+    if name == LOOKAHEAD:
+        from switchboard.simulation.lookahead import LookaheadPolicy
+
+        base = _factory(PREFIX_LOAD, seed, slos, options)
+        return lambda: LookaheadPolicy(base())
+    if options is None:
+        return policy_factory(name, seed, slos)
+    make_policy(name, seed, slos=slos, options=options)
+    return lambda: make_policy(name, seed, slos=slos, options=options)
 
 
 def evaluate(
@@ -135,32 +154,46 @@ def evaluate(
     policies: Sequence[str],
     windows: Sequence[Sequence[SimRequest]] | None = None,
     options: PolicyOptions | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> list[PolicyResult]:
     """Run every window (default: `setup.windows()`) under every policy; one pooled summary per policy.
 
     `options` configure the policies as the scheduler's settings do (e.g. `policy_file` for `learned`).
+    `seeds`: run the windows once per seed (each its own expert draws, system-prompt assignment and
+    cluster timing: `setup` with that seed; `windows` must then be None), pooled. Every policy's
+    records come in the same order (seed, window, arrival), so two policies' records pair up.
     """
     import time
 
-    if windows is None:
-        windows = setup.windows()
-    config = setup.config()
+    if seeds is not None and windows is not None:
+        raise ValueError("give windows or seeds, not both")
+    runs = (
+        [(setup, list(windows if windows is not None else setup.windows()))]
+        if seeds is None
+        else [(s, s.windows()) for s in (replace(setup, seed=seed) for seed in seeds)]
+    )
+    slos = {p.expert: p.slo for p in setup.pools}
     out: list[PolicyResult] = []
     for name in policies:
-        slos = {p.expert: p.slo for p in setup.pools}
-        if options is None:
-            make = policy_factory(name, setup.seed, slos)
-        else:
-            make_policy(name, setup.seed, slos=slos, options=options)  # fail early on an unknown name
-
-            def make(name: str = name, slos: dict = slos) -> PlacementPolicy:
-                return make_policy(name, setup.seed, slos=slos, options=options)
         results: list[SimResult] = []
         started = time.perf_counter()
-        for requests in windows:
-            results.append(Simulation(config, make()).run(requests))
+        for run_setup, run_windows in runs:
+            make = _factory(name, run_setup.seed, slos, options)
+            config = run_setup.config()
+            for requests in run_windows:
+                policy = make()
+                sim = Simulation(config, policy)
+                if hasattr(policy, "bind"):
+                    policy.bind(sim)
+                results.append(sim.run(requests))
         wall = time.perf_counter() - started
-        out.append(PolicyResult(name, pooled_summary(results), [r for res in results for r in res.records], wall))
+        out.append(PolicyResult(
+            name,
+            pooled_summary(results),
+            [r for res in results for r in res.records],
+            wall,
+            [good(res, r) for res in results for r in res.records],
+        ))
     return out
 
 

@@ -53,9 +53,13 @@ from switchboard.scheduler.policies import PlacementQuery, PolicyOptions, Prefix
 from switchboard.scheduler.registry import ReplicaView
 from switchboard.simulation.cluster import SimResult, Simulation
 from switchboard.simulation.evaluate import EvalSetup
+from switchboard.simulation.lookahead import lookahead_costs
 from switchboard.simulation.metrics import good
+from switchboard.simulation.parallel import fork_map
 
-TEACHER = "prefix-load"
+TEACHER = "prefix-load"  # the best heuristic: the cloning teacher, the policy-gradient baseline, the bar
+LOOKAHEAD = "lookahead"  # the simulator's look-ahead (`lookahead.py`): the distillation teacher
+TEACHERS = (TEACHER, LOOKAHEAD)
 # A request without a first token scores this many TTFT objectives of delay (and no attainment).
 TTFT_CAP = 4.0
 
@@ -89,6 +93,13 @@ class TrainConfig:
     bc_smoothing: float = 0.0  # label smoothing of the cloning targets (keeps the softmax exploring)
     temperature: float = 1.0
     options: PolicyOptions = field(default_factory=PolicyOptions)
+    # "lookahead": clone the look-ahead instead of prefix-load, then `dagger_rounds` rounds of
+    # `dagger_episodes` episodes placed by the network and labelled by the look-ahead (DAgger).
+    teacher: str = TEACHER
+    dagger_rounds: int = 0
+    dagger_episodes: int = 4
+    target_temperature: float = 0.05  # seconds: look-ahead costs -> soft targets softmax(-cost / this)
+    workers: int = 1  # processes for the labelled episodes (fork)
 
 
 # ----------------------------------------------------------------------------- the network (torch)
@@ -153,36 +164,62 @@ class Decision:
     features: np.ndarray  # [n, F]
     chosen: int  # the primary's index among the candidates
     teacher: int  # the teacher's choice
+    costs: np.ndarray | None = None  # [n] the look-ahead teacher's cost of each candidate (seconds)
 
 
 class Agent:
     """A placement policy for `Simulation` that records every decision.
 
-    mode "teacher": places as the teacher (prefix-load) does; "sample": draws the primary from the
-    softmax over the network's scores; "greedy": the highest score (what the scheduler does).
+    mode "teacher": places as the teacher does; "sample": draws the primary from the softmax over
+    the network's scores; "greedy": the highest score (what the scheduler does). The teacher is
+    prefix-load, or with `lookahead` the simulator's look-ahead (`lookahead.lookahead_costs`, lowest
+    cost first, ties in prefix-load's order), whose per-candidate costs are recorded with every
+    decision; `bind(sim)` (`run_episode` calls it) gives it the simulation to look into.
+    `record=False`: no decisions kept and no teacher consulted (a greedy validation run).
     """
 
     name = "learned-train"
 
     def __init__(self, extractor: FeatureExtractor, teacher: PrefixLoadPolicy, mode: str,
                  network: PolicyNetwork | None = None, rng: np.random.Generator | None = None,
-                 temperature: float = 1.0) -> None:
+                 temperature: float = 1.0, lookahead: bool = False, record: bool = True) -> None:
         self.extractor = extractor
         self.teacher = teacher
         self.mode = mode
         self.network = network
         self.rng = rng or np.random.default_rng(0)
         self.temperature = temperature
+        self.lookahead = lookahead
+        self.record = record
+        self.sim: Simulation | None = None
         self.decisions: dict[str, Decision] = {}
 
+    def bind(self, sim: Simulation) -> None:
+        self.sim = sim
+
+    def _taught(self, query: PlacementQuery, candidates: Sequence[ReplicaView]) -> tuple[list[ReplicaView], np.ndarray | None]:
+        """The teacher's ranking, and its costs when it is the look-ahead."""
+        heuristic = self.teacher.rank(query, candidates)
+        if not self.lookahead:
+            return heuristic, None
+        if self.sim is None:
+            raise RuntimeError("a look-ahead agent needs bind(sim) before the run")
+        costs = lookahead_costs(self.sim, candidates)
+        position = {v.replica_id: i for i, v in enumerate(heuristic)}
+        cost = {v.replica_id: float(c) for v, c in zip(candidates, costs, strict=True)}
+        return sorted(candidates, key=lambda v: (cost[v.replica_id], position[v.replica_id])), costs
+
     def rank(self, query: PlacementQuery, candidates: Sequence[ReplicaView]) -> list[ReplicaView]:
-        taught = self.teacher.rank(query, candidates)
         if len(candidates) < 2:
-            return taught
+            return list(candidates)
         features = self.extractor.features(query, candidates)
+        if not self.record and self.network is not None and self.mode != "teacher":
+            return order_by_scores(candidates, self.network.scores(features))
+        taught, costs = self._taught(query, candidates)
         teacher = candidates.index(taught[0])
         if self.mode == "teacher" or self.network is None:
-            self.decisions[query.request_id] = Decision(query.request_id, query.expert, features, teacher, teacher)
+            if self.record:
+                self.decisions[query.request_id] = Decision(query.request_id, query.expert, features, teacher, teacher, costs)
             return taught
         scores = self.network.scores(features)
         ordered = order_by_scores(candidates, scores)
@@ -195,7 +232,7 @@ class Agent:
             ordered = [first, *(v for v in ordered if v is not first)]
         else:
             chosen = candidates.index(ordered[0])
-        self.decisions[query.request_id] = Decision(query.request_id, query.expert, features, chosen, teacher)
+        self.decisions[query.request_id] = Decision(query.request_id, query.expert, features, chosen, teacher, costs)
         return ordered
 
 
@@ -237,7 +274,11 @@ def episode_setup(setup: EvalSetup, start: float, seconds: float, seed: int) -> 
 
 
 def run_episode(setup: EvalSetup, policy: Any) -> SimResult:
-    return Simulation(setup.config(), policy).run(setup.windows()[0])
+    """One episode; a policy with `bind` (a look-ahead agent) is first given the simulation."""
+    sim = Simulation(setup.config(), policy)
+    if hasattr(policy, "bind"):
+        policy.bind(sim)
+    return sim.run(setup.windows()[0])
 
 
 def spread(lo: float, hi: float, seconds: float, count: int) -> list[float]:
@@ -300,15 +341,57 @@ def _log_probs(model: Any, x: Any, mask: Any) -> Any:
     return torch.log_softmax(scores, dim=-1)
 
 
-def _smoothed_nll(log_probs: Any, target: Any, mask: Any, smoothing: float) -> Any:
-    """Cross-entropy to the target, with `smoothing` of the mass spread over every real candidate."""
+def _targets(decisions: Sequence[Decision], width: int, temperature: float, smoothing: float) -> Any:
+    """[B, width] what cloning fits: the teacher's choice (one-hot), or with look-ahead costs a
+    softmax of -cost / temperature (a near tie stays a near tie); `smoothing` of the mass spread
+    evenly over the real candidates."""
     import torch
 
-    nll = torch.nn.functional.nll_loss(log_probs, target)
-    if smoothing <= 0:
-        return nll
-    uniform = -(log_probs.masked_fill(~mask, 0.0).sum(-1) / mask.sum(-1)).mean()
-    return (1 - smoothing) * nll + smoothing * uniform
+    out = np.zeros((len(decisions), width), dtype=np.float32)
+    for i, d in enumerate(decisions):
+        n = d.features.shape[0]
+        if d.costs is None:
+            out[i, d.teacher] = 1.0
+        else:
+            z = -(d.costs - d.costs.min()) / temperature
+            p = np.exp(z - z.max())
+            out[i, :n] = p / p.sum()
+        if smoothing > 0:
+            out[i, :n] = (1 - smoothing) * out[i, :n] + smoothing / n
+    return torch.from_numpy(out)
+
+
+def _cross_entropy(log_probs: Any, targets: Any, mask: Any) -> Any:
+    return -(targets * log_probs.masked_fill(~mask, 0.0)).sum(-1).mean()
+
+
+def fit(model: Any, decisions: Sequence[Decision], epochs: int, lr: float, temperature: float,
+        smoothing: float) -> list[dict[str, float]]:
+    """Cloning: fit the softmax over each decision's candidates to its targets (`_targets`)."""
+    import torch
+
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    x, mask, _chosen, taught = _batch(decisions)
+    targets = _targets(decisions, x.shape[1], temperature, smoothing)
+    curve = []
+    for _epoch in range(epochs):
+        perm = torch.randperm(len(decisions))
+        for i in range(0, len(decisions), 256):
+            idx = perm[i : i + 256]
+            loss = _cross_entropy(_log_probs(model, x[idx], mask[idx]), targets[idx], mask[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            lp = _log_probs(model, x, mask)
+            agree = float((lp.argmax(-1) == taught).float().mean())
+            curve.append({"loss": float(_cross_entropy(lp, targets, mask)), "agreement": agree})
+    return curve
+
+
+def _decisions_of(agent: Agent, setup: EvalSetup) -> list[Decision]:
+    run_episode(setup, agent)
+    return list(agent.decisions.values())
 
 
 def train(config: TrainConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
@@ -337,13 +420,22 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print) -> dict[
     def draw() -> tuple[float, int]:
         return rng.uniform(lo, hi - secs), rng.randrange(1 << 30)
 
-    # 1. Behaviour cloning on the teacher's decisions.
-    bc: list[Decision] = []
-    for _ in range(config.bc_episodes):
-        start, seed = draw()
-        agent = Agent(extractor, teacher, "teacher")
-        run_episode(episode_setup(config.setup, start, secs, seed), agent)
-        bc.extend(agent.decisions.values())
+    if config.teacher not in TEACHERS:
+        raise ValueError(f"unknown teacher {config.teacher!r}; choose from {', '.join(TEACHERS)}")
+    lookahead = config.teacher == LOOKAHEAD
+    if config.target_temperature <= 0:
+        raise ValueError("the target temperature must be positive")
+
+    def labelled(mode: str, network: PolicyNetwork | None, count: int) -> list[Decision]:
+        """`count` training episodes placed by `mode`, every decision labelled by the teacher."""
+        drawn = [draw() for _ in range(count)]
+        episodes = [episode_setup(config.setup, start, secs, seed) for start, seed in drawn]
+        agents = [Agent(extractor, teacher, mode, network, lookahead=lookahead) for _ in episodes]
+        runs = fork_map(lambda k: _decisions_of(agents[k], episodes[k]), range(len(episodes)), config.workers)
+        return [d for run in runs for d in run]
+
+    # 1. Behaviour cloning on the teacher's decisions (its own episodes).
+    bc = labelled("teacher", None, config.bc_episodes)
     if not bc:
         raise ValueError("behaviour cloning saw no decision with two or more candidates (one replica per expert?)")
     rows = np.concatenate([d.features for d in bc])
@@ -351,23 +443,9 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print) -> dict[
     std = rows.std(axis=0)
     std = np.where(std > 1e-6, std, 1.0)
     model = torch_model(config.hidden, mean, std)
-    opt = torch.optim.Adam(model.parameters(), lr=config.bc_lr)
-    x, mask, _chosen, taught = _batch(bc)
-    bc_curve = []
-    for _epoch in range(config.bc_epochs):
-        perm = torch.randperm(len(bc))
-        for i in range(0, len(bc), 256):
-            idx = perm[i : i + 256]
-            loss = _smoothed_nll(_log_probs(model, x[idx], mask[idx]), taught[idx], mask[idx], config.bc_smoothing)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            lp = _log_probs(model, x, mask)
-            agree = float((lp.argmax(-1) == taught).float().mean())
-            bc_curve.append({"loss": float(torch.nn.functional.nll_loss(lp, taught)), "agreement": agree})
+    bc_curve = fit(model, bc, config.bc_epochs, config.bc_lr, config.target_temperature, config.bc_smoothing)
     progress(f"behaviour cloning: {len(bc)} decisions from {config.bc_episodes} episodes, "
-             f"agreement with {TEACHER} {bc_curve[-1]['agreement']:.1%}")
+             f"agreement with {config.teacher} {bc_curve[-1]['agreement']:.1%}")
 
     # Validation: teacher once, the network at every eval.
     val_setups = [episode_setup(config.setup, s, secs, config.seed + 1000 + i) for i, s in enumerate(val_starts)]
@@ -375,7 +453,8 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print) -> dict[
 
     def validate() -> dict[str, float]:
         net = to_network(model)
-        return score([run_episode(s, Agent(extractor, teacher, "greedy", net)) for s in val_setups], config.ttft_weight)
+        return score([run_episode(s, Agent(extractor, teacher, "greedy", net, record=False)) for s in val_setups],
+                     config.ttft_weight)
 
     curve: list[dict[str, Any]] = []
     best = {"iteration": 0, **validate()}
@@ -384,7 +463,28 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print) -> dict[
     progress(f"iteration 0 (after cloning): val reward {best['reward']:.4f} (teacher {teacher_val['reward']:.4f}), "
              f"SLO {best['slo_attainment']:.1%}, TTFT mean {1000 * best['ttft_mean']:.0f} ms")
 
+    # 1b. DAgger (look-ahead teacher): the network places, the look-ahead labels the states the
+    # network itself reaches, and the network is refitted on every decision labelled so far.
+    data = list(bc)
+    for round_ in range(1, config.dagger_rounds + 1):
+        if time.perf_counter() >= deadline:
+            break
+        data.extend(labelled("greedy", to_network(model), config.dagger_episodes))
+        fitted = fit(model, data, config.bc_epochs, config.bc_lr, config.target_temperature, config.bc_smoothing)
+        val = validate()
+        curve.append({"iteration": 0, "phase": "dagger", "round": round_, "decisions": len(data),
+                      "agreement": fitted[-1]["agreement"], "val": val})
+        if val["reward"] > best["reward"]:
+            best = {"iteration": 0, "dagger_round": round_, **val}
+            best_net = to_network(model)
+        torch.save({"model": model.state_dict(), "round": round_}, out / "checkpoints" / f"dagger_{round_:03d}.pt")
+        progress(f"DAgger round {round_}: {len(data)} decisions, agreement {fitted[-1]['agreement']:.1%}, "
+                 f"val reward {val['reward']:.4f} (teacher {teacher_val['reward']:.4f}), SLO {val['slo_attainment']:.1%}, "
+                 f"TTFT mean {1000 * val['ttft_mean']:.0f} ms, p99 {1000 * val['ttft_p99']:.0f} ms")
+
     # 2. Policy gradient.
+    if config.dagger_rounds:
+        model = from_network(best_net)  # fine-tune the best network found so far, not the last
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     baselines: dict[tuple[float, int], dict[str, float]] = {}
     iteration = 0
@@ -446,12 +546,20 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print) -> dict[
         "learned": score([run_episode(s, Agent(extractor, teacher, "greedy", best_net)) for s in eval_setups], config.ttft_weight),
         TEACHER: score([run_episode(s, Agent(extractor, teacher, "teacher")) for s in eval_setups], config.ttft_weight),
     }
+    if lookahead:
+        held_out[LOOKAHEAD] = score(
+            [run_episode(s, Agent(extractor, teacher, "teacher", lookahead=True, record=False)) for s in eval_setups],
+            config.ttft_weight,
+        )
+    cloned = "the simulator's look-ahead (DAgger)" if lookahead else "prefix-load"
     metadata = {
         "trained_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "method": "behaviour cloning of prefix-load, then REINFORCE with the teacher's per-request rewards as baseline",
+        "method": f"behaviour cloning of {cloned}, then REINFORCE with prefix-load's per-request rewards as baseline",
         "schema": FEATURE_SCHEMA,
         "seed": config.seed,
-        "teacher": TEACHER,
+        "teacher": config.teacher,
+        "dagger": {"rounds": config.dagger_rounds, "episodes_per_round": config.dagger_episodes,
+                   "target_temperature_s": config.target_temperature, "decisions": len(data)},
         "train_range_s": list(config.train_range),
         "val_range_s": list(config.val_range),
         "eval_range_s": list(config.eval_range),
@@ -459,7 +567,8 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print) -> dict[
         "bc_episodes": config.bc_episodes,
         "pg_episodes": iteration,
         "best_iteration": best["iteration"],
-        "val_best": {k: v for k, v in best.items() if k != "iteration"},
+        "best_dagger_round": best.get("dagger_round", 0),
+        "val_best": {k: v for k, v in best.items() if k not in ("iteration", "dagger_round")},
         "val_teacher": teacher_val,
         "held_out": held_out,
         "reward": {"ttft_weight": config.ttft_weight, "ttft_cap": TTFT_CAP, "gamma": config.gamma, "horizon": config.horizon},
@@ -476,6 +585,14 @@ def train(config: TrainConfig, progress: Callable[[str], None] = print) -> dict[
     (out / "train.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_curve(curve, teacher_val, out / "learning_curve.png")
     return summary
+
+
+def _val_label(entry: dict[str, Any]) -> str:
+    if entry.get("phase") == "bc":
+        return "bc"
+    if entry.get("phase") == "dagger":
+        return f"d{entry['round']}"
+    return str(entry["iteration"])
 
 
 def plot_curve(curve: Sequence[dict[str, Any]], teacher_val: dict[str, float], path: Path) -> Path:
@@ -498,11 +615,15 @@ def plot_curve(curve: Sequence[dict[str, Any]], teacher_val: dict[str, float], p
     ax1.set_xlabel("policy-gradient episode")
     ax1.set_ylabel(f"mean reward minus {TEACHER}'s (same episode)")
     ax1.set_title("training episodes (sampled choices)")
-    ax1.legend()
+    if pg:
+        ax1.legend()
+    else:
+        ax1.text(0.5, 0.5, "no policy-gradient episodes", ha="center", va="center", transform=ax1.transAxes)
     val = [c for c in curve if "val" in c]
-    ax2.plot([c["iteration"] for c in val], [c["val"]["reward"] for c in val], "o-", label="learned (greedy)")
+    ax2.plot(range(len(val)), [c["val"]["reward"] for c in val], "o-", label="learned (greedy)")
     ax2.axhline(teacher_val["reward"], color="C1", ls="--", label=TEACHER)
-    ax2.set_xlabel("policy-gradient episode")
+    ax2.set_xticks(range(len(val)), [_val_label(c) for c in val], rotation=90, fontsize=7)
+    ax2.set_xlabel("after cloning (bc), DAgger round (dN), policy-gradient episode (N)")
     ax2.set_ylabel("mean reward per request")
     ax2.set_title("validation windows")
     ax2.legend()
