@@ -10,10 +10,11 @@ other arrival:
          + (harm) how much later the requests already there, still without a first token, get theirs
 
 The second term prices the queue the request joins from the other side: a long prompt placed in
-front of three waiting ones delays all three. It is exact for the state at the decision and blind
-to what arrives after, so it is a myopic oracle, not the optimum: `eval --oracle` scores it as a
-reference row (what placement could gain with perfect knowledge of the replicas' state), and
-training distils it into the network, whose features are only what the scheduler knows.
+front of three waiting ones delays all three. It is exact for the state at the decision and blind to
+what arrives after, so it is a myopic oracle, not the optimum: `switchboard scheduler eval` scores
+it as a reference row (`--policies lookahead`: what placement could gain with perfect knowledge of
+the replicas' state), and training distils it into the network, whose features are only what the
+scheduler knows.
 
 Privileged by construction: the running scheduler has heartbeats, not the replicas' memory, so
 `LookaheadPolicy` exists only in the simulator.
