@@ -53,10 +53,7 @@ class Probe:
 
 
 def run(policy, reqs: list[SimRequest]):
-    sim = Simulation(config(), policy)
-    if hasattr(policy, "bind"):
-        policy.bind(sim)
-    return sim.run(reqs)
+    return Simulation(config(), policy).run(reqs)
 
 
 def test_looking_ahead_changes_nothing_in_the_run() -> None:
@@ -124,9 +121,11 @@ def test_the_look_ahead_needs_its_simulation() -> None:
     sim = Simulation(config(), make_policy("prefix-load"))
     with pytest.raises(RuntimeError, match=r"sim\.placing"):
         lookahead_costs(sim, [])
+    sim.run(busy_requests(5))
+    views = list(sim.registry.snapshot().replicas.values())
+    unbound = LookaheadPolicy(make_policy("prefix-load"))  # outside a Simulation, which binds it
     with pytest.raises(RuntimeError, match="bind"):
-        run_unbound = LookaheadPolicy(make_policy("prefix-load"))
-        Simulation(config(), run_unbound).run(busy_requests(5))
+        unbound.rank(PlacementQuery("r", "a", prompt_tokens=100, max_tokens=8), views)
 
 
 def test_a_fork_is_independent_of_its_replica() -> None:

@@ -186,6 +186,9 @@ class Simulation:
         # The request `Placer.place` is placing now: a policy that looks ahead in the simulator
         # (`switchboard.simulation.lookahead`) reads it; the scheduler's policies never do.
         self.placing: Request | None = None
+        bind = getattr(policy, "bind", None)
+        if bind is not None:  # a simulator-only policy (the look-ahead) reads the run it places for
+            bind(self)
 
     # ----------------------------------------------------------------- setup
 

@@ -181,11 +181,7 @@ def evaluate(
             make = _factory(name, run_setup.seed, slos, options)
             config = run_setup.config()
             for requests in run_windows:
-                policy = make()
-                sim = Simulation(config, policy)
-                if hasattr(policy, "bind"):
-                    policy.bind(sim)
-                results.append(sim.run(requests))
+                results.append(Simulation(config, make()).run(requests))
         wall = time.perf_counter() - started
         out.append(PolicyResult(
             name,

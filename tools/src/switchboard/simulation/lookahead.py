@@ -38,20 +38,12 @@ MAX_WAKES = 20_000
 NEVER = 3600.0
 
 
-def _next_wake(replica: SimReplica) -> float | None:
-    """When the simulation will next wake `replica` (its planned stretch's end, else its step's)."""
-    stretch = replica._stretch
-    if stretch is not None:
-        return stretch.end
-    return replica.busy_until if replica.has_work() else None
-
-
 def _run_fork(replica: SimReplica, arrivals: Sequence[tuple[float, Request]], watched: Sequence[SimRecord]) -> None:
     """Run a fork as the simulation would run its replica: its wake-ups and the given arrivals in
     time order (at the same instant a wake-up first, as the event heap orders them), until every
     watched record has a first token."""
     pending = list(arrivals)
-    wake = _next_wake(replica)
+    wake = replica.next_wake()
     wakes = 0
     while wakes < MAX_WAKES and any(r.first_token_at is None for r in watched):
         if pending and (wake is None or pending[0][0] < wake):
@@ -122,10 +114,18 @@ def lookahead_costs(sim: Simulation, candidates: Sequence[ReplicaView], harm: bo
     ])
 
 
+def rank_by_costs(ranked: Sequence[ReplicaView], candidates: Sequence[ReplicaView],
+                  costs: np.ndarray) -> list[ReplicaView]:
+    """`candidates` by `costs` (in the candidates' order), lowest first; ties in the order of `ranked`."""
+    order = {v.replica_id: i for i, v in enumerate(ranked)}
+    by_id = {v.replica_id: float(c) for v, c in zip(candidates, costs, strict=True)}
+    return sorted(candidates, key=lambda v: (by_id[v.replica_id], order[v.replica_id]))
+
+
 class LookaheadPolicy:
     """Ranks by `lookahead_costs`, lowest first (ties in the order of `base`); simulator only.
 
-    `bind(sim)` before the run: it reads that simulation's replicas.
+    The `Simulation` it places for calls `bind(sim)`: it reads that simulation's replicas.
     """
 
     name = "lookahead"
@@ -135,9 +135,8 @@ class LookaheadPolicy:
         self.harm = harm
         self.sim: Simulation | None = None
 
-    def bind(self, sim: Simulation) -> Simulation:
+    def bind(self, sim: Simulation) -> None:
         self.sim = sim
-        return sim
 
     def rank(self, query: PlacementQuery, candidates: Sequence[ReplicaView]) -> list[ReplicaView]:
         ranked = self.base.rank(query, candidates)
@@ -145,7 +144,4 @@ class LookaheadPolicy:
             return ranked
         if self.sim is None:
             raise RuntimeError("LookaheadPolicy.bind(sim) was not called")
-        costs = lookahead_costs(self.sim, candidates, self.harm)
-        order = {v.replica_id: i for i, v in enumerate(ranked)}
-        by_id = {v.replica_id: float(c) for v, c in zip(candidates, costs, strict=True)}
-        return sorted(candidates, key=lambda v: (by_id[v.replica_id], order[v.replica_id]))
+        return rank_by_costs(ranked, candidates, lookahead_costs(self.sim, candidates, self.harm))

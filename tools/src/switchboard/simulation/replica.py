@@ -252,6 +252,14 @@ class SimReplica:
             return stretch.end
         return end
 
+    def next_wake(self) -> float | None:
+        """When the simulation will next wake it: its planned stretch's end, else its step's; None
+        when idle."""
+        stretch = self._stretch
+        if stretch is not None:
+            return stretch.end
+        return self.busy_until if self.has_work() else None
+
     def fork(self) -> SimReplica:
         """An independent copy to run ahead (`switchboard.simulation.lookahead`): its requests and
         their records are copies, so nothing it does reaches this replica or the run's results.

@@ -53,7 +53,7 @@ from switchboard.scheduler.policies import PlacementQuery, PolicyOptions, Prefix
 from switchboard.scheduler.registry import ReplicaView
 from switchboard.simulation.cluster import SimResult, Simulation
 from switchboard.simulation.evaluate import EvalSetup
-from switchboard.simulation.lookahead import lookahead_costs
+from switchboard.simulation.lookahead import lookahead_costs, rank_by_costs
 from switchboard.simulation.metrics import good
 from switchboard.simulation.parallel import fork_map
 
@@ -174,7 +174,7 @@ class Agent:
     the network's scores; "greedy": the highest score (what the scheduler does). The teacher is
     prefix-load, or with `lookahead` the simulator's look-ahead (`lookahead.lookahead_costs`, lowest
     cost first, ties in prefix-load's order), whose per-candidate costs are recorded with every
-    decision; `bind(sim)` (`run_episode` calls it) gives it the simulation to look into.
+    decision; `bind(sim)` (the `Simulation` calls it) gives it the simulation to look into.
     `record=False`: no decisions kept and no teacher consulted (a greedy validation run).
     """
 
@@ -205,9 +205,7 @@ class Agent:
         if self.sim is None:
             raise RuntimeError("a look-ahead agent needs bind(sim) before the run")
         costs = lookahead_costs(self.sim, candidates)
-        position = {v.replica_id: i for i, v in enumerate(heuristic)}
-        cost = {v.replica_id: float(c) for v, c in zip(candidates, costs, strict=True)}
-        return sorted(candidates, key=lambda v: (cost[v.replica_id], position[v.replica_id])), costs
+        return rank_by_costs(heuristic, candidates, costs), costs
 
     def rank(self, query: PlacementQuery, candidates: Sequence[ReplicaView]) -> list[ReplicaView]:
         if len(candidates) < 2:
@@ -274,11 +272,7 @@ def episode_setup(setup: EvalSetup, start: float, seconds: float, seed: int) -> 
 
 
 def run_episode(setup: EvalSetup, policy: Any) -> SimResult:
-    """One episode; a policy with `bind` (a look-ahead agent) is first given the simulation."""
-    sim = Simulation(setup.config(), policy)
-    if hasattr(policy, "bind"):
-        policy.bind(sim)
-    return sim.run(setup.windows()[0])
+    return Simulation(setup.config(), policy).run(setup.windows()[0])
 
 
 def spread(lo: float, hi: float, seconds: float, count: int) -> list[float]:

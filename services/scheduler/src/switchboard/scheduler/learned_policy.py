@@ -3,10 +3,11 @@
 `LearnedPlacementPolicy.rank(query, candidates)` is the `PlacementPolicy` protocol: per candidate a
 feature vector (`FEATURE_NAMES`: its load, what was placed on it since its last heartbeat, its
 prefix-cache hit for this request, the predicted TTFT/TPOT of the predicted-latency policy's cost
-model, the prefix-load policy's score, and the request's size), normalized with the file's statistics, goes through one MLP with weights shared
-by every candidate; candidates are ranked by score, highest first (ties: replica id). The network
-is trained in the simulator (`switchboard scheduler train`, a softmax over these very scores) and
-stored in a versioned **policy file** (JSON, `write_policy_file`):
+model, the prefix-load policy's score, and the request's size), normalized with the file's
+statistics, goes through one MLP with weights shared by every candidate; candidates are ranked by
+score, highest first (ties: replica id). The network is trained in the simulator (`switchboard
+scheduler train`, a softmax over these very scores) and stored in a versioned **policy file** (JSON,
+`write_policy_file`):
 
     {"format": "switchboard-placement-policy", "version": 1,
      "features": [...FEATURE_NAMES...], "normalization": {"mean": [...], "std": [...]},
@@ -93,8 +94,6 @@ FEATURE_NAMES: tuple[str, ...] = (
 FEATURE_SCHEMA = "placement-v2"
 # Older than this, the newest placement says nothing about the replica's present work.
 LAST_PLACED_CAP_S = 10.0
-# The prefill chunk `last_placed_remaining_ms` assumes (an engine's usual per-step token budget).
-MAX_PREFILL_CHUNK = 512
 # The fallback reasons (the metric's label values).
 MISSING, CORRUPT, SCHEMA = "missing", "corrupt", "schema"
 
@@ -284,6 +283,7 @@ class FeatureExtractor:
         decode_tokens = self.prefix.decode_seq_tokens
         predict = self.latency._predict
         fallback_cost = sibling or self.latency.default_cost_model
+        step_tokens = self.latency.step_tokens
         n = len(candidates)
         # First pass: what each candidate's features are made of; second: the relative ones and
         # the transforms, in plain Python (a few numpy calls on 16 x 21 values cost more than this).
@@ -296,7 +296,7 @@ class FeatureExtractor:
             total = load.kv_blocks_total
             work = queued_tokens + decode_tokens * decoding  # PrefixLoadPolicy.load_tokens, from the same estimate
             parts.append((view, load, total, cached, queued, queued_tokens, work, p.ttft_ms, p.tpot_ms,
-                          _remaining_prefill_ms(view, view.info.cost_model or fallback_cost)))
+                          _remaining_prefill_ms(view, view.info.cost_model or fallback_cost, step_tokens)))
         least = min(part[6] for part in parts)
         fastest = min(part[7] for part in parts)
         prefix = self.prefix
@@ -335,14 +335,15 @@ class FeatureExtractor:
         return np.array(rows, dtype=np.float64)
 
 
-def _remaining_prefill_ms(view: ReplicaView, cost: CostModel) -> float:
+def _remaining_prefill_ms(view: ReplicaView, cost: CostModel, step_tokens: int) -> float:
     """How much of the newest placement's prefill is predicted to be left: its prompt's prefill
-    time on the cost model (chunked by MAX_PREFILL_CHUNK) minus the time since it was placed."""
+    time on the cost model, in steps of `step_tokens` (predicted-latency's per-step token budget),
+    minus the time since it was placed."""
     tokens = view.last_placed_prompt_tokens
     if tokens <= 0 or not math.isfinite(view.last_placed_age):
         return 0.0
-    steps = -(-tokens // MAX_PREFILL_CHUNK)
-    ms = steps * cost.base_ms + cost.prefill_token_ms * tokens
+    steps = -(-tokens // step_tokens)
+    ms = cost.step_ms(tokens) + (steps - 1) * cost.step_ms()
     return max(ms - 1000.0 * view.last_placed_age, 0.0)
 
 
